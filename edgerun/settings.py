@@ -1,0 +1,209 @@
+"""Layered configuration: defaults < TOML file < kernel command line < EDGERUN_* < flags.
+
+Each part declares its options once; this module builds the argument parser,
+reads each layer, converts and checks values, and turns every mistake into one
+ConfigError line (the caller prints it and exits 2).
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+import tomllib
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, NoReturn
+from urllib.parse import unquote, urlsplit
+
+from .errors import ConfigError
+
+DEFAULT_PORTS = {"mqtt": 1883, "mqtts": 8883, "amqp": 5672, "amqps": 5671}
+
+
+@dataclass(frozen=True)
+class BrokerURL:
+    scheme: str
+    host: str
+    port: int
+    username: str | None = None
+    password: str | None = None
+    path: str = ""
+
+    @property
+    def tls(self) -> bool:
+        return self.scheme.endswith("s")
+
+    def __str__(self) -> str:
+        """The URL with the password hidden, fit for logs and error messages."""
+        user = f"{self.username}{':***' if self.password else ''}@" if self.username else ""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{self.scheme}://{user}{host}:{self.port}{self.path}"
+
+
+def parse_broker_url(url: str, schemes: Sequence[str]) -> BrokerURL:
+    """`mqtt://user:pass@host:port`, `amqps://host/vhost`, ... or ConfigError."""
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as exc:
+        raise ConfigError(f"bad broker URL {url!r}: {exc}") from None
+    scheme = parts.scheme.lower()
+    if scheme not in schemes:
+        raise ConfigError(f"bad broker URL {url!r}: scheme must be one of "
+                          f"{', '.join(s + '://' for s in schemes)}")
+    if not parts.hostname:
+        raise ConfigError(f"bad broker URL {url!r}: no host")
+    return BrokerURL(scheme=scheme, host=parts.hostname, port=port or DEFAULT_PORTS[scheme],
+                     username=unquote(parts.username) if parts.username else None,
+                     password=unquote(parts.password) if parts.password else None,
+                     path=parts.path)
+
+
+@dataclass(frozen=True)
+class Option:
+    """One setting: its TOML key (also the flag and, upper-cased, the env name)."""
+
+    name: str
+    kind: type
+    default: Any
+    help: str
+    check: Callable[[Any], str | None] | None = None
+    metavar: str | None = None
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+    @property
+    def env(self) -> str:
+        return "EDGERUN_" + self.name.upper()
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        raise ConfigError(message)
+
+
+def build_parser(prog: str, description: str, options: Sequence[Option],
+                 version: str) -> argparse.ArgumentParser:
+    parser = _Parser(prog=prog, description=description)
+    parser.add_argument("--config", metavar="FILE", default=None,
+                        help="TOML file with the settings below (also EDGERUN_CONFIG)")
+    parser.add_argument("--version", action="version", version=f"{prog} {version}")
+    for opt in options:
+        if opt.kind is bool:
+            parser.add_argument(opt.flag, dest=opt.name, default=None,
+                                action=argparse.BooleanOptionalAction, help=opt.help)
+        else:
+            parser.add_argument(opt.flag, dest=opt.name, default=None, metavar=opt.metavar,
+                                help=f"{opt.help} (default: {opt.default!r})")
+    return parser
+
+
+def _convert(opt: Option, value: Any, source: str) -> Any:
+    where = f"{source}: `{opt.name}`"
+    if opt.kind is bool:
+        if isinstance(value, bool):
+            return value
+        text = str(value).strip().lower()
+        if text in ("1", "true", "yes", "on"):
+            return True
+        if text in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(f"{where} must be true or false, got {value!r}")
+    if opt.kind in (int, float):
+        if isinstance(value, bool):
+            raise ConfigError(f"{where} must be a number, got {value!r}")
+        try:
+            return opt.kind(value) if opt.kind is float or not isinstance(value, float) \
+                else _exact_int(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{where} must be a{'n integer' if opt.kind is int else ' number'}, "
+                              f"got {value!r}") from None
+    if not isinstance(value, str):
+        raise ConfigError(f"{where} must be a string, got {value!r}")
+    return value
+
+
+def _exact_int(value: float) -> int:
+    if not value.is_integer():
+        raise ValueError(value)
+    return int(value)
+
+
+def read_toml(path: str) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as fh:
+            return tomllib.load(fh)
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+
+
+def kernel_params(text: str) -> dict[str, str]:
+    """`edgerun.<name>=<value>` words of a kernel command line, by name."""
+    try:
+        words = shlex.split(text)
+    except ValueError:
+        words = text.split()
+    out = {}
+    for word in words:
+        if word.startswith("edgerun.") and "=" in word:
+            key, _, value = word[len("edgerun."):].partition("=")
+            out[key.replace("-", "_")] = value
+    return out
+
+
+def resolve(options: Sequence[Option], args: argparse.Namespace, environ: Mapping[str, str],
+            *, table: Mapping[str, Any] | None = None, table_source: str = "config file",
+            kernel: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """Merge the layers, convert and check every value; ConfigError on the first mistake."""
+    known = {opt.name: opt for opt in options}
+    layers: list[tuple[str, Mapping[str, Any]]] = [
+        (table_source, table or {}), ("kernel command line", kernel or {})]
+    for source, layer in layers:
+        for key in layer:
+            if key not in known and source != "kernel command line":
+                raise ConfigError(f"{source}: unknown key `{key}`")
+    values: dict[str, Any] = {}
+    for opt in options:
+        value, source = opt.default, "default"
+        for layer_source, layer in layers:
+            if opt.name in layer:
+                value, source = _convert(opt, layer[opt.name], layer_source), layer_source
+        if opt.env in environ:
+            value, source = _convert(opt, environ[opt.env], opt.env), opt.env
+        flag_value = getattr(args, opt.name, None)
+        if flag_value is not None:
+            value, source = _convert(opt, flag_value, opt.flag), opt.flag
+        if opt.check is not None and value is not None:
+            problem = opt.check(value)
+            if problem:
+                raise ConfigError(f"{source}: `{opt.name}` {problem}")
+        values[opt.name] = value
+    return values
+
+
+def config_path(args: argparse.Namespace, environ: Mapping[str, str]) -> str | None:
+    path = args.config or environ.get("EDGERUN_CONFIG")
+    return str(path) if path else None
+
+
+def fail(prog: str, error: ConfigError) -> NoReturn:
+    """Print one line and exit 2: what every entry point does with a ConfigError."""
+    print(f"{prog}: error: {error}", file=sys.stderr)
+    sys.exit(2)
+
+
+def proc_cmdline(path: str = "/proc/cmdline") -> str:
+    try:
+        with open(path, encoding="utf-8", errors="replace") as fh:
+            return fh.read()
+    except OSError:
+        return ""
+
+
+__all__ = ["BrokerURL", "Option", "build_parser", "config_path", "fail", "kernel_params",
+           "parse_broker_url", "proc_cmdline", "read_toml", "resolve"]
