@@ -82,6 +82,7 @@ class MqttConnection:
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
+        self._pipe_lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._pending: dict[int, DoneCallback | None] = {}  # mid -> callback, network thread only
@@ -133,6 +134,13 @@ class MqttConnection:
         self._wake()
         if self._thread is not None:
             self._thread.join(timeout)
+            if self._thread.is_alive():
+                return  # stuck in a blocking connect; it closes nothing we still use
+        with self._pipe_lock:
+            if self._wake_w >= 0:
+                os.close(self._wake_r)
+                os.close(self._wake_w)
+                self._wake_r = self._wake_w = -1
 
     # --- what other threads call -----------------------------------------------
     def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False,
@@ -167,10 +175,13 @@ class MqttConnection:
         self._wake()
 
     def _wake(self) -> None:
-        try:
-            os.write(self._wake_w, b"x")
-        except BlockingIOError:
-            pass  # the pipe is full, so the loop will wake anyway
+        with self._pipe_lock:
+            if self._wake_w < 0:
+                return
+            try:
+                os.write(self._wake_w, b"x")
+            except BlockingIOError:
+                pass  # the pipe is full, so the loop will wake anyway
 
     # --- the network thread ------------------------------------------------------
     def _publish_now(self, topic: str, payload: bytes, qos: int, retain: bool,
@@ -201,7 +212,11 @@ class MqttConnection:
         try:
             while not self._stop.is_set():
                 if self._connect():
-                    self._serve()
+                    try:
+                        self._serve()
+                    except Exception:  # a bug must not end the connection for good
+                        log.exception("%s: unexpected error; reconnecting", self.name)
+                        self._client.disconnect()
                     if self._stop.is_set():
                         break
                     if self._was_up:
@@ -277,8 +292,6 @@ class MqttConnection:
                         or not self._client.want_write():
                     break
         self.connected.clear()
-        os.close(self._wake_r)
-        os.close(self._wake_w)
 
     def _note_error(self, text: str) -> None:
         if text != self.last_error:

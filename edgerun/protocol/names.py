@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import enum
 import re
-from datetime import datetime, timezone
+from datetime import datetime, UTC
 
 VERSION = 1
 DEFAULT_PREFIX = "edgerun"
@@ -60,7 +60,7 @@ def normalise_node_id(raw: str) -> str:
 
 def format_time(moment: datetime | None = None) -> str:
     """RFC 3339 UTC with milliseconds: `2026-11-22T06:00:00.123Z`."""
-    moment = (moment or datetime.now(timezone.utc)).astimezone(timezone.utc)
+    moment = (moment or datetime.now(UTC)).astimezone(UTC)
     return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
 
 
@@ -71,4 +71,4 @@ def parse_time(value: str) -> datetime:
     parsed = datetime.fromisoformat(value.upper().replace("Z", "+00:00"))
     if parsed.tzinfo is None:
         raise ValueError(f"time has no zone: {value!r:.60}")
-    return parsed.astimezone(timezone.utc)
+    return parsed.astimezone(UTC)

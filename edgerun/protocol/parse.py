@@ -91,7 +91,7 @@ class _Fields:
     def fail(self, text: str, code: ErrorCode = BAD) -> ProtocolError:
         return ProtocolError(code, text, self.task_id)
 
-    def str(self, name: str, *, required: bool = False, nul_ok: bool = False) -> str | None:
+    def text(self, name: str, *, required: bool = False, nul_ok: bool = False) -> str | None:
         value = self.obj.get(name)
         if value is None:
             if required:
@@ -121,7 +121,7 @@ class _Fields:
         return value
 
     def abs_path(self, name: str, *, required: bool = False) -> str | None:
-        value = self.str(name, required=required)
+        value = self.text(name, required=required)
         if value is None:
             return None
         if not value.startswith("/") or posixpath.normpath(value) != value or value == "/":
@@ -141,7 +141,7 @@ def parse_command(obj: JSONObject) -> Task | Cancel:
     if kind != "task":
         raise ProtocolError(BAD, f"`kind` must be task or cancel, got {kind!r:.40}", task_id)
     fields = _Fields(obj, task_id)
-    expires = fields.str("expires_at")
+    expires = fields.text("expires_at")
     try:
         expires_at = parse_time(expires) if expires is not None else None
     except ValueError:
@@ -190,7 +190,7 @@ def _shell(f: _Fields, task_id: str, timeout: float, expires_at: Any) -> ShellTa
     else:
         raise f.fail("`ok_codes` must be a non-empty array of exit codes (-255 to 255)")
     return ShellTask(id=task_id, command=command, env=env, cwd=f.abs_path("cwd"),
-                     stdin=f.str("stdin", nul_ok=True), ok_codes=ok_codes,
+                     stdin=f.text("stdin", nul_ok=True), ok_codes=ok_codes,
                      timeout=timeout, expires_at=expires_at)
 
 
@@ -210,17 +210,17 @@ def check_url(url: str) -> str | None:
 
 
 def _download(f: _Fields, task_id: str, timeout: float, expires_at: Any) -> DownloadTask:
-    url = f.str("url", required=True)
+    url = f.text("url", required=True)
     assert url is not None
     problem = check_url(url)
     if problem:
         raise f.fail(f"`url`: {problem}")
     dest = f.abs_path("dest", required=True)
     assert dest is not None
-    sha256 = f.str("sha256")
+    sha256 = f.text("sha256")
     if sha256 is not None and not _HEX64.fullmatch(sha256):
         raise f.fail("`sha256` must be 64 hexadecimal characters")
-    mode_text = f.str("mode")
+    mode_text = f.text("mode")
     if mode_text is not None and not _MODE.fullmatch(mode_text):
         raise f.fail("`mode` must be an octal string such as \"0755\"")
     return DownloadTask(id=task_id, url=url, dest=dest,
@@ -251,16 +251,17 @@ def parse_update(obj: JSONObject) -> Update:
         if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
             raise f.fail(f"`{key}` must be an integer")
     duration = obj.get("duration_s")
-    if duration is not None and (isinstance(duration, bool) or not isinstance(duration, (int, float))):
+    if duration is not None and (isinstance(duration, bool)
+                                 or not isinstance(duration, (int, float))):
         raise f.fail("`duration_s` must be a number")
     truncated = obj.get("truncated")
     if truncated is not None and not isinstance(truncated, bool):
         raise f.fail("`truncated` must be true or false")
-    return Update(id=f.task_id, node=_node(f), state=State(state), at=_at(f, required=True),
-                  exit_code=ints["exit_code"], stdout=f.str("stdout", nul_ok=True),
-                  stderr=f.str("stderr", nul_ok=True), truncated=truncated,
+    return Update(id=f.task_id, node=_node(f), state=State(state), at=_required_at(f),
+                  exit_code=ints["exit_code"], stdout=f.text("stdout", nul_ok=True),
+                  stderr=f.text("stderr", nul_ok=True), truncated=truncated,
                   duration_s=float(duration) if duration is not None else None,
-                  bytes=ints["bytes"], sha256=f.str("sha256"), dest=f.str("dest"), error=error)
+                  bytes=ints["bytes"], sha256=f.text("sha256"), dest=f.text("dest"), error=error)
 
 
 def _node(f: _Fields) -> str:
@@ -271,13 +272,20 @@ def _node(f: _Fields) -> str:
     return node
 
 
-def _at(f: _Fields, *, required: bool) -> str | None:
-    at = f.str("at", required=required)
+def _at(f: _Fields) -> str | None:
+    at = f.text("at")
     if at is not None:
         try:
             parse_time(at)
         except ValueError:
             raise f.fail("`at` must be an RFC 3339 time") from None
+    return at
+
+
+def _required_at(f: _Fields) -> str:
+    at = _at(f)
+    if at is None:
+        raise f.fail("`at` is required")
     return at
 
 
@@ -290,7 +298,7 @@ def parse_output(obj: JSONObject) -> Output:
         raise f.fail("`stream` must be stdout or stderr")
     if isinstance(seq, bool) or not isinstance(seq, int) or seq < 0:
         raise f.fail("`seq` must be a whole number from 0")
-    data = f.str("data", required=True, nul_ok=True)
+    data = f.text("data", required=True, nul_ok=True)
     assert data is not None
     return Output(id=f.task_id, node=_node(f), stream=stream, seq=seq, data=data)
 
@@ -305,7 +313,7 @@ def parse_status(obj: JSONObject) -> Status:
         raise f.fail("`facts` must be an object")
     if running is not None and not (isinstance(running, list) and all(map(is_task_id, running))):
         raise f.fail("`running` must be an array of task ids")
-    return Status(node=_node(f), state=state, at=_at(f, required=False), agent=f.str("agent"),
+    return Status(node=_node(f), state=state, at=_at(f), agent=f.text("agent"),
                   facts=facts, running=tuple(running) if running is not None else None)
 
 
@@ -315,8 +323,10 @@ def parse_message(payload: bytes, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) ->
     kind = obj.get("kind")
     if kind in ("task", "cancel"):
         return parse_command(obj)
-    parser = {"update": parse_update, "output": parse_output, "status": parse_status}.get(
-        kind if isinstance(kind, str) else "")
-    if parser is None:
-        raise ProtocolError(BAD, f"unknown `kind` {kind!r:.40}", message_id(obj))
-    return parser(obj)
+    if kind == "update":
+        return parse_update(obj)
+    if kind == "output":
+        return parse_output(obj)
+    if kind == "status":
+        return parse_status(obj)
+    raise ProtocolError(BAD, f"unknown `kind` {kind!r:.40}", message_id(obj))

@@ -16,7 +16,8 @@ class Channel(enum.StrEnum):
 
 
 QOS = {Channel.TASKS: 1, Channel.UPDATES: 1, Channel.OUTPUT: 0, Channel.STATUS: 1}
-RETAINED = {Channel.TASKS: False, Channel.UPDATES: False, Channel.OUTPUT: False, Channel.STATUS: True}
+RETAINED = {Channel.TASKS: False, Channel.UPDATES: False, Channel.OUTPUT: False,
+            Channel.STATUS: True}
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,110 @@
+"""The agent's settings: defaults < TOML < kernel command line < EDGERUN_* < flags."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from edgerun import __version__
+from edgerun.errors import ConfigError
+from edgerun.protocol import DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_PREFIX, is_node_id, is_prefix
+from edgerun.settings import (
+    BrokerURL, Option, build_parser, config_path, kernel_params, parse_broker_url, read_toml,
+    resolve,
+)
+
+from .identity import derive_node_id
+
+DEFAULT_STATE_DIR = "/var/lib/edgerun-agent"
+
+
+def _positive(value: float) -> str | None:
+    return None if value > 0 else "must be greater than 0"
+
+
+def _node(value: str) -> str | None:
+    return None if is_node_id(value) else "must be 1-128 of A-Z a-z 0-9 _ : -"
+
+
+def _prefix(value: str) -> str | None:
+    return None if is_prefix(value) else "must be one topic level without / + #"
+
+
+def _level(value: str) -> str | None:
+    return None if value.upper() in ("DEBUG", "INFO", "WARNING", "ERROR") else \
+        "must be debug, info, warning or error"
+
+
+OPTIONS = [
+    Option("broker", str, None, "MQTT broker URL, mqtt://host:port or mqtts://...", metavar="URL"),
+    Option("node", str, None, "node id (default: DMI product UUID, else first MAC, else host name)",
+           _node),
+    Option("prefix", str, DEFAULT_PREFIX, "first topic level", _prefix),
+    Option("username", str, None, "MQTT user name (overrides the URL's)"),
+    Option("password", str, None, "MQTT password (overrides the URL's)"),
+    Option("ca_file", str, None, "CA certificates for mqtts:// (default: the system's)",
+           metavar="FILE"),
+    Option("cert_file", str, None, "client certificate for mqtts://", metavar="FILE"),
+    Option("key_file", str, None, "client certificate key for mqtts://", metavar="FILE"),
+    Option("state_dir", str, DEFAULT_STATE_DIR,
+           "where task ids are remembered across restarts (memory only when not writable)",
+           metavar="DIR"),
+    Option("parallel", int, 1, "tasks run at once", _positive, metavar="N"),
+    Option("queue_size", int, 64, "tasks that may wait; beyond that a task is rejected busy",
+           _positive, metavar="N"),
+    Option("grace", float, 30.0, "seconds running tasks get to finish on SIGTERM", metavar="S"),
+    Option("max_message_bytes", int, DEFAULT_MAX_MESSAGE_BYTES, "largest message accepted",
+           _positive, metavar="N"),
+    Option("remember", int, 10_000, "task ids remembered for at-most-once execution",
+           _positive, metavar="N"),
+    Option("keepalive", int, 30, "MQTT keepalive in seconds", _positive, metavar="S"),
+    Option("log_level", str, "info", "debug, info, warning or error", _level),
+]
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    broker: BrokerURL
+    node: str
+    prefix: str = DEFAULT_PREFIX
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+    state_dir: str | None = DEFAULT_STATE_DIR
+    parallel: int = 1
+    queue_size: int = 64
+    grace: float = 30.0
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    remember: int = 10_000
+    keepalive: int = 30
+    log_level: str = "info"
+
+
+def load(argv: Sequence[str] | None, environ: Mapping[str, str],
+         cmdline: str = "", sys_root: str = "/") -> AgentConfig:
+    """Read every layer; ConfigError (one line) on any mistake."""
+    parser = build_parser("edgerun-agent", "Run edgerun shell and download tasks sent over MQTT.",
+                          OPTIONS, __version__)
+    args = parser.parse_args(argv)
+    path = config_path(args, environ)
+    values = resolve(OPTIONS, args, environ, table=read_toml(path) if path else None,
+                     table_source=f"config file {path}", kernel=kernel_params(cmdline))
+    if not values["broker"]:
+        raise ConfigError("no broker: give --broker URL, EDGERUN_BROKER or "
+                          "edgerun.broker= on the kernel command line")
+    broker = parse_broker_url(values["broker"], ("mqtt", "mqtts"))
+    if values["username"] is not None or values["password"] is not None:
+        broker = BrokerURL(broker.scheme, broker.host, broker.port,
+                           values["username"] or broker.username,
+                           values["password"] or broker.password, broker.path)
+    for key in ("ca_file", "cert_file", "key_file"):
+        if values[key] and not os.path.isfile(values[key]):
+            raise ConfigError(f"`{key}` {values[key]}: no such file")
+    return AgentConfig(
+        broker=broker, node=values["node"] or derive_node_id(sys_root), prefix=values["prefix"],
+        ca_file=values["ca_file"], cert_file=values["cert_file"], key_file=values["key_file"],
+        state_dir=values["state_dir"] or None, parallel=values["parallel"],
+        queue_size=values["queue_size"], grace=max(0.0, values["grace"]),
+        max_message_bytes=values["max_message_bytes"], remember=values["remember"],
+        keepalive=values["keepalive"], log_level=values["log_level"].upper())

@@ -1,0 +1,255 @@
+"""The agent: takes tasks from its MQTT topic, runs them, reports every step.
+
+Threads: the MQTT network thread (edgerun.mqtt) only queues what arrives; one
+dispatcher validates, remembers and acknowledges each message in arrival
+order; `parallel` workers run tasks. A message is PUBACKed only after the
+dispatcher handled it, so a message that arrives during shutdown is redelivered
+to the next run instead of lost.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import queue
+import threading
+from collections import OrderedDict
+from datetime import datetime, UTC
+from typing import Any, Literal
+
+from edgerun import __version__
+from edgerun.mqtt import Inbound, MqttConnection, TLSFiles, Will
+from edgerun.protocol import (
+    Cancel, ErrorCode, Output, ProtocolError, ShellTask, State, Status, Task, Topics, Update,
+    canonical_json, decode_bounded, encode, format_time, last_will, message_id, parse_command,
+    rejected,
+)
+
+from . import identity
+from .config import AgentConfig
+from .outcome import Control, Outcome, failure
+from .store import TaskLog
+
+log = logging.getLogger(__name__)
+
+_ONLINE = "online"  # inbox marker: the connection is (back) up, publish the status
+
+
+class Agent:
+    def __init__(self, cfg: AgentConfig, *, sys_root: str = "/") -> None:
+        self.cfg, self.node, self.sys_root = cfg, cfg.node, sys_root
+        self.topics = Topics(cfg.prefix)
+        self.stopping = threading.Event()
+        self._stopped = threading.Event()
+        self.tasks = TaskLog(cfg.state_dir, cfg.remember)
+        self._inbox: queue.SimpleQueue[Inbound | str | None] = queue.SimpleQueue()
+        self._lock = threading.Condition()
+        self._queued: OrderedDict[str, tuple[Task, Control]] = OrderedDict()
+        self._running: dict[str, Control] = {}
+        self._updates_topic = self.topics.updates(self.node)
+        self.conn = MqttConnection(
+            cfg.broker, f"edgerun-agent-{self.node}", name="agent-mqtt",
+            on_message=self._inbox.put, on_connected=lambda _present: self._inbox.put(_ONLINE),
+            subscriptions=[(self.topics.tasks(self.node), 1)], clean_session=False,
+            will=Will(self.topics.status(self.node), encode(last_will(self.node)), 1, True),
+            manual_ack=True, keepalive=cfg.keepalive,
+            tls=TLSFiles(cfg.ca_file, cfg.cert_file, cfg.key_file))
+
+    # --- life cycle ------------------------------------------------------------------
+    def run(self) -> int:
+        """Serve until stop(); then drain as SIGTERM asks and return the exit code."""
+        log.info("edgerun-agent %s: node %s, broker %s, task log %s", __version__, self.node,
+                 self.cfg.broker, "on disk" if self.tasks.persistent else "in memory")
+        self._finish_leftovers()
+        self.conn.start()
+        dispatcher = threading.Thread(target=self._dispatch_loop, name="dispatch", daemon=True)
+        workers = [threading.Thread(target=self._work, name=f"worker-{i}", daemon=True)
+                   for i in range(self.cfg.parallel)]
+        for thread in (dispatcher, *workers):
+            thread.start()
+        self.stopping.wait()
+        self._inbox.put(None)
+        dispatcher.join()
+        self._drain(workers)
+        self.conn.publish(self.topics.status(self.node), self._status("offline"), 1, True)
+        if not self.conn.flush(5.0):
+            log.warning("some updates could not be delivered before exit")
+        self.conn.stop()
+        self.tasks.close()
+        self._stopped.set()
+        log.info("stopped")
+        return 0
+
+    def stop(self) -> None:
+        self.stopping.set()
+
+    def _drain(self, workers: list[threading.Thread]) -> None:
+        with self._lock:
+            never_started = list(self._queued)
+            self._queued.clear()
+            self._lock.notify_all()
+        for task_id in never_started:
+            self._final(task_id, failure(ErrorCode.CANCELED, "the agent is shutting down; "
+                                         "the task never started", state=State.CANCELED))
+        with self._lock:
+            if not self._lock.wait_for(lambda: not self._running, self.cfg.grace):
+                for control in self._running.values():
+                    control.stop(f"the agent is shutting down and the task did not finish "
+                                 f"within the {self.cfg.grace:g} s grace")
+        for worker in workers:
+            worker.join()
+
+    def _finish_leftovers(self) -> None:
+        for update in self.tasks.unfinished():
+            self._final(update["id"], failure(
+                ErrorCode.INTERNAL, f"the agent restarted while the task was "
+                f"{update.get('state')}; it did not finish"))
+
+    # --- the dispatcher ----------------------------------------------------------------
+    def _dispatch_loop(self) -> None:
+        while True:
+            item = self._inbox.get()
+            if item is None:
+                return
+            if item == _ONLINE:
+                self.conn.publish(self.topics.status(self.node), self._status("online"), 1, True)
+                continue
+            assert isinstance(item, Inbound)
+            try:
+                self._handle(item.payload)
+            except Exception:
+                log.exception("internal error while handling a message; it is dropped")
+            self.conn.ack(item)
+
+    def _handle(self, payload: bytes) -> None:
+        try:
+            obj = decode_bounded(payload, self.cfg.max_message_bytes)
+            task_id = message_id(obj)
+            if task_id is not None and obj.get("kind") == "task":
+                previous = self.tasks.get(task_id)
+                if previous is not None:
+                    log.info("task %s was seen before: re-publishing its latest update", task_id)
+                    self.conn.publish(self._updates_topic, previous, 1)
+                    return
+            command = parse_command(obj)
+        except ProtocolError as exc:
+            log.warning("rejected a message (%s): %s", exc.code, exc.message)
+            self._publish(rejected(self.node, exc.task_id, exc.code, exc.message).to_dict())
+            return
+        if isinstance(command, Cancel):
+            self._cancel(command.id)
+        else:
+            self._accept(command)
+
+    def _accept(self, task: Task) -> None:
+        if task.expires_at and datetime.now(UTC) > task.expires_at:
+            self._reject(task.id, ErrorCode.EXPIRED,
+                         f"the task expired at {format_time(task.expires_at)} before it arrived")
+            return
+        with self._lock:
+            waiting = len(self._queued)
+        if waiting >= self.cfg.queue_size:
+            self._reject(task.id, ErrorCode.BUSY, f"{waiting} tasks are already waiting on this "
+                         f"node; send it again later under a new id")
+            return
+        self._update(task.id, State.ACCEPTED, durable=True)
+        log.info("task %s accepted (%s)", task.id, task.type)
+        with self._lock:
+            self._queued[task.id] = (task, Control(deadline=float("inf")))
+            self._lock.notify()
+
+    def _reject(self, task_id: str, code: ErrorCode, message: str) -> None:
+        log.warning("task %s rejected (%s): %s", task_id, code, message)
+        self._publish(rejected(self.node, task_id, code, message).to_dict())
+
+    def _cancel(self, task_id: str) -> None:
+        with self._lock:
+            entry = self._queued.pop(task_id, None)
+            control = self._running.get(task_id)
+        if entry is not None:
+            self._final(task_id, failure(ErrorCode.CANCELED, "canceled before it started",
+                                         state=State.CANCELED))
+        elif control is not None:
+            control.stop("canceled by request while running")
+        # an unknown or finished task: nothing to answer (PROTOCOL.md, "cancel")
+
+    # --- the workers -----------------------------------------------------------------
+    def _work(self) -> None:
+        while True:
+            with self._lock:
+                self._lock.wait_for(lambda: bool(self._queued) or self.stopping.is_set())
+                if not self._queued:
+                    return
+                task_id, (task, control) = self._queued.popitem(last=False)
+                self._running[task_id] = control
+            try:
+                self._execute(task, control)
+            finally:
+                with self._lock:
+                    del self._running[task_id]
+                    self._lock.notify_all()
+
+    def _execute(self, task: Task, control: Control) -> None:
+        from .download import run_download
+        from .shell import run_shell
+
+        control.deadline = Control.for_timeout(task.timeout).deadline
+        self._update(task.id, State.RUNNING)
+        try:
+            if isinstance(task, ShellTask):
+                outcome = run_shell(task, control, self._emitter(task.id))
+            else:
+                outcome = run_download(task, control)
+        except Exception as exc:
+            log.exception("task %s: internal error", task.id)
+            outcome = failure(ErrorCode.INTERNAL, f"the agent failed while running the task: "
+                              f"{type(exc).__name__}: {exc}")
+        self._final(task.id, outcome)
+
+    def _emitter(self, task_id: str) -> Any:
+        seq = itertools.count()
+        topic = self.topics.output(self.node)
+
+        def emit(stream: str, data: str) -> None:
+            number = next(seq)  # counted even when dropped, so a gap shows the loss
+            if self.conn.connected.is_set():
+                out = Output(task_id, self.node, stream, number, data)  # type: ignore[arg-type]
+                self.conn.publish(topic, encode(out), 0)
+        return emit
+
+    # --- updates ----------------------------------------------------------------------
+    def _final(self, task_id: str, outcome: Outcome) -> None:
+        self._update(task_id, outcome.state, **outcome.fields)
+        error = outcome.fields.get("error")
+        log.info("task %s %s%s", task_id, outcome.state, f" ({error.code}: {error.message})"
+                 if error else "")
+
+    def _update(self, task_id: str, state: State, *, durable: bool = False,
+                **fields: Any) -> None:
+        update = Update(id=task_id, node=self.node, state=state, at=format_time(), **fields)
+        self._publish(update.to_dict(), durable=durable)
+
+    def _publish(self, update: dict[str, Any], *, durable: bool = False) -> None:
+        self._fit(update)
+        data = self.tasks.record(update, durable=durable)
+        self.conn.publish(self._updates_topic, data, 1)
+
+    def _fit(self, update: dict[str, Any]) -> None:
+        """Shorten output tails (keeping their ends) until the update fits the size limit."""
+        while len(canonical_json(update)) > self.cfg.max_message_bytes:
+            longer = max(("stdout", "stderr"), key=lambda k: len(update.get(k) or ""))
+            text = update.get(longer) or ""
+            if not text:
+                break
+            update[longer] = text[len(text) // 2 + 1:]
+            update["truncated"] = True
+
+    def _status(self, state: Literal["online", "offline"]) -> bytes:
+        with self._lock:
+            running = tuple(self._running)
+        facts = identity.facts(self.sys_root) if state == "online" else None
+        return encode(Status(self.node, state, at=format_time(), agent=__version__,
+                             facts=facts, running=running))
+
+    def wait_stopped(self, timeout: float) -> bool:
+        return self._stopped.wait(timeout)

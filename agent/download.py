@@ -1,0 +1,201 @@
+"""Run a download task: stream to a temporary file beside `dest`, verify, rename.
+
+`requests` is imported on the first download, never at idle. Redirects are
+followed by hand so every hop is checked (http and https only). Connection
+errors and 5xx answers are retried with back-off; any failure removes the
+temporary file, so nothing partial is ever left at `dest`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import posixpath
+import tempfile
+import time
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urljoin
+
+from edgerun.backoff import backoff_delay
+from edgerun.protocol import DownloadTask, ErrorCode, State, check_url
+
+from .outcome import Control, Outcome, failure
+
+if TYPE_CHECKING:
+    import requests
+
+RETRIES = 4            # further attempts after the first, on connection errors and 5xx
+MAX_REDIRECTS = 10
+CONNECT_TIMEOUT = 10.0
+READ_TIMEOUT = 30.0
+BLOCK = 64 * 1024
+DEFAULT_MODE = 0o644
+
+
+class _Stop(Exception):
+    """End this download with the outcome it carries."""
+
+    def __init__(self, outcome: Outcome) -> None:
+        super().__init__(outcome.state)
+        self.outcome = outcome
+
+
+class _Retry(Exception):
+    """A failure worth another attempt (connection error, 5xx)."""
+
+
+def run_download(task: DownloadTask, control: Control) -> Outcome:
+    import requests  # first use only: keeps the idle agent small
+
+    started = time.monotonic()
+    session = requests.Session()
+    attempt = 0
+    try:
+        _prepare_dir(task.dest)
+        while True:
+            try:
+                size, digest = _attempt(session, task, control)
+                break
+            except _Retry as exc:
+                if attempt >= RETRIES:
+                    raise _Stop(failure(ErrorCode.DOWNLOAD_FAILED,
+                                        f"{exc} (gave up after {attempt + 1} attempts)")) from None
+                delay = backoff_delay(attempt, base=0.5, cap=10.0)
+                attempt += 1
+                _check(control, task, until=time.monotonic() + delay)
+                if control.cancel.wait(delay):
+                    _check(control, task)
+    except _Stop as stop:
+        stop.outcome.fields["duration_s"] = round(time.monotonic() - started, 3)
+        return stop.outcome
+    finally:
+        session.close()
+    return Outcome(State.SUCCEEDED, {"bytes": size, "sha256": digest, "dest": task.dest,
+                                     "duration_s": round(time.monotonic() - started, 3)})
+
+
+def _check(control: Control, task: DownloadTask, until: float | None = None) -> None:
+    """Raise _Stop when the task was canceled or its deadline is (or will be) past."""
+    if control.cancel.is_set():
+        raise _Stop(failure(ErrorCode.CANCELED, control.why or "canceled", state=State.CANCELED))
+    if (until or time.monotonic()) >= control.deadline:
+        raise _Stop(failure(ErrorCode.TIMEOUT, f"the download did not finish within "
+                            f"{task.timeout:g} s", state=State.TIMED_OUT))
+
+
+def _prepare_dir(dest: str) -> None:
+    parent = posixpath.dirname(dest)
+    try:
+        os.makedirs(parent, mode=0o755, exist_ok=True)
+    except OSError as exc:
+        raise _Stop(failure(ErrorCode.DOWNLOAD_FAILED,
+                            f"cannot create the directory {parent}: {exc.strerror}")) from None
+    if os.path.isdir(dest):
+        raise _Stop(failure(ErrorCode.DOWNLOAD_FAILED, f"{dest} is a directory"))
+
+
+def _open(session: requests.Session, task: DownloadTask, control: Control) -> Any:
+    import requests
+
+    url = task.url
+    for _ in range(MAX_REDIRECTS + 1):
+        _check(control, task)
+        read_timeout = max(0.5, min(READ_TIMEOUT, control.deadline - time.monotonic()))
+        try:
+            response = session.get(url, stream=True, allow_redirects=False,
+                                   timeout=(CONNECT_TIMEOUT, read_timeout))
+        except requests.RequestException as exc:
+            _check(control, task)
+            raise _Retry(f"cannot reach {url}: {type(exc).__name__}") from None
+        if not response.is_redirect:
+            return response
+        target = urljoin(url, response.headers.get("location", ""))
+        response.close()
+        problem = check_url(target)
+        if problem:
+            raise _Stop(failure(ErrorCode.DOWNLOAD_FAILED,
+                                f"{url} redirects to {target[:200]}: {problem}"))
+        url = target
+    raise _Stop(failure(ErrorCode.DOWNLOAD_FAILED, f"more than {MAX_REDIRECTS} redirects"))
+
+
+def _attempt(session: requests.Session, task: DownloadTask, control: Control) -> tuple[int, str]:
+    import requests
+
+    response = _open(session, task, control)
+    with response:
+        if response.status_code >= 500:
+            raise _Retry(f"the server answered {response.status_code} {response.reason}")
+        if response.status_code >= 400:
+            raise _Stop(failure(ErrorCode.DOWNLOAD_FAILED, f"the server answered "
+                                f"{response.status_code} {response.reason} for {task.url}"))
+        announced = response.headers.get("content-length", "")
+        if task.max_bytes and announced.isdigit() and int(announced) > task.max_bytes:
+            raise _Stop(failure(ErrorCode.TOO_LARGE, f"the file is {announced} bytes; "
+                                f"max_bytes is {task.max_bytes}"))
+        directory, name = posixpath.split(task.dest)
+        try:
+            fd, tmp = tempfile.mkstemp(prefix=f".{name[:100]}.", suffix=".part", dir=directory)
+        except OSError as exc:
+            raise _Stop(failure(ErrorCode.DOWNLOAD_FAILED,
+                                f"cannot write in {directory}: {exc.strerror}")) from None
+        try:
+            size, digest = _stream(response, fd, task, control)
+            if task.sha256 and digest != task.sha256:
+                raise _Stop(failure(ErrorCode.CHECKSUM_MISMATCH, f"sha256 of the download is "
+                                    f"{digest}, expected {task.sha256}", sha256=digest,
+                                    bytes=size))
+            os.fchmod(fd, task.mode if task.mode is not None else DEFAULT_MODE)
+            os.fsync(fd)
+            os.close(fd)
+            fd = -1
+            os.replace(tmp, task.dest)
+            tmp = ""
+            _fsync_dir(directory)
+            return size, digest
+        except requests.RequestException as exc:
+            _check(control, task)
+            raise _Retry(f"the transfer from {task.url} broke off: {type(exc).__name__}") from None
+        except OSError as exc:
+            raise _Stop(failure(ErrorCode.DOWNLOAD_FAILED,
+                                f"cannot write {task.dest}: {exc.strerror}")) from None
+        finally:
+            if fd >= 0:
+                os.close(fd)
+            if tmp:
+                _unlink(tmp)
+
+
+def _stream(response: Any, fd: int, task: DownloadTask, control: Control) -> tuple[int, str]:
+    hasher, size = hashlib.sha256(), 0
+    for block in response.iter_content(BLOCK):
+        _check(control, task)
+        size += len(block)
+        if task.max_bytes and size > task.max_bytes:
+            raise _Stop(failure(ErrorCode.TOO_LARGE, f"the download passed max_bytes "
+                                f"({task.max_bytes}) and was stopped"))
+        hasher.update(block)
+        view = memoryview(block)
+        while view:
+            view = view[os.write(fd, view):]
+    return size, hasher.hexdigest()
+
+
+def _fsync_dir(directory: str) -> None:
+    try:
+        dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        return
+    try:
+        os.fsync(dir_fd)
+    except OSError:
+        pass
+    finally:
+        os.close(dir_fd)
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
