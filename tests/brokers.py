@@ -7,6 +7,7 @@ back to the machine's running broker (which can then not be restarted).
 from __future__ import annotations
 
 import os
+import pwd
 import shutil
 import signal
 import socket
@@ -16,6 +17,7 @@ from pathlib import Path
 
 MOSQUITTO_CONF = """\
 listener {port} 127.0.0.1
+user {user}
 allow_anonymous {anonymous}
 set_tcp_nodelay true
 persistence true
@@ -81,6 +83,7 @@ class Mosquitto:
             return self
         conf = self.dir / "mosquitto.conf"
         conf.write_text(MOSQUITTO_CONF.format(port=self.port, dir=self.dir, extra=self.extra,
+                                              user=pwd.getpwuid(os.getuid()).pw_name,
                                               anonymous=str(self.anonymous).lower()))
         log = open(self.dir / "mosquitto.log", "ab")  # noqa: SIM115 - the process keeps it
         assert self.binary is not None
@@ -97,6 +100,17 @@ class Mosquitto:
         if not self.private:
             import pytest
             pytest.skip("mosquitto binary missing: the shared broker cannot be restarted")
+
+    def checkpoint(self, timeout: float = 10.0) -> None:
+        """Have Mosquitto write its persistence file now (SIGUSR1), so a kill -9 right
+        after keeps the sessions and subscriptions that exist at this moment."""
+        self._require_private()
+        db = self.dir / "mosquitto.db"
+        before = db.stat().st_mtime_ns if db.exists() else 0
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGUSR1)
+        if not wait_until(lambda: db.exists() and db.stat().st_mtime_ns != before, timeout):
+            raise TimeoutError("mosquitto did not save its persistence file")
 
     def kill(self) -> None:
         """kill -9: no goodbye, no final save of the persistence file."""

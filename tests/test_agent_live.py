@@ -124,8 +124,8 @@ def test_broker_killed_mid_task_final_update_still_arrives(
     proc.wait_online(observer)
     observer.send("node-k", shell("through-crash", "sleep 2; echo survived"))
     observer.wait("update", id="through-crash", state="running")
+    mosquitto.checkpoint()
     mosquitto.kill()  # kill -9 while the task runs
-    wait_until(lambda: False, timeout=0.5)
     mosquitto.start()
     final = observer.final("through-crash", timeout=30)
     assert final["state"] == "succeeded" and final["stdout"] == "survived\n"
@@ -144,4 +144,21 @@ def test_agent_restarted_mid_task_reports_it_failed(mosquitto: Mosquitto, observ
     final = observer.final("interrupted")
     assert final["state"] == "failed" and final["error"]["code"] == "internal"
     assert "restarted" in final["error"]["message"]
+    proc.terminate()
+
+
+def test_updates_made_while_disconnected_are_delivered_after_reconnect(
+        mosquitto: Mosquitto, observer: Observer, tmp_path: Path) -> None:
+    proc = AgentProcess(mosquitto.url, "node-o", tmp_path / "a").start()
+    proc.wait_online(observer)
+    observer.send("node-o", shell("offline-finish", "sleep 0.5; echo done"))
+    observer.wait("update", id="offline-finish", state="running")
+    mosquitto.checkpoint()
+    mosquitto.kill()
+    task_log = tmp_path / "a" / "state" / "tasks.jsonl"
+    # the broker stays down until the agent has finished the task and recorded it
+    assert wait_until(lambda: '"state":"succeeded"' in task_log.read_text(), 30)
+    mosquitto.start()
+    final = observer.final("offline-finish", timeout=60)
+    assert final["state"] == "succeeded" and final["stdout"] == "done\n"
     proc.terminate()
