@@ -1,0 +1,146 @@
+"""An embedded MQTT 3.1.1 broker (amqtt) so the whole system runs with nothing but Python.
+
+amqtt runs on asyncio; here it gets a dedicated thread with its own event
+loop, and the rest of the scheduler only sees `start()`, `stop()` and `url`.
+
+Two amqtt behaviours are adjusted (see scheduler/README.md, "Embedded broker"):
+- its anonymous-auth plugin marks every session anonymous, and amqtt then
+  neither keeps a persistent session's subscriptions nor queues QoS 1 messages
+  for it while it is offline; `OpenAuthPlugin` admits every client without
+  that mark, so an agent's `clean_session=False` session works as in Mosquitto;
+- on every CONNECT it sends the new client the retained messages of *every*
+  topic filter anyone subscribed to; `_Broker` sends a client only those of
+  its own subscriptions (an agent would otherwise receive other nodes'
+  retained status on its task topic).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import EmbeddedBrokerError
+
+log = logging.getLogger(__name__)
+
+
+def _amqtt() -> tuple[Any, Any]:
+    try:
+        from amqtt.broker import Broker
+        from amqtt.plugins.base import BaseAuthPlugin
+    except ImportError as exc:  # the scheduler extra is not installed
+        raise EmbeddedBrokerError(f"the embedded broker needs amqtt "
+                                  f"(pip install 'edgerun[scheduler]'): {exc}") from None
+    return Broker, BaseAuthPlugin
+
+
+def _make_classes() -> tuple[type, type]:
+    broker_cls, auth_base = _amqtt()
+
+    class OpenAuthPlugin(auth_base):  # type: ignore[misc, valid-type]
+        """Admit every client, keeping its persistent session (not marked anonymous)."""
+
+        @dataclass
+        class Config:
+            pass
+
+        async def authenticate(self, *, session: Any) -> bool:
+            session.is_anonymous = False
+            return True
+
+    class _Broker(broker_cls):  # type: ignore[misc, valid-type]
+        async def _publish_retained_messages_for_subscription(
+                self, subscription: tuple[str, int], session: Any) -> None:
+            topic_filter, _qos = subscription
+            mine = [q for s, q in self._subscriptions.get(topic_filter, [])
+                    if s.client_id == session.client_id]
+            if mine:
+                await super()._publish_retained_messages_for_subscription(
+                    (topic_filter, mine[0]), session)
+
+    return _Broker, OpenAuthPlugin
+
+
+OpenAuthPlugin: Any = None  # bound on first use: amqtt loads plugins by dotted path
+
+
+class EmbeddedBroker:
+    """amqtt listening on host:port (port 0: any free port; read `port` after start)."""
+
+    def __init__(self, host: str = "127.0.0.1", port: int = 1883,
+                 session_expiry_s: int = 7 * 24 * 3600) -> None:
+        self.host, self.port, self.session_expiry_s = host, port, session_expiry_s
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop: asyncio.Event | None = None
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"mqtt://{host}:{self.port}"
+
+    def start(self, timeout: float = 15.0) -> EmbeddedBroker:
+        global OpenAuthPlugin
+        broker_cls, OpenAuthPlugin = _make_classes()
+        self._thread = threading.Thread(target=self._run, args=(broker_cls,),
+                                        name="embedded-broker", daemon=True)
+        self._thread.start()
+        if not self._ready.wait(timeout):
+            raise EmbeddedBrokerError(f"the embedded broker did not start on "
+                                      f"{self.host}:{self.port} within {timeout:g} s")
+        if self._error is not None:
+            raise EmbeddedBrokerError(f"the embedded broker cannot listen on "
+                                      f"{self.host}:{self.port}: {_cause(self._error)}")
+        log.info("embedded MQTT broker (amqtt) listening on %s", self.url)
+        return self
+
+    def stop(self, timeout: float = 10.0) -> None:
+        loop, stop = self._loop, self._stop
+        if loop is not None and stop is not None and not loop.is_closed():
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(stop.set)
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def _run(self, broker_cls: type) -> None:
+        loop = asyncio.new_event_loop()
+        self._loop = loop
+        try:
+            loop.run_until_complete(self._serve(broker_cls))
+        except BaseException as exc:  # reported to start(); the thread ends
+            self._error = exc
+        finally:
+            self._ready.set()
+            with contextlib.suppress(Exception):
+                loop.run_until_complete(loop.shutdown_asyncgens())
+            loop.close()
+
+    async def _serve(self, broker_cls: type) -> None:
+        self._stop = asyncio.Event()
+        config = {
+            "listeners": {"default": {"type": "tcp", "bind": f"{self.host}:{self.port}"}},
+            "session_expiry_interval": self.session_expiry_s,
+            "plugins": {f"{__name__}.OpenAuthPlugin": {}},
+        }
+        broker = broker_cls(config)
+        await broker.start()
+        server = broker._servers["default"].instance
+        self.port = int(server.sockets[0].getsockname()[1])
+        self._ready.set()
+        await self._stop.wait()
+        try:
+            await broker.shutdown()
+        except Exception as exc:  # shutting down: nothing left to save
+            log.warning("embedded broker shut down uncleanly: %s", exc)
+
+
+def _cause(exc: BaseException) -> str:
+    while exc.__cause__ is not None:
+        exc = exc.__cause__
+    return str(exc) or type(exc).__name__

@@ -1,0 +1,5 @@
+"""Two interchangeable messengers behind one interface: AMQP (through the bridge) and MQTT."""
+
+from .base import Incoming, Messenger, OnDone
+
+__all__ = ["Incoming", "Messenger", "OnDone"]

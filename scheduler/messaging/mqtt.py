@@ -1,0 +1,74 @@
+"""The small-footprint messenger: MQTT straight to the broker, no RabbitMQ at all.
+
+Subscribes with a persistent session (clean_session=False, QoS 1) to every
+node's updates, status (retained) and tasks topics, and to output at QoS 0;
+acknowledges each message only after the service recorded it.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Callable
+
+from edgerun.mqtt import Inbound, MqttConnection, TLSFiles
+from edgerun.protocol import Channel, Topics
+from edgerun.settings import BrokerURL
+
+from .base import Incoming, Messenger, OnDone
+
+log = logging.getLogger(__name__)
+
+
+class MqttMessenger(Messenger):
+    kind = "mqtt"
+
+    def __init__(self, url: BrokerURL, *, prefix: str = "edgerun",
+                 client_id: str | None = None, events_topic: str | None = None,
+                 record_external: bool = True, tls: TLSFiles | None = None) -> None:
+        super().__init__(url)
+        self.topics = Topics(prefix)
+        self.events_topic = events_topic if events_topic is not None else f"{prefix}/events"
+        self.client_id = client_id or f"edgerun-scheduler-{uuid.uuid4().hex[:8]}"
+        subs = [(self.topics.wildcard(Channel.UPDATES), 1),
+                (self.topics.wildcard(Channel.STATUS), 1),
+                (self.topics.wildcard(Channel.OUTPUT), 0)]
+        if record_external:
+            subs.append((self.topics.wildcard(Channel.TASKS), 1))
+        self._deliver: Callable[[Incoming], None] | None = None
+        self.conn = MqttConnection(url, self.client_id, on_message=self._on_message,
+                                   subscriptions=subs, clean_session=False, manual_ack=True,
+                                   tls=tls, name="scheduler-mqtt", max_inflight=1000)
+        self.connected = self.conn.connected
+
+    def start(self, deliver: Callable[[Incoming], None]) -> None:
+        self._deliver = deliver
+        self.conn.start()
+
+    def stop(self) -> None:
+        self.conn.flush(2.0)
+        self.conn.stop()
+
+    def send(self, node: str, payload: bytes, on_done: OnDone | None = None) -> None:
+        self.conn.publish(self.topics.tasks(node), payload, 1, on_done=on_done)
+
+    def publish_event(self, subject: str, node: str, state: str, payload: bytes) -> None:
+        if self.events_topic:
+            self.conn.publish(f"{self.events_topic}/{subject}/{node}", payload, 1)
+
+    def ack(self, message: Incoming) -> None:
+        if isinstance(message.token, Inbound) and message.token.qos > 0:
+            self.conn.ack(message.token)
+
+    @property
+    def last_error(self) -> str | None:
+        return self.conn.last_error
+
+    def _on_message(self, msg: Inbound) -> None:  # network thread: never block
+        parsed = self.topics.parse(msg.topic)
+        if parsed is None or self._deliver is None:
+            if msg.qos > 0:
+                self.conn.ack(msg)
+            return
+        node, channel = parsed
+        self._deliver(Incoming(node, channel, msg.payload, msg))

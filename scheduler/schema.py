@@ -1,0 +1,65 @@
+"""The SQLite schema, versioned: each entry of MIGRATIONS moves the file up one version."""
+
+from __future__ import annotations
+
+SCHEMA_VERSION = 1
+
+MIGRATIONS: dict[int, str] = {
+    1: """
+    CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+    CREATE TABLE tasks (
+        seq            INTEGER PRIMARY KEY AUTOINCREMENT,
+        node           TEXT NOT NULL,
+        id             TEXT NOT NULL,
+        type           TEXT,
+        spec           TEXT,
+        source         TEXT NOT NULL,
+        state          TEXT NOT NULL,
+        created_at     TEXT NOT NULL,
+        updated_at     TEXT NOT NULL,
+        dispatched_at  TEXT,
+        timeout        REAL,
+        expires_at     TEXT,
+        expires_ts     REAL,
+        deadline       REAL,
+        exit_code      INTEGER,
+        error_code     TEXT,
+        error_message  TEXT,
+        result         TEXT,
+        job_id         TEXT,
+        step           INTEGER,
+        UNIQUE (node, id)
+    );
+    CREATE INDEX tasks_by_id ON tasks (id);
+    CREATE INDEX tasks_by_state ON tasks (state);
+    CREATE INDEX tasks_by_job ON tasks (job_id, node, step);
+    CREATE INDEX tasks_due ON tasks (deadline) WHERE deadline IS NOT NULL;
+    CREATE INDEX tasks_expiring ON tasks (expires_ts) WHERE expires_ts IS NOT NULL;
+    CREATE TABLE updates (
+        seq          INTEGER PRIMARY KEY AUTOINCREMENT,
+        node         TEXT NOT NULL,
+        task_id      TEXT,
+        state        TEXT NOT NULL,
+        at           TEXT,
+        received_at  TEXT NOT NULL,
+        body         TEXT NOT NULL
+    );
+    CREATE INDEX updates_by_task ON updates (node, task_id);
+    CREATE TABLE nodes (
+        node        TEXT PRIMARY KEY,
+        state       TEXT NOT NULL,
+        first_seen  TEXT NOT NULL,
+        last_seen   TEXT NOT NULL,
+        changed_at  TEXT NOT NULL,
+        agent       TEXT,
+        facts       TEXT,
+        running     TEXT
+    );
+    CREATE TABLE jobs (
+        id          TEXT PRIMARY KEY,
+        created_at  TEXT NOT NULL,
+        nodes       TEXT NOT NULL,
+        steps       TEXT NOT NULL
+    );
+    """,
+}

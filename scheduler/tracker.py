@@ -1,0 +1,114 @@
+"""Follows every unfinished task to a final state: deadlines, `lost`, expiry.
+
+`judge` is the rule, pure; `Tracker` is a thread that asks the store for tasks
+past their deadline or expiry now and then and hands each verdict to the
+service, which applies it through the store's state machine (so a final update
+that raced the verdict wins).
+
+The rules (scheduler/README.md, "Deadlines, lost and expiry"):
+- `running`: no final update by running + timeout + grace: `lost`, code `timeout`;
+- `accepted`: the same deadline, but only while the node is not online (an
+  online agent still holds the task in its queue and will report);
+- `dispatched`: past the task's `expires_at`: `lost`, code `expired` (the node
+  stayed offline; the agent would reject it anyway); past dispatch + timeout +
+  grace while the node is online: `lost`, code `timeout` (the task vanished).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from edgerun.protocol import ErrorCode, JSONObject, State, parse_time
+
+from .errors import SchedulerError
+from .store import Store
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Verdict:
+    code: ErrorCode
+    message: str
+
+
+def judge(task: JSONObject, online: bool, now: float) -> Verdict | None:
+    """Whether an unfinished task is lost now, and why; None: not yet."""
+    state, node = task["state"], task["node"]
+    deadline, expires = task.get("deadline"), _expires(task)
+    late = deadline is not None and now >= deadline
+    if state == State.DISPATCHED:
+        if expires is not None and now >= expires:
+            where = "was online but never took it" if online else "stayed offline"
+            return Verdict(ErrorCode.EXPIRED, f"node {node} {where} until the task expired at "
+                                              f"{task['expires_at']}")
+        if late and online:
+            return Verdict(ErrorCode.TIMEOUT, f"node {node} is online but never acknowledged "
+                                              f"the task within its timeout and grace")
+        return None
+    if state == State.ACCEPTED and late and not online:
+        return Verdict(ErrorCode.TIMEOUT, f"node {node} accepted the task, then went offline; "
+                                          f"no final update came within its timeout and grace")
+    if state == State.RUNNING and late:
+        where = "is online" if online else "is offline"
+        return Verdict(ErrorCode.TIMEOUT, f"no final update from node {node} within the task's "
+                                          f"timeout and grace (the node {where}); it may have "
+                                          f"died mid-task")
+    return None
+
+
+def _expires(task: JSONObject) -> float | None:
+    text = task.get("expires_at")
+    if not text:
+        return None
+    try:
+        return parse_time(text).timestamp()
+    except ValueError:
+        return None
+
+
+class Tracker:
+    """Every `interval` seconds: judge the due tasks, report verdicts to `on_lost`."""
+
+    def __init__(self, store: Store, online: Callable[[], set[str]],
+                 on_lost: Callable[[JSONObject, Verdict], None], stop: threading.Event,
+                 interval: float = 1.0) -> None:
+        self.store, self.online, self.on_lost = store, online, on_lost
+        self.stop, self.interval = stop, interval
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="tracker", daemon=True)
+        self._thread.start()
+
+    def join(self, timeout: float) -> None:
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def check(self, now: float | None = None) -> int:
+        """One pass; returns how many verdicts were handed on."""
+        now = time.time() if now is None else now
+        due = self.store.due(now)
+        if not due:
+            return 0
+        online = self.online()
+        count = 0
+        for task in due:
+            verdict = judge(task, task["node"] in online, now)
+            if verdict is not None:
+                self.on_lost(task, verdict)
+                count += 1
+        return count
+
+    def _run(self) -> None:
+        while not self.stop.wait(self.interval):
+            try:
+                self.check()
+            except SchedulerError as exc:
+                log.error("tracker: %s", exc)
+            except Exception:  # the tracker must outlive a bug in one pass
+                log.exception("tracker: unexpected error")
