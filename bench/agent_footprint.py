@@ -21,8 +21,8 @@ import uuid
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from edgerun.mqtt import Inbound, MqttConnection  # noqa: E402
-from edgerun.settings import parse_broker_url  # noqa: E402
+from edgerun.mqtt import Inbound, MqttConnection
+from edgerun.settings import parse_broker_url
 
 
 def rss_kib(pid: int) -> int:

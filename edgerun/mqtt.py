@@ -213,10 +213,14 @@ class MqttConnection:
             while not self._stop.is_set():
                 if self._connect():
                     try:
-                        self._serve()
+                        why = self._serve()
                     except Exception:  # a bug must not end the connection for good
                         log.exception("%s: unexpected error; reconnecting", self.name)
                         self._client.disconnect()
+                        why = "internal error"
+                    if not self._was_up and not self._stop.is_set():
+                        self._note_error(f"{self.url} closed the connection before accepting "
+                                         f"it ({why}); check credentials and certificates")
                     if self._stop.is_set():
                         break
                     if self._was_up:
@@ -235,16 +239,18 @@ class MqttConnection:
             self._note_error(f"cannot connect to {self.url}: {exc}")
             return False
 
-    def _serve(self) -> None:
-        """Drive paho's external-loop API until the connection drops or stop is set."""
+    def _serve(self) -> str:
+        """Drive paho's external-loop API until the connection drops or stop is set;
+        returns why it ended."""
         poller = select.poll()
         poller.register(self._wake_r, select.POLLIN)
         sock = self._client.socket()
         if sock is None:
-            return
+            return "no socket"
         sock_fd = sock.fileno()
         poller.register(sock_fd, select.POLLIN)
         want_write = False
+        ok = MQTTErrorCode.MQTT_ERR_SUCCESS
         while not self._stop.is_set():
             if self.connected.is_set():
                 self._run_commands()
@@ -252,22 +258,22 @@ class MqttConnection:
                 want_write = not want_write
                 poller.modify(sock_fd, select.POLLIN | (select.POLLOUT if want_write else 0))
             tls_buffered = isinstance(sock, ssl.SSLSocket) and sock.pending() > 0
-            if tls_buffered and self._client.loop_read() != MQTTErrorCode.MQTT_ERR_SUCCESS:
-                return
+            if tls_buffered and (rc := self._client.loop_read()) != ok:
+                return paho.error_string(rc)
             for fd, events in poller.poll(0 if tls_buffered else 1000):
                 if fd == self._wake_r:
                     _drain(self._wake_r)
                     continue
-                if events & (select.POLLIN | select.POLLERR | select.POLLHUP):
-                    if self._client.loop_read() != MQTTErrorCode.MQTT_ERR_SUCCESS:
-                        return
-                if events & select.POLLOUT:
-                    if self._client.loop_write() != MQTTErrorCode.MQTT_ERR_SUCCESS:
-                        return
-            if self._client.loop_misc() != MQTTErrorCode.MQTT_ERR_SUCCESS:
-                return
+                if events & (select.POLLIN | select.POLLERR | select.POLLHUP) and \
+                        (rc := self._client.loop_read()) != ok:
+                    return paho.error_string(rc)
+                if events & select.POLLOUT and (rc := self._client.loop_write()) != ok:
+                    return paho.error_string(rc)
+            if (rc := self._client.loop_misc()) != ok:
+                return paho.error_string(rc)
             if self._client.socket() is None:
-                return
+                return "the connection closed"
+        return "stopped"
 
     def _run_commands(self) -> None:
         ran = 0
