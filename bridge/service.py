@@ -1,0 +1,87 @@
+"""The bridge as a whole: an MQTT connection, an AMQP link, the pump between them."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+from edgerun.mqtt import MqttConnection, TLSFiles
+
+from .amqp import AmqpLink
+from .config import BridgeConfig
+from .metrics import BrokerStatus, HttpServer, Metrics, Status
+from .pump import Pump
+
+log = logging.getLogger(__name__)
+
+
+def subscriptions(cfg: BridgeConfig) -> list[tuple[str, int]]:
+    """The route table's subscriptions, shared as `$share/GROUP/...` when asked."""
+    share = f"$share/{cfg.share_group}/" if cfg.share_group else ""
+    return [(share + topic, qos) for topic, qos in cfg.routes.subscriptions()]
+
+
+class Bridge:
+    def __init__(self, cfg: BridgeConfig) -> None:
+        self.cfg = cfg
+        self.stopping = threading.Event()
+        self.metrics = Metrics(cfg.routes)
+        self.pump = Pump(cfg.routes, self.metrics, cfg.confirm_window)
+        self.mqtt = MqttConnection(
+            cfg.mqtt, cfg.client_id, on_message=self.pump.on_mqtt_message,
+            on_connected=self.pump.on_mqtt_connected, subscriptions=subscriptions(cfg),
+            clean_session=False, manual_ack=True, keepalive=cfg.keepalive,
+            max_inflight=cfg.mqtt_inflight, name="bridge-mqtt",
+            tls=TLSFiles(cfg.ca_file, cfg.cert_file, cfg.key_file))
+        self.link = AmqpLink(cfg.amqp, cfg.vhost, cfg.routes, self.pump, prefetch=cfg.prefetch,
+                             queue_type=cfg.queue_type, heartbeat=cfg.keepalive,
+                             ca_file=cfg.ca_file, cert_file=cfg.cert_file, key_file=cfg.key_file,
+                             name="bridge-amqp")
+        self.pump.attach(self.mqtt, self.link)
+        self.metrics.watch(self.status)
+        self.http: HttpServer | None = None
+        if cfg.metrics_port:
+            self.http = HttpServer(cfg.metrics_address, cfg.metrics_port, self.metrics,
+                                   self.status)
+
+    def status(self) -> Status:
+        return Status(
+            brokers={
+                "mqtt": BrokerStatus(self.mqtt.connected.is_set(), self.mqtt.reconnects,
+                                     self.mqtt.last_error),
+                "amqp": BrokerStatus(self.link.ready, self.link.reconnects,
+                                     self.link.last_error)},
+            in_flight={"mqtt_to_amqp": self.pump.to_amqp_in_flight,
+                       "amqp_to_mqtt": self.pump.to_mqtt_in_flight})
+
+    def run(self) -> int:
+        """Forward until stop(); then drain what is in flight and return 0."""
+        if self.http:
+            self.http.start()
+        self.link.start()
+        self.mqtt.start()
+        routes = ", ".join(f"{r.name} ({r.direction})" for r in self.cfg.routes.routes)
+        log.info("bridging %s and %s as %s; routes: %s", self.cfg.mqtt, self.cfg.amqp,
+                 self.cfg.client_id, routes)
+        self.stopping.wait()
+        self._drain()
+        return 0
+
+    def stop(self) -> None:
+        self.stopping.set()
+
+    def _drain(self) -> None:
+        log.info("stopping: draining what is in flight (at most %.0f s)", self.cfg.drain_timeout)
+        self.pump.begin_drain()
+        deadline = time.monotonic() + self.cfg.drain_timeout
+        while not self.pump.drained() and time.monotonic() < deadline:
+            self.pump.progress.wait(0.1)  # set at each confirm and PUBACK
+            self.pump.progress.clear()
+        self.link.stop()
+        self.mqtt.flush(min(5.0, max(0.5, deadline - time.monotonic())))
+        self.mqtt.stop()
+        if self.http:
+            self.http.stop()
+        status = self.status().in_flight
+        log.info("stopped; left in flight (redelivered to the next run): %s", dict(status))
