@@ -1,0 +1,340 @@
+"""`edgerun`: send tasks to nodes and see what happened; `edgerun serve` runs the service.
+
+Exit codes (scheduler/README.md, "Exit codes"): 0 success; `run` on one node:
+the remote exit code, or 124 timed out, 125 lost, 126 rejected, 130 canceled;
+1 some task did not succeed; 2 bad arguments or configuration; 3 unknown node,
+task or job; 4 the service or its broker is unreachable; 5 any other error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+import uuid
+from collections.abc import Mapping, Sequence
+from typing import Any, NoReturn
+
+from edgerun import __version__
+from edgerun.errors import ConfigError, EdgerunError
+from edgerun.settings import Option, config_path, read_toml, resolve
+
+from . import render
+from .client import Client, ServiceUnreachable, quoted
+from .errors import BadRequest, BrokerUnreachable, NotFound, UnknownNode
+from .follow import dispatch_and_follow, exit_code, explain
+from .jobs import load_job
+
+PROG = "edgerun"
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNKNOWN, EXIT_UNREACHABLE, EXIT_ERROR = 0, 1, 2, 3, 4, 5
+
+CLIENT_OPTIONS = [
+    Option("api", str, "http://127.0.0.1:8470", "URL of the scheduler's HTTP API",
+           metavar="URL"),
+]
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        raise ConfigError(message)
+
+
+def _add_options(parser: argparse.ArgumentParser, options: Sequence[Option]) -> None:
+    for opt in options:
+        if opt.kind is bool:
+            parser.add_argument(opt.flag, dest=opt.name, default=None,
+                                action=argparse.BooleanOptionalAction, help=opt.help)
+        else:
+            parser.add_argument(opt.flag, dest=opt.name, default=None, metavar=opt.metavar,
+                                help=f"{opt.help} (default: {opt.default!r})")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .app import SERVE_OPTIONS
+
+    parser = _Parser(prog=PROG, description="Send shell and download tasks to edgerun nodes "
+                     "and see what happened.")
+    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    common = _Parser(add_help=False)
+    common.add_argument("--config", metavar="FILE", help="TOML file: [client] and [serve] "
+                        "tables (also EDGERUN_CONFIG)")
+    _add_options(common, CLIENT_OPTIONS)
+    common.add_argument("--json", action="store_true", help="print JSON instead of text")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    def command(name: str, help_text: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, parents=[common], help=help_text, description=help_text)
+
+    def targets(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--online", action="store_true",
+                       help="every online node (with NODEs: only those online)")
+        p.add_argument("--timeout", type=float, metavar="S", help="seconds the task may run "
+                       "on the node (default 3600)")
+        p.add_argument("--detach", action="store_true",
+                       help="print the task and return at once; do not follow it")
+
+    run = command("run", "Run a command on nodes: edgerun run NODE... -- CMD...")
+    run.add_argument("nodes", nargs="*", metavar="NODE", help="node id or glob ('rack1-*')")
+    targets(run)
+    run.add_argument("--env", action="append", default=[], metavar="K=V")
+    run.add_argument("--cwd", metavar="DIR")
+    run.add_argument("--ok-codes", metavar="N,N", help="exit codes that count as success")
+
+    dl = command("download", "Download a URL to a file on nodes: "
+                             "edgerun download NODE... URL DEST")
+    dl.add_argument("args", nargs="+", metavar="NODE... URL DEST")
+    targets(dl)
+    dl.add_argument("--sha256", metavar="HEX", help="expected SHA-256 of the file")
+    dl.add_argument("--mode", metavar="MODE", help="file mode, octal such as 0755")
+
+    nodes = command("nodes", "List the nodes the scheduler knows")
+    nodes.add_argument("patterns", nargs="*", metavar="PATTERN")
+    nodes.add_argument("--online", action="store_true")
+
+    tasks = command("tasks", "List tasks, newest first")
+    tasks.add_argument("--node", metavar="NODE")
+    tasks.add_argument("--state", metavar="STATE")
+    tasks.add_argument("--job", metavar="JOB")
+    tasks.add_argument("--limit", type=int, default=50, metavar="N")
+
+    show = command("show", "Show one task with its updates and output")
+    show.add_argument("id", metavar="ID")
+    show.add_argument("--node", metavar="NODE")
+
+    cancel = command("cancel", "Cancel a task")
+    cancel.add_argument("id", metavar="ID")
+    cancel.add_argument("--node", metavar="NODE")
+
+    job = command("job", "Run a job file: ordered steps per node, each after a success")
+    job.add_argument("file", metavar="FILE")
+    job.add_argument("nodes", nargs="*", metavar="NODE")
+    job.add_argument("--online", action="store_true")
+    job.add_argument("--detach", action="store_true")
+
+    serve = sub.add_parser("serve", help="Run the scheduler service",
+                           description="Run the scheduler service: dispatch, record, follow.")
+    serve.add_argument("--config", metavar="FILE", help="TOML file with a [serve] table")
+    _add_options(serve, SERVE_OPTIONS)
+    return parser
+
+
+def _split_command(argv: list[str]) -> tuple[list[str], list[str] | None]:
+    if "run" in argv and "--" in argv and argv.index("run") < argv.index("--"):
+        i = argv.index("--")
+        return argv[:i], argv[i + 1:]
+    return argv, None
+
+
+def _settings(args: argparse.Namespace, options: Sequence[Option], section: str,
+              environ: Mapping[str, str]) -> dict[str, Any]:
+    path = config_path(args, environ)
+    table = read_toml(path).get(section, {}) if path else None
+    if table is not None and not isinstance(table, dict):
+        raise ConfigError(f"config file {path}: [{section}] must be a table")
+    return resolve(options, args, environ, table=table, table_source=f"config file {path}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        return _main(argv, os.environ)
+    except ConfigError as exc:
+        return _error(EXIT_USAGE, exc)
+    except BadRequest as exc:
+        return _error(EXIT_USAGE, exc)
+    except (UnknownNode, NotFound) as exc:
+        return _error(EXIT_UNKNOWN, exc)
+    except (ServiceUnreachable, BrokerUnreachable) as exc:
+        return _error(EXIT_UNREACHABLE, exc)
+    except EdgerunError as exc:
+        return _error(EXIT_ERROR, exc)
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted; tasks already sent go on (see `edgerun tasks`)",
+              file=sys.stderr)
+        return 130
+
+
+def _error(code: int, exc: BaseException) -> int:
+    print(f"{PROG}: error: {exc}", file=sys.stderr)
+    return code
+
+
+def _main(argv: list[str], environ: Mapping[str, str]) -> int:
+    head, command = _split_command(argv)
+    args = build_parser().parse_args(head)
+    if args.command == "serve":
+        from .app import SERVE_OPTIONS
+        return serve(_settings(args, SERVE_OPTIONS, "serve", environ))
+    values = _settings(args, CLIENT_OPTIONS, "client", environ)
+    logging.basicConfig(level=logging.WARNING, format=f"{PROG}: %(message)s")
+    client = Client(values["api"])
+    handler = {"run": cmd_run, "download": cmd_download, "nodes": cmd_nodes,
+               "tasks": cmd_tasks, "show": cmd_show, "cancel": cmd_cancel, "job": cmd_job}
+    if args.command == "run":
+        if not command:
+            raise ConfigError("run: give the command after --, as in: "
+                              "edgerun run NODE -- uname -a")
+        args.argv = command
+    return handler[args.command](client, args)
+
+
+# --- dispatching commands -------------------------------------------------------------
+def _send(client: Client, args: argparse.Namespace, targets: list[str],
+          task: dict[str, Any]) -> int:
+    if not targets and not args.online:
+        raise ConfigError("no target: name node ids, a glob such as 'rack1-*', or --online")
+    if args.timeout is not None:
+        if args.timeout <= 0:
+            raise ConfigError("--timeout must be greater than 0")
+        task["timeout"] = args.timeout
+    task["id"] = str(uuid.uuid4())
+    body = {"targets": targets, "online": args.online, "task": task}
+    if args.detach:
+        created = client.post("/tasks", body)["tasks"]
+        _print_tasks(created, args.json)
+        return EXIT_OK
+    prefixer = None if args.json else render.Prefixer()
+    done = dispatch_and_follow(client, [task["id"]],
+                               lambda: client.post("/tasks", body)["tasks"], prefixer)
+    _finish(done, args.json)
+    return exit_code(done)
+
+
+def _finish(tasks: list[dict[str, Any]], as_json: bool) -> None:
+    if as_json:
+        print(json.dumps({"tasks": tasks}, indent=2))
+        return
+    if len(tasks) > 1:
+        print()
+        render.summary(tasks)
+    explain(tasks)
+
+
+def cmd_run(client: Client, args: argparse.Namespace) -> int:
+    argv: list[str] = args.argv
+    task: dict[str, Any] = {"type": "shell", "command": argv[0] if len(argv) == 1 else argv}
+    if args.env:
+        pairs = [e.partition("=") for e in args.env]
+        if any(not k or not sep for k, sep, _ in pairs):
+            raise ConfigError("--env must be NAME=VALUE")
+        task["env"] = {k: v for k, _, v in pairs}
+    if args.cwd:
+        task["cwd"] = args.cwd
+    if args.ok_codes:
+        try:
+            task["ok_codes"] = [int(c) for c in args.ok_codes.split(",")]
+        except ValueError:
+            raise ConfigError("--ok-codes must be whole numbers separated by commas") from None
+    return _send(client, args, list(args.nodes), task)
+
+
+def cmd_download(client: Client, args: argparse.Namespace) -> int:
+    if len(args.args) < 2:
+        raise ConfigError("download: give NODE... URL DEST")
+    *targets, url, dest = args.args
+    task: dict[str, Any] = {"type": "download", "url": url, "dest": dest}
+    if args.sha256:
+        task["sha256"] = args.sha256
+    if args.mode:
+        task["mode"] = args.mode
+    return _send(client, args, targets, task)
+
+
+def cmd_job(client: Client, args: argparse.Namespace) -> int:
+    targets, steps = load_job(args.file)
+    targets = list(args.nodes) or targets
+    if not targets and not args.online:
+        raise ConfigError("no target: name nodes, give `targets` in the job file, or --online")
+    job_id = str(uuid.uuid4())
+    body = {"id": job_id, "targets": targets, "online": args.online, "steps": steps}
+    if args.detach:
+        job = client.post("/jobs", body)
+        _print_tasks(job["tasks"], args.json)
+        return EXIT_OK
+    prefixer = None if args.json else render.Prefixer()
+    ids = [f"{job_id}.{i}" for i in range(len(steps))]
+    done = dispatch_and_follow(client, ids, lambda: client.post("/jobs", body)["tasks"],
+                               prefixer)
+    if args.json:
+        print(json.dumps({"job": job_id, "tasks": done}, indent=2))
+    else:
+        print()
+        render.table(render.task_rows(sorted(done, key=lambda t: (t["node"], t["step"]))),
+                     render.TASK_COLUMNS)
+        print(f"job {job_id}")
+    return EXIT_OK if all(t["state"] == "succeeded" for t in done) else EXIT_FAILED
+
+
+# --- reading commands -----------------------------------------------------------------
+def _print_tasks(tasks: list[dict[str, Any]], as_json: bool) -> None:
+    if as_json:
+        print(json.dumps({"tasks": tasks}, indent=2))
+    else:
+        render.table(render.task_rows(tasks), render.TASK_COLUMNS)
+
+
+def cmd_nodes(client: Client, args: argparse.Namespace) -> int:
+    nodes = client.get("/nodes", match=args.patterns or None,
+                       online=1 if args.online else None)["nodes"]
+    if args.json:
+        print(json.dumps({"nodes": nodes}, indent=2))
+    else:
+        render.table(render.node_rows(nodes), render.NODE_COLUMNS)
+    return EXIT_OK
+
+
+def cmd_tasks(client: Client, args: argparse.Namespace) -> int:
+    tasks = client.get("/tasks", node=args.node, state=args.state, job=args.job,
+                       limit=args.limit)["tasks"]
+    _print_tasks(tasks, args.json)
+    return EXIT_OK
+
+
+def cmd_show(client: Client, args: argparse.Namespace) -> int:
+    tasks = client.get(f"/tasks/{quoted(args.id)}", node=args.node)["tasks"]
+    if args.json:
+        print(json.dumps({"tasks": tasks}, indent=2))
+    else:
+        for i, task in enumerate(tasks):
+            if i:
+                print()
+            render.show_task(task)
+    return EXIT_OK
+
+
+def cmd_cancel(client: Client, args: argparse.Namespace) -> int:
+    tasks = client.post(f"/tasks/{quoted(args.id)}/cancel",
+                        {"node": args.node} if args.node else {})["tasks"]
+    if args.json:
+        print(json.dumps({"tasks": tasks}, indent=2))
+    else:
+        for task in tasks:
+            print(f"cancel sent: task {task['id']} on {task['node']} (was {task['state']})")
+    return EXIT_OK
+
+
+# --- the service ------------------------------------------------------------------------
+def serve(values: dict[str, Any]) -> int:
+    from .app import App
+
+    logging.basicConfig(level=values["log_level"].upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("amqtt", "transitions", "pika"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    app = App(values).start()
+    try:
+        stop.wait()
+    finally:
+        app.stop()
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,330 @@
+"""`edgerun serve`: dispatch, record, follow every task to a final state.
+
+Threads: the messenger's own (network, never blocks: it only queues), one
+worker that applies everything in arrival order (messages, broker receipts,
+the tracker's verdicts, job steps), the tracker, and the API's request
+threads, which read the store and call `dispatch`, `cancel` and `create_job`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import threading
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from edgerun.protocol import (
+    DEFAULT_MAX_MESSAGE_BYTES, Cancel, Channel, ErrorCode, JSONObject, ProtocolError, State, Task,
+    canonical_json, decode_bounded, encode, format_time, is_final, is_task_id, parse_command,
+    parse_output, parse_status, parse_update,
+)
+
+from .errors import BadRequest, BrokerUnreachable, NotFound, SchedulerError
+from .events import EventHub, node_event, task_event
+from .messaging import Incoming, Messenger
+from .metrics import Metrics
+from .store import Change, Store
+from .targets import resolve_targets
+from .tracker import Tracker, Verdict
+
+log = logging.getLogger(__name__)
+_BAD = ErrorCode.BAD_MESSAGE
+
+Work = Incoming | Callable[[], None] | None
+
+
+@dataclass(frozen=True)
+class ServiceConfig:
+    grace: float = 30.0
+    """Seconds past a task's timeout before it is declared lost."""
+    tick: float = 1.0
+    """How often the tracker looks for tasks past their deadline."""
+    default_expiry: float = 86_400.0
+    """expires_at = dispatch + this when a request gives none (0: never expires)."""
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+
+
+class Service:
+    def __init__(self, store: Store, messenger: Messenger,
+                 cfg: ServiceConfig | None = None) -> None:
+        self.store, self.messenger = store, messenger
+        self.cfg = cfg or ServiceConfig()
+        self.hub = EventHub()
+        self.metrics = Metrics(self._snapshot)
+        self._inbox: queue.SimpleQueue[Work] = queue.SimpleQueue()
+        self._stop = threading.Event()
+        self._worker: threading.Thread | None = None
+        self.tracker = Tracker(store, store.online_nodes,
+                               lambda t, v: self._inbox.put(lambda: self._lose(t, v)),
+                               self._stop, self.cfg.tick)
+
+    # --- life cycle ------------------------------------------------------------------
+    def start(self) -> None:
+        self._worker = threading.Thread(target=self._work, name="scheduler-worker", daemon=True)
+        self._worker.start()
+        self.messenger.start(self._inbox.put)
+        self.tracker.start()
+        self._inbox.put(self._resume)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._inbox.put(None)
+        if self._worker is not None:
+            self._worker.join(10.0)
+        self.tracker.join(5.0)
+        self.messenger.stop()
+        self.hub.close()
+
+    def health(self) -> JSONObject:
+        return {"broker": str(self.messenger.url), "messenger": self.messenger.kind,
+                "connected": self.messenger.connected.is_set(),
+                "last_error": self.messenger.last_error, "store": self.store.path,
+                "schema_version": self.store.schema_version}
+
+    def _snapshot(self) -> dict[str, Any]:
+        nodes: dict[str, int] = {"online": 0, "offline": 0}
+        for node in self.store.nodes():
+            nodes[node["state"]] = nodes.get(node["state"], 0) + 1
+        return {"tasks": self.store.count_by_state(), "nodes": nodes,
+                "connected": 1 if self.messenger.connected.is_set() else 0,
+                "subscribers": self.hub.subscribers}
+
+    # --- requests (API threads) ------------------------------------------------------
+    def resolve(self, targets: Sequence[str], online: bool) -> list[str]:
+        nodes = {n["node"]: n["state"] for n in self.store.nodes()}
+        return resolve_targets(targets, nodes, online_only=online)
+
+    def build_task(self, spec: Any, task_id: str | None = None, *,
+                   expiry: bool = True) -> Task:
+        """A task from a request's spec, validated by the contract's own parser."""
+        if not isinstance(spec, dict):
+            raise BadRequest("the task must be a JSON object")
+        obj = {**spec, "v": 1, "kind": "task", "id": task_id or spec.get("id")
+               or str(uuid.uuid4())}
+        if expiry and "expires_at" not in obj and self.cfg.default_expiry > 0:
+            expires = datetime.now(UTC) + timedelta(seconds=self.cfg.default_expiry)
+            obj["expires_at"] = format_time(expires)
+        try:
+            task = parse_command(obj)
+        except ProtocolError as exc:
+            raise BadRequest(f"bad task: {exc.message}") from None
+        if isinstance(task, Cancel):
+            raise BadRequest("bad task: `kind` must be task")
+        return task
+
+    def require_broker(self) -> None:
+        if not self.messenger.connected.is_set():
+            why = self.messenger.last_error or "not connected yet"
+            raise BrokerUnreachable(f"the scheduler cannot reach its broker "
+                                    f"{self.messenger.url}: {why}; nothing was dispatched")
+
+    def dispatch(self, targets: Sequence[str], online: bool, spec: Any) -> list[JSONObject]:
+        nodes = self.resolve(targets, online)
+        task = self.build_task(spec)
+        self.require_broker()
+        for node in nodes:
+            if self.store.get(node, task.id) is not None:
+                raise BadRequest(f"task id {task.id!r} already exists for node {node}; "
+                                 f"leave the id out to get a fresh one")
+        out = []
+        for node in nodes:
+            change = self.store.add_task(node, task, source="api")
+            if change is None:
+                raise BadRequest(f"task id {task.id!r} already exists for node {node}")
+            self._emit(change)
+            self._send(node, task)
+            out.append(change.task)
+        return out
+
+    def create_job(self, targets: Sequence[str], online: bool, steps: Sequence[JSONObject],
+                   job_id: str | None = None) -> JSONObject:
+        """An ordered list of tasks for each node; a node goes on only after a success.
+        Step i's task id is `{job id}.{i}`."""
+        if not steps:
+            raise BadRequest("a job needs at least one step")
+        job_id = job_id or str(uuid.uuid4())
+        if not is_task_id(f"{job_id}.0") or len(job_id) > 100:
+            raise BadRequest(f"{job_id!r} is not a usable job id "
+                             f"(up to 100 of A-Z a-z 0-9 _ . : -)")
+        if self.store.job(job_id) is not None:
+            raise BadRequest(f"job {job_id} already exists")
+        nodes = self.resolve(targets, online)
+        tasks = [self.build_task(step, f"{job_id}.{i}", expiry="expires_at" in step)
+                 for i, step in enumerate(steps)]
+        self.require_broker()
+        self.store.add_job(job_id, nodes, [t.to_dict() for t in tasks])
+        for node in nodes:
+            for i, task in enumerate(tasks):
+                change = self.store.add_task(node, task, source="job", job_id=job_id, step=i)
+                if change is not None:
+                    self._emit(change)
+            self._send(node, tasks[0])
+        job = self.store.job(job_id)
+        assert job is not None
+        return job
+
+    def cancel(self, task_id: str, node: str | None = None) -> list[JSONObject]:
+        if not is_task_id(task_id):
+            raise BadRequest(f"{task_id!r} is not a task id")
+        found = [t for t in self.store.find(task_id) if node is None or t["node"] == node]
+        if not found:
+            raise NotFound(f"no task {task_id!r}" + (f" for node {node}" if node else ""))
+        open_tasks = [t for t in found if not is_final(State(t["state"]))]
+        if not open_tasks:
+            states = ", ".join(sorted({t["state"] for t in found}))
+            raise BadRequest(f"task {task_id} has already finished ({states}); "
+                             f"nothing to cancel")
+        self.require_broker()
+        for task in open_tasks:
+            if task["state"] == State.QUEUED and task["job"] is not None:
+                self._inbox.put(self._canceler(task))
+            else:
+                self.messenger.send(task["node"], encode(Cancel(task_id)),
+                                    self.metrics.dispatched.inc)
+        return open_tasks
+
+    def _canceler(self, task: JSONObject) -> Callable[[], None]:
+        return lambda: self._cancel_queued(task, "canceled by request before it was sent")
+
+    # --- the worker --------------------------------------------------------------------
+    def _work(self) -> None:
+        while True:
+            item = self._inbox.get()
+            if item is None:
+                return
+            try:
+                if isinstance(item, Incoming):
+                    self._handle(item)
+                else:
+                    item()
+            except SchedulerError as exc:
+                log.error("%s", exc)
+            except Exception:  # one bad message must not stop the service
+                log.exception("internal error; the service goes on")
+
+    def _handle(self, msg: Incoming) -> None:
+        self.metrics.messages.labels(str(msg.channel)).inc()
+        try:
+            if msg.channel == Channel.OUTPUT:
+                out = parse_output(decode_bounded(msg.payload, self.cfg.max_message_bytes))
+                self.hub.publish(out.to_dict())
+            elif msg.payload:  # an empty payload clears a retained message: nothing to record
+                obj = decode_bounded(msg.payload, self.cfg.max_message_bytes)
+                handler = {Channel.UPDATES: self._on_update, Channel.STATUS: self._on_status,
+                           Channel.TASKS: self._on_task}[msg.channel]
+                handler(msg.node, obj)
+        except ProtocolError as exc:
+            self.metrics.bad_messages.inc()
+            log.warning("dropped a bad %s message from node %s: %s", msg.channel, msg.node,
+                        exc.message)
+        self.messenger.ack(msg)
+
+    def _on_update(self, node: str, obj: JSONObject) -> None:
+        update = parse_update(obj)
+        if update.node != node:
+            raise ProtocolError(_BAD, f"update names node {update.node} but came on node "
+                                      f"{node}'s topic")
+        if update.id is None:
+            self.store.record_rejected_without_id(node, obj)
+            log.warning("node %s rejected a message it could not read: %s", node,
+                        update.error.message if update.error else "?")
+            return
+        change = self.store.apply_update(update, obj, grace=self.cfg.grace, now=time.time())
+        self.store.touch_node(node)
+        if change is None:
+            self.metrics.ignored.inc()
+            return
+        self._emit(change)
+
+    def _on_status(self, node: str, obj: JSONObject) -> None:
+        status = parse_status(obj)
+        if status.node != node:
+            raise ProtocolError(_BAD, f"status names node {status.node} but came on node "
+                                      f"{node}'s topic")
+        previous, info = self.store.apply_status(status)
+        if status.state == "online":
+            self.store.extend_deadlines(node, time.time() + self.cfg.grace)
+        if previous != status.state:
+            log.info("node %s is %s", node, status.state)
+            event = node_event(previous, info)
+            self.hub.publish(event)
+            self.messenger.publish_event("nodes", node, status.state, canonical_json(event))
+
+    def _on_task(self, node: str, obj: JSONObject) -> None:
+        command = parse_command(obj)
+        if isinstance(command, Cancel):
+            return
+        deadline = time.time() + command.timeout + self.cfg.grace
+        change = self.store.note_task_seen(node, command, deadline=deadline)
+        if change is not None:
+            log.info("recorded task %s for node %s, dispatched by another client", command.id,
+                     node)
+            self._emit(change)
+
+    def _dispatched(self, node: str, task_id: str, timeout: float) -> None:
+        self.metrics.dispatched.inc()
+        change = self.store.mark_dispatched(node, task_id,
+                                            time.time() + timeout + self.cfg.grace)
+        if change is not None:
+            self._emit(change)
+
+    def _lose(self, task: JSONObject, verdict: Verdict) -> None:
+        change = self.store.mark_lost(task["node"], task["id"], task["state"], verdict.code,
+                                      verdict.message)
+        if change is not None:
+            log.warning("task %s on node %s is lost: %s", task["id"], task["node"],
+                        verdict.message)
+            self._emit(change)
+
+    def _cancel_queued(self, task: JSONObject, why: str) -> None:
+        change = self.store.cancel_queued(task["node"], task["id"], "canceled", why)
+        if change is not None:
+            self._emit(change)
+
+    def _emit(self, change: Change) -> None:
+        task = change.task
+        self.metrics.changes.labels(task["state"]).inc()
+        event = task_event(change.previous, task)
+        self.hub.publish(event)
+        self.messenger.publish_event("tasks", task["node"], task["state"], canonical_json(event))
+        if task["job"] is not None and is_final(State(task["state"])):
+            self._inbox.put(lambda: self._advance(task))
+
+    def _send(self, node: str, task: Task) -> None:
+        self.messenger.send(node, encode(task), lambda: self._inbox.put(
+            lambda: self._dispatched(node, task.id, task.timeout)))
+
+    # --- jobs ----------------------------------------------------------------------------
+    def _advance(self, task: JSONObject) -> None:
+        """A job step ended: send the node's next step, or cancel the rest after a failure."""
+        steps = self.store.job_steps(task["job"], task["node"])
+        later = [s for s in steps if s["step"] > task["step"] and s["state"] == State.QUEUED]
+        if not later:
+            return
+        if task["state"] == State.SUCCEEDED:
+            self._send(task["node"], self._task_of(later[0]))
+            return
+        why = (f"step {task['step'] + 1} of job {task['job']} ended {task['state']} on node "
+               f"{task['node']}, so its later steps are not run")
+        for step in later:
+            self._cancel_queued(step, why)
+
+    def _task_of(self, row: JSONObject) -> Task:
+        task = parse_command(json.loads(json.dumps(row["spec"])))
+        assert not isinstance(task, Cancel)
+        return task
+
+    def _resume(self) -> None:
+        """After a restart: send again what never reached the broker (agents dedupe ids)."""
+        for row in self.store.tasks(state=str(State.QUEUED), limit=1_000_000):
+            if row["job"] is None and row["spec"] is not None:
+                self._send(row["node"], self._task_of(row))
+        for row in self.store.queued_job_heads():
+            self._send(row["node"], self._task_of(row))
+
