@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from edgerun import __version__
 from edgerun.errors import ConfigError
 from edgerun.protocol import DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_PREFIX, is_node_id, is_prefix
+from edgerun.signing import load_public_key
 from edgerun.settings import (
     BrokerURL, Option, build_parser, config_path, kernel_params, parse_broker_url, read_toml,
     resolve,
@@ -59,6 +60,8 @@ OPTIONS = [
     Option("remember", int, 10_000, "task ids remembered for at-most-once execution",
            _positive, metavar="N"),
     Option("keepalive", int, 30, "MQTT keepalive in seconds", _positive, metavar="S"),
+    Option("public_key", str, None, "Ed25519 public key (base64 or PEM) or a file holding it; "
+           "when set, only tasks signed with its private key run", metavar="KEY"),
     Option("log_level", str, "info", "debug, info, warning or error", _level),
 ]
 
@@ -79,6 +82,7 @@ class AgentConfig:
     remember: int = 10_000
     keepalive: int = 30
     log_level: str = "info"
+    public_key: bytes | None = None
 
 
 def load(argv: Sequence[str] | None, environ: Mapping[str, str],
@@ -107,4 +111,5 @@ def load(argv: Sequence[str] | None, environ: Mapping[str, str],
         state_dir=values["state_dir"] or None, parallel=values["parallel"],
         queue_size=values["queue_size"], grace=max(0.0, values["grace"]),
         max_message_bytes=values["max_message_bytes"], remember=values["remember"],
-        keepalive=values["keepalive"], log_level=values["log_level"].upper())
+        keepalive=values["keepalive"], log_level=values["log_level"].upper(),
+        public_key=load_public_key(values["public_key"]) if values["public_key"] else None)

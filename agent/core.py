@@ -19,6 +19,7 @@ from typing import Any, Literal
 
 from edgerun import __version__
 from edgerun.mqtt import Inbound, MqttConnection, TLSFiles, Will
+from edgerun.signing import Verifier
 from edgerun.protocol import (
     Cancel, ErrorCode, Output, ProtocolError, ShellTask, State, Status, Task, Topics, Update,
     canonical_json, decode_bounded, encode, format_time, last_will, message_id, parse_command,
@@ -47,6 +48,7 @@ class Agent:
         self._queued: OrderedDict[str, tuple[Task, Control]] = OrderedDict()
         self._running: dict[str, Control] = {}
         self._updates_topic = self.topics.updates(self.node)
+        self.verifier = Verifier(cfg.public_key) if cfg.public_key else None
         self.conn = MqttConnection(
             cfg.broker, f"edgerun-agent-{self.node}", name="agent-mqtt",
             on_message=self._inbox.put, on_connected=lambda _present: self._inbox.put(_ONLINE),
@@ -58,8 +60,9 @@ class Agent:
     # --- life cycle ------------------------------------------------------------------
     def run(self) -> int:
         """Serve until stop(); then drain as SIGTERM asks and return the exit code."""
-        log.info("edgerun-agent %s: node %s, broker %s, task log %s", __version__, self.node,
-                 self.cfg.broker, "on disk" if self.tasks.persistent else "in memory")
+        log.info("edgerun-agent %s: node %s, broker %s, task log %s, %s", __version__,
+                 self.node, self.cfg.broker, "on disk" if self.tasks.persistent else "in memory",
+                 "signed tasks only" if self.verifier else "unsigned tasks accepted")
         self._finish_leftovers()
         self.conn.start()
         dispatcher = threading.Thread(target=self._dispatch_loop, name="dispatch", daemon=True)
@@ -125,6 +128,12 @@ class Agent:
         try:
             obj = decode_bounded(payload, self.cfg.max_message_bytes)
             task_id = message_id(obj)
+            if self.verifier is not None:
+                # before anything else, and never remembered: a forger must not be able
+                # to use up a task id or learn what an id's latest update was
+                problem = self.verifier.check(obj)
+                if problem:
+                    raise ProtocolError(ErrorCode.BAD_SIGNATURE, problem, task_id)
             if task_id is not None and obj.get("kind") == "task":
                 previous = self.tasks.get(task_id)
                 if previous is not None:
@@ -134,7 +143,8 @@ class Agent:
             command = parse_command(obj)
         except ProtocolError as exc:
             log.warning("rejected a message (%s): %s", exc.code, exc.message)
-            self._publish(rejected(self.node, exc.task_id, exc.code, exc.message).to_dict())
+            self._publish(rejected(self.node, exc.task_id, exc.code, exc.message).to_dict(),
+                          remember=exc.code != ErrorCode.BAD_SIGNATURE)
             return
         if isinstance(command, Cancel):
             self._cancel(command.id)
@@ -229,9 +239,10 @@ class Agent:
         update = Update(id=task_id, node=self.node, state=state, at=format_time(), **fields)
         self._publish(update.to_dict(), durable=durable)
 
-    def _publish(self, update: dict[str, Any], *, durable: bool = False) -> None:
+    def _publish(self, update: dict[str, Any], *, durable: bool = False,
+                 remember: bool = True) -> None:
         self._fit(update)
-        data = self.tasks.record(update, durable=durable)
+        data = self.tasks.record(update, durable=durable) if remember else canonical_json(update)
         self.conn.publish(self._updates_topic, data, 1)
 
     def _fit(self, update: dict[str, Any]) -> None:
