@@ -56,7 +56,7 @@ def test_agrees_with_cryptography_on_random_keys_and_messages() -> None:
 
 
 def test_malleable_and_malformed_signatures_are_refused() -> None:
-    secret, public, message, signature = RFC_VECTORS[1]
+    _secret, public, message, signature = RFC_VECTORS[1]
     pub, msg, sig = bytes.fromhex(public), bytes.fromhex(message), bytes.fromhex(signature)
     s = int.from_bytes(sig[32:], "little") + ed25519._L  # same point, non-canonical S
     assert not ed25519.verify(pub, msg, sig[:32] + s.to_bytes(32, "little"))
