@@ -81,8 +81,9 @@ def exit_code(tasks: Sequence[dict[str, Any]]) -> int:
     return FAILED
 
 
-def explain(tasks: Sequence[dict[str, Any]], err: TextIO = sys.stderr) -> None:
+def explain(tasks: Sequence[dict[str, Any]], err: TextIO | None = None) -> None:
     """One line per task that did not succeed, saying why."""
+    err = err or sys.stderr
     for task in tasks:
         if task["state"] == State.SUCCEEDED:
             continue

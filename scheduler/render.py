@@ -9,8 +9,9 @@ from typing import Any, TextIO
 TASK_COLUMNS = ("ID", "NODE", "TYPE", "STATE", "EXIT", "UPDATED", "ERROR")
 
 
-def table(rows: Sequence[Sequence[Any]], headers: Sequence[str], out: TextIO = sys.stdout,
+def table(rows: Sequence[Sequence[Any]], headers: Sequence[str], out: TextIO | None = None,
           last_wide: bool = True) -> None:
+    out = out or sys.stdout
     cells = [[_cell(c) for c in row] for row in rows]
     widths = [len(h) for h in headers]
     for row in cells:
@@ -44,7 +45,8 @@ def task_rows(tasks: Sequence[dict[str, Any]]) -> list[list[Any]]:
              (t["updated_at"] or "")[11:23], short_error(t)] for t in tasks]
 
 
-def summary(tasks: Sequence[dict[str, Any]], out: TextIO = sys.stdout) -> None:
+def summary(tasks: Sequence[dict[str, Any]], out: TextIO | None = None) -> None:
+    out = out or sys.stdout
     rows = []
     for t in sorted(tasks, key=lambda t: (t["node"], t.get("step") or 0)):
         result = t.get("result") or {}
@@ -75,7 +77,8 @@ def _addresses(ips: Any) -> list[str]:
 NODE_COLUMNS = ("NODE", "STATE", "LAST SEEN (UTC)", "HOSTNAME", "AGENT", "IPS")
 
 
-def show_task(task: dict[str, Any], out: TextIO = sys.stdout) -> None:
+def show_task(task: dict[str, Any], out: TextIO | None = None) -> None:
+    out = out or sys.stdout
     spec = task.get("spec") or {}
     what = spec.get("command") if task["type"] == "shell" else \
         f"{spec.get('url')} -> {spec.get('dest')}" if task["type"] == "download" else None
@@ -100,8 +103,8 @@ def show_task(task: dict[str, Any], out: TextIO = sys.stdout) -> None:
 class Prefixer:
     """Live output, line by line, each line prefixed by its node."""
 
-    def __init__(self, out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> None:
-        self.out, self.err = out, err
+    def __init__(self, out: TextIO | None = None, err: TextIO | None = None) -> None:
+        self.out, self.err = out or sys.stdout, err or sys.stderr
         self._partial: dict[tuple[str, str], str] = {}
         self.seen: set[str] = set()
 

@@ -1,0 +1,255 @@
+"""The store's state machine, registry and schema; the tracker's rules; target resolution.
+
+Pure logic on a real SQLite file: no broker, no mocks.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from edgerun.errors import ConfigError
+from edgerun.protocol import (
+    AGENT_STATES, FINAL_STATES, ShellTask, State, Status, Update, can_transition,
+)
+from scheduler.errors import BadRequest, StoreError, UnknownNode
+from scheduler.follow import exit_code
+from scheduler.jobs import load_job, parse_job
+from scheduler.schema import SCHEMA_VERSION
+from scheduler.store import Store
+from scheduler.targets import resolve_targets
+from scheduler.tracker import judge
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Store:
+    return Store(str(tmp_path / "s.db"))
+
+
+def update(task_id: str, state: str, node: str = "n1", **extra: Any) -> tuple[Update, dict]:
+    body = {"v": 1, "kind": "update", "id": task_id, "node": node, "state": state,
+            "at": "2026-11-22T06:00:00.000Z", **extra}
+    from edgerun.protocol import parse_update
+    return parse_update(body), body
+
+
+def apply(store: Store, task_id: str, state: str, **extra: Any) -> Any:
+    up, body = update(task_id, state, **extra)
+    return store.apply_update(up, body, grace=5.0, now=time.time())
+
+
+def test_schema_is_versioned_and_wal(store: Store, tmp_path: Path) -> None:
+    assert store.schema_version == SCHEMA_VERSION
+    store.close()
+    db = sqlite3.connect(tmp_path / "s.db")
+    assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    db.execute(f"PRAGMA user_version={SCHEMA_VERSION + 1}")
+    db.close()
+    with pytest.raises(StoreError, match="upgrade edgerun"):
+        Store(str(tmp_path / "s.db"))
+
+
+def test_unopenable_store_is_a_store_error(tmp_path: Path) -> None:
+    with pytest.raises(StoreError, match="cannot open"):
+        Store(str(tmp_path / "no" / "such" / "dir" / "s.db"))
+
+
+def test_task_walks_its_states_and_duplicates_are_ignored(store: Store) -> None:
+    task = ShellTask(id="t1", command="true", timeout=10)
+    first = store.add_task("n1", task, source="api")
+    assert first is not None and first.previous is None and first.task["state"] == "queued"
+    assert store.add_task("n1", task, source="api") is None  # same id, same node: deduped
+    assert store.mark_dispatched("n1", "t1", time.time() + 15).task["state"] == "dispatched"
+    assert apply(store, "t1", "accepted").task["state"] == "accepted"
+    assert apply(store, "t1", "accepted") is None  # redelivered
+    running = apply(store, "t1", "running")
+    assert running.previous == "accepted" and running.task["deadline"] is not None
+    done = apply(store, "t1", "succeeded", exit_code=0, stdout="hi\n", duration_s=0.1)
+    assert done.task["state"] == "succeeded" and done.task["exit_code"] == 0
+    assert done.task["result"]["stdout"] == "hi\n" and done.task["deadline"] is None
+    assert apply(store, "t1", "running") is None  # late and out of order: never backwards
+    assert [u["state"] for u in store.updates("n1", "t1")] == ["accepted", "running",
+                                                               "succeeded"]
+
+
+def test_same_id_on_two_nodes_is_two_tasks(store: Store) -> None:
+    task = ShellTask(id="shared", command="true")
+    assert store.add_task("n1", task, source="api") is not None
+    assert store.add_task("n2", task, source="api") is not None
+    assert {t["node"] for t in store.find("shared")} == {"n1", "n2"}
+
+
+def test_update_for_unknown_task_is_recorded_then_spec_filled(store: Store) -> None:
+    change = apply(store, "ext", "running")
+    assert change.previous is None and change.task["source"] == "update"
+    task = ShellTask(id="ext", command="echo hi", timeout=7)
+    assert store.note_task_seen("n1", task, deadline=time.time() + 10) is None
+    row = store.get("n1", "ext")
+    assert row is not None and row["spec"]["command"] == "echo hi"
+    assert row["state"] == "running"
+
+
+def test_task_seen_on_the_wire_is_recorded_as_external(store: Store) -> None:
+    task = ShellTask(id="other", command="true")
+    change = store.note_task_seen("n1", task, deadline=time.time() + 10)
+    assert change is not None and change.task["state"] == "dispatched"
+    assert change.task["source"] == "external"
+    assert store.note_task_seen("n1", task, deadline=time.time() + 10) is None
+
+
+def test_lost_then_a_late_final_update_wins(store: Store) -> None:
+    store.add_task("n1", ShellTask(id="t", command="true"), source="api")
+    store.mark_dispatched("n1", "t", time.time())
+    apply(store, "t", "running")
+    assert store.mark_lost("n1", "t", "accepted", "timeout", "x") is None  # state moved on
+    lost = store.mark_lost("n1", "t", "running", "timeout", "no final update")
+    assert lost.task["state"] == "lost" and lost.task["error"]["code"] == "timeout"
+    late = apply(store, "t", "succeeded", exit_code=0)
+    assert late.previous == "lost" and late.task["state"] == "succeeded"
+    assert late.task["error"] is None
+    assert store.mark_lost("n1", "t", "succeeded", "timeout", "x") is None
+
+
+def test_rejected_without_id_is_kept_for_the_audit(store: Store) -> None:
+    body = {"v": 1, "kind": "update", "id": None, "node": "n1", "state": "rejected",
+            "at": "2026-11-22T06:00:00.000Z",
+            "error": {"code": "bad_message", "message": "not JSON"}}
+    store.record_rejected_without_id("n1", body)
+    assert store.count_by_state() == {}
+
+
+def test_registry_keeps_first_and_last_seen_and_facts(store: Store) -> None:
+    prev, node = store.apply_status(Status("n1", "online", agent="0.1", facts={"cpus": 4},
+                                           running=()))
+    assert prev is None and node["state"] == "online" and node["facts"] == {"cpus": 4}
+    prev, node = store.apply_status(Status("n1", "offline"))  # the Last Will: no facts
+    assert prev == "online" and node["state"] == "offline"
+    assert node["facts"] == {"cpus": 4} and node["first_seen"] <= node["last_seen"]
+    assert store.online_nodes() == set()
+    store.apply_status(Status("n1", "online"))
+    assert store.online_nodes() == {"n1"}
+
+
+def test_due_and_deadline_extension(store: Store) -> None:
+    store.add_task("n1", ShellTask(id="d", command="true"), source="api")
+    store.mark_dispatched("n1", "d", deadline=100.0)
+    assert [t["id"] for t in store.due(200.0)] == ["d"]
+    store.extend_deadlines("n1", 300.0)
+    assert store.due(200.0) == []
+
+
+def test_job_heads_wait_for_success(store: Store) -> None:
+    for step in range(3):
+        store.add_task("n1", ShellTask(id=f"j.{step}", command="true"), source="job",
+                       job_id="j", step=step)
+    assert [t["id"] for t in store.queued_job_heads()] == ["j.0"]
+    store.mark_dispatched("n1", "j.0", time.time() + 10)
+    assert store.queued_job_heads() == []
+    apply(store, "j.0", "succeeded", exit_code=0)
+    assert [t["id"] for t in store.queued_job_heads()] == ["j.1"]
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.sampled_from(sorted(AGENT_STATES)), min_size=1, max_size=8))
+def test_any_delivery_order_ends_in_a_reachable_state(tmp_path_factory: Any,
+                                                      states: list[str]) -> None:
+    store = Store(str(tmp_path_factory.mktemp("h") / "s.db"))
+    current: State | None = None
+    for state in states:
+        extra = {"error": {"code": "x", "message": "y"}} if state == "rejected" else {}
+        change = apply(store, "t", state, **extra)
+        allowed = can_transition(current, State(state))
+        assert (change is not None) == allowed
+        if allowed:
+            current = State(state)
+    row = store.get("n1", "t")
+    assert row is not None and row["state"] == str(current)
+    if current in FINAL_STATES:
+        assert row["deadline"] is None
+    store.close()
+
+
+# --- the tracker's rules ---------------------------------------------------------------
+def task(state: str, deadline: float | None = None, expires: str | None = None) -> dict:
+    return {"id": "t", "node": "n1", "state": state, "deadline": deadline, "expires_at": expires}
+
+
+def test_running_past_deadline_is_lost_online_or_not() -> None:
+    assert judge(task("running", 10.0), online=True, now=5.0) is None
+    assert judge(task("running", 10.0), online=True, now=11.0).code == "timeout"
+    assert judge(task("running", 10.0), online=False, now=11.0).code == "timeout"
+
+
+def test_accepted_waits_while_the_node_is_online() -> None:
+    assert judge(task("accepted", 10.0), online=True, now=11.0) is None
+    assert judge(task("accepted", 10.0), online=False, now=11.0).code == "timeout"
+
+
+def test_dispatched_to_an_offline_node_expires_only_at_expires_at() -> None:
+    expires = "2026-11-22T06:00:10.000Z"
+    before, after = 1_795_327_205.0, 1_795_327_211.0  # 06:00:05 and 06:00:11 UTC
+    assert judge(task("dispatched", 1.0, expires), online=False, now=before) is None
+    verdict = judge(task("dispatched", 1.0, expires), online=False, now=after)
+    assert verdict is not None and verdict.code == "expired" and "offline" in verdict.message
+    assert judge(task("dispatched", 1.0), online=True, now=2.0).code == "timeout"
+    assert judge(task("dispatched", 1.0), online=False, now=2.0) is None
+    assert judge(task("succeeded", 1.0), online=False, now=2.0) is None
+
+
+# --- targets -----------------------------------------------------------------------------
+NODES = {"rack1-a": "online", "rack1-b": "offline", "rack2-a": "online"}
+
+
+def test_explicit_ids_globs_and_online() -> None:
+    assert resolve_targets(["rack1-b"], NODES) == ["rack1-b"]
+    assert resolve_targets(["rack1-*"], NODES) == ["rack1-a", "rack1-b"]
+    assert resolve_targets(["rack1-*"], NODES, online_only=True) == ["rack1-a"]
+    assert resolve_targets([], NODES, online_only=True) == ["rack1-a", "rack2-a"]
+    assert resolve_targets(["rack2-a", "*-a"], NODES) == ["rack2-a", "rack1-a"]
+
+
+def test_target_errors_say_what_to_do() -> None:
+    with pytest.raises(UnknownNode, match="unknown node 'nope'"):
+        resolve_targets(["nope"], NODES)
+    with pytest.raises(UnknownNode, match="no known node matches 'rack9-"):
+        resolve_targets(["rack9-*"], NODES)
+    with pytest.raises(BadRequest, match="not a node id"):
+        resolve_targets(["bad id"], NODES)
+    with pytest.raises(BadRequest, match="no target"):
+        resolve_targets([], NODES)
+    with pytest.raises(UnknownNode, match="no node is online"):
+        resolve_targets([], {"x": "offline"}, online_only=True)
+
+
+# --- job files and exit codes -----------------------------------------------------------
+def test_job_file_toml_and_errors(tmp_path: Path) -> None:
+    path = tmp_path / "job.toml"
+    path.write_text('targets = ["rack1-*"]\n[[steps]]\ntype = "shell"\ncommand = "true"\n'
+                    '[[steps]]\ntype = "download"\nurl = "http://x/y"\ndest = "/tmp/y"\n')
+    targets, steps = load_job(str(path))
+    assert targets == ["rack1-*"] and [s["type"] for s in steps] == ["shell", "download"]
+    with pytest.raises(ConfigError, match="non-empty list"):
+        parse_job({"steps": []})
+    with pytest.raises(ConfigError, match="step 1 needs `type`"):
+        parse_job({"steps": [{"command": "x"}]})
+    with pytest.raises(ConfigError, match="cannot read job file"):
+        load_job(str(tmp_path / "missing.toml"))
+
+
+def test_exit_codes() -> None:
+    def t(state: str, code: int | None = None) -> dict:
+        return {"state": state, "exit_code": code}
+    assert exit_code([t("succeeded", 0), t("succeeded", 0)]) == 0
+    assert exit_code([t("failed", 3)]) == 3
+    assert exit_code([t("failed", None)]) == 1
+    assert exit_code([t("timed_out", -15)]) == 124
+    assert exit_code([t("lost")]) == 125
+    assert exit_code([t("rejected")]) == 126
+    assert exit_code([t("canceled")]) == 130
+    assert exit_code([t("failed", 3), t("succeeded", 0)]) == 1
