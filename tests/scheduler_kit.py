@@ -23,6 +23,7 @@ from typing import Any
 
 from scheduler.app import App
 from scheduler.client import Client
+from scheduler.errors import NotFound
 
 from .brokers import wait_until
 from .mqttkit import ROOT, AgentProcess
@@ -80,7 +81,11 @@ class Api(Client):
     """The real HTTP client, plus waiting helpers for assertions."""
 
     def task(self, task_id: str, node: str) -> dict[str, Any]:
-        tasks: list[dict[str, Any]] = self.get(f"/tasks/{task_id}", node=node)["tasks"]
+        """The task with its updates; {"state": None} while the service has not seen it."""
+        try:
+            tasks: list[dict[str, Any]] = self.get(f"/tasks/{task_id}", node=node)["tasks"]
+        except NotFound:
+            return {"state": None}
         return tasks[0]
 
     def wait_state(self, task_id: str, node: str, states: set[str] | str,
