@@ -92,7 +92,7 @@ class MqttConnection:
         self.generation = 0
         self.reconnects = 0
         self.last_error: str | None = None
-        self._was_up = False
+        self._was_up = self._refused = False
         self._client = self._make_client(clean_session, will, manual_ack, tls, max_inflight)
 
     # --- set-up -----------------------------------------------------------------
@@ -218,7 +218,7 @@ class MqttConnection:
                         log.exception("%s: unexpected error; reconnecting", self.name)
                         self._client.disconnect()
                         why = "internal error"
-                    if not self._was_up and not self._stop.is_set():
+                    if not self._was_up and not self._refused and not self._stop.is_set():
                         self._note_error(f"{self.url} closed the connection before accepting "
                                          f"it ({why}); check credentials and certificates")
                     if self._stop.is_set():
@@ -231,7 +231,7 @@ class MqttConnection:
             self._shutdown()
 
     def _connect(self) -> bool:
-        self._was_up = False
+        self._was_up = self._refused = False
         try:
             self._client.connect(self.url.host, self.url.port, self._keepalive)
             return True
@@ -308,6 +308,7 @@ class MqttConnection:
     def _handle_connect(self, client: paho.Client, _userdata: Any, flags: Any,
                         reason: Any, _props: Any) -> None:
         if reason.is_failure:
+            self._refused = True
             self._note_error(f"{self.url} refused the connection: {reason}")
             return
         self.generation += 1
