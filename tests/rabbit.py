@@ -10,13 +10,15 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import socket
 import subprocess
+import time
 import uuid
 from pathlib import Path
 
 import pika
 
-from .brokers import free_port, wait_port
+from .brokers import free_port, wait_port, wait_until
 
 SCRIPTS = Path("/usr/lib/rabbitmq/bin")
 
@@ -26,6 +28,14 @@ def rabbit_scripts() -> Path | None:
         return SCRIPTS
     found = shutil.which("rabbitmq-server")
     return Path(found).parent if found and os.access(found, os.X_OK) else None
+
+
+def port_open(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+            return True
+    except OSError:
+        return False
 
 
 class Rabbit:
@@ -62,12 +72,17 @@ class Rabbit:
         with open(self.dir / "server.log", "ab") as log:
             self.proc = subprocess.Popen([str(self.scripts / "rabbitmq-server")], env=self.env(),
                                          stdout=log, stderr=log, start_new_session=True)
-        try:
-            wait_port(self.port, timeout=60)
-        except TimeoutError:
-            tail = (self.dir / "server.log").read_text(errors="replace")[-2000:]
-            raise RuntimeError(f"rabbitmq did not start:\n{tail}") from None
-        self.ctl("await_startup", "--timeout", "60")
+        deadline = time.monotonic() + 90
+        while True:  # the CLI fails at once until the node has registered with epmd
+            try:
+                self.ctl("await_startup", "--timeout", "60")
+                break
+            except RuntimeError:
+                if time.monotonic() > deadline or self.proc.poll() is not None:
+                    tail = (self.dir / "server.log").read_text(errors="replace")[-2000:]
+                    raise RuntimeError(f"rabbitmq did not start:\n{tail}") from None
+                time.sleep(0.5)  # a retry interval, not a wait for an event
+        wait_port(self.port, timeout=30)
         return self
 
     def ctl(self, *args: str) -> str:
@@ -89,6 +104,7 @@ class Rabbit:
         if self.proc and self.proc.poll() is None:
             os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait()
+            assert wait_until(lambda: not port_open(self.port), 30), "rabbitmq did not die"
 
     def stop(self) -> None:
         if self.proc and self.proc.poll() is None:
