@@ -3,6 +3,7 @@
 #   ./build.sh setup   create .venv and install edgerun with its test and dev extras
 #   ./build.sh test    lint (ruff, mypy) and run every test
 #   ./build.sh lint    ruff and mypy only
+#   ./build.sh demo    embedded broker, scheduler and one agent: run example tasks
 set -euo pipefail
 cd "$(dirname "$0")"
 VENV=${EDGERUN_VENV:-.venv}
@@ -46,6 +47,7 @@ shift || true
 case "$cmd" in
     setup) setup ;;
     lint) setup; lint ;;
+    demo) setup; "$PY" -m scheduler.demo "$@" ;;
     test)
         setup
         brokers_hint

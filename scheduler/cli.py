@@ -208,9 +208,15 @@ def _finish(tasks: list[dict[str, Any]], as_json: bool) -> None:
     if as_json:
         print(json.dumps({"tasks": tasks}, indent=2))
         return
+    for task in tasks:
+        result = task.get("result") or {}
+        if task["type"] == "download" and task["state"] == "succeeded":
+            print(f"{task['node']} | downloaded {result.get('bytes')} bytes to "
+                  f"{result.get('dest')} (sha256 {result.get('sha256')})")
     if len(tasks) > 1:
         print()
         render.summary(tasks)
+    sys.stdout.flush()
     explain(tasks)
 
 
