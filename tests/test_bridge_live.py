@@ -7,17 +7,20 @@ are configurable), so the tests can share one RabbitMQ.
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import pika
 import pytest
 
 from .bridgekit import (
     AmqpSink, BridgeProcess, MqttSink, body, publish_amqp, publish_mqtt,
 )
 from .brokers import Mosquitto, wait_until
+from .mqttkit import AgentProcess, shell
 from .rabbit import Rabbit
 
 N = 5000  # messages each way in the failure tests, as the issue asks
@@ -221,4 +224,88 @@ def test_1000_node_ids_leave_the_queue_count_and_the_metrics_unchanged(
         assert rabbit.queues() == queues_before
         assert names.queue in queues_before
         assert set(bridge.metrics()) == series_before  # no series per node
+    assert bridge.terminate() == 0
+
+
+def test_sigterm_mid_flow_drains_exits_0_and_loses_nothing(
+        make_bridge: Callable[..., BridgeProcess], mosquitto: Mosquitto, rabbit: Rabbit,
+        names: Names) -> None:
+    prime(make_bridge)
+    with AmqpSink(rabbit.url, names.events, "node.*.updates") as events, \
+            MqttSink(mosquitto.url, [names.topic("+", "tasks")]) as tasks:
+        up, down = load_both_ways(mosquitto, rabbit, names)
+        bridge = make_bridge().start()
+        assert wait_until(lambda: progress(events, tasks) >= N // 2, 60)
+        assert bridge.terminate() == 0
+        assert progress(events, tasks) < 2 * N, "SIGTERM came too late to prove anything"
+        assert "draining what is in flight" in bridge.log()
+        bridge = make_bridge().start()
+        assert events.wait_unique(N) and tasks.wait_unique(N), bridge.log()[-3000:]
+        assert events.bodies() == up and tasks.bodies() == down
+        assert bridge.terminate() == 0
+
+
+def test_two_bridges_share_the_work_both_ways(
+        make_bridge: Callable[..., BridgeProcess], mosquitto: Mosquitto, rabbit: Rabbit,
+        names: Names) -> None:
+    count = 2000
+    bridges = [make_bridge("--share-group", "bridges", client_id=f"bridge-{i}").start()
+               for i in (1, 2)]
+    for bridge in bridges:
+        bridge.wait_ready()
+    with AmqpSink(rabbit.url, names.events, "node.*.updates") as events, \
+            MqttSink(mosquitto.url, [names.topic("+", "tasks")]) as tasks:
+        publish_mqtt(mosquitto.url, [(names.topic(f"n{i % 20}", "updates"), body(i, "n"))
+                                     for i in range(count)])
+        publish_amqp(rabbit.url, names.tasks, [(f"node.n{i % 20}", body(i, "n", "task"))
+                                               for i in range(count)])
+        assert events.wait_unique(count) and tasks.wait_unique(count)
+        # shared subscription: each message went through one bridge, not both
+        assert len(events.received) == count
+    for bridge in bridges:
+        assert bridge.metric("edgerun_bridge_forwarded_total", route="updates",
+                             direction="mqtt_to_amqp") > 0
+        assert bridge.metric("edgerun_bridge_forwarded_total", route="tasks",
+                             direction="amqp_to_mqtt") > 0
+        assert bridge.terminate() == 0
+
+
+def test_a_real_agent_behind_the_bridge_runs_a_task_sent_with_plain_pika(
+        make_bridge: Callable[..., BridgeProcess], mosquitto: Mosquitto, rabbit: Rabbit,
+        names: Names, tmp_path: Path) -> None:
+    bridge = make_bridge().start()
+    bridge.wait_ready()
+    with AmqpSink(rabbit.url, names.events, "node.rack1-n7.#") as events:
+        agent = AgentProcess(mosquitto.url, "rack1-n7", tmp_path / "agent", "--prefix",
+                             names.prefix).start()
+        try:
+            assert wait_until(lambda: any(k == "node.rack1-n7.status" and
+                                          json.loads(b)["state"] == "online"
+                                          for k, b, _ in events.received), 20), agent.log()
+            conn = rabbit.connect()
+            try:
+                conn.channel().basic_publish(
+                    names.tasks, "node.rack1-n7",
+                    json.dumps(shell("job-1", "echo hello from $0")).encode(),
+                    pika.BasicProperties(content_type="application/json", delivery_mode=2))
+            finally:
+                conn.close()
+
+            def updates() -> list[dict[str, object]]:
+                return [json.loads(b) for k, b, _ in list(events.received)
+                        if k == "node.rack1-n7.updates"]
+
+            assert wait_until(lambda: any(u["state"] == "succeeded" for u in updates()), 30), \
+                f"{updates()}\n{agent.log()[-2000:]}\n{bridge.log()[-2000:]}"
+            assert [u["state"] for u in updates()] == ["accepted", "running", "succeeded"]
+            final = updates()[-1]
+            assert final["id"] == "job-1" and final["node"] == "rack1-n7"
+            assert final["exit_code"] == 0 and str(final["stdout"]).startswith("hello from")
+            props = [p for k, _, p in events.received if k == "node.rack1-n7.updates"]
+            assert all(p.delivery_mode == 2 and p.content_type == "application/json"
+                       for p in props)
+            assert wait_until(lambda: any(k == "node.rack1-n7.output"
+                                          for k, _, _ in list(events.received)), 10)
+        finally:
+            agent.terminate()
     assert bridge.terminate() == 0
