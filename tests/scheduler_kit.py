@@ -61,18 +61,24 @@ class Result:
     err: str
 
 
-def cli(api: str, *args: str, timeout: float = 90.0, env: dict[str, str] | None = None,
-        ) -> Result:
-    """`edgerun ARGS` as a real process (python -m scheduler), against `api`."""
-    full_env = {**os.environ, "PYTHONPATH": str(ROOT), "EDGERUN_API": api, **(env or {})}
+def cli(api: str, *args: str, timeout: float = 90.0,
+        env: dict[str, str | None] | None = None) -> Result:
+    """`edgerun ARGS` as a real process (python -m scheduler), against `api`.
+    `env` adds variables; a None value removes one."""
+    full_env = {**os.environ, "PYTHONPATH": str(ROOT), "EDGERUN_API": api}
     full_env.pop("EDGERUN_CONFIG", None)
+    for key, value in (env or {}).items():
+        if value is None:
+            full_env.pop(key, None)
+        else:
+            full_env[key] = value
     proc = subprocess.run([sys.executable, "-m", "scheduler", *args], capture_output=True,
                           text=True, timeout=timeout, env=full_env, cwd=ROOT, check=False)
     return Result(proc.returncode, proc.stdout, proc.stderr)
 
 
 def cli_json(api: str, *args: str) -> Any:
-    result = cli(api, *args, "--json")
+    result = cli(api, args[0], "--json", *args[1:])  # before any `--`
     assert result.code == 0, result
     return json.loads(result.out)
 

@@ -95,7 +95,7 @@ def test_task_is_followed_to_its_end_with_full_data_events(
         events.conn.stop()
     seen = events.of(task["id"])
     assert seen[0]["state"] == "queued" and seen[0]["previous"] is None
-    final = [e for e in seen if e["state"] == "succeeded"][0]
+    final = next(e for e in seen if e["state"] == "succeeded")
     assert final["topic"] == "edgerun/events/tasks/node-a"
     assert final["task"]["spec"]["command"] == "echo hello"  # full data: no second lookup
     assert final["task"]["result"]["stdout"] == "hello\n"
