@@ -159,6 +159,8 @@ class AmqpLink:
         self._conn = conn
         with self._lock:
             self._ioloop, self._wake_pending = conn.ioloop, False
+            if self._stop.is_set():  # stop() came before there was a loop to tell
+                conn.ioloop.add_callback_threadsafe(self._close)
         try:
             conn.ioloop.start()
         except Exception:  # a bug must not end the link for good
@@ -222,12 +224,20 @@ class AmqpLink:
     def _on_channel_open(self, channel: Any) -> None:
         self._channel = channel
         channel.add_on_close_callback(self._on_channel_closed)
+        channel.add_on_cancel_callback(self._on_cancelled)
         channel.confirm_delivery(self._on_confirm, callback=self._on_confirm_mode)
 
     def _on_channel_closed(self, _channel: Any, reason: BaseException) -> None:
         if not self._stop.is_set():
             self._note_error(f"channel closed by {self.url}: {reason!r}")
         self._close()
+
+    def _on_cancelled(self, frame: Any) -> None:
+        """RabbitMQ cancelled a consumer (its queue was deleted, its node went down)."""
+        if not self._stop.is_set():
+            self._note_error(f"RabbitMQ cancelled consumer {frame.method.consumer_tag}; "
+                             "reconnecting to declare the queues again")
+            self._close()
 
     def _on_confirm_mode(self, _frame: Any) -> None:
         """Declare everything; pika sends the calls in order, the last one's answer ends it."""

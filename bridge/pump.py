@@ -86,6 +86,8 @@ class Pump:
         self._props = {r.name: pika.BasicProperties(
             content_type=r.content_type, delivery_mode=2 if r.persistent else None)
             for r in routes.mqtt_to_amqp}
+        self._forwarded = {r.name: metrics.forwarded.labels(r.name, str(r.direction))
+                           for r in routes.routes}  # children looked up once, not per message
         self.mqtt: MqttConnection | None = None
         self.link: AmqpLink | None = None
 
@@ -158,7 +160,7 @@ class Pump:
             self._backlog.extendleft(reversed(settled))
         else:
             for item in settled:
-                self.metrics.forwarded.labels(item.route.name, str(item.route.direction)).inc()
+                self._forwarded[item.route.name].inc()
                 item.job.remaining -= 1
                 if item.job.remaining == 0 and item.job.message.qos > 0:
                     assert self.mqtt is not None
@@ -219,7 +221,7 @@ class Pump:
             self._stale[item.generation] = left
         else:
             del self._stale[item.generation]
-        self.metrics.forwarded.labels(item.route.name, str(item.route.direction)).inc()
+        self._forwarded[item.route.name].inc()
         if item.generation == self.link.generation:
             self.link.ack(item.tag)
         self.progress.set()

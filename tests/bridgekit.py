@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 import urllib.error
 import urllib.request
 import uuid
@@ -103,28 +104,34 @@ class BridgeProcess:
 class _Sink:
     def __init__(self) -> None:
         self.received: list[tuple[str, bytes, Any]] = []  # destination, body, properties
+        self._seen: set[bytes] = set()
+        self.first_at: float | None = None  # monotonic times of the first and latest new body
+        self.last_at: float | None = None
         self._cond = threading.Condition()
 
     def _record(self, where: str, payload: bytes, props: Any = None) -> None:
         with self._cond:
             self.received.append((where, payload, props))
+            if payload not in self._seen:
+                self._seen.add(payload)
+                self.last_at = time.monotonic()
+                self.first_at = self.first_at or self.last_at
             self._cond.notify_all()
 
     def bodies(self) -> set[bytes]:
         with self._cond:
-            return {b for _, b, _ in self.received}
+            return set(self._seen)
 
     def unique(self) -> int:
-        return len(self.bodies())
+        return len(self._seen)
 
     def wait_unique(self, count: int, timeout: float = 60.0) -> bool:
         with self._cond:
-            return self._cond.wait_for(
-                lambda: len({b for _, b, _ in self.received}) >= count, timeout)
+            return self._cond.wait_for(lambda: len(self._seen) >= count, timeout)
 
     def wait_for(self, payload: bytes, timeout: float = 15.0) -> tuple[str, bytes, Any]:
         with self._cond:
-            self._cond.wait_for(lambda: any(b == payload for _, b, _ in self.received), timeout)
+            self._cond.wait_for(lambda: payload in self._seen, timeout)
             found = [r for r in self.received if r[1] == payload]
         assert found, f"never received {payload[:80]!r}"
         return found[0]

@@ -309,3 +309,28 @@ def test_a_real_agent_behind_the_bridge_runs_a_task_sent_with_plain_pika(
         finally:
             agent.terminate()
     assert bridge.terminate() == 0
+
+
+def test_deleted_exchanges_and_queue_are_declared_again(
+        make_bridge: Callable[..., BridgeProcess], mosquitto: Mosquitto, rabbit: Rabbit,
+        names: Names) -> None:
+    bridge = make_bridge().start()
+    bridge.wait_ready()
+    conn = rabbit.connect()
+    try:
+        channel = conn.channel()
+        channel.queue_delete(names.queue)  # RabbitMQ cancels the bridge's consumer
+        channel.exchange_delete(names.tasks)
+        channel.exchange_delete(names.events)
+        assert wait_until(lambda: (bridge.health() or {}).get("amqp", {}).get("reconnects") == 1)
+        bridge.wait_ready()
+        channel.exchange_declare(names.events, passive=True)  # raises if it is not there
+        channel.exchange_declare(names.tasks, passive=True)
+        channel.queue_declare(names.queue, passive=True)
+    finally:
+        conn.close()
+    with MqttSink(mosquitto.url, [names.topic("+", "tasks")]) as tasks:
+        publish_amqp(rabbit.url, names.tasks, [("node.n1", body(1, "n1", "task"))])
+        assert tasks.wait_for(body(1, "n1", "task"))[0] == names.topic("n1", "tasks")
+    assert "cancelled consumer" in bridge.log()
+    assert bridge.terminate() == 0
