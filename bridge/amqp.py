@@ -106,8 +106,8 @@ class AmqpLink:
         self._next_tag += 1
         return self._next_tag
 
-    def ack(self, tag: int) -> None:
-        self._settle(lambda: self._channel.basic_ack(tag))
+    def ack(self, tag: int, multiple: bool = False) -> None:
+        self._settle(lambda: self._channel.basic_ack(tag, multiple=multiple))
 
     def reject(self, tag: int) -> None:
         """Drop a delivery (or dead-letter it, where the queue has a policy for that)."""

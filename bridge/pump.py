@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
-from collections import deque
+from collections import OrderedDict, deque
 from dataclasses import dataclass
 from functools import partial
 
@@ -80,6 +80,9 @@ class Pump:
         self._backlog: deque[_Publish] = deque()
         self._unconfirmed: ConfirmTracker[_Publish] = ConfirmTracker()
         self._stale: dict[int, int] = {}  # AMQP generation -> deliveries awaiting a PUBACK
+        # deliveries of the current channel, in tag order -> PUBACKed yet; acked in runs
+        self._outstanding: OrderedDict[int, bool] = OrderedDict()
+        self._done_behind: list[int] = []  # PUBACKed while an older delivery still waits
         self.to_mqtt_in_flight = 0
         self.draining = False
         self.progress = threading.Event()  # set whenever something in flight settles
@@ -133,6 +136,8 @@ class Pump:
     def on_lost(self) -> None:
         """The channel died: what it did not confirm goes out again on the next one."""
         self._backlog.extendleft(reversed(self._unconfirmed.reset()))
+        self._outstanding.clear()  # RabbitMQ requeued them; the PUBACKs are just counted
+        self._done_behind.clear()
         self.progress.set()
 
     def on_wake(self) -> None:
@@ -149,6 +154,7 @@ class Pump:
                 self._session(item)
             else:
                 self._drain()
+        self._ack_deliveries()
         self._publish_backlog()
 
     def on_confirm(self, tag: int, multiple: bool, ok: bool) -> None:
@@ -176,6 +182,7 @@ class Pump:
             self.link.reject(tag)
             return
         generation = self.link.generation
+        self._outstanding[tag] = False
         self._stale[generation] = self._stale.get(generation, 0) + 1
         self.to_mqtt_in_flight += 1
         self.mqtt.publish(found.destination, body, route.qos, route.retain,
@@ -222,10 +229,29 @@ class Pump:
         else:
             del self._stale[item.generation]
         self._forwarded[item.route.name].inc()
-        if item.generation == self.link.generation:
-            self.link.ack(item.tag)
+        if item.generation == self.link.generation and item.tag in self._outstanding:
+            self._outstanding[item.tag] = True
+            if next(iter(self._outstanding)) != item.tag:
+                self._done_behind.append(item.tag)
         self.progress.set()
         self._maybe_consume()
+
+    def _ack_deliveries(self) -> None:
+        """basic.ack what was PUBACKed: the oldest run at once (multiple), the rest singly."""
+        assert self.link is not None
+        last = None
+        while self._outstanding:
+            tag, done = next(iter(self._outstanding.items()))
+            if not done:
+                break
+            self._outstanding.popitem(last=False)
+            last = tag
+        if last is not None:
+            self.link.ack(last, multiple=True)
+        for tag in self._done_behind:
+            if self._outstanding.pop(tag, False):
+                self.link.ack(tag)
+        self._done_behind.clear()
 
     def _maybe_consume(self) -> None:
         """Consume once publishes of older channels are done: at most two windows in flight."""
