@@ -121,6 +121,11 @@ class AmqpLink:
         except (pika.exceptions.AMQPError, OSError) as exc:
             log.debug("%s: settle failed: %r", self.name, exc)
 
+    def later(self, delay: float, fn: Callable[[], None]) -> None:
+        """Run fn on this thread after `delay` seconds, if the connection lives that long."""
+        if self._conn is not None:
+            self._conn.ioloop.call_later(delay, fn)
+
     def consume(self) -> None:
         """Start the consumers of the amqp_to_mqtt routes on the current channel."""
         if not self.ready or self.consuming:

@@ -28,8 +28,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=cfg.log_level, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     disable_created_metrics()  # type: ignore[no-untyped-call]  # *_created: noise
-    if cfg.log_level != "DEBUG":  # the link logs each broker error once, in a line
-        logging.getLogger("pika").setLevel(logging.CRITICAL)
+    # the link logs each broker error once, in a line; pika's own logs are per frame
+    logging.getLogger("pika").setLevel(logging.WARNING if cfg.log_level == "DEBUG"
+                                       else logging.CRITICAL)
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: bridge.stop())
     return bridge.run()

@@ -37,6 +37,8 @@ from .routes import Route, RouteTable, Translation
 
 log = logging.getLogger(__name__)
 
+NACK_PAUSE = 1.0  # seconds
+
 
 @dataclass
 class _Job:
@@ -85,6 +87,7 @@ class Pump:
         self._done_behind: list[int] = []  # PUBACKed while an older delivery still waits
         self.to_mqtt_in_flight = 0
         self.draining = False
+        self._paused = False  # after a nack, publishing waits a moment instead of spinning
         self.progress = threading.Event()  # set whenever something in flight settles
         self._props = {r.name: pika.BasicProperties(
             content_type=r.content_type, delivery_mode=2 if r.persistent else None)
@@ -138,6 +141,7 @@ class Pump:
         self._backlog.extendleft(reversed(self._unconfirmed.reset()))
         self._outstanding.clear()  # RabbitMQ requeued them; the PUBACKs are just counted
         self._done_behind.clear()
+        self._paused = False  # its timer died with the connection
         self.progress.set()
 
     def on_wake(self) -> None:
@@ -162,8 +166,13 @@ class Pump:
         if not ok:
             for item in settled:
                 self.metrics.nacked.labels(item.route.name).inc()
-            log.warning("RabbitMQ refused %d publish(es); sending again", len(settled))
+            log.warning("RabbitMQ refused %d publish(es) (a full queue?); sending again in "
+                        "%.0f s", len(settled), NACK_PAUSE)
             self._backlog.extendleft(reversed(settled))
+            if not self._paused:
+                self._paused = True
+                assert self.link is not None
+                self.link.later(NACK_PAUSE, self._resume)
         else:
             for item in settled:
                 self._forwarded[item.route.name].inc()
@@ -206,10 +215,15 @@ class Pump:
         job = _Job(message, len(good))
         self._backlog.extend(_Publish(job, t.route, t.destination or "") for t in good)
 
+    def _resume(self) -> None:
+        self._paused = False
+        self._publish_backlog()
+
     def _publish_backlog(self) -> None:
         link = self.link
         assert link is not None
-        while self._backlog and link.ready and len(self._unconfirmed) < self.window:
+        while not self._paused and self._backlog and link.ready \
+                and len(self._unconfirmed) < self.window:
             item = self._backlog.popleft()
             try:
                 tag = link.publish(item.route.exchange, item.routing_key, item.job.message.payload,

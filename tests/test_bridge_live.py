@@ -62,7 +62,7 @@ def make_bridge(mosquitto: Mosquitto, rabbit: Rabbit, names: Names,
 
     def make(*args: str, client_id: str = "bridge-a") -> BridgeProcess:
         proc = BridgeProcess(mosquitto.url, rabbit.url, tmp_path / client_id, *names.args,
-                             "--log-level", "debug", *args, client_id=client_id)
+                             "--log-level", "info", *args, client_id=client_id)
         made.append(proc)
         return proc
 
@@ -333,4 +333,32 @@ def test_deleted_exchanges_and_queue_are_declared_again(
         publish_amqp(rabbit.url, names.tasks, [("node.n1", body(1, "n1", "task"))])
         assert tasks.wait_for(body(1, "n1", "task"))[0] == names.topic("n1", "tasks")
     assert "cancelled consumer" in bridge.log()
+    assert bridge.terminate() == 0
+
+
+def test_publishes_rabbitmq_refuses_are_sent_again_until_confirmed(
+        make_bridge: Callable[..., BridgeProcess], mosquitto: Mosquitto, rabbit: Rabbit,
+        names: Names) -> None:
+    bridge = make_bridge().start()
+    bridge.wait_ready()
+    conn = rabbit.connect()
+    try:
+        channel = conn.channel()  # a full queue that refuses more: RabbitMQ nacks the publish
+        channel.queue_declare("full-" + names.prefix, arguments={
+            "x-max-length": 3, "x-overflow": "reject-publish"})
+        channel.queue_bind("full-" + names.prefix, names.events, "node.*.updates")
+        with AmqpSink(rabbit.url, names.events, "node.*.updates") as events:
+            sent = [body(i, "n1") for i in range(10)]
+            publish_mqtt(mosquitto.url, [(names.topic("n1", "updates"), p) for p in sent])
+            assert wait_until(lambda: bridge.metric("edgerun_bridge_nacked_total",
+                                                    route="updates") >= 7)
+            assert bridge.metric("edgerun_bridge_in_flight", direction="mqtt_to_amqp") == 7
+            channel.queue_delete("full-" + names.prefix)
+            assert events.wait_unique(10)
+            assert events.bodies() == set(sent)
+        assert wait_until(lambda: bridge.metric("edgerun_bridge_in_flight",
+                                                direction="mqtt_to_amqp") == 0)
+    finally:
+        conn.close()
+    assert "RabbitMQ refused" in bridge.log()
     assert bridge.terminate() == 0
