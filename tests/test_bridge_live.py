@@ -22,6 +22,7 @@ from .bridgekit import (
 from .brokers import Mosquitto, wait_until
 from .mqttkit import AgentProcess, shell
 from .rabbit import Rabbit
+from .tcpproxy import TcpProxy
 
 N = 5000  # messages each way in the failure tests, as the issue asks
 
@@ -362,3 +363,29 @@ def test_publishes_rabbitmq_refuses_are_sent_again_until_confirmed(
         conn.close()
     assert "RabbitMQ refused" in bridge.log()
     assert bridge.terminate() == 0
+
+
+def test_5000_each_way_while_each_connection_is_cut_on_its_own(
+        make_bridge: Callable[..., BridgeProcess], mosquitto: Mosquitto, rabbit: Rabbit,
+        names: Names, tmp_path: Path) -> None:
+    prime(make_bridge)
+    with TcpProxy(mosquitto.port) as mqtt_proxy, TcpProxy(rabbit.port) as amqp_proxy, \
+            AmqpSink(rabbit.url, names.events, "node.*.updates") as events, \
+            MqttSink(mosquitto.url, [names.topic("+", "tasks")]) as tasks:
+        up, down = load_both_ways(mosquitto, rabbit, names)
+        bridge = BridgeProcess(mqtt_proxy.url("mqtt"), amqp_proxy.url("amqp", "guest:guest@"),
+                               tmp_path / "proxied", *names.args, client_id="bridge-a").start()
+        try:
+            for threshold, proxy in ((N // 2, amqp_proxy), (N, mqtt_proxy),
+                                     (3 * N // 2, amqp_proxy)):
+                assert wait_until(lambda t=threshold: progress(events, tasks) >= t, 60)
+                proxy.cut()
+                assert progress(events, tasks) < 2 * N, "the cut came too late to prove anything"
+            assert events.wait_unique(N) and tasks.wait_unique(N), bridge.log()[-3000:]
+            assert events.bodies() == up and tasks.bodies() == down
+            health = bridge.wait_ready()
+            assert health["amqp"]["reconnects"] == 2 and health["mqtt"]["reconnects"] == 1
+            assert bridge.terminate() == 0
+        finally:
+            if bridge.alive():
+                bridge.kill()
