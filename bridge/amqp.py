@@ -131,14 +131,21 @@ class AmqpLink:
         if not self.ready or self.consuming:
             return
         self.consuming = True
-        for route in self.routes.amqp_to_mqtt:
-            self._channel.basic_consume(route.queue, partial(self._on_delivery, route))
+        try:
+            for route in self.routes.amqp_to_mqtt:
+                self._channel.basic_consume(route.queue, partial(self._on_delivery, route))
+        except (pika.exceptions.AMQPError, OSError) as exc:
+            self._note_error(f"cannot consume: {exc!r}; reconnecting")
+            self._close()
 
     def cancel_consumers(self) -> None:
         """Stop taking deliveries (SIGTERM); what is in flight still completes."""
         if self.ready and self.consuming:
-            for tag in list(self._channel.consumer_tags):
-                self._channel.basic_cancel(tag)
+            try:
+                for tag in list(self._channel.consumer_tags):
+                    self._channel.basic_cancel(tag)
+            except (pika.exceptions.AMQPError, OSError) as exc:
+                log.debug("%s: cancel failed: %r", self.name, exc)
 
     # --- the link thread: the connection ----------------------------------------------
     def _run(self) -> None:

@@ -8,6 +8,7 @@ import socket
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import unquote
 
 from edgerun import __version__
 from edgerun.errors import ConfigError
@@ -107,7 +108,6 @@ class BridgeConfig:
 
     @property
     def vhost(self) -> str:
-        from urllib.parse import unquote
         return unquote(self.amqp.path[1:]) if len(self.amqp.path) > 1 else "/"
 
 
