@@ -4,6 +4,8 @@
 #   ./build.sh test    lint (ruff, mypy) and run every test
 #   ./build.sh lint    ruff and mypy only
 #   ./build.sh demo    embedded broker, scheduler and one agent: run example tasks
+#   ./build.sh binary  the agent as one static file: images/out/edgerun-agent
+#   ./build.sh image   the discovery image: images/out/vmlinuz and initramfs.img
 set -euo pipefail
 cd "$(dirname "$0")"
 VENV=${EDGERUN_VENV:-.venv}
@@ -48,6 +50,8 @@ case "$cmd" in
     setup) setup ;;
     lint) setup; lint ;;
     demo) setup; "$PY" -m scheduler.demo "$@" ;;
+    binary) images/build-binary.sh "$@" ;;
+    image) images/build-image.sh "$@" ;;
     test)
         setup
         brokers_hint
@@ -55,7 +59,7 @@ case "$cmd" in
         "$PY" -m pytest "$@"
         ;;
     *)
-        sed -n '2,6p' "$0" | sed 's/^# \{0,1\}//'
+        sed -n '2,/^[^#]/s/^# \{0,1\}//p' "$0"
         [ "$cmd" = help ] || exit 2
         ;;
 esac

@@ -1,0 +1,7 @@
+"""PyInstaller's entry script for the one-file agent: exactly `edgerun-agent`."""
+
+import sys
+
+from agent.main import main
+
+sys.exit(main())

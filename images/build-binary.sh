@@ -1,0 +1,110 @@
+#!/usr/bin/env bash
+# Build images/out/edgerun-agent: one static file, runs with no glibc at all.
+#
+# PyInstaller freezes `agent.main:main` into a one-file executable (stripped,
+# unused modules left out: images/binary/excludes.txt); staticx then bundles
+# the C libraries it still needs (glibc, libssl, ...) into a static ELF.
+#
+# It is built from Debian's /usr/bin/python3 in its own venv (.venv-build):
+# staticx refuses interpreters whose libraries carry an RPATH, such as pyenv's.
+# EDGERUN_BUILD_PYTHON picks another interpreter. The output is rebuilt only
+# when an input changed (images/out/edgerun-agent.inputs holds their hash).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+OUT=images/out
+BIN=$OUT/edgerun-agent
+BUILD_VENV=${EDGERUN_BUILD_VENV:-.venv-build}
+BUILD_PYTHON=${EDGERUN_BUILD_PYTHON:-/usr/bin/python3}
+
+say() { echo "build.sh binary: $*" >&2; }
+
+images/prereqs.sh binary || exit $?
+
+if ! "$BUILD_PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then
+    say "$BUILD_PYTHON is not Python 3.11 or newer (apt-get install python3, or set EDGERUN_BUILD_PYTHON)"
+    exit 2
+fi
+
+# --- the build venv: the agent's own dependencies, PyInstaller and staticx ---------
+requirements=$OUT/build-requirements.txt
+mkdir -p "$OUT"
+{
+    "$BUILD_PYTHON" - <<'PY'
+import tomllib
+with open("pyproject.toml", "rb") as fh:
+    print("\n".join(tomllib.load(fh)["project"]["dependencies"]))
+PY
+    grep -v '^#' images/binary/requirements.txt
+} >"$requirements.new"
+mv "$requirements.new" "$requirements"
+stamp=$BUILD_VENV/.edgerun-requirements
+if [ ! -x "$BUILD_VENV/bin/python" ] ||
+    [ "$(readlink -f "$BUILD_VENV/bin/python")" != "$(readlink -f "$BUILD_PYTHON")" ]; then
+    say "creating $BUILD_VENV from $BUILD_PYTHON"
+    rm -rf "$BUILD_VENV"
+    "$BUILD_PYTHON" -m venv "$BUILD_VENV"
+fi
+if ! cmp -s "$requirements" "$stamp"; then
+    say "installing the build requirements into $BUILD_VENV"
+    "$BUILD_VENV/bin/python" -m pip install --quiet --disable-pip-version-check -r "$requirements"
+    cp "$requirements" "$stamp"
+fi
+
+# --- is the binary up to date? -------------------------------------------------------
+inputs_hash() {
+    {
+        "$BUILD_VENV/bin/python" -VV
+        "$BUILD_VENV/bin/python" -m pip freeze --disable-pip-version-check
+        find agent edgerun -name '*.py' -type f | LC_ALL=C sort | xargs sha256sum
+        sha256sum pyproject.toml images/build-binary.sh images/binary/*
+    } | sha256sum | cut -d' ' -f1
+}
+hash=$(inputs_hash)
+version=$("$BUILD_VENV/bin/python" -c 'import edgerun; print(edgerun.__version__)')
+size_note() {
+    local bytes
+    bytes=$(stat -c %s "$BIN")
+    say "$BIN: $(awk -v b="$bytes" 'BEGIN { printf "%.1f MiB", b / 1048576 }') ($bytes bytes)"
+}
+if [ -x "$BIN" ] && [ "$(cat "$BIN.inputs" 2>/dev/null)" = "$hash" ]; then
+    say "up to date"
+    size_note
+    exit 0
+fi
+
+# --- PyInstaller, then staticx ---------------------------------------------------------
+work=$OUT/work/binary
+rm -rf "$work"
+mkdir -p "$work"
+excludes=()
+while read -r module; do
+    excludes+=(--exclude-module "$module")
+done < <(sed -e 's/#.*//' -e '/^[[:space:]]*$/d' images/binary/excludes.txt)
+
+say "freezing the agent $version with PyInstaller ($("$BUILD_VENV/bin/python" -V))"
+"$BUILD_VENV/bin/pyinstaller" --onefile --strip --noconfirm --log-level WARN \
+    --name edgerun-agent --paths "$ROOT" \
+    --runtime-hook "$ROOT/images/binary/rth_environ.py" \
+    --collect-data certifi \
+    "${excludes[@]}" \
+    --distpath "$work/dist" --workpath "$work/build" --specpath "$work" \
+    images/binary/entry.py
+# What went in, for the tests and for anyone wondering about the size.
+"$BUILD_VENV/bin/pyi-archive_viewer" --recursive --brief "$work/dist/edgerun-agent" \
+    >"$OUT/edgerun-agent.contents"
+
+say "making it static with staticx"
+"$BUILD_VENV/bin/staticx" --strip "$work/dist/edgerun-agent" "$work/edgerun-agent"
+chmod 0755 "$work/edgerun-agent"
+
+got=$("$work/edgerun-agent" --version)
+if [ "$got" != "edgerun-agent $version" ]; then
+    say "the frozen binary says '$got' to --version, expected 'edgerun-agent $version'"
+    exit 1
+fi
+mv -f "$work/edgerun-agent" "$BIN"
+echo "$hash" >"$BIN.inputs"
+rm -rf "$work"
+say "built $got"
+size_note
