@@ -12,7 +12,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import time
 import uuid
 from pathlib import Path
 
@@ -72,18 +71,22 @@ class Rabbit:
         with open(self.dir / "server.log", "ab") as log:
             self.proc = subprocess.Popen([str(self.scripts / "rabbitmq-server")], env=self.env(),
                                          stdout=log, stderr=log, start_new_session=True)
-        deadline = time.monotonic() + 90
-        while True:  # the CLI fails at once until the node has registered with epmd
-            try:
-                self.ctl("await_startup", "--timeout", "60")
-                break
-            except RuntimeError:
-                if time.monotonic() > deadline or self.proc.poll() is not None:
-                    tail = (self.dir / "server.log").read_text(errors="replace")[-2000:]
-                    raise RuntimeError(f"rabbitmq did not start:\n{tail}") from None
-                time.sleep(0.5)  # a retry interval, not a wait for an event
+        # the CLI fails at once until the node has registered with epmd: poll it
+        if not wait_until(self._started, timeout=90, interval=0.5):
+            tail = (self.dir / "server.log").read_text(errors="replace")[-2000:]
+            raise RuntimeError(f"rabbitmq did not start:\n{tail}")
         wait_port(self.port, timeout=30)
         return self
+
+    def _started(self) -> bool:
+        assert self.proc is not None
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"rabbitmq exited with {self.proc.returncode}")
+        try:
+            self.ctl("await_startup", "--timeout", "60")
+            return True
+        except RuntimeError:
+            return False
 
     def ctl(self, *args: str) -> str:
         assert self.scripts is not None
