@@ -18,7 +18,9 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 from edgerun import __version__
 
-from .errors import BadRequest, BrokerUnreachable, NotFound, SchedulerError, UnknownNode
+from .errors import (
+    BadRequest, BrokerUnreachable, ListenError, NotFound, SchedulerError, UnknownNode,
+)
 from .events import NODE_EVENT, OUTPUT, TASK_EVENT
 from .metrics import CONTENT_TYPE as METRICS_TYPE
 from .service import Service
@@ -41,7 +43,7 @@ class ApiServer:
         try:
             self.httpd = ThreadingHTTPServer((host, port), handler)
         except OSError as exc:
-            raise SchedulerError(f"the API cannot listen on {host}:{port}: "
+            raise ListenError(f"the API cannot listen on {host}:{port}: "
                                  f"{exc.strerror or exc}") from None
         self.httpd.daemon_threads = True
         self.host, self.port = host, int(self.httpd.server_address[1])

@@ -25,7 +25,10 @@ from edgerun.settings import Option, config_path, read_toml, resolve
 
 from . import render
 from .client import Client, ServiceUnreachable, quoted
-from .errors import BadRequest, BrokerUnreachable, NotFound, UnknownNode
+from .errors import (
+    BadRequest, BrokerUnreachable, EmbeddedBrokerError, ListenError, NotFound, StoreError,
+    UnknownNode,
+)
 from .follow import dispatch_and_follow, exit_code, explain
 from .jobs import load_job
 
@@ -329,12 +332,18 @@ def serve(values: dict[str, Any]) -> int:
 
     logging.basicConfig(level=values["log_level"].upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    for noisy in ("amqtt", "transitions", "pika"):
+    for noisy in ("transitions", "pika"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # amqtt logs every client that vanishes (a killed agent) as an error with a traceback;
+    # what matters reaches us as exceptions or as the agents' Last Will
+    logging.getLogger("amqtt").setLevel(logging.CRITICAL)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    app = App(values).start()
+    try:
+        app = App(values).start()
+    except (StoreError, EmbeddedBrokerError, ListenError) as exc:
+        raise ConfigError(str(exc)) from None  # a --db, --embedded-broker or --listen to fix
     try:
         stop.wait()
     finally:

@@ -21,6 +21,10 @@ class EmbeddedBrokerError(SchedulerError):
     """The embedded MQTT broker could not start (port taken, bad address)."""
 
 
+class ListenError(SchedulerError):
+    """The HTTP API cannot listen on the address it was given."""
+
+
 class UnknownNode(SchedulerError):
     """A target names a node the registry has never seen."""
 

@@ -88,9 +88,7 @@ class Service:
                 "schema_version": self.store.schema_version}
 
     def _snapshot(self) -> dict[str, Any]:
-        nodes: dict[str, int] = {"online": 0, "offline": 0}
-        for node in self.store.nodes():
-            nodes[node["state"]] = nodes.get(node["state"], 0) + 1
+        nodes = {"online": 0, "offline": 0, **self.store.count_nodes_by_state()}
         return {"tasks": self.store.count_by_state(), "nodes": nodes,
                 "connected": 1 if self.messenger.connected.is_set() else 0,
                 "subscribers": self.hub.subscribers}

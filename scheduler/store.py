@@ -330,6 +330,11 @@ class Store:
             row = db.execute("SELECT * FROM nodes WHERE node=?", (node,)).fetchone()
             return node_dict(row) if row is not None else None
 
+    def count_nodes_by_state(self) -> dict[str, int]:
+        with self._read() as db:
+            rows = db.execute("SELECT state, COUNT(*) AS n FROM nodes GROUP BY state")
+            return {r["state"]: int(r["n"]) for r in rows}
+
     def online_nodes(self) -> set[str]:
         with self._read() as db:
             return {r["node"] for r in db.execute("SELECT node FROM nodes WHERE state='online'")}

@@ -211,3 +211,6 @@ def test_serve_exits_4_when_the_broker_is_unreachable(tmp_path: Path) -> None:
     assert f"cannot reach the broker {url}" in result.err and "Traceback" not in result.err
     bad = cli("http://unused", "serve", "--broker", "http://x", "--db", str(tmp_path / "t.db"))
     assert bad.code == 2 and "scheme must be one of" in one_line_error(bad.err)
+    no_db = cli("http://unused", "serve", "--embedded-broker", "127.0.0.1:0", "--db",
+                str(tmp_path / "no" / "such" / "s.db"), "--log-level", "error")
+    assert no_db.code == 2 and "cannot open the task store" in one_line_error(no_db.err)
