@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import re
 import socket
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -115,15 +114,6 @@ def default_client_id() -> str:
     return f"edgerun-bridge-{normalise_node_id(socket.gethostname()) or 'host'}"
 
 
-def _broker(url: str, schemes: tuple[str, ...]) -> BrokerURL:
-    """parse_broker_url, with any password hidden from the error message."""
-    try:
-        return parse_broker_url(url, schemes)
-    except ConfigError as exc:
-        hidden = re.sub(r"(//[^/:@]*:)[^@/]*@", r"\1***@", url)
-        raise ConfigError(str(exc).replace(url, hidden)) from None
-
-
 def load(argv: Sequence[str] | None, environ: Mapping[str, str]) -> BridgeConfig:
     """Read every layer and the route table; ConfigError (one line) on any mistake."""
     parser = build_parser(PROG, "Forward messages between MQTT topics and RabbitMQ exchanges "
@@ -137,8 +127,8 @@ def load(argv: Sequence[str] | None, environ: Mapping[str, str]) -> BridgeConfig
         if not values[key]:
             raise ConfigError(f"no {key.upper()} broker: give --{key} URL, EDGERUN_{key.upper()} "
                               f"or `{key}` in the config file")
-    mqtt = _broker(values["mqtt"], ("mqtt", "mqtts"))
-    amqp = _broker(values["amqp"], ("amqp", "amqps"))
+    mqtt = parse_broker_url(values["mqtt"], ("mqtt", "mqtts"))
+    amqp = parse_broker_url(values["amqp"], ("amqp", "amqps"))
     for key in ("ca_file", "cert_file", "key_file"):
         if values[key] and not os.path.isfile(values[key]):
             raise ConfigError(f"`{key}` {values[key]}: no such file")

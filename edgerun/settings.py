@@ -41,19 +41,30 @@ class BrokerURL:
         return f"{self.scheme}://{user}{host}:{self.port}{self.path}"
 
 
+def redact(url: str) -> str:
+    """`url` with any password replaced by ***, for messages and logs."""
+    scheme, sep, rest = url.partition("://")
+    if not sep or "@" not in rest.split("/", 1)[0]:
+        return url
+    userinfo, at, host = rest.partition("@")
+    user, colon, _password = userinfo.partition(":")
+    return f"{scheme}://{user}{':***' if colon else ''}{at}{host}"
+
+
 def parse_broker_url(url: str, schemes: Sequence[str]) -> BrokerURL:
     """`mqtt://user:pass@host:port`, `amqps://host/vhost`, ... or ConfigError."""
+    shown = redact(url)
     try:
         parts = urlsplit(url)
         port = parts.port
     except ValueError as exc:
-        raise ConfigError(f"bad broker URL {url!r}: {exc}") from None
+        raise ConfigError(f"bad broker URL {shown!r}: {exc}") from None
     scheme = parts.scheme.lower()
     if scheme not in schemes:
-        raise ConfigError(f"bad broker URL {url!r}: scheme must be one of "
+        raise ConfigError(f"bad broker URL {shown!r}: scheme must be one of "
                           f"{', '.join(s + '://' for s in schemes)}")
     if not parts.hostname:
-        raise ConfigError(f"bad broker URL {url!r}: no host")
+        raise ConfigError(f"bad broker URL {shown!r}: no host")
     return BrokerURL(scheme=scheme, host=parts.hostname, port=port or DEFAULT_PORTS[scheme],
                      username=unquote(parts.username) if parts.username else None,
                      password=unquote(parts.password) if parts.password else None,

@@ -130,6 +130,13 @@ def test_layers_in_order(tmp_path: Path) -> None:
     assert (cfg.node, cfg.parallel) == ("flag-node", 4)
 
 
+def test_broker_url_errors_never_show_the_password() -> None:
+    for url in ("ftp://user:s3cret@h", "mqtt://user:s3cret@h:port", "mqtt://user:s3cret@"):
+        with pytest.raises(ConfigError) as info:
+            parse_broker_url(url, ("mqtt",))
+        assert "s3cret" not in str(info.value) and "user:***@" in str(info.value)
+
+
 def test_broker_url_forms() -> None:
     url = parse_broker_url("mqtts://u%40x:p%3Aw@[::1]/", ("mqtt", "mqtts"))
     assert (url.host, url.port, url.username, url.password, url.tls) == \
