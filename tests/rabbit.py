@@ -38,7 +38,7 @@ def port_open(port: int) -> bool:
 
 
 class Rabbit:
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, extra_conf: str = "") -> None:
         self.scripts = rabbit_scripts()
         self.private = self.scripts is not None
         self.dir = workdir
@@ -47,6 +47,7 @@ class Rabbit:
         self.port = free_port() if self.private else 5672
         self.dist_port = free_port() if self.private else 0
         self.proc: subprocess.Popen[bytes] | None = None
+        self.extra_conf = extra_conf
 
     @property
     def url(self) -> str:
@@ -66,7 +67,7 @@ class Rabbit:
             wait_port(self.port)
             return self
         (self.dir / "enabled_plugins").write_text("[].\n")
-        (self.dir / "rabbitmq.conf").write_text("loopback_users = none\n")
+        (self.dir / "rabbitmq.conf").write_text("loopback_users = none\n" + self.extra_conf)
         assert self.scripts is not None
         with open(self.dir / "server.log", "ab") as log:
             self.proc = subprocess.Popen([str(self.scripts / "rabbitmq-server")], env=self.env(),

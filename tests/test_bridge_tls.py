@@ -1,0 +1,70 @@
+"""The bridge over amqps://: RabbitMQ's certificate verified, a client certificate presented."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from .bridgekit import AmqpSink, BridgeProcess, publish_mqtt
+from .brokers import Mosquitto, free_port, wait_port, wait_until
+from .rabbit import Rabbit, rabbit_scripts
+from .tlskit import CA
+
+pytestmark = pytest.mark.skipif(rabbit_scripts() is None, reason="needs a private RabbitMQ")
+
+
+@pytest.fixture(scope="module")
+def tls_rabbit(tmp_path_factory: pytest.TempPathFactory):
+    base = tmp_path_factory.mktemp("tls-rabbit")
+    ca = CA(base / "pki")
+    server = ca.issue("rabbit", server=True)
+    port = free_port()
+    conf = (f"listeners.ssl.default = {port}\nssl_options.cacertfile = {ca.path}\n"
+            f"ssl_options.certfile = {server.cert}\nssl_options.keyfile = {server.key}\n"
+            "ssl_options.verify = verify_peer\nssl_options.fail_if_no_peer_cert = true\n")
+    rabbit = Rabbit(base / "rabbit", extra_conf=conf).start()
+    wait_port(port)
+    yield rabbit, ca, f"amqps://guest:guest@127.0.0.1:{port}/"
+    rabbit.stop()
+
+
+def test_bridge_forwards_over_amqps_with_a_client_certificate(
+        tls_rabbit, mosquitto: Mosquitto, tmp_path: Path) -> None:
+    rabbit, ca, amqps = tls_rabbit
+    client = ca.issue("edgerun-bridge", server=False)
+    bridge = BridgeProcess(mosquitto.url, amqps, tmp_path / "bridge", "--ca-file", str(ca.path),
+                           "--cert-file", str(client.cert), "--key-file", str(client.key))
+    with AmqpSink(rabbit.url, "edgerun.events", "node.*.updates") as sink:
+        bridge.start()
+        try:
+            bridge.wait_ready()
+            body = json.dumps({"v": 1, "kind": "update", "id": "t", "node": "n1",
+                               "state": "running", "at": "2026-11-22T06:00:00.000Z"}).encode()
+            publish_mqtt(mosquitto.url, [("edgerun/nodes/n1/updates", body)])
+            assert sink.wait_for(body)
+        finally:
+            assert bridge.proc is not None
+            bridge.proc.terminate()
+            bridge.proc.wait(30)
+
+
+def test_bridge_refuses_a_rabbitmq_it_cannot_verify(tls_rabbit, mosquitto: Mosquitto,
+                                                     tmp_path: Path) -> None:
+    _rabbit, ca, amqps = tls_rabbit
+    impostor = CA(tmp_path / "other", name="impostor CA")
+    client = ca.issue("edgerun-bridge-2", server=False)
+    bridge = BridgeProcess(mosquitto.url, amqps, tmp_path / "bridge", "--ca-file",
+                           str(impostor.path), "--cert-file", str(client.cert), "--key-file",
+                           str(client.key))
+    bridge.start()
+    try:
+        assert wait_until(lambda: "CERTIFICATE_VERIFY_FAILED" in bridge.log(), 30), \
+            bridge.log()[-2000:]
+        health = bridge.health() or {}
+        assert health.get("status") != "ok"
+    finally:
+        assert bridge.proc is not None
+        bridge.proc.terminate()
+        bridge.proc.wait(30)
