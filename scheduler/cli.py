@@ -35,6 +35,14 @@ from .jobs import load_job
 PROG = "edgerun"
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNKNOWN, EXIT_UNREACHABLE, EXIT_ERROR = 0, 1, 2, 3, 4, 5
 
+EPILOG = """exit codes:
+  0    success                      N    `run` on one node: the remote exit code
+  124  timed out   125 lost         126  rejected          130 canceled
+  1    a task did not succeed       2    bad arguments or configuration
+  3    unknown node, task or job    4    service or broker unreachable
+  5    any other error
+"""
+
 CLIENT_OPTIONS = [
     Option("api", str, "http://127.0.0.1:8470", "URL of the scheduler's HTTP API",
            metavar="URL"),
@@ -60,7 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     from .app import SERVE_OPTIONS
 
     parser = _Parser(prog=PROG, description="Send shell and download tasks to edgerun nodes "
-                     "and see what happened.")
+                     "and see what happened.", epilog=EPILOG,
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     common = _Parser(add_help=False)
     common.add_argument("--config", metavar="FILE", help="TOML file: [client] and [serve] "
@@ -201,10 +210,24 @@ def _send(client: Client, args: argparse.Namespace, targets: list[str],
         _print_tasks(created, args.json)
         return EXIT_OK
     prefixer = None if args.json else render.Prefixer()
-    done = dispatch_and_follow(client, [task["id"]],
-                               lambda: client.post("/tasks", body)["tasks"], prefixer)
+
+    def send() -> list[dict[str, Any]]:
+        created: list[dict[str, Any]] = client.post("/tasks", body)["tasks"]
+        _note_offline(client, created)
+        return created
+    done = dispatch_and_follow(client, [task["id"]], send, prefixer)
     _finish(done, args.json)
     return exit_code(done)
+
+
+def _note_offline(client: Client, created: list[dict[str, Any]]) -> None:
+    """Say so when a task will wait for an offline node, rather than hang silently."""
+    online = {n["node"] for n in client.get("/nodes", online=1)["nodes"]}
+    for task in created:
+        if task["node"] not in online:
+            until = f" until it expires at {task['expires_at']}" if task["expires_at"] else ""
+            print(f"{PROG}: note: node {task['node']} is offline; the task waits for it{until}",
+                  file=sys.stderr, flush=True)
 
 
 def _finish(tasks: list[dict[str, Any]], as_json: bool) -> None:

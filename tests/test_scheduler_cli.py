@@ -7,6 +7,9 @@ One private Mosquitto, one service and three real agents for the module
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,12 +17,12 @@ import pytest
 
 
 from .brokers import Mosquitto, free_port, wait_until
-from .mqttkit import AgentProcess
+from .mqttkit import ROOT, AgentProcess
 from .scheduler_kit import Api, cli, cli_json, file_server, running_app, sha256_of, start_agent
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Api, Path]]:
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Api, Path, str]]:
     tmp = tmp_path_factory.mktemp("cli")
     broker = Mosquitto(tmp / "mosquitto").start()
     agents: list[AgentProcess] = []
@@ -31,7 +34,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Api, Pat
                 api.wait_node(node)
             assert agents[-1].terminate() == 0
             api.wait_node("rack2-x", "offline")
-            yield api, tmp
+            yield api, tmp, broker.url
     finally:
         for agent in agents:
             if agent.alive():
@@ -47,7 +50,7 @@ def one_line_error(text: str) -> str:
 
 
 def test_run_on_one_node_streams_output_and_exits_with_the_remote_code(cluster) -> None:
-    api, _ = cluster
+    api, _, _ = cluster
     result = cli(api.url, "run", "rack1-a", "--", "sh", "-c", "echo out; echo err >&2; exit 7")
     assert result.code == 7
     assert "rack1-a | out" in result.out and "rack1-a | err" in result.err
@@ -55,7 +58,7 @@ def test_run_on_one_node_streams_output_and_exits_with_the_remote_code(cluster) 
 
 
 def test_run_on_a_glob_prints_a_summary_and_exits_one_on_any_failure(cluster) -> None:
-    api, _ = cluster
+    api, _, _ = cluster
     ok = cli(api.url, "run", "rack1-*", "--", "echo hi")
     assert ok.code == 0, ok
     assert "rack1-a | hi" in ok.out and "rack1-b | hi" in ok.out
@@ -68,7 +71,7 @@ def test_run_on_a_glob_prints_a_summary_and_exits_one_on_any_failure(cluster) ->
 
 
 def test_online_means_only_online_nodes_and_json_lists_them(cluster) -> None:
-    api, _ = cluster
+    api, _, _ = cluster
     done = cli_json(api.url, "run", "--online", "--", "true")
     assert sorted(t["node"] for t in done["tasks"]) == ["rack1-a", "rack1-b"]
     assert {t["state"] for t in done["tasks"]} == {"succeeded"}
@@ -80,7 +83,7 @@ def test_online_means_only_online_nodes_and_json_lists_them(cluster) -> None:
 
 
 def test_unknown_targets_exit_3(cluster) -> None:
-    api, _ = cluster
+    api, _, _ = cluster
     unknown = cli(api.url, "run", "nope", "--", "true")
     assert unknown.code == 3 and "unknown node 'nope'" in one_line_error(unknown.err)
     glob = cli(api.url, "download", "rack9-*", "http://x/y", "/tmp/y")
@@ -90,7 +93,7 @@ def test_unknown_targets_exit_3(cluster) -> None:
 
 
 def test_bad_arguments_exit_2_with_one_line(cluster) -> None:
-    api, _ = cluster
+    api, _, _ = cluster
     for args in (["run", "rack1-a"], ["run", "rack1-a", "--timeout", "-1", "--", "true"],
                  ["tasks", "--bogus"], ["download", "rack1-a", "ftp://x/y", "/tmp/y"],
                  ["download", "rack1-a", "http://x/y", "relative/path"],
@@ -108,7 +111,7 @@ def test_unreachable_service_exits_4_and_names_the_url() -> None:
 
 
 def test_download_checks_the_checksum(cluster) -> None:
-    api, tmp = cluster
+    api, tmp, _ = cluster
     (tmp / "www").mkdir(exist_ok=True)
     (tmp / "www" / "blob").write_bytes(b"x" * 50_000)
     digest = sha256_of(tmp / "www" / "blob")
@@ -127,7 +130,7 @@ def test_download_checks_the_checksum(cluster) -> None:
 
 
 def test_listings_show_and_cancel(cluster) -> None:
-    api, _ = cluster
+    api, _, _ = cluster
     detached = cli_json(api.url, "run", "rack1-b", "--detach", "--", "sleep 60")
     [task] = detached["tasks"]
     api.wait_state(task["id"], "rack1-b", "running")
@@ -147,7 +150,7 @@ def test_listings_show_and_cancel(cluster) -> None:
 
 
 def test_job_goes_on_per_node_only_after_success(cluster, tmp_path: Path) -> None:
-    api, _ = cluster
+    api, _, _ = cluster
     job = tmp_path / "bootstrap.toml"
     job.write_text('targets = ["rack1-*"]\n'
                    '[[steps]]\ntype = "shell"\ncommand = "echo one"\n'
@@ -169,7 +172,7 @@ def test_job_goes_on_per_node_only_after_success(cluster, tmp_path: Path) -> Non
 
 
 def test_config_layers_file_env_flag(cluster, tmp_path: Path) -> None:
-    api, _ = cluster
+    api, _, _ = cluster
     dead = f"http://127.0.0.1:{free_port()}"
     config = tmp_path / "edgerun.toml"
     config.write_text(f'[client]\napi = "{dead}"\n')
@@ -214,3 +217,24 @@ def test_serve_exits_4_when_the_broker_is_unreachable(tmp_path: Path) -> None:
     no_db = cli("http://unused", "serve", "--embedded-broker", "127.0.0.1:0", "--db",
                 str(tmp_path / "no" / "such" / "s.db"), "--log-level", "error")
     assert no_db.code == 2 and "cannot open the task store" in one_line_error(no_db.err)
+
+
+def test_a_task_for_an_offline_node_waits_for_it(cluster) -> None:
+    api, tmp, broker = cluster
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "EDGERUN_API": api.url}
+    proc = subprocess.Popen([sys.executable, "-m", "scheduler", "run", "rack2-x", "--",
+                             "echo back"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=env, cwd=ROOT)
+    try:
+        assert proc.stderr is not None
+        note = proc.stderr.readline()
+        assert "node rack2-x is offline; the task waits for it until it expires at" in note
+        agent = start_agent(broker, "rack2-x", tmp)
+        out, err = proc.communicate(timeout=60)
+        assert proc.returncode == 0, err
+        assert "rack2-x | back" in out
+        assert agent.terminate() == 0
+        api.wait_node("rack2-x", "offline")
+    finally:
+        if proc.poll() is None:
+            proc.kill()

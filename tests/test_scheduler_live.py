@@ -170,3 +170,15 @@ def test_updates_made_while_the_scheduler_was_down_are_recorded_after_restart(
     finally:
         app.stop()
         agent.kill()
+
+
+def test_broker_restart_mid_task_the_final_update_still_arrives(
+        mosquitto: Mosquitto, agent: AgentProcess, api: Api, app: App) -> None:
+    [task] = api.dispatch(["node-a"], {"type": "shell", "command": "sleep 2; echo after"})
+    api.wait_state(task["id"], "node-a", "running")
+    mosquitto.stop()  # a restart: sessions and retained status are saved and come back
+    mosquitto.start()
+    done = api.wait_state(task["id"], "node-a", "succeeded", timeout=60)
+    assert done["result"]["stdout"] == "after\n"
+    assert app.service is not None and app.service.messenger.connected.is_set()
+    api.wait_node("node-a", "online")
