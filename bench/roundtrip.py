@@ -1,0 +1,176 @@
+"""Item 2: task round trip, dispatch -> `succeeded`, for `true` on real agents.
+
+Real `agent.core.Agent`s (tests/agent_pool.py, several processes) run `true`.
+Tasks go out through the scheduler's own messaging layer (MqttMessenger in
+direct mode, AmqpMessenger through the bridge); the clock runs from `send()` to
+the arrival of the `succeeded` update at the messenger's callback.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from bench.common import ROOT, median, mosquitto, percentile
+from edgerun.protocol import Channel, ShellTask, encode
+from edgerun.settings import parse_broker_url
+from scheduler.messaging import Incoming, Messenger
+from scheduler.messaging.amqp import AmqpMessenger
+from scheduler.messaging.mqtt import MqttMessenger
+from tests.bridgekit import BridgeProcess
+from tests.rabbit import Rabbit
+
+
+class Clock:
+    def __init__(self, messenger: Messenger) -> None:
+        self.messenger = messenger
+        self.sent: dict[str, float] = {}
+        self.latency: dict[str, float] = {}
+        self.failed = 0
+        self.cond = threading.Condition()
+
+    def deliver(self, msg: Incoming) -> None:
+        if msg.channel == Channel.UPDATES:
+            try:
+                update = json.loads(msg.payload)
+            except ValueError:
+                update = {}
+            state, task_id = update.get("state"), update.get("id")
+            if state in ("succeeded", "failed", "rejected", "timed_out", "canceled"):
+                now = time.monotonic()
+                with self.cond:
+                    if task_id in self.sent and task_id not in self.latency:
+                        self.latency[task_id] = now - self.sent[task_id]
+                        self.failed += state != "succeeded"
+                        self.cond.notify_all()
+        self.messenger.ack(msg)
+
+    def send(self, node: str) -> str:
+        task_id = uuid.uuid4().hex
+        payload = encode(ShellTask(id=task_id, command="true", timeout=60))
+        with self.cond:
+            self.sent[task_id] = time.monotonic()
+        self.messenger.send(node, payload)
+        return task_id
+
+    def wait(self, ids: list[str], timeout: float) -> bool:
+        with self.cond:
+            return self.cond.wait_for(lambda: all(i in self.latency for i in ids), timeout)
+
+
+def start_agents(url: str, work: Path, processes: int, per: int) -> list[subprocess.Popen[str]]:
+    procs = []
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    for p in range(processes):
+        procs.append(subprocess.Popen(
+            [sys.executable, "-m", "tests.agent_pool", url, "rt", str(p * per), str(per),
+             str(work / f"agents{p}")], cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True))
+    for proc in procs:
+        assert proc.stdout is not None
+        proc.stdout.readline()
+    time.sleep(2.0)  # every agent connected and subscribed
+    return procs
+
+
+def stop_agents(procs: list[subprocess.Popen[str]]) -> None:
+    for proc in procs:
+        proc.send_signal(signal.SIGTERM)
+    for proc in procs:
+        try:
+            proc.wait(40)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def summary(values: list[float]) -> dict[str, float]:
+    ms = [v * 1000 for v in values]
+    return {"n": len(ms), "p50_ms": percentile(ms, 50), "p95_ms": percentile(ms, 95),
+            "p99_ms": percentile(ms, 99), "mean_ms": sum(ms) / max(1, len(ms))}
+
+
+def measure(clock: Clock, nodes: list[str], light: int, rate: float,
+            seconds: float) -> dict[str, Any]:
+    # light load: one task at a time
+    light_ids = []
+    for i in range(light):
+        task_id = clock.send(nodes[i % len(nodes)])
+        if not clock.wait([task_id], 30):
+            raise RuntimeError("a light-load task never succeeded")
+        light_ids.append(task_id)
+    # steady rate, open loop
+    total = int(rate * seconds)
+    ids: list[str] = []
+    started = time.monotonic()
+    for i in range(total):
+        due = started + i / rate
+        pause = due - time.monotonic()
+        if pause > 0:
+            time.sleep(pause)
+        ids.append(clock.send(nodes[i % len(nodes)]))
+    send_s = time.monotonic() - started
+    done = clock.wait(ids, 120)
+    loaded = [clock.latency[i] for i in ids if i in clock.latency]
+    finished = max((clock.sent[i] + clock.latency[i] for i in ids if i in clock.latency),
+                   default=started)
+    return {"light": {**summary([clock.latency[i] for i in light_ids]),
+                      "runs_ms": [clock.latency[i] * 1000 for i in light_ids]},
+            "loaded": {**summary(loaded), "target_rate": rate, "offered_rate": total / send_s,
+                       "completed_rate": len(loaded) / max(1e-9, finished - started),
+                       "all_done": done, "failed": clock.failed,
+                       "runs_ms_sample": [v * 1000 for v in loaded[:: max(1, len(loaded) // 500)]]}}
+
+
+def item2(work: Path, light: int, rate: float, seconds: float, processes: int,
+          per: int) -> dict[str, Any]:
+    work = work / "item2"
+    rabbit = Rabbit(work / "rabbit").start()
+    broker = mosquitto(work / "mosquitto")
+    procs = start_agents(broker.url, work, processes, per)
+    nodes = [f"rt{i:03d}" for i in range(processes * per)]
+    out: dict[str, Any] = {"agents": len(nodes), "agent_processes": processes,
+                           "command": "true", "agent_parallel": 1}
+    bridge = None
+    try:
+        direct = MqttMessenger(parse_broker_url(broker.url, ("mqtt",)), record_external=False,
+                               client_id=f"bench-rt-{uuid.uuid4().hex[:6]}", events_topic="")
+        clock = Clock(direct)
+        direct.start(clock.deliver)
+        assert direct.connected.wait(10)
+        out["direct"] = measure(clock, nodes, light, rate, seconds)
+        direct.stop()
+        print(f"  item 2: direct {_line(out['direct'])}", flush=True)
+        bridge = BridgeProcess(broker.url, rabbit.url, work / "bridge").start()
+        bridge.wait_ready()
+        via = AmqpMessenger(parse_broker_url(rabbit.url, ("amqp",)), record_external=False,
+                            queue=f"bench-rt-{uuid.uuid4().hex[:6]}", audit_exchange="")
+        clock = Clock(via)
+        via.start(clock.deliver)
+        assert via.connected.wait(10)
+        out["bridge"] = measure(clock, nodes, light, rate, seconds)
+        via.stop()
+        print(f"  item 2: bridge {_line(out['bridge'])}", flush=True)
+    finally:
+        stop_agents(procs)
+        if bridge is not None:
+            bridge.terminate()
+        broker.stop()
+        rabbit.stop()
+    return out
+
+
+def _line(r: dict[str, Any]) -> str:
+    light, loaded = r["light"], r["loaded"]
+    return (f"light p50 {light['p50_ms']:.1f} p99 {light['p99_ms']:.1f} ms; "
+            f"{loaded['target_rate']:.0f}/s: p50 {loaded['p50_ms']:.1f} p99 "
+            f"{loaded['p99_ms']:.1f} ms, completed {loaded['completed_rate']:.0f}/s")
+
+
+__all__ = ["item2", "median"]
