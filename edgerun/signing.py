@@ -44,18 +44,23 @@ def parse_public_key(text: str) -> bytes:
 
 
 def load_public_key(value: str) -> bytes:
-    """The key itself (base64 or PEM) or the path of a file holding it; ConfigError otherwise."""
-    text = value
-    if value.startswith(("/", ".")) or os.path.isfile(value):
+    """The key itself (base64 or PEM) or the path of a file holding it; ConfigError otherwise.
+
+    The key is tried first: base64 may begin with `/`, so no prefix tells a path apart.
+    """
+    try:
+        return parse_public_key(value)
+    except ValueError as exc:
+        problem = str(exc)
+    if os.path.isfile(value):
         try:
             with open(value, encoding="ascii", errors="replace") as fh:
-                text = fh.read()
+                return parse_public_key(fh.read())
         except OSError as exc:
             raise ConfigError(f"cannot read public key {value}: {exc.strerror}") from None
-    try:
-        return parse_public_key(text)
-    except ValueError as exc:
-        raise ConfigError(f"bad public key {value[:60]!r}: {exc}") from None
+        except ValueError as exc:
+            raise ConfigError(f"bad public key in {value}: {exc}") from None
+    raise ConfigError(f"bad public key {value[:60]!r}: {problem}, and no such file")
 
 
 class Verifier:

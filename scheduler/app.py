@@ -14,6 +14,7 @@ from typing import Any
 from edgerun.errors import ConfigError
 from edgerun.protocol import DEFAULT_PREFIX, is_prefix
 from edgerun.settings import Option, parse_broker_url
+from edgerun.signing import Signer
 
 from .api import ApiServer
 from .broker import EmbeddedBroker
@@ -79,6 +80,8 @@ SERVE_OPTIONS = [
            metavar="ID"),
     Option("record_external", bool, True, "record tasks other clients publish"),
     Option("ca_file", str, None, "CA certificates for mqtts:// and amqps://", metavar="FILE"),
+    Option("private_key", str, None, "Ed25519 private key (PEM, from `edgerun keygen`) to "
+           "sign every task and cancel with", metavar="FILE"),
     Option("connect_timeout", float, 15.0, "seconds to wait for the broker at start-up",
            _positive, metavar="S"),
     Option("log_level", str, "info", "debug, info, warning or error", _level),
@@ -118,10 +121,11 @@ class App:
                 raise ConfigError("no broker: give --broker URL (mqtt://, amqp://, ...) or "
                                   "--embedded-broker HOST:PORT")
             messenger = self._messenger(url)
+            signer = Signer.from_file(v["private_key"]) if v.get("private_key") else None
             store = Store(v.get("db") or "edgerun-scheduler.db")
             self.service = Service(store, messenger, ServiceConfig(
                 grace=v.get("grace", 30.0), tick=v.get("tick", 1.0),
-                default_expiry=v.get("default_expiry", 86_400.0)))
+                default_expiry=v.get("default_expiry", 86_400.0)), signer=signer)
             host, port = split_hostport(v.get("listen") or "127.0.0.1:8470")
             self.api = ApiServer(self.service, host, port)
             self.service.start()

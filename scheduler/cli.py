@@ -127,6 +127,13 @@ def build_parser() -> argparse.ArgumentParser:
     job.add_argument("--online", action="store_true")
     job.add_argument("--detach", action="store_true")
 
+    keygen = sub.add_parser("keygen", help="Make an Ed25519 key pair for signed tasks",
+                            description="Write PREFIX.key (private, for `edgerun serve "
+                            "--private-key`) and PREFIX.pub (for `edgerun-agent --public-key` "
+                            "or edgerun.public_key= on the kernel command line).")
+    keygen.add_argument("--out", metavar="PREFIX", default="edgerun-task",
+                        help="file name prefix (default: edgerun-task)")
+
     serve = sub.add_parser("serve", help="Run the scheduler service",
                            description="Run the scheduler service: dispatch, record, follow.")
     serve.add_argument("--config", metavar="FILE", help="TOML file with a [serve] table")
@@ -181,6 +188,8 @@ def _main(argv: list[str], environ: Mapping[str, str]) -> int:
     if args.command == "serve":
         from .app import SERVE_OPTIONS
         return serve(_settings(args, SERVE_OPTIONS, "serve", environ))
+    if args.command == "keygen":
+        return keygen(args.out)
     values = _settings(args, CLIENT_OPTIONS, "client", environ)
     logging.basicConfig(level=logging.WARNING, format=f"{PROG}: %(message)s")
     client = Client(values["api"])
@@ -192,6 +201,29 @@ def _main(argv: list[str], environ: Mapping[str, str]) -> int:
                               "edgerun run NODE -- uname -a")
         args.argv = command
     return handler[args.command](client, args)
+
+
+def keygen(prefix: str) -> int:
+    """Write a new key pair; never overwrite a key that may already be in use."""
+    from edgerun.signing import generate_keypair
+
+    private, public = f"{prefix}.key", f"{prefix}.pub"
+    for path in (private, public):
+        if os.path.exists(path):
+            raise ConfigError(f"{path} exists; remove it or choose another --out")
+    pem, public_b64 = generate_keypair()
+    try:
+        fd = os.open(private, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(pem)
+        with open(public, "x", encoding="ascii") as fh:
+            fh.write(public_b64 + "\n")
+    except OSError as exc:
+        raise ConfigError(f"cannot write the key pair: {exc}") from None
+    print(f"private key: {private} (give it to `edgerun serve --private-key`; keep it secret)")
+    print(f"public key:  {public}: {public_b64}")
+    print(f"agents: --public-key {public}, or edgerun.public_key={public_b64}")
+    return EXIT_OK
 
 
 # --- dispatching commands -------------------------------------------------------------

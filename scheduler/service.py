@@ -25,6 +25,8 @@ from edgerun.protocol import (
     parse_output, parse_status, parse_update,
 )
 
+from edgerun.signing import Signer
+
 from .errors import BadRequest, BrokerUnreachable, NotFound, SchedulerError
 from .events import EventHub, node_event, task_event
 from .messaging import Incoming, Messenger
@@ -52,8 +54,8 @@ class ServiceConfig:
 
 class Service:
     def __init__(self, store: Store, messenger: Messenger,
-                 cfg: ServiceConfig | None = None) -> None:
-        self.store, self.messenger = store, messenger
+                 cfg: ServiceConfig | None = None, signer: Signer | None = None) -> None:
+        self.store, self.messenger, self.signer = store, messenger, signer
         self.cfg = cfg or ServiceConfig()
         self.hub = EventHub()
         self.metrics = Metrics(self._snapshot)
@@ -183,7 +185,7 @@ class Service:
             if task["state"] == State.QUEUED and task["job"] is not None:
                 self._inbox.put(self._canceler(task))
             else:
-                self.messenger.send(task["node"], encode(Cancel(task_id)),
+                self.messenger.send(task["node"], self._wire(Cancel(task_id)),
                                     self.metrics.dispatched.inc)
         return open_tasks
 
@@ -295,8 +297,14 @@ class Service:
             self._inbox.put(lambda: self._advance(task))
 
     def _send(self, node: str, task: Task) -> None:
-        self.messenger.send(node, encode(task), lambda: self._inbox.put(
+        self.messenger.send(node, self._wire(task), lambda: self._inbox.put(
             lambda: self._dispatched(node, task.id, task.timeout)))
+
+    def _wire(self, message: Task | Cancel) -> bytes:
+        """The bytes to send: signed when the service has a private key."""
+        if self.signer is None:
+            return encode(message)
+        return canonical_json(self.signer.sign(message.to_dict()))
 
     # --- jobs ----------------------------------------------------------------------------
     def _advance(self, task: JSONObject) -> None:
