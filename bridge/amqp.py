@@ -13,7 +13,6 @@ connects again.
 from __future__ import annotations
 
 import logging
-import ssl
 import threading
 from collections.abc import Callable
 from functools import partial
@@ -23,8 +22,9 @@ import pika
 import pika.exceptions
 from pika.adapters.select_connection import SelectConnection
 
+from edgerun.amqp import connection_parameters
 from edgerun.backoff import Backoff
-from edgerun.settings import BrokerURL
+from edgerun.settings import BrokerURL, TLSFiles
 
 from .errors import BridgeError
 from .routes import Route, RouteTable
@@ -50,8 +50,10 @@ class AmqpLink:
                  name: str = "amqp") -> None:
         self.url, self.vhost, self.routes, self.handler = url, vhost, routes, handler
         self.prefetch, self.queue_type, self.name = prefetch, queue_type, name
-        self._heartbeat, self._backoff_cap = heartbeat, backoff_cap
-        self._tls = (ca_file, cert_file, key_file)
+        self._backoff_cap = backoff_cap
+        # built once: a bad TLS file is a ConfigError at start-up, not at every reconnect
+        self._parameters = connection_parameters(url, TLSFiles(ca_file, cert_file, key_file),
+                                                 name=name, heartbeat=heartbeat)
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._ioloop: Any = None  # the running connection's loop, guarded by _lock
@@ -162,7 +164,7 @@ class AmqpLink:
 
     def _serve_once(self) -> None:
         try:
-            conn = SelectConnection(self._parameters(), on_open_callback=self._on_open,
+            conn = SelectConnection(self._parameters, on_open_callback=self._on_open,
                                     on_open_error_callback=self._on_open_error,
                                     on_close_callback=self._on_closed)
         except (pika.exceptions.AMQPError, OSError, ValueError) as exc:
@@ -185,21 +187,6 @@ class AmqpLink:
                 conn.ioloop.close()
             except Exception:
                 log.debug("%s: closing the I/O loop failed", self.name, exc_info=True)
-
-    def _parameters(self) -> pika.ConnectionParameters:
-        ssl_options = None
-        if self.url.tls:
-            ca_file, cert_file, key_file = self._tls
-            context = ssl.create_default_context(cafile=ca_file)
-            if cert_file:
-                context.load_cert_chain(cert_file, key_file)
-            ssl_options = pika.SSLOptions(context, self.url.host)
-        credentials = pika.PlainCredentials(self.url.username or "guest",
-                                            self.url.password or "guest")
-        return pika.ConnectionParameters(
-            host=self.url.host, port=self.url.port, virtual_host=self.vhost,
-            credentials=credentials, heartbeat=self._heartbeat, ssl_options=ssl_options,
-            connection_attempts=1, client_properties={"connection_name": self.name})
 
     def _connection_gone(self) -> None:
         was_ready = self.ready

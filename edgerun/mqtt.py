@@ -26,7 +26,9 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 
 from .backoff import Backoff
 from .errors import EdgerunError
-from .settings import BrokerURL
+from .settings import BrokerURL, TLSFiles
+
+__all__ = ["Inbound", "MqttConnection", "MqttError", "TLSFiles", "Will"]
 
 log = logging.getLogger(__name__)
 
@@ -35,13 +37,6 @@ DoneCallback = Callable[[], None]
 
 class MqttError(EdgerunError):
     """The MQTT layer could not do what was asked (bad TLS files, stopped connection)."""
-
-
-@dataclass(frozen=True)
-class TLSFiles:
-    ca_file: str | None = None
-    cert_file: str | None = None
-    key_file: str | None = None
 
 
 @dataclass(frozen=True)

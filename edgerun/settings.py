@@ -72,6 +72,15 @@ def parse_broker_url(url: str, schemes: Sequence[str]) -> BrokerURL:
 
 
 @dataclass(frozen=True)
+class TLSFiles:
+    """For mqtts:// and amqps://: CA bundle (None: the system's) and a client certificate."""
+
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+
+
+@dataclass(frozen=True)
 class Option:
     """One setting: its TOML key (also the flag and, upper-cased, the env name)."""
 

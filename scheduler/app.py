@@ -13,7 +13,7 @@ from typing import Any
 
 from edgerun.errors import ConfigError
 from edgerun.protocol import DEFAULT_PREFIX, is_prefix
-from edgerun.settings import Option, parse_broker_url
+from edgerun.settings import Option, TLSFiles, parse_broker_url
 from edgerun.signing import Signer
 
 from .api import ApiServer
@@ -80,6 +80,9 @@ SERVE_OPTIONS = [
            metavar="ID"),
     Option("record_external", bool, True, "record tasks other clients publish"),
     Option("ca_file", str, None, "CA certificates for mqtts:// and amqps://", metavar="FILE"),
+    Option("cert_file", str, None, "client certificate for mqtts:// and amqps://",
+           metavar="FILE"),
+    Option("key_file", str, None, "key of the client certificate", metavar="FILE"),
     Option("private_key", str, None, "Ed25519 private key (PEM, from `edgerun keygen`) to "
            "sign every task and cancel with", metavar="FILE"),
     Option("connect_timeout", float, 15.0, "seconds to wait for the broker at start-up",
@@ -143,6 +146,7 @@ class App:
     def _messenger(self, url: str) -> Messenger:
         v = self.values
         broker = parse_broker_url(url, ("mqtt", "mqtts", "amqp", "amqps"))
+        tls = TLSFiles(v.get("ca_file"), v.get("cert_file"), v.get("key_file"))
         if broker.scheme.startswith("amqp"):
             from .messaging.amqp import AmqpMessenger
             return AmqpMessenger(
@@ -150,15 +154,13 @@ class App:
                 events_exchange=v.get("events_exchange", "edgerun.events"),
                 audit_exchange=v.get("audit_exchange", "edgerun.audit"),
                 queue=v.get("queue", "edgerun.scheduler"),
-                record_external=v.get("record_external", True), ca_file=v.get("ca_file"))
-        from edgerun.mqtt import TLSFiles
-
+                record_external=v.get("record_external", True), tls=tls)
         from .messaging.mqtt import MqttMessenger
         return MqttMessenger(broker, prefix=v.get("prefix", DEFAULT_PREFIX),
                              client_id=v.get("client_id", "edgerun-scheduler"),
                              events_topic=v.get("events_topic"),
                              record_external=v.get("record_external", True),
-                             tls=TLSFiles(v.get("ca_file")))
+                             tls=tls)
 
     def stop(self) -> None:
         if self.api is not None:

@@ -18,14 +18,14 @@ import ssl
 import threading
 from collections.abc import Callable
 from typing import Any
-from urllib.parse import unquote
 
 import pika
 import pika.exceptions
 
 from edgerun.backoff import Backoff
 from edgerun.protocol import Channel, is_node_id
-from edgerun.settings import BrokerURL
+from edgerun.amqp import connection_parameters
+from edgerun.settings import BrokerURL, TLSFiles
 
 from .base import Incoming, Messenger, OnDone
 
@@ -52,11 +52,14 @@ class AmqpMessenger(Messenger):
     def __init__(self, url: BrokerURL, *, tasks_exchange: str = "edgerun.tasks",
                  events_exchange: str = "edgerun.events", audit_exchange: str = "edgerun.audit",
                  queue: str = "edgerun.scheduler", record_external: bool = True,
-                 ca_file: str | None = None, prefetch: int = 500) -> None:
+                 tls: TLSFiles | None = None, prefetch: int = 500) -> None:
         super().__init__(url)
         self.tasks_exchange, self.events_exchange = tasks_exchange, events_exchange
         self.audit_exchange, self.queue = audit_exchange, queue
-        self.record_external, self.ca_file, self.prefetch = record_external, ca_file, prefetch
+        self.record_external, self.prefetch = record_external, prefetch
+        # built once: a bad TLS file is a ConfigError at start-up, not at every reconnect
+        self._params = connection_parameters(url, tls, name="edgerun-scheduler", heartbeat=30,
+                                             blocked_connection_timeout=60, socket_timeout=5)
         self._commands: collections.deque[Callable[[], None]] = collections.deque()
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -121,19 +124,6 @@ class AmqpMessenger(Messenger):
                 and self._channel.is_open:
             self._channel.basic_ack(tag)
 
-    def _params(self) -> pika.ConnectionParameters:
-        url = self.url
-        vhost = unquote(url.path[1:]) if len(url.path) > 1 else "/"
-        ssl_options = None
-        if url.tls:
-            context = ssl.create_default_context(cafile=self.ca_file)
-            ssl_options = pika.SSLOptions(context, url.host)
-        return pika.ConnectionParameters(
-            host=url.host, port=url.port, virtual_host=vhost,
-            credentials=pika.PlainCredentials(url.username or "guest", url.password or "guest"),
-            heartbeat=30, blocked_connection_timeout=60, connection_attempts=1,
-            socket_timeout=5, ssl_options=ssl_options)
-
     def _run(self) -> None:
         backoff = Backoff(self._stop, cap=30.0)
         while not self._stop.is_set():
@@ -152,7 +142,7 @@ class AmqpMessenger(Messenger):
                 break
 
     def _connect(self) -> None:
-        self._conn = pika.BlockingConnection(self._params())
+        self._conn = pika.BlockingConnection(self._params)
         ch = self._conn.channel()
         for exchange in (self.tasks_exchange, self.events_exchange, self.audit_exchange):
             if exchange:

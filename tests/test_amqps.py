@@ -1,4 +1,5 @@
-"""The bridge over amqps://: RabbitMQ's certificate verified, a client certificate presented."""
+"""amqps:// for the bridge and the scheduler: RabbitMQ's certificate verified, client
+certificates presented."""
 
 from __future__ import annotations
 
@@ -7,9 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from .bridgekit import AmqpSink, BridgeProcess, publish_mqtt
+from scheduler.errors import BrokerUnreachable
+
+from .bridgekit import AmqpSink, BridgeProcess, publish_amqp, publish_mqtt
 from .brokers import Mosquitto, free_port, wait_port, wait_until
 from .rabbit import Rabbit, rabbit_scripts
+from .scheduler_kit import Api, running_app
 from .tlskit import CA
 
 pytestmark = pytest.mark.skipif(rabbit_scripts() is None, reason="needs a private RabbitMQ")
@@ -68,3 +72,30 @@ def test_bridge_refuses_a_rabbitmq_it_cannot_verify(tls_rabbit, mosquitto: Mosqu
         assert bridge.proc is not None
         bridge.proc.terminate()
         bridge.proc.wait(30)
+
+
+def test_scheduler_connects_over_amqps_with_a_client_certificate(tls_rabbit,
+                                                                 tmp_path: Path) -> None:
+    rabbit, ca, amqps = tls_rabbit
+    client = ca.issue("edgerun-scheduler", server=False)
+    with AmqpSink(rabbit.url, "edgerun.tasks", "node.*") as tasks, \
+            running_app(amqps, tmp_path, ca_file=str(ca.path), cert_file=str(client.cert),
+                        key_file=str(client.key)) as app:
+        assert app.service is not None and app.service.messenger.connected.is_set()
+        status = {"v": 1, "kind": "status", "node": "node-tls", "state": "online",
+                  "at": "2026-11-22T06:00:00.000Z"}
+        publish_amqp(rabbit.url, "edgerun.events",
+                     [("node.node-tls.status", json.dumps(status).encode())])
+        api = Api(app.api_url)
+        api.wait_node("node-tls")  # the scheduler heard the node over amqps
+        api.dispatch(["node-tls"], {"id": "over-amqps", "type": "shell", "command": "true"})
+        assert wait_until(lambda: any(b'"id":"over-amqps"' in r[1] for r in tasks.received), 20)
+        key = next(r[0] for r in tasks.received if b'"id":"over-amqps"' in r[1])
+        assert key == "node.node-tls"
+
+
+def test_scheduler_without_its_client_certificate_is_refused(tls_rabbit, tmp_path: Path) -> None:
+    _rabbit, ca, amqps = tls_rabbit
+    with pytest.raises(BrokerUnreachable), \
+            running_app(amqps, tmp_path, ca_file=str(ca.path), connect_timeout=5):
+        pass
