@@ -1,0 +1,262 @@
+"""results.json -> results.md and PNG plots (matplotlib, Agg)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+TARGETS = "Targets are reported, not asserted."
+
+
+def _f(value: Any, digits: int = 1) -> str:
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, int):
+        return f"{value:,}"
+    if isinstance(value, float):
+        return f"{value:,.{digits}f}"
+    return str(value)
+
+
+def _met(ok: bool) -> str:
+    return "met" if ok else "**missed**"
+
+
+def _table(head: list[str], rows: list[list[Any]]) -> list[str]:
+    out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    out += ["| " + " | ".join(_f(c) if not isinstance(c, str) else c for c in r) + " |"
+            for r in rows]
+    return [*out, ""]
+
+
+def _size(n: int) -> str:
+    return f"{n // 1024} KiB" if n >= 1024 else f"{n} B"
+
+
+def item1(r: dict[str, Any]) -> list[str]:
+    rows = [[_size(x["size"]), x["direction"], x["count"], x["bridge_msg_s"], x["plugin_msg_s"],
+             f"{x['ratio']:.2f}", _met(x["ratio"] >= 1.0)] for x in r["rows"]]
+    return ["## 1. Bridge throughput against RabbitMQ's MQTT plugin", "",
+            f"Median of {r['runs']} runs each; up = MQTT -> AMQP, down = AMQP -> MQTT. "
+            f"Producer: {r['producer']}. Consumer: {r['consumer']}.", "",
+            *_table(["payload", "direction", "messages", "bridge msg/s", "plugin msg/s",
+                     "ratio bridge/plugin", "target >= 1"], rows)]
+
+
+def item2(r: dict[str, Any]) -> list[str]:
+    rows = []
+    for mode in ("direct", "bridge"):
+        if mode not in r:
+            continue
+        light, loaded = r[mode]["light"], r[mode]["loaded"]
+        rows.append([mode, "light (one at a time)", light["n"], light["p50_ms"], light["p95_ms"],
+                     light["p99_ms"], "-",
+                     f"p50 {_met(light['p50_ms'] <= 2)}, p99 {_met(light['p99_ms'] <= 10)}"])
+        rows.append([mode, f"{loaded['target_rate']:.0f} tasks/s offered", loaded["n"],
+                     loaded["p50_ms"], loaded["p95_ms"], loaded["p99_ms"],
+                     f"{loaded['completed_rate']:.0f}/s", "-"])
+    return ["## 2. Task round trip: dispatch -> succeeded, `true`", "",
+            f"{r['agents']} real agents (`agent.core.Agent`, --parallel 1) in "
+            f"{r['agent_processes']} processes; dispatched through the scheduler's "
+            "messaging layer (MqttMessenger direct to Mosquitto, AmqpMessenger through the "
+            "bridge). Milliseconds.", "",
+            *_table(["mode", "load", "tasks", "p50", "p95", "p99", "completed",
+                     "target (p50 <= 2, p99 <= 10 at light load)"], rows)]
+
+
+def item3(r: dict[str, Any]) -> list[str]:
+    rows = []
+    for row in r["rows"]:
+        b, p = row["bridge"], row["plugin"]
+        rows.append([row["nodes"], "edgerun bridge", b["connect_s"], b["fanout_s"],
+                     b["idle"]["queues"], b["idle"]["rabbit_rss_mib"],
+                     b["idle"]["rabbit_mem_mib"], b["idle"]["bridge_rss_mib"],
+                     b["bridge_peak_rss_mib"], b["idle"]["mosquitto_rss_mib"]])
+        rows.append([row["nodes"], "RabbitMQ MQTT plugin", p["connect_s"], p["fanout_s"],
+                     p["idle"]["queues"], p["idle"]["rabbit_rss_mib"],
+                     p["idle"]["rabbit_mem_mib"], "-", "-", "-"])
+    ratios = []
+    for row in r["rows"]:
+        b, p = row["bridge"]["idle"], row["plugin"]["idle"]
+        ratios.append([row["nodes"], f"{row['fanout_ratio']:.2f}",
+                       f"{p['queues']} vs {b['queues']}",
+                       f"{p['rabbit_rss_mib'] / b['rabbit_rss_mib']:.1f}"])
+    queues = {row["bridge"]["idle"]["queues"] for row in r["rows"]}
+    return ["## 3. Scale in nodes", "",
+            "Simulated nodes (bench/swarm.py: one real paho MQTT client per node, many per "
+            "process on one epoll loop, Last Will, retained online status, QoS 1 "
+            "subscription to its tasks topic, `accepted`/`running`/`succeeded` answers; they "
+            "speak the contract but do not fork processes). Fan-out: one task per node "
+            f"published at once, until every `succeeded` is back at an AMQP consumer (median "
+            f"of {r['runs']}). MiB; RabbitMQ RSS is its whole process tree, `erlang` is "
+            "`erlang:memory(total)`.", "",
+            *_table(["nodes", "path", "connect s", "fan-out s", "RabbitMQ queues",
+                     "RabbitMQ RSS", "erlang", "bridge RSS", "bridge peak", "Mosquitto RSS"],
+                    rows),
+            *_table(["nodes", "fan-out time plugin/bridge", "queues plugin vs bridge",
+                     "RabbitMQ RSS plugin/bridge"], ratios),
+            f"Target: RabbitMQ's queue count independent of node count: "
+            f"{_met(len(queues) == 1)} (bridge queue counts {sorted(queues)}).", ""]
+
+
+def item4(r: dict[str, Any]) -> list[str]:
+    rows = [[s["target_rate"], s["achieved_connect_rate"], s["churn_events"],
+             f"{s['tasks_succeeded']}/{s['tasks_sent']}", s["swarm_errors"],
+             ", ".join(f"{k} {v:.2f}" for k, v in s.get("cpu_cores_used", {}).items()),
+             "yes" if s["held"] else "no"] for s in r["steps"]]
+    return ["## 4. Churn while tasks flow (through the bridge)", "",
+            f"{r['stable_nodes']} stable simulated nodes receive {r['task_rate']:.0f} tasks/s "
+            "over AMQP while other simulated nodes disconnect (cleanly) and reconnect "
+            f"(with a new session's status and subscription) at the target rate, "
+            f"{r['seconds_per_step']:.0f} s per step. Held = every task succeeded, no "
+            "connection error, and >= 90% of the target connect rate reached.", "",
+            *_table(["target /s", "connects /s", "churn events", "tasks ok", "errors",
+                     "CPU cores used", "held"], rows),
+            f"Highest rate held: **{r['held_rate']:.0f}/s**.", ""]
+
+
+def item5(r: dict[str, Any]) -> list[str]:
+    rows = []
+    for name in ("frozen binary", "installed (python -m agent)"):
+        e = r.get(name, {})
+        if not e.get("built"):
+            rows.append([name, "not built", "-", "-", "-", "-"])
+            continue
+        rows.append([name, e["size_mib"], e["exec_to_online_s"], e["idle_rss_mib"],
+                     e["task_rss_mib"], e.get("cmd", "")])
+    base = r.get("python3 -c pass", {})
+    rows.append(["python3 -c pass", "-", base.get("exec_s", "-"), base.get("rss_mib", "-"),
+                 "-", "the same interpreter"])
+    out = ["## 5. Agent footprint", "",
+           f"Median of {r['runs']} runs. RSS of the agent's whole process tree (the frozen "
+           "binary is a PyInstaller bootloader plus the Python child), MiB; while running: "
+           "peak during `sleep 1`, the `sleep` process excluded. Exec -> online: seconds "
+           "from exec to the retained online status at a subscriber.", "",
+           *_table(["agent", "size MiB", "exec -> online s", "idle RSS", "RSS running task",
+                    "command"], rows)]
+    frozen = r.get("frozen binary", {})
+    if frozen.get("built"):
+        size_ok = frozen["size_mib"] * 1.048576 <= 10
+        out += [f"Targets (frozen binary): size <= 10 MB {_met(size_ok)}, "
+                f"idle RSS <= 25 MB {_met(frozen['idle_rss_mib'] <= 25)}, exec -> online <= 1 s "
+                f"{_met(frozen['exec_to_online_s'] <= 1)}.", ""]
+    return out
+
+
+def item6(r: dict[str, Any]) -> list[str]:
+    return ["## 6. Correctness under volume", "",
+            *_table(["messages", "path", "unique", "sum", "expected", "correct", "duplicates",
+                     "seconds", "msg/s"],
+                    [[r["count"], r["path"], r["unique"], r["sum"], r["expected_sum"],
+                      r["correct"], r["duplicates"], r["seconds"], r["msg_s"]]])]
+
+
+def item7(r: dict[str, Any]) -> list[str]:
+    rows = []
+    for key, name in (("small", "small mode: embedded broker + scheduler + agent"),
+                      ("full", "RabbitMQ + Mosquitto + bridge + scheduler + agent")):
+        e = r[key]
+        parts = ", ".join(f"{k} {v:.0f}" for k, v in e["idle"].items())
+        rows.append([name, e["idle_total_mib"], e["peak_rss_mib"], parts,
+                     "yes" if e["all_succeeded"] else "no"])
+    return ["## 7. Footprint of the small mode", "",
+            f"Total RSS (MiB) of every process, idle and peak under load ({r['load']}).", "",
+            *_table(["set-up", "idle", "under load", "idle by process", "all succeeded"], rows),
+            f"Ratio full/small: idle {r['idle_ratio']:.1f}x, under load {r['load_ratio']:.1f}x.",
+            ""]
+
+
+SECTIONS = {"1": item1, "2": item2, "3": item3, "4": item4, "5": item5, "6": item6, "7": item7}
+
+
+def markdown(results: dict[str, Any]) -> str:
+    m, v = results["machine"], results["versions"]
+    lines = ["# edgerun benchmarks", "",
+             f"Run {results['started']} ({results['mode']}, {results['elapsed_s']:.0f} s). "
+             f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB, Linux "
+             f"{m['kernel']}, nofile {m['nofile']}. Versions: "
+             + ", ".join(f"{k} {val}" for k, val in v.items()) + ". " + TARGETS, ""]
+    for key, render in SECTIONS.items():
+        item = results["items"].get(key)
+        if item is None:
+            continue
+        if "error" in item:
+            lines += [f"## {key}. failed", "", f"`{item['error']}`", ""]
+            continue
+        try:
+            lines += render(item)
+        except (KeyError, TypeError, ZeroDivisionError) as exc:
+            lines += [f"## {key}. (could not render: {exc!r})", ""]
+    for name in results.get("plots", []):
+        lines += [f"![{name}]({name})", ""]
+    if results.get("notes"):
+        lines += ["## Notes", "", results["notes"], ""]
+    return "\n".join(lines)
+
+
+# --- plots ---------------------------------------------------------------------------
+def plots(results: dict[str, Any], out: Path) -> list[str]:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    made = []
+    items = results["items"]
+    if "rows" in items.get("1", {}):
+        rows = items["1"]["rows"]
+        fig, ax = plt.subplots(figsize=(8, 4))
+        labels = [f"{_size(r['size'])} {r['direction']}" for r in rows]
+        x = range(len(rows))
+        ax.bar([i - 0.2 for i in x], [r["bridge_msg_s"] for r in rows], 0.4, label="edgerun bridge")
+        ax.bar([i + 0.2 for i in x], [r["plugin_msg_s"] for r in rows], 0.4,
+               label="RabbitMQ MQTT plugin")
+        ax.set_xticks(list(x), labels)
+        ax.set_yscale("log")
+        ax.set_ylabel("messages/s (QoS 1, log)")
+        ax.legend()
+        ax.set_title("Item 1: throughput, median of runs")
+        fig.tight_layout()
+        fig.savefig(out / "throughput.png", dpi=100)
+        plt.close(fig)
+        made.append("throughput.png")
+    if "direct" in items.get("2", {}):
+        fig, ax = plt.subplots(figsize=(8, 4))
+        for mode in ("direct", "bridge"):
+            if mode not in items["2"]:
+                continue
+            for load, key in (("light", "runs_ms"), ("loaded", "runs_ms_sample")):
+                values = sorted(items["2"][mode][load][key])
+                if values:
+                    ax.plot(values, [i / len(values) for i in range(len(values))],
+                            label=f"{mode}, {load}")
+        ax.set_xscale("log")
+        ax.set_xlabel("dispatch -> succeeded, ms (log)")
+        ax.set_ylabel("fraction of tasks")
+        ax.axvline(2, color="grey", linestyle=":")
+        ax.axvline(10, color="grey", linestyle=":")
+        ax.legend()
+        ax.set_title("Item 2: round trip of `true`, CDF")
+        fig.tight_layout()
+        fig.savefig(out / "roundtrip.png", dpi=100)
+        plt.close(fig)
+        made.append("roundtrip.png")
+    if "rows" in items.get("3", {}):
+        rows = items["3"]["rows"]
+        nodes = [r["nodes"] for r in rows]
+        fig, axes = plt.subplots(1, 3, figsize=(12, 4))
+        for path, label in (("bridge", "edgerun bridge"), ("plugin", "MQTT plugin")):
+            axes[0].plot(nodes, [r[path]["fanout_s"] for r in rows], "o-", label=label)
+            axes[1].plot(nodes, [r[path]["idle"]["queues"] for r in rows], "o-", label=label)
+            axes[2].plot(nodes, [r[path]["idle"]["rabbit_rss_mib"] for r in rows], "o-",
+                         label=label)
+        for ax, title in zip(axes, ("fan-out to all nodes, s", "RabbitMQ queues",
+                                    "RabbitMQ RSS, MiB"), strict=True):
+            ax.set_xscale("log")
+            ax.set_xlabel("nodes")
+            ax.set_title(title)
+            ax.legend()
+        axes[1].set_yscale("symlog")
+        fig.tight_layout()
+        fig.savefig(out / "scale.png", dpi=100)
+        plt.close(fig)
+        made.append("scale.png")
+    return made
