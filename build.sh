@@ -6,6 +6,7 @@
 #   ./build.sh demo    embedded broker, scheduler and one agent: run example tasks
 #   ./build.sh binary  the agent as one static file: images/out/edgerun-agent
 #   ./build.sh image   the discovery image: images/out/vmlinuz and initramfs.img
+#   ./build.sh bench   benchmarks against the alternatives (--quick, or items: bench 1 3)
 set -euo pipefail
 cd "$(dirname "$0")"
 VENV=${EDGERUN_VENV:-.venv}
@@ -52,6 +53,12 @@ case "$cmd" in
     demo) setup; "$PY" -m scheduler.demo "$@" ;;
     binary) images/build-binary.sh "$@" ;;
     image) images/build-image.sh "$@" ;;
+    bench)
+        setup
+        "$PY" -c 'import matplotlib' 2>/dev/null ||
+            "$PY" -m pip install --quiet --disable-pip-version-check -e ".[bench]"
+        "$PY" bench/run.py "$@"
+        ;;
     test)
         setup
         brokers_hint
