@@ -1,0 +1,136 @@
+#!/usr/bin/env bash
+# Build the discovery image: images/out/vmlinuz and images/out/initramfs.img.
+#
+#   images/build-image.sh [--overlay DIR]...
+#
+# The kernel is Debian's (the candidate of linux-image-amd64, or
+# EDGERUN_KERNEL_PACKAGE), busybox comes from busybox-static and the CA bundle
+# from ca-certificates: their .deb files are fetched with `apt-get download`
+# into images/out/cache and unpacked there, never installed, so this needs no
+# root. The agent is images/out/edgerun-agent (built first when out of date).
+# An --overlay directory is copied over the image's root last: an agent.toml in
+# etc/edgerun/, a site CA, firmware in lib/firmware/.
+#
+# Nothing is rebuilt when no input changed (images/out/image.inputs).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT=images/out
+CACHE=$OUT/cache
+PY=${EDGERUN_IMAGE_PYTHON:-python3}
+
+say() { echo "build.sh image: $*" >&2; }
+
+overlays=()
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --overlay) overlays+=("$(cd "$2" && pwd)"); shift 2 ;;
+        --overlay=*) overlays+=("$(cd "${1#*=}" && pwd)"); shift ;;
+        *) say "unknown argument '$1' (--overlay DIR)"; exit 2 ;;
+    esac
+done
+
+images/prereqs.sh image || exit $?
+images/build-binary.sh
+
+# --- the Debian packages -----------------------------------------------------------------
+if ! apt-cache show --no-all-versions linux-image-amd64 >/dev/null 2>&1; then
+    if [ "$(id -u)" -eq 0 ]; then
+        say "no Debian package lists yet: apt-get update"
+        apt-get update -qq >&2
+    else
+        say "apt knows no linux-image-amd64: run 'apt-get update' as root first"
+        exit 3
+    fi
+fi
+kernel_pkg=${EDGERUN_KERNEL_PACKAGE:-$(apt-cache show --no-all-versions linux-image-amd64 |
+    sed -n 's/^Depends: \(linux-image-[^ ,]*\).*/\1/p' | head -n 1)}
+if [ -z "$kernel_pkg" ]; then
+    say "cannot tell which kernel linux-image-amd64 stands for (set EDGERUN_KERNEL_PACKAGE)"
+    exit 2
+fi
+
+mkdir -p "$CACHE/debs"
+fetch() {  # fetch PACKAGE: print the path of its candidate .deb, downloading it once
+    local pkg=$1 sha dest tmp
+    sha=$(apt-cache show --no-all-versions "$pkg" | sed -n 's/^SHA256: //p' | head -n 1)
+    if [ -z "$sha" ]; then
+        say "apt knows no package $pkg (apt-get update?)"
+        exit 2
+    fi
+    dest=$CACHE/debs/${pkg}_${sha:0:16}.deb
+    if [ ! -f "$dest" ]; then
+        say "downloading $pkg"
+        tmp=$(mktemp -d "$CACHE/download.XXXXXX")
+        (cd "$tmp" && apt-get download -q -o APT::Sandbox::User=root "$pkg" >&2)
+        mv "$tmp"/*.deb "$dest.part"
+        rmdir "$tmp"
+        if ! echo "$sha  $dest.part" | sha256sum --check --status; then
+            say "$pkg: the download does not match the SHA256 apt expects"
+            rm -f "$dest.part"
+            exit 1
+        fi
+        mv "$dest.part" "$dest"
+    fi
+    echo "$dest"
+}
+kernel_deb=$(fetch "$kernel_pkg")
+busybox_deb=$(fetch busybox-static)
+ca_deb=$(fetch ca-certificates)
+agent_version=$("$OUT/edgerun-agent" --version | awk '{print $2}')
+
+# --- up to date? ---------------------------------------------------------------------------
+hash=$(
+    {
+        sha256sum "$kernel_deb" "$busybox_deb" "$ca_deb" "$OUT/edgerun-agent" \
+            images/build-image.sh images/mkinitramfs.py images/modules.txt | cut -d' ' -f1
+        (cd images/rootfs && find . \( -type f -o -type l \) | LC_ALL=C sort |
+            while read -r f; do echo "$f $(stat -c %A "$f") $(sha256sum <"$f")"; done)
+        for dir in "${overlays[@]}"; do
+            (cd "$dir" && find . \( -type f -o -type l \) | LC_ALL=C sort |
+                while read -r f; do echo "$f $(stat -c %A "$f") $(sha256sum <"$f")"; done)
+        done
+    } | sha256sum | cut -d' ' -f1
+)
+report() {
+    local initramfs kernel
+    initramfs=$(stat -c %s "$OUT/initramfs.img")
+    kernel=$(stat -c %s "$OUT/vmlinuz")
+    say "$OUT/initramfs.img: $(awk -v b="$initramfs" 'BEGIN { printf "%.1f MiB", b / 1048576 }') ($initramfs bytes)"
+    say "$OUT/vmlinuz: $(awk -v b="$kernel" 'BEGIN { printf "%.1f MiB", b / 1048576 }') ($kernel_pkg)"
+}
+if [ -f "$OUT/initramfs.img" ] && [ -f "$OUT/vmlinuz" ] &&
+    [ "$(cat "$OUT/image.inputs" 2>/dev/null)" = "$hash" ]; then
+    say "up to date"
+    report
+    exit 0
+fi
+
+# --- unpack (the kernel tree is kept: it is the slow part) -----------------------------------
+kernel_tree=$CACHE/$(basename "$kernel_deb" .deb)
+if [ ! -f "$kernel_tree/.complete" ]; then
+    say "unpacking $kernel_pkg"
+    find "$CACHE" -maxdepth 1 -name 'linux-image-*' -type d -exec rm -rf {} +
+    mkdir -p "$kernel_tree"
+    dpkg-deb -x "$kernel_deb" "$kernel_tree"
+    touch "$kernel_tree/.complete"
+fi
+work=$OUT/work/image
+rm -rf "$work"
+mkdir -p "$work/busybox" "$work/ca"
+dpkg-deb -x "$busybox_deb" "$work/busybox"
+dpkg-deb -x "$ca_deb" "$work/ca"
+
+overlay_args=()
+for dir in "${overlays[@]}"; do
+    overlay_args+=(--overlay "$dir")
+done
+say "assembling the initramfs (kernel $kernel_pkg, agent $agent_version)"
+"$PY" images/mkinitramfs.py --kernel-root "$kernel_tree" --busybox-root "$work/busybox" \
+    --ca-root "$work/ca" --agent "$OUT/edgerun-agent" --agent-version "$agent_version" \
+    --note "kernel_package=$kernel_pkg $(dpkg-deb -f "$kernel_deb" Version)" \
+    --note "busybox=$(dpkg-deb -f "$busybox_deb" Version)" \
+    --note "ca_certificates_package=$(dpkg-deb -f "$ca_deb" Version)" \
+    "${overlay_args[@]}" --out "$OUT"
+echo "$hash" >"$OUT/image.inputs"
+rm -rf "$work"
+report

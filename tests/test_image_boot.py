@@ -1,0 +1,216 @@
+"""Boot the discovery image in QEMU and drive its agent over a broker on the host.
+
+`./build.sh image` builds the static agent, the kernel and the initramfs (or
+finds them up to date). The VM has two NICs on two QEMU user-mode networks
+(virtio-net and an e1000, so both the virtio and the Intel modules must load)
+and SMBIOS identity of our choosing; the guest reaches the test's Mosquitto and
+HTTP server on the host's loopback as 10.0.2.2. One boot serves every test in
+this file, in order; the figures (boot-to-online, RSS in the VM) go to
+images/out/vm-report.json and the terminal.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from .brokers import Mosquitto, mosquitto_binary, wait_until
+from .httpkit import PAYLOAD, PAYLOAD_SHA, http_server
+from .mqttkit import Observer, shell
+from .test_image_binary import BUILD_TIMEOUT, build, load_images_module, prerequisites
+
+ROOT = Path(__file__).resolve().parent.parent
+OUT = ROOT / "images" / "out"
+ONLINE_TIMEOUT = 300  # TCG on a busy CI machine; under KVM it is seconds
+TASK_TIMEOUT = 120
+GUEST_HOST = "10.0.2.2"  # the host's 127.0.0.1 as QEMU's user network shows it
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(BUILD_TIMEOUT + 2 * ONLINE_TIMEOUT)]
+
+
+@dataclass
+class Booted:
+    vm: Any
+    observer: Observer
+    node: str
+    smbios: dict[str, str]
+    macs: dict[str, str]
+    http: str
+    manifest: dict[str, Any]
+    online_after_s: float
+    report: dict[str, Any]
+
+    def run(self, task_id: str, command: str) -> dict[str, Any]:
+        self.observer.send(self.node, shell(task_id, command, timeout=60))
+        final = self.observer.final(task_id, TASK_TIMEOUT)
+        assert final["state"] == "succeeded", (final, self.vm.log()[-3000:])
+        return final
+
+
+@pytest.fixture(scope="module")
+def image() -> dict[str, Any]:
+    prerequisites("binary", "image", "vm")
+    if mosquitto_binary() is None:
+        pytest.skip("mosquitto not found: apt-get install mosquitto")
+    build("image")
+    return dict(json.loads((OUT / "manifest.json").read_text()))
+
+
+@pytest.fixture(scope="module")
+def booted(image: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Booted]:
+    vm_module = load_images_module("vm")
+    work = tmp_path_factory.mktemp("vm")
+    broker = Mosquitto(work / "mosquitto").start()
+    node = f"vm-{uuid.uuid4().hex[:8]}"
+    smbios = {"manufacturer": "edgerun-test", "product": "discovery-vm",
+              "serial": f"SN-{uuid.uuid4().hex[:10]}", "uuid": str(uuid.uuid4())}
+    macs = {"virtio-net-pci": "52:54:00:ed:9e:01", "e1000": "52:54:00:ed:9e:02"}
+    nics = [vm_module.Nic("virtio-net-pci", macs["virtio-net-pci"]),
+            vm_module.Nic("e1000", macs["e1000"], net="10.0.3.0/24")]
+    append = f"edgerun.broker=mqtt://{GUEST_HOST}:{broker.port} edgerun.node={node}"
+    with http_server() as http, Observer(broker.url) as observer:
+        vm = vm_module.VM(append=append, nics=nics, smbios=smbios, memory_mb=512, cpus=2,
+                          console=work / "console.log").start()
+        started = vm.started_at
+        try:
+            online = wait_until(lambda: bool(observer.of("status", node=node, state="online")),
+                                ONLINE_TIMEOUT, interval=0.05)
+            assert online, f"never online; QEMU: {vm.qemu_output()}\nconsole:\n{vm.log()[-5000:]}"
+            online_after = time.monotonic() - started
+            port = http.rsplit(":", 1)[1]
+            report = {"accel": vm.accel, "boot_to_online_s": round(online_after, 1),
+                      "initramfs_bytes": (OUT / "initramfs.img").stat().st_size,
+                      "binary_bytes": (OUT / "edgerun-agent").stat().st_size,
+                      "kernel": image["kernel"]}
+            yield Booted(vm, observer, node, smbios, macs, f"http://{GUEST_HOST}:{port}",
+                         image, online_after, report)
+        finally:
+            vm.stop()
+            broker.stop()
+            (OUT / "vm-console.log").write_text(vm.log())
+
+
+def online_status(booted: Booted) -> dict[str, Any]:
+    return booted.observer.of("status", node=booted.node, state="online")[0]
+
+
+def test_node_comes_online_with_facts_read_inside_the_vm(booted: Booted) -> None:
+    status = online_status(booted)
+    facts = status["facts"]
+    assert facts["kernel"] == booted.manifest["kernel"]
+    assert facts["arch"] == "x86_64" and facts["cpus"] == 2
+    assert facts["mem_bytes"] < 600 * 1024 * 1024  # the VM's 512 MiB, not the host's memory
+    assert facts["hostname"] == booted.node
+    assert facts["dmi"] == {"product_uuid": booted.smbios["uuid"],
+                            "serial": booted.smbios["serial"],
+                            "vendor": booted.smbios["manufacturer"],
+                            "product": booted.smbios["product"]}
+    # both drivers loaded (virtio_net and e1000 are modules) and both NICs got a lease
+    assert sorted(facts["macs"].values()) == sorted(booted.macs.values())
+    by_mac = {mac: name for name, mac in facts["macs"].items()}
+    virtio, e1000 = by_mac[booted.macs["virtio-net-pci"]], by_mac[booted.macs["e1000"]]
+    v4 = {name: [a for a in facts["ips"].get(name, []) if "." in a] for name in (virtio, e1000)}
+    assert any(a.startswith("10.0.2.") for a in v4[virtio]), facts["ips"]
+    assert any(a.startswith("10.0.3.") for a in v4[e1000]), facts["ips"]
+    assert status["agent"] == booted.manifest["agent_version"]
+
+
+def test_shell_task_runs_on_the_image_kernel(booted: Booted) -> None:
+    final = booted.run("uname", "uname -a")
+    assert final["exit_code"] == 0
+    assert booted.manifest["kernel"] in final["stdout"] and "x86_64" in final["stdout"]
+    states = booted.observer.states("uname")
+    assert states == ["accepted", "running", "succeeded"]
+
+
+def test_download_from_the_host_with_its_sha256(booted: Booted) -> None:
+    task = {"v": 1, "kind": "task", "id": "fetch", "type": "download",
+            "url": f"{booted.http}/file", "dest": "/var/tmp/edgerun/payload.bin",
+            "sha256": PAYLOAD_SHA, "mode": "0600"}
+    booted.observer.send(booted.node, task)
+    final = booted.observer.final("fetch", TASK_TIMEOUT)
+    assert final["state"] == "succeeded", final
+    assert final["sha256"] == PAYLOAD_SHA and final["bytes"] == len(PAYLOAD)
+    assert final["dest"] == "/var/tmp/edgerun/payload.bin"
+    check = booted.run("check", "sha256sum /var/tmp/edgerun/payload.bin; "
+                       "stat -c %a /var/tmp/edgerun/payload.bin")
+    digest, _, rest = check["stdout"].partition(" ")
+    assert digest == hashlib.sha256(PAYLOAD).hexdigest()
+    assert rest.split()[-1] == "600"
+
+
+def test_agent_memory_inside_the_vm(booted: Booted, capsys: pytest.CaptureFixture[str]) -> None:
+    # pid, parent pid, VmRSS (kB) of each edgerun-agent process: staticx's
+    # launcher, PyInstaller's bootloader and Python running the agent
+    final = booted.run("rss", 'for p in $(pidof edgerun-agent); do '
+                       'echo "$p $(awk \'/^PPid:/{print $2}\' /proc/$p/status) '
+                       '$(awk \'/^VmRSS:/{print $2}\' /proc/$p/status)"; done; '
+                       'echo "tmp $(du -sk /tmp | cut -f1)"; '
+                       "echo \"mem $(awk '/^MemAvailable:/{print $2}' /proc/meminfo)\"")
+    rows = {}
+    extra = {}
+    for line in final["stdout"].splitlines():
+        parts = line.split()
+        if parts[0] in ("tmp", "mem"):
+            extra[parts[0]] = int(parts[1])
+        else:
+            rows[int(parts[0])] = (int(parts[1]), int(parts[2]))
+    assert len(rows) == 3, final["stdout"]  # the three stages of the one-file binary
+    leaves = [pid for pid in rows if not any(ppid == pid for ppid, _ in rows.values())]
+    assert len(leaves) == 1
+    agent_rss = rows[leaves[0]][1]
+    total_rss = sum(rss for _, rss in rows.values())
+    assert 0 < agent_rss <= total_rss
+    booted.report.update({"agent_rss_kib": agent_rss, "all_three_rss_kib": total_rss,
+                          "unpacked_in_tmp_kib": extra["tmp"],
+                          "mem_available_kib": extra["mem"]})
+    _write_report(booted, capsys)
+
+
+def test_agent_is_restarted_when_it_dies(booted: Booted,
+                                         capsys: pytest.CaptureFixture[str]) -> None:
+    onlines = len(booted.observer.of("status", node=booted.node, state="online"))
+    # kill -9 the Python process that runs the agent, from a task of its own
+    booted.observer.send(booted.node, shell("suicide", KILL_AGENT))
+    will = booted.observer.wait("status", TASK_TIMEOUT, node=booted.node, state="offline")[-1]
+    assert "facts" not in will  # the broker's Last Will, not a clean goodbye
+    died = time.monotonic()
+    assert wait_until(lambda: len(booted.observer.of("status", node=booted.node,
+                                                     state="online")) > onlines, TASK_TIMEOUT)
+    booted.report["restart_to_online_s"] = round(time.monotonic() - died, 1)
+    final = booted.observer.final("suicide", TASK_TIMEOUT)
+    assert final["state"] == "failed" and final["error"]["code"] == "internal"
+    assert "restarted" in final["error"]["message"]
+    assert re.search(r"edgerun-agent exited with status \d+; starting it again", booted.vm.log())
+    # and the new agent takes tasks
+    assert booted.run("after", "echo alive")["stdout"] == "alive\n"
+    _write_report(booted, capsys)
+
+
+# kill -9 the edgerun-agent process that has no edgerun-agent child: Python
+KILL_AGENT = """
+pids=$(pidof edgerun-agent)
+for p in $pids; do
+    leaf=1
+    for q in $pids; do
+        [ "$(awk '/^PPid:/{print $2}' /proc/$q/status)" = "$p" ] && leaf=0
+    done
+    [ $leaf = 1 ] && kill -9 $p
+done
+sleep 30
+"""
+
+
+def _write_report(booted: Booted, capsys: pytest.CaptureFixture[str]) -> None:
+    (OUT / "vm-report.json").write_text(json.dumps(booted.report, indent=2) + "\n")
+    with capsys.disabled():
+        print(f"\nimage figures: {json.dumps(booted.report)}")
