@@ -89,7 +89,8 @@ def item3(r: dict[str, Any]) -> list[str]:
             "speak the contract but do not fork processes). Fan-out: one task per node "
             f"published at once, until every `succeeded` is back at an AMQP consumer (median "
             f"of {r['runs']}). MiB; RabbitMQ RSS is its whole process tree, `erlang` is "
-            "`erlang:memory(total)`.", "",
+            "`erlang:memory(total)` (allocated by the VM, which with the plugin is far above "
+            "what is resident).", "",
             *_table(["nodes", "path", "connect s", "fan-out s", "RabbitMQ queues",
                      "RabbitMQ RSS", "erlang", "bridge RSS", "bridge peak", "Mosquitto RSS"],
                     rows),
@@ -122,10 +123,11 @@ def item5(r: dict[str, Any]) -> list[str]:
         if not e.get("built"):
             rows.append([name, "not built", "-", "-", "-", "-"])
             continue
-        rows.append([name, e["size_mib"], e["exec_to_online_s"], e["idle_rss_mib"],
+        rows.append([name, e["size_mib"], f"{e['exec_to_online_s']:.3f}", e["idle_rss_mib"],
                      e["task_rss_mib"], e.get("cmd", "")])
     base = r.get("python3 -c pass", {})
-    rows.append(["python3 -c pass", "-", base.get("exec_s", "-"), base.get("rss_mib", "-"),
+    rows.append(["python3 -c pass", "-", f"{base.get('exec_s', 0):.3f} (exit)",
+                 base.get("rss_mib", "-"),
                  "-", "the same interpreter"])
     out = ["## 5. Agent footprint", "",
            f"Median of {r['runs']} runs. RSS of the agent's whole process tree (the frozen "
@@ -175,7 +177,12 @@ def markdown(results: dict[str, Any]) -> str:
              f"Run {results['started']} ({results['mode']}, {results['elapsed_s']:.0f} s). "
              f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB, Linux "
              f"{m['kernel']}, nofile {m['nofile']}. Versions: "
-             + ", ".join(f"{k} {val}" for k, val in v.items()) + ". " + TARGETS, ""]
+             + ", ".join(f"{k} {val}" for k, val in v.items()) + ". " + TARGETS, "",
+             "Load average (1 min) before the run and after each item: "
+             + ", ".join([f"{results.get('load_average_before', [0])[0]:.1f}"]
+                         + [f"{k}: {i.get('load_average_after', [0])[0]:.1f}"
+                            for k, i in results["items"].items()])
+             + " (on 2 cores; other work on the machine shows here).", ""]
     for key, render in SECTIONS.items():
         item = results["items"].get(key)
         if item is None:

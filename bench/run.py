@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 import time
@@ -73,7 +74,8 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, Any] = {
         "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "mode": "quick" if args.quick else "full", "machine": machine(),
-        "versions": versions(), "settings": settings, "items": {}}
+        "versions": versions(), "settings": settings, "items": {},
+        "load_average_before": os.getloadavg()}
     began = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="edgerun-bench-") as tmp:
         for item in items:
@@ -85,6 +87,7 @@ def main(argv: list[str] | None = None) -> int:
                 traceback.print_exc()
                 results["items"][item] = {"error": f"{type(exc).__name__}: {exc}"}
             results["items"][item]["elapsed_s"] = time.monotonic() - t0
+            results["items"][item]["load_average_after"] = os.getloadavg()
             results["elapsed_s"] = time.monotonic() - began
             (out / "results.json").write_text(json.dumps(results, indent=1, default=str))
     notes = ROOT / "bench" / "NOTES.md"

@@ -206,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     last_misc = last_report = started
     ready_sent = False
     churn_started: float | None = None
-    churned = 0
+    churned = debt = 0
 
     def report(**extra: Any) -> None:
         line = {"t": round(time.monotonic() - started, 3), "ready_nodes": len(swarm.ready),
@@ -229,10 +229,12 @@ def main(argv: list[str] | None = None) -> int:
             due = int((now - churn_started) * args.churn_rate) - churned
             for _ in range(min(due, 1000)):
                 churned += 1
+                debt += 1  # a connect owed, paid once a node has finished leaving
                 if swarm.churn_up:
                     swarm.clients[swarm.churn_up.popleft()].disconnect()
-                if swarm.churn_down:
-                    swarm.connect(swarm.churn_down.popleft())
+            while debt and swarm.churn_down:
+                debt -= 1
+                swarm.connect(swarm.churn_down.popleft())
             swarm.counts["churn_events"] = churned
         if now - last_misc > 1.0:
             swarm.misc()
