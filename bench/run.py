@@ -63,7 +63,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("items", nargs="*", help="items to run, 1 to 7 (default: all)")
     parser.add_argument("--quick", action="store_true", help="small counts, one run each")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    parser.add_argument("--render", action="store_true",
+                        help="only rewrite results.md and the plots from results.json")
     args = parser.parse_args(argv)
+    if args.render:
+        return render(Path(args.out))
     bad = [i for i in args.items if i not in FULL]
     if bad:
         parser.error(f"unknown item {bad[0]!r}: choose from 1 2 3 4 5 6 7")
@@ -90,6 +94,16 @@ def main(argv: list[str] | None = None) -> int:
             results["items"][item]["load_average_after"] = os.getloadavg()
             results["elapsed_s"] = time.monotonic() - began
             (out / "results.json").write_text(json.dumps(results, indent=1, default=str))
+    return render(out, results)
+
+
+def render(out: Path, results: dict[str, Any] | None = None) -> int:
+    if results is None:
+        path = out / "results.json"
+        if not path.exists():
+            print(f"./build.sh bench: no {path} to render", file=sys.stderr)
+            return 2
+        results = json.loads(path.read_text())
     notes = ROOT / "bench" / "NOTES.md"
     results["notes"] = notes.read_text() if notes.exists() else ""
     try:
