@@ -42,17 +42,25 @@ if ! apt-cache show --no-all-versions linux-image-amd64 >/dev/null 2>&1; then
         exit 3
     fi
 fi
-kernel_pkg=${EDGERUN_KERNEL_PACKAGE:-$(apt-cache show --no-all-versions linux-image-amd64 |
-    sed -n 's/^Depends: \(linux-image-[^ ,]*\).*/\1/p' | head -n 1)}
+# One apt-cache call per step: each one loads apt's whole cache (a second or more).
+stanzas=$CACHE/apt-show.txt
+mkdir -p "$CACHE/debs"
+field() {  # field PACKAGE FIELD: from the candidate stanzas in $stanzas
+    awk -v pkg="$1" -v key="$2:" '
+        /^Package: / { this = ($2 == pkg) }
+        this && $1 == key { sub(/^[^:]*: /, ""); print; exit }' "$stanzas"
+}
+apt-cache show --no-all-versions linux-image-amd64 busybox-static ca-certificates >"$stanzas"
+kernel_pkg=${EDGERUN_KERNEL_PACKAGE:-$(field linux-image-amd64 Depends | sed 's/[ ,(].*//')}
 if [ -z "$kernel_pkg" ]; then
     say "cannot tell which kernel linux-image-amd64 stands for (set EDGERUN_KERNEL_PACKAGE)"
     exit 2
 fi
+apt-cache show --no-all-versions "$kernel_pkg" >>"$stanzas"
 
-mkdir -p "$CACHE/debs"
 fetch() {  # fetch PACKAGE: print the path of its candidate .deb, downloading it once
     local pkg=$1 sha dest tmp
-    sha=$(apt-cache show --no-all-versions "$pkg" | sed -n 's/^SHA256: //p' | head -n 1)
+    sha=$(field "$pkg" SHA256)
     if [ -z "$sha" ]; then
         say "apt knows no package $pkg (apt-get update?)"
         exit 2

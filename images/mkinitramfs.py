@@ -146,7 +146,7 @@ def read_cpio(data: bytes) -> dict[str, Entry]:
 def compress(data: bytes, kind: str) -> bytes:
     if kind == "xz":  # the kernel's decoder wants CRC32; BCJ helps on x86 code
         filters: list[dict[str, int]] = [{"id": lzma.FILTER_X86},
-                                         {"id": lzma.FILTER_LZMA2, "preset": 9}]
+                                         {"id": lzma.FILTER_LZMA2, "preset": 6}]
         return lzma.compress(data, format=lzma.FORMAT_XZ, check=lzma.CHECK_CRC32,
                              filters=filters)
     if kind == "gzip":

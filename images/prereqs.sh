@@ -6,6 +6,7 @@
 # binary: a Debian Python (/usr/bin/python3 with venv), patchelf and binutils for staticx
 # image:  apt-get and dpkg-deb to fetch and unpack the kernel, busybox and CA packages
 # vm:     qemu-system-x86_64 and its iPXE ROMs, mosquitto for the boot test
+# lint:   shellcheck for the image's shell scripts
 #
 # Every missing tool is named with the Debian package that provides it. As root with
 # apt-get (CI) the packages are installed; otherwise it prints what to install and exits 3,
@@ -57,8 +58,11 @@ for group in "$@"; do
             need_file /usr/lib/ipxe/qemu/efi-virtio.rom ipxe-qemu
             need_cmd mosquitto mosquitto /usr/sbin/mosquitto
             ;;
+        lint)
+            need_cmd shellcheck shellcheck
+            ;;
         *)
-            echo "prereqs.sh: unknown group '$group' (binary, image, vm)" >&2
+            echo "prereqs.sh: unknown group '$group' (binary, image, vm, lint)" >&2
             exit 2
             ;;
     esac

@@ -7,9 +7,9 @@ so a broker or HTTP server on the host's loopback serves the image with no
 bridge, tap device or root. The boot test (tests/test_image_boot.py) drives
 the same class.
 
-KVM is tried first when /dev/kvm opens and creates a VM; if the kernel has not
-printed its first line within `probe_s` (a nested set-up can accept a VM and
-then barely run it), QEMU is stopped and started again under TCG.
+`--accel auto` uses KVM when /dev/kvm opens, creates a VM and a probe boot of
+the kernel prints its first line within `probe_s` (a nested set-up can accept
+a VM and then never run it); otherwise TCG, software emulation.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,6 +45,31 @@ def kvm_usable(device: str = "/dev/kvm") -> bool:
         return False
     finally:
         os.close(fd)
+
+
+_chosen: dict[str, str] = {}
+
+
+def choose_accel(kernel: Path, probe_s: float = 10.0) -> str:
+    """kvm if a guest really runs under it, else tcg; probed once per process.
+
+    Some nested set-ups create KVM VMs that never get past the kernel's
+    decompressor, so the probe boots `kernel` (no initramfs) and waits for its
+    first line on the serial console.
+    """
+    if "accel" not in _chosen:
+        _chosen["accel"] = "kvm" if kvm_usable() and _kernel_speaks(kernel, probe_s) else "tcg"
+    return _chosen["accel"]
+
+
+def _kernel_speaks(kernel: Path, timeout: float) -> bool:
+    with tempfile.TemporaryDirectory(prefix="edgerun-kvm-probe-") as tmp:
+        probe = VM(kernel=kernel, initrd=None, nics=[], memory_mb=128, cpus=1, accel="kvm",
+                   console=Path(tmp) / "console.log").start()
+        try:
+            return probe.wait_console(FIRST_LINE, timeout)
+        finally:
+            probe.stop()
 
 
 @dataclass
@@ -97,27 +123,24 @@ class VM:
         if self.pxe:
             cmd += ["-boot", "n"]
         else:
-            assert self.kernel is not None and self.initrd is not None
-            cmd += ["-kernel", str(self.kernel), "-initrd", str(self.initrd),
+            assert self.kernel is not None
+            cmd += ["-kernel", str(self.kernel),
                     "-append", f"console=ttyS0 earlyprintk=ttyS0 panic=-1 {self.append}".strip()]
+            if self.initrd is not None:
+                cmd += ["-initrd", str(self.initrd)]
         return cmd
 
-    def _launch(self, accel: str) -> None:
+    def start(self) -> VM:
+        if self.accel == "auto":
+            self.accel = choose_accel(self.kernel or OUT / "vmlinuz", self.probe_s)
         self.console.write_bytes(b"")
         self.started_at = time.monotonic()
-        self.proc = subprocess.Popen(self.command(accel), stdin=subprocess.DEVNULL,
+        self.proc = subprocess.Popen(self.command(self.accel), stdin=subprocess.DEVNULL,
                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        self.accel = accel
-
-    def start(self) -> VM:
-        auto = self.accel == "auto"
-        wanted = ("kvm" if kvm_usable() else "tcg") if auto else self.accel
-        self._launch(wanted)
-        if auto and wanted == "kvm" and not self.pxe and \
-                not self.wait_console(FIRST_LINE, self.probe_s):
-            self.stop()
-            self._launch("tcg")
         return self
+
+    def seconds_since_start(self) -> float:
+        return time.monotonic() - self.started_at
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None

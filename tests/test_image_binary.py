@@ -69,6 +69,8 @@ def build(target: str) -> str:
 
 def load_images_module(name: str) -> ModuleType:
     """images/<name>.py (images/ is not a package)."""
+    if f"edgerun_images_{name}" in sys.modules:  # once per session: vm.py keeps its KVM probe
+        return sys.modules[f"edgerun_images_{name}"]
     spec = importlib.util.spec_from_file_location(f"edgerun_images_{name}",
                                                   ROOT / "images" / f"{name}.py")
     assert spec is not None and spec.loader is not None

@@ -99,6 +99,30 @@ def booted(image: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) -> I
             (OUT / "vm-console.log").write_text(vm.log())
 
 
+def test_image_holds_what_the_boot_needs(image: dict[str, Any]) -> None:
+    mk = load_images_module("mkinitramfs")
+    entries = mk.read_cpio(mk.decompress((OUT / "initramfs.img").read_bytes()))
+    assert entries["init"].kind == "file" and entries["init"].mode & 0o111
+    assert entries["dev/console"].kind == "char" and entries["dev/console"].rdev == (5, 1)
+    assert entries["bin/sh"].data == b"/bin/busybox"
+    links = {name.rsplit("/", 1)[-1] for name, e in entries.items() if e.data == b"/bin/busybox"}
+    assert {"init", "modprobe", "udhcpc", "uevent", "ip", "setsid", "awk"} <= links
+    assert entries["usr/bin/edgerun-agent"].data == (OUT / "edgerun-agent").read_bytes()
+    assert entries["etc/ssl/certs/ca-certificates.crt"].data.count(b"BEGIN CERTIFICATE") > 100
+    moddir = f"lib/modules/{image['kernel']}"
+    dep = entries[f"{moddir}/modules.dep"].data.decode().splitlines()
+    for line in dep:  # every module and every dependency it names is in the image
+        for path in line.replace(":", " ").split():
+            assert f"{moddir}/{path}" in entries, path
+    names = {p.rsplit("/", 1)[-1] for p in entries if p.endswith(".ko")}
+    for module in ("virtio_net.ko", "virtio_pci.ko", "e1000.ko", "e1000e.ko", "igb.ko",
+                   "ixgbe.ko", "i40e.ko", "r8169.ko", "tg3.ko", "bnxt_en.ko", "mlx5_core.ko",
+                   "vmxnet3.ko"):
+        assert module in names, module
+    aliases = entries[f"{moddir}/modules.alias"].data.decode()
+    assert re.search(r"^alias pci:v00008086d0000100Esv\S* e1000$", aliases, re.M)  # QEMU's e1000
+
+
 def online_status(booted: Booted) -> dict[str, Any]:
     return booted.observer.of("status", node=booted.node, state="online")[0]
 

@@ -1,0 +1,127 @@
+"""The image's helpers on their own: the cpio writer, the scripts' lint, the systemd unit."""
+
+from __future__ import annotations
+
+import shutil
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from .test_image_binary import load_images_module, prerequisites
+
+ROOT = Path(__file__).resolve().parent.parent
+IMAGES = ROOT / "images"
+ROOTFS = IMAGES / "rootfs"
+
+
+def shell_scripts() -> list[Path]:
+    scripts = sorted(IMAGES.glob("*.sh"))
+    for path in sorted(ROOTFS.rglob("*")):
+        if path.is_file() and (path.read_bytes().startswith(b"#!/bin/sh")
+                               or path.suffix == ".sh"):
+            scripts.append(path)
+    return scripts
+
+
+def test_cpio_round_trip_keeps_every_kind_of_entry() -> None:
+    mk = load_images_module("mkinitramfs")
+    tree = mk.Tree()
+    tree.file("usr/bin/tool", b"#!/bin/sh\necho hi\n", 0o755)
+    tree.file("etc/odd", b"abc")  # a size that needs padding
+    tree.symlink("bin/sh", "/bin/busybox")
+    tree.chardev("dev/console", 5, 1)
+    tree.mkdir("tmp", 0o1777)
+    for kind in ("xz", "gzip", "none"):
+        archive = mk.compress(mk.write_cpio(tree), kind)
+        back = mk.read_cpio(mk.decompress(archive))
+        assert back == tree.entries
+    order = list(mk.read_cpio(mk.write_cpio(tree)))
+    for name in order:  # every parent directory comes before what it holds
+        parent = name.rpartition("/")[0]
+        assert not parent or order.index(parent) < order.index(name)
+    assert stat.S_ISCHR(tree.entries["dev/console"].mode)
+    assert mk.write_cpio(tree) == mk.write_cpio(tree)  # same inputs, same bytes
+
+
+def test_module_closure_follows_modules_dep(tmp_path: Path) -> None:
+    mk = load_images_module("mkinitramfs")
+    moddir = tmp_path / "lib" / "modules" / "6.1.0-test"
+    for rel in ("kernel/net/a.ko", "kernel/net/b.ko", "kernel/net/c-d.ko", "kernel/x/z.ko"):
+        (moddir / rel).parent.mkdir(parents=True, exist_ok=True)
+        (moddir / rel).write_bytes(rel.encode())
+    (moddir / "modules.dep").write_text(
+        "kernel/net/a.ko: kernel/net/b.ko kernel/net/c-d.ko\nkernel/net/b.ko: kernel/net/c-d.ko\n"
+        "kernel/net/c-d.ko:\nkernel/x/z.ko:\n")
+    (moddir / "modules.alias").write_text("alias pci:v1* a\nalias pci:v2* z\n")
+    (moddir / "modules.builtin").write_text("kernel/net/builtin.ko\n")
+    tree = mk.Tree()
+    included, missing = mk.add_modules(tree, tmp_path, "6.1.0-test", ["a", "builtin", "nope"],
+                                       Path("/nonexistent-busybox"))
+    assert included == ["a", "b", "c_d"] and missing == ["nope"]
+    base = "lib/modules/6.1.0-test"
+    assert f"{base}/kernel/x/z.ko" not in tree.entries
+    assert tree.entries[f"{base}/modules.alias"].data == b"alias pci:v1* a\n"
+    assert tree.entries[f"{base}/modules.dep"].data.decode().splitlines() == [
+        "kernel/net/a.ko: kernel/net/b.ko kernel/net/c-d.ko", "kernel/net/b.ko: kernel/net/c-d.ko",
+        "kernel/net/c-d.ko:"]
+
+
+def test_shell_scripts_are_strict_and_shellcheck_clean() -> None:
+    prerequisites("lint")
+    scripts = shell_scripts()
+    assert IMAGES / "build-image.sh" in scripts and ROOTFS / "init" in scripts
+    for script in scripts:
+        text = script.read_text()
+        if script.parent == IMAGES:  # bash on the build host
+            assert "\nset -euo pipefail\n" in text, script
+        elif script.suffix != ".sh":  # busybox ash in the image (a .sh there is sourced)
+            strict = "\nset -eu -o pipefail\n" in text
+            # /init (PID 1) and the service script must never stop half-way: -u only
+            allowed = "\nset -u -o pipefail\n" in text and "No `set -e`" in text
+            assert strict or allowed, script
+    done = subprocess.run(["shellcheck", *map(str, scripts)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout
+
+
+def test_python_helpers_pass_mypy_strict() -> None:
+    files = [*IMAGES.glob("*.py"), *(IMAGES / "binary").glob("*.py")]
+    done = subprocess.run([sys.executable, "-m", "mypy", "--strict", *map(str, files)],
+                          capture_output=True, text=True, cwd=ROOT)
+    assert done.returncode == 0, done.stdout
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None,
+                    reason="systemd-analyze not found: apt-get install systemd")
+def test_systemd_unit_verifies(tmp_path: Path) -> None:
+    unit = (IMAGES / "edgerun-agent.service").read_text()
+    assert "ExecStart=/usr/local/bin/edgerun-agent " in unit
+    # verify checks that ExecStart exists: stand a real executable in for the binary
+    copy = tmp_path / "edgerun-agent.service"
+    stand_in = shutil.which("true") or "/bin/true"
+    copy.write_text(unit.replace("/usr/local/bin/edgerun-agent", stand_in))
+    done = subprocess.run(["systemd-analyze", "verify", str(copy)], capture_output=True, text=True)
+    assert done.returncode == 0 and not done.stderr.strip(), done.stderr
+
+
+def test_prereqs_name_the_debian_packages_that_are_missing(tmp_path: Path) -> None:
+    # a PATH with nothing on it but what the script itself runs
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for tool in ("id", "sort"):
+        found = shutil.which(tool)
+        assert found is not None
+        (bin_dir / tool).symlink_to(found)
+    done = subprocess.run(["/bin/bash", str(IMAGES / "prereqs.sh"), "binary", "vm"],
+                          capture_output=True, text=True,
+                          env={"PATH": str(bin_dir), "EDGERUN_NO_INSTALL": "1"})
+    assert done.returncode == 3, done.stderr
+    assert "build.sh: qemu-system-x86_64 not found: apt-get install qemu-system-x86" \
+        in done.stderr
+    assert "patchelf not found: apt-get install patchelf" in done.stderr
+    assert "objcopy not found: apt-get install binutils" in done.stderr
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("build.sh: as root: apt-get install ")
+    assert "qemu-system-x86" in last.split() and "binutils" in last.split()
