@@ -254,6 +254,19 @@ def add_ca_bundle(tree: Tree, ca_root: Path) -> int:
     return len(certs)
 
 
+def add_local_cas(tree: Tree) -> int:
+    """Append the CAs an overlay put in usr/local/share/ca-certificates (Debian's place
+    for a site's own) to the bundle, as update-ca-certificates would."""
+    local = sorted(name for name, entry in tree.entries.items()
+                   if name.startswith("usr/local/share/ca-certificates/")
+                   and name.endswith(".crt") and entry.kind == "file")
+    if local:
+        bundle = tree.entries[CA_BUNDLE].data.rstrip(b"\n") + b"\n"
+        extra = b"".join(tree.entries[name].data.rstrip(b"\n") + b"\n" for name in local)
+        tree.file(CA_BUNDLE, bundle + extra)
+    return len(local)
+
+
 def build_tree(args: argparse.Namespace) -> tuple[Tree, dict[str, object], list[str]]:
     tree = Tree()
     for path, mode in (("dev", 0o755), ("proc", 0o555), ("sys", 0o555), ("run", 0o755),
@@ -276,6 +289,7 @@ def build_tree(args: argparse.Namespace) -> tuple[Tree, dict[str, object], list[
         f'{args.agent_version} (Linux {version})"\n').encode())
     for overlay in args.overlay:
         tree.copy_tree(overlay)
+    certs += add_local_cas(tree)
     manifest: dict[str, object] = {
         "kernel": version, "modules": included, "modules_missing": missing,
         "ca_certificates": certs, "agent_version": args.agent_version,

@@ -125,3 +125,22 @@ def test_prereqs_name_the_debian_packages_that_are_missing(tmp_path: Path) -> No
     last = done.stderr.strip().splitlines()[-1]
     assert last.startswith("build.sh: as root: apt-get install ")
     assert "qemu-system-x86" in last.split() and "binutils" in last.split()
+
+
+def test_overlay_keeps_exec_bits_and_adds_site_cas(tmp_path: Path) -> None:
+    mk = load_images_module("mkinitramfs")
+    overlay = tmp_path / "overlay"
+    (overlay / "usr/local/share/ca-certificates").mkdir(parents=True)
+    (overlay / "usr/local/share/ca-certificates/site.crt").write_bytes(b"SITE CA\n")
+    (overlay / "etc/edgerun").mkdir(parents=True)
+    (overlay / "etc/edgerun/agent.toml").write_text('log_level = "debug"\n')
+    (overlay / "usr/bin").mkdir(parents=True)
+    (overlay / "usr/bin/site-tool").write_text("#!/bin/sh\n")
+    (overlay / "usr/bin/site-tool").chmod(0o755)
+    tree = mk.Tree()
+    tree.file(mk.CA_BUNDLE, b"MOZILLA CA")
+    tree.copy_tree(overlay)
+    assert mk.add_local_cas(tree) == 1
+    assert tree.entries[mk.CA_BUNDLE].data == b"MOZILLA CA\nSITE CA\n"
+    assert stat.S_IMODE(tree.entries["usr/bin/site-tool"].mode) == 0o755
+    assert stat.S_IMODE(tree.entries["etc/edgerun/agent.toml"].mode) == 0o644
