@@ -21,6 +21,11 @@ say() { echo "build.sh binary: $*" >&2; }
 
 images/prereqs.sh binary || exit $?
 
+# One build at a time in this checkout (two test runs may ask at once).
+mkdir -p "$OUT"
+exec 9>"$OUT/.binary.lock"
+flock 9
+
 if ! "$BUILD_PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then
     say "$BUILD_PYTHON is not Python 3.11 or newer (apt-get install python3, or set EDGERUN_BUILD_PYTHON)"
     exit 2

@@ -30,6 +30,9 @@ while [ $# -gt 0 ]; do
 done
 
 images/prereqs.sh image || exit $?
+mkdir -p "$OUT"
+exec 9>"$OUT/.image.lock"  # one build at a time in this checkout
+flock 9
 images/build-binary.sh
 
 # --- the Debian packages -----------------------------------------------------------------

@@ -46,12 +46,14 @@ for group in "$@"; do
             need_cmd objcopy binutils
             need_cmd strip binutils
             need_cmd ldd libc-bin
+            need_cmd flock util-linux
             ;;
         image)
             need_cmd apt-get apt
             need_cmd apt-cache apt
             need_cmd dpkg-deb dpkg
             need_cmd python3 python3
+            need_cmd flock util-linux
             ;;
         vm)
             need_cmd qemu-system-x86_64 qemu-system-x86
