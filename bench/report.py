@@ -261,7 +261,7 @@ def plots(results: dict[str, Any], out: Path) -> list[str]:
             ax.set_xlabel("nodes")
             ax.set_title(title)
             ax.legend()
-        axes[1].set_yscale("symlog")
+        axes[1].set_yscale("log")
         fig.tight_layout()
         fig.savefig(out / "scale.png", dpi=100)
         plt.close(fig)

@@ -63,6 +63,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("items", nargs="*", help="items to run, 1 to 7 (default: all)")
     parser.add_argument("--quick", action="store_true", help="small counts, one run each")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    parser.add_argument("--merge", action="store_true",
+                        help="replace only these items in the existing results.json")
     parser.add_argument("--render", action="store_true",
                         help="only rewrite results.md and the plots from results.json")
     args = parser.parse_args(argv)
@@ -80,6 +82,13 @@ def main(argv: list[str] | None = None) -> int:
         "mode": "quick" if args.quick else "full", "machine": machine(),
         "versions": versions(), "settings": settings, "items": {},
         "load_average_before": os.getloadavg()}
+    previous = out / "results.json"
+    if args.merge and previous.exists():
+        results = json.loads(previous.read_text())
+        results["settings"].update(settings)
+        results.setdefault("merged", []).append(
+            {"items": items, "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+    elapsed_before = float(results.get("elapsed_s", 0.0))
     began = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="edgerun-bench-") as tmp:
         for item in items:
@@ -92,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
                 results["items"][item] = {"error": f"{type(exc).__name__}: {exc}"}
             results["items"][item]["elapsed_s"] = time.monotonic() - t0
             results["items"][item]["load_average_after"] = os.getloadavg()
-            results["elapsed_s"] = time.monotonic() - began
+            results["elapsed_s"] = elapsed_before + time.monotonic() - began
             (out / "results.json").write_text(json.dumps(results, indent=1, default=str))
     return render(out, results)
 

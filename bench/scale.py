@@ -153,9 +153,12 @@ def item3(work: Path, counts: list[int], runs: int) -> dict[str, Any]:
 def churn_step(rabbit: Rabbit, broker_url: str, stable: list[str], rate: float,
                seconds: float, task_rate: float, index: int,
                watch: dict[str, int]) -> dict[str, Any]:
-    pool = max(400, int(rate * 1.5))
+    # a node must leave, reconnect and resubscribe before it can churn again: a pool of
+    # four seconds' worth keeps the generator from starving when connects slow down
+    pool = max(400, int(rate * 4))
     churners = SwarmGroup(broker_url, pool, node_prefix=f"c{index}x", churn_rate=rate,
-                          churn_from=0, duration=seconds + 120, processes=2)
+                          churn_from=0, duration=seconds + 120,
+                          processes=max(2, -(-pool // 2500)))
     try:
         churners.wait_ready(120)
         before = [dict(x) for x in churners.latest]
