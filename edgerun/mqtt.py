@@ -17,6 +17,7 @@ import select
 import socket
 import ssl
 import threading
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -33,6 +34,7 @@ __all__ = ["Inbound", "MqttConnection", "MqttError", "TLSFiles", "Will"]
 log = logging.getLogger(__name__)
 
 DoneCallback = Callable[[], None]
+MAX_PENDING = 50_000  # QoS>0 publishes handed to paho at once, well under its 65,535 ids
 
 
 class MqttError(EdgerunError):
@@ -81,6 +83,8 @@ class MqttConnection:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._pending: dict[int, DoneCallback | None] = {}  # mid -> callback, network thread only
+        # QoS>0 publishes waiting for a message id: paho's ids wrap at 65,535
+        self._held: deque[tuple[str, bytes, int, bool, DoneCallback | None]] = deque()
         self._idle = threading.Condition()
         self._queued = 0  # commands not yet run, guarded by _idle
         self.connected = threading.Event()
@@ -157,11 +161,12 @@ class MqttConnection:
     def flush(self, timeout: float) -> bool:
         """Wait until every queued command ran and every QoS>0 publish was acknowledged."""
         with self._idle:
-            return self._idle.wait_for(lambda: self._queued == 0 and not self._pending, timeout)
+            return self._idle.wait_for(
+                lambda: self._queued == 0 and not self._pending and not self._held, timeout)
 
     @property
     def in_flight(self) -> int:
-        return len(self._pending) + self._queued
+        return len(self._pending) + len(self._held) + self._queued
 
     def _submit(self, command: Callable[[], None]) -> None:
         with self._idle:
@@ -181,12 +186,28 @@ class MqttConnection:
     # --- the network thread ------------------------------------------------------
     def _publish_now(self, topic: str, payload: bytes, qos: int, retain: bool,
                      on_done: DoneCallback | None) -> None:
+        if qos > 0 and (self._held or len(self._pending) >= MAX_PENDING):
+            self._held.append((topic, payload, qos, retain, on_done))
+            return
+        self._hand_to_paho(topic, payload, qos, retain, on_done)
+
+    def _hand_to_paho(self, topic: str, payload: bytes, qos: int, retain: bool,
+                      on_done: DoneCallback | None) -> None:
         info = self._client.publish(topic, payload, qos, retain)
-        if qos == 0:
+        if info.rc == MQTTErrorCode.MQTT_ERR_QUEUE_SIZE:  # no message id free: wait for one
+            self._held.appendleft((topic, payload, qos, retain, on_done))
+        elif qos == 0:
             if on_done:
                 on_done()
         else:
             self._pending[info.mid] = on_done
+
+    def _release_held(self) -> None:
+        while self._held and len(self._pending) < MAX_PENDING:
+            waiting = len(self._held)
+            self._hand_to_paho(*self._held.popleft())
+            if len(self._held) == waiting:
+                break  # paho had no free id after all: again at the next PUBACK or loop pass
 
     def _ack_now(self, message: Inbound) -> None:
         if message.generation == self.generation and self.connected.is_set():
@@ -279,6 +300,8 @@ class MqttConnection:
                 break
             command()
             ran += 1
+        if self._held:
+            self._release_held()
         if ran:
             with self._idle:
                 self._queued -= ran
@@ -345,7 +368,9 @@ class MqttConnection:
         on_done = self._pending.pop(mid)
         if on_done:
             on_done()
-        if not self._pending:
+        if self._held:
+            self._release_held()
+        if not self._pending and not self._held:
             with self._idle:
                 self._idle.notify_all()
 
