@@ -104,9 +104,15 @@ def _open(session: requests.Session, task: DownloadTask, control: Control) -> An
         try:
             response = session.get(url, stream=True, allow_redirects=False,
                                    timeout=(CONNECT_TIMEOUT, read_timeout))
+        except requests.exceptions.SSLError as exc:  # not transient: no retry
+            raise _Stop(failure(ErrorCode.DOWNLOAD_FAILED,
+                                f"TLS with {url} failed: {_reason(exc)}")) from None
         except requests.RequestException as exc:
             _check(control, task)
-            raise _Retry(f"cannot reach {url}: {type(exc).__name__}") from None
+            raise _Retry(f"cannot reach {url}: {_reason(exc)}") from None
+        except OSError as exc:  # a CA bundle that cannot be read, say
+            raise _Stop(failure(ErrorCode.DOWNLOAD_FAILED,
+                                f"cannot download {url}: {exc}")) from None
         if not response.is_redirect:
             return response
         target = urljoin(url, response.headers.get("location", ""))
@@ -155,7 +161,7 @@ def _attempt(session: requests.Session, task: DownloadTask, control: Control) ->
             return size, digest
         except requests.RequestException as exc:
             _check(control, task)
-            raise _Retry(f"the transfer from {task.url} broke off: {type(exc).__name__}") from None
+            raise _Retry(f"the transfer from {task.url} broke off: {_reason(exc)}") from None
         except OSError as exc:
             raise _Stop(failure(ErrorCode.DOWNLOAD_FAILED,
                                 f"cannot write {task.dest}: {exc.strerror}")) from None
@@ -179,6 +185,19 @@ def _stream(response: Any, fd: int, task: DownloadTask, control: Control) -> tup
         while view:
             view = view[os.write(fd, view):]
     return size, hasher.hexdigest()
+
+
+def _reason(exc: BaseException) -> str:
+    """The innermost cause of a requests error, in one line (urllib3 nests them deeply)."""
+    while exc.__context__ is not None and exc.__cause__ is None:
+        exc = exc.__context__
+    text = str(exc.args[0] if exc.args else exc)
+    for marker in ("certificate verify failed", "Connection refused", "Name or service not known",
+                   "timed out", "Connection reset"):
+        if marker in text:
+            return marker + (f" ({text.split(marker, 1)[1].strip(' :()')[:80]})"
+                             if marker == "certificate verify failed" else "")
+    return f"{type(exc).__name__}: {text[:160]}"
 
 
 def _fsync_dir(directory: str) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import ssl
 import threading
 import time
 from collections.abc import Iterator
@@ -80,13 +81,18 @@ class Server(ThreadingHTTPServer):
 
 
 @contextmanager
-def http_server() -> Iterator[str]:
+def http_server(tls: tuple[str, str] | None = None) -> Iterator[str]:
+    """A local server of PAYLOAD and friends; with `tls` (cert, key files), https."""
     server = Server(("127.0.0.1", 0), Handler)
+    if tls is not None:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(*tls)
+        server.socket = context.wrap_socket(server.socket, server_side=True)
     server.hits = {}
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
+        yield f"{'https' if tls else 'http'}://127.0.0.1:{server.server_address[1]}"
     finally:
         server.shutdown()
         server.server_close()

@@ -15,6 +15,7 @@ from agent.outcome import Control
 from edgerun.protocol import DownloadTask, State
 
 from .httpkit import PAYLOAD, PAYLOAD_SHA, http_server
+from .tlskit import CA
 
 
 @pytest.fixture(scope="module")
@@ -132,3 +133,26 @@ def test_unwritable_directory(base: str, tmp_path: Path) -> None:
         locked.mkdir(mode=0o500)
     outcome = fetch(f"{base}/file", locked / "f")
     assert outcome.fields["error"].code == "download_failed"
+
+
+def test_https_verifies_the_server_and_never_retries_a_bad_certificate(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    ca = CA(tmp_path / "pki")
+    server = ca.issue("localhost", server=True)
+    with http_server(tls=(str(server.cert), str(server.key))) as base:
+        untrusted = fetch(f"{base}/file", tmp_path / "f")
+        assert untrusted.fields["error"].code == "download_failed"
+        assert "certificate verify failed" in untrusted.fields["error"].message
+        monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(ca.path))
+        trusted = fetch(f"{base}/file", tmp_path / "g", sha256=PAYLOAD_SHA)
+        assert trusted.state == State.SUCCEEDED
+        monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(tmp_path / "no-such-bundle.pem"))
+        unreadable = fetch(f"{base}/file", tmp_path / "h")
+        assert unreadable.fields["error"].code == "download_failed"
+        assert "no-such-bundle" in unreadable.fields["error"].message
+    assert leftovers(tmp_path) == ["g", "pki"]
+
+
+def test_failed_attempts_say_why(base: str, tmp_path: Path) -> None:
+    refused = fetch("http://127.0.0.1:9/x", tmp_path / "f")
+    assert "Connection refused" in refused.fields["error"].message

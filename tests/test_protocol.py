@@ -58,6 +58,11 @@ def test_defaults_and_unknown_fields_ignored() -> None:
     assert parsed.timeout == 3600 and parsed.ok_codes == (0,) and parsed.env == {}
 
 
+def test_cwd_may_be_the_root_but_dest_may_not() -> None:
+    assert parse(task(cwd="/")).cwd == "/"
+    assert code_of(download(dest="/"))[0] == "bad_message"
+
+
 def test_cancel() -> None:
     assert parse({"v": 1, "kind": "cancel", "id": "x"}) == Cancel("x")
 
@@ -90,6 +95,7 @@ def test_cancel() -> None:
     (task(env=["A"]), "bad_message", True),
     (task(cwd="relative/dir"), "bad_message", True),
     (task(cwd="/a/../b"), "bad_message", True),
+    (task(cwd=""), "bad_message", True),
     (task(stdin=3), "bad_message", True),
     (task(ok_codes=0), "bad_message", True),
     (task(ok_codes=[]), "bad_message", True),

@@ -120,12 +120,16 @@ class _Fields:
             raise self.fail(f"`{name}` must be a whole number greater than 0")
         return value
 
-    def abs_path(self, name: str, *, required: bool = False) -> str | None:
+    def abs_path(self, name: str, *, required: bool = False,
+                 file: bool = False) -> str | None:
+        """An absolute, normalised path; with `file`, one that can name a file (not `/`)."""
         value = self.text(name, required=required)
         if value is None:
             return None
-        if not value.startswith("/") or posixpath.normpath(value) != value or value == "/":
-            raise self.fail(f"`{name}` must be an absolute, normalised path, got {value!r:.200}")
+        if not value.startswith("/") or posixpath.normpath(value) != value \
+                or (file and value == "/"):
+            raise self.fail(f"`{name}` must be an absolute, normalised path"
+                            f"{' to a file' if file else ''}, got {value!r:.200}")
         return value
 
 
@@ -215,7 +219,7 @@ def _download(f: _Fields, task_id: str, timeout: float, expires_at: Any) -> Down
     problem = check_url(url)
     if problem:
         raise f.fail(f"`url`: {problem}")
-    dest = f.abs_path("dest", required=True)
+    dest = f.abs_path("dest", required=True, file=True)
     assert dest is not None
     sha256 = f.text("sha256")
     if sha256 is not None and not _HEX64.fullmatch(sha256):
