@@ -156,3 +156,22 @@ def test_https_verifies_the_server_and_never_retries_a_bad_certificate(
 def test_failed_attempts_say_why(base: str, tmp_path: Path) -> None:
     refused = fetch("http://127.0.0.1:9/x", tmp_path / "f")
     assert "Connection refused" in refused.fields["error"].message
+
+
+def test_symlink_planted_at_the_temporary_name_is_never_followed(
+        base: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The temporary file is created with O_EXCL: even an attacker who guesses its name
+    and plants a symlink there cannot make the agent write through it."""
+    import tempfile
+    names = iter(["guessed", "fresh"])
+    monkeypatch.setattr(tempfile, "_get_candidate_names", lambda: names)
+    target = tmp_path / "victim"
+    target.write_text("keep me")
+    directory = tmp_path / "d"
+    directory.mkdir()
+    (directory / ".f.guessed.part").symlink_to(target)
+    outcome = fetch(f"{base}/file", directory / "f", sha256=PAYLOAD_SHA)
+    assert outcome.state == State.SUCCEEDED
+    assert target.read_text() == "keep me"
+    assert (directory / "f").read_bytes() == PAYLOAD
+    assert (directory / ".f.guessed.part").is_symlink()  # left alone, not written through
