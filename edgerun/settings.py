@@ -100,17 +100,15 @@ class Option:
         return "EDGERUN_" + self.name.upper()
 
 
-class _Parser(argparse.ArgumentParser):
+class Parser(argparse.ArgumentParser):
+    """An argument parser whose mistakes are ConfigErrors: one line and exit 2."""
+
     def error(self, message: str) -> NoReturn:
         raise ConfigError(message)
 
 
-def build_parser(prog: str, description: str, options: Sequence[Option],
-                 version: str) -> argparse.ArgumentParser:
-    parser = _Parser(prog=prog, description=description)
-    parser.add_argument("--config", metavar="FILE", default=None,
-                        help="TOML file with the settings below (also EDGERUN_CONFIG)")
-    parser.add_argument("--version", action="version", version=f"{prog} {version}")
+def add_options(parser: argparse.ArgumentParser, options: Sequence[Option]) -> None:
+    """A flag for each option; None when not given, so lower layers show through."""
     for opt in options:
         if opt.kind is bool:
             parser.add_argument(opt.flag, dest=opt.name, default=None,
@@ -118,6 +116,15 @@ def build_parser(prog: str, description: str, options: Sequence[Option],
         else:
             parser.add_argument(opt.flag, dest=opt.name, default=None, metavar=opt.metavar,
                                 help=f"{opt.help} (default: {opt.default!r})")
+
+
+def build_parser(prog: str, description: str, options: Sequence[Option],
+                 version: str) -> argparse.ArgumentParser:
+    parser = Parser(prog=prog, description=description)
+    parser.add_argument("--config", metavar="FILE", default=None,
+                        help="TOML file with the settings below (also EDGERUN_CONFIG)")
+    parser.add_argument("--version", action="version", version=f"{prog} {version}")
+    add_options(parser, options)
     return parser
 
 
@@ -225,5 +232,6 @@ def proc_cmdline(path: str = "/proc/cmdline") -> str:
         return ""
 
 
-__all__ = ["BrokerURL", "Option", "build_parser", "config_path", "fail", "kernel_params",
-           "parse_broker_url", "proc_cmdline", "read_toml", "resolve"]
+__all__ = ["BrokerURL", "Option", "Parser", "TLSFiles", "add_options", "build_parser",
+           "config_path", "fail", "kernel_params", "parse_broker_url", "proc_cmdline",
+           "read_toml", "redact", "resolve"]

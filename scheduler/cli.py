@@ -17,11 +17,11 @@ import sys
 import threading
 import uuid
 from collections.abc import Mapping, Sequence
-from typing import Any, NoReturn
+from typing import Any
 
 from edgerun import __version__
 from edgerun.errors import ConfigError, EdgerunError
-from edgerun.settings import Option, config_path, read_toml, resolve
+from edgerun.settings import Option, Parser, add_options, config_path, read_toml, resolve
 
 from . import render
 from .client import Client, ServiceUnreachable, quoted
@@ -49,32 +49,17 @@ CLIENT_OPTIONS = [
 ]
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        raise ConfigError(message)
-
-
-def _add_options(parser: argparse.ArgumentParser, options: Sequence[Option]) -> None:
-    for opt in options:
-        if opt.kind is bool:
-            parser.add_argument(opt.flag, dest=opt.name, default=None,
-                                action=argparse.BooleanOptionalAction, help=opt.help)
-        else:
-            parser.add_argument(opt.flag, dest=opt.name, default=None, metavar=opt.metavar,
-                                help=f"{opt.help} (default: {opt.default!r})")
-
-
 def build_parser() -> argparse.ArgumentParser:
     from .app import SERVE_OPTIONS
 
-    parser = _Parser(prog=PROG, description="Send shell and download tasks to edgerun nodes "
+    parser = Parser(prog=PROG, description="Send shell and download tasks to edgerun nodes "
                      "and see what happened.", epilog=EPILOG,
                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
-    common = _Parser(add_help=False)
+    common = Parser(add_help=False)
     common.add_argument("--config", metavar="FILE", help="TOML file: [client] and [serve] "
                         "tables (also EDGERUN_CONFIG)")
-    _add_options(common, CLIENT_OPTIONS)
+    add_options(common, CLIENT_OPTIONS)
     common.add_argument("--json", action="store_true", help="print JSON instead of text")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
@@ -137,7 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="Run the scheduler service",
                            description="Run the scheduler service: dispatch, record, follow.")
     serve.add_argument("--config", metavar="FILE", help="TOML file with a [serve] table")
-    _add_options(serve, SERVE_OPTIONS)
+    add_options(serve, SERVE_OPTIONS)
     return parser
 
 
