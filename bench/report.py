@@ -96,8 +96,11 @@ def item3(r: dict[str, Any]) -> list[str]:
                     rows),
             *_table(["nodes", "fan-out time plugin/bridge", "queues plugin vs bridge",
                      "RabbitMQ RSS plugin/bridge"], ratios),
-            f"Target: RabbitMQ's queue count independent of node count: "
-            f"{_met(len(queues) == 1)} (bridge queue counts {sorted(queues)}).", ""]
+            f"Targets: RabbitMQ's queue count independent of node count: "
+            f"{_met(len(queues) == 1)} (bridge queue counts {sorted(queues)}); "
+            f"{max(row['nodes'] for row in r['rows']):,} nodes on one bridge: "
+            f"{_met(all(row['bridge']['swarm_errors'] == 0 for row in r['rows']))} "
+            "(every node connected, every fan-out task came back).", ""]
 
 
 def item4(r: dict[str, Any]) -> list[str]:
@@ -183,6 +186,9 @@ def markdown(results: dict[str, Any]) -> str:
                          + [f"{k}: {i.get('load_average_after', [0])[0]:.1f}"
                             for k, i in results["items"].items()])
              + " (on 2 cores; other work on the machine shows here).", ""]
+    for merged in results.get("merged", []):
+        lines += [f"Items {', '.join(merged['items'])} were run again at {merged['at']} "
+                  "(`--merge`) and replace the first run's.", ""]
     for key, render in SECTIONS.items():
         item = results["items"].get(key)
         if item is None:
