@@ -187,8 +187,10 @@ def markdown(results: dict[str, Any]) -> str:
                             for k, i in results["items"].items()])
              + " (on 2 cores; other work on the machine shows here).", ""]
     for merged in results.get("merged", []):
-        lines += [f"Items {', '.join(merged['items'])} were run again at {merged['at']} "
-                  "(`--merge`) and replace the first run's.", ""]
+        many = len(merged["items"]) > 1
+        lines += [f"Item{'s' if many else ''} {', '.join(merged['items'])} "
+                  f"{'were' if many else 'was'} run again at {merged['at']} "
+                  "(`--merge`); that run replaces the earlier one.", ""]
     for key, render in SECTIONS.items():
         item = results["items"].get(key)
         if item is None:
