@@ -1,6 +1,6 @@
 """Items 5 and 7: the agent's footprint, and the small mode against the full stack.
 
-Item 5 follows bench/agent_footprint.py (exec -> retained online status, idle
+Item 5: exec -> retained online status, idle
 RSS) but counts the RSS of the agent's whole process tree: the frozen binary
 is a PyInstaller one-file bootloader whose child process is the agent, so the
 RSS of the exec'd pid alone would leave the agent out. RSS while running is
