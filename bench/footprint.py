@@ -1,7 +1,7 @@
 """Items 5 and 7: the agent's footprint, and the small mode against the full stack.
 
-Item 5: exec -> retained online status, idle
-RSS) but counts the RSS of the agent's whole process tree: the frozen binary
+Item 5: exec -> retained online status and idle RSS, counting the RSS of the
+agent's whole process tree: the frozen binary
 is a PyInstaller one-file bootloader whose child process is the agent, so the
 RSS of the exec'd pid alone would leave the agent out. RSS while running is
 the peak of the tree during a `sleep 1` task, less the `sleep` process itself.
