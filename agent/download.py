@@ -192,11 +192,15 @@ def _reason(exc: BaseException) -> str:
     while exc.__context__ is not None and exc.__cause__ is None:
         exc = exc.__context__
     text = str(exc.args[0] if exc.args else exc)
-    for marker in ("certificate verify failed", "Connection refused", "Name or service not known",
-                   "timed out", "Connection reset"):
+    verify = "certificate verify failed"
+    # "... certificate verify failed: unable to get local issuer certificate (_ssl.c:992)')"
+    if verify in text:
+        detail = text.split(verify, 1)[1].strip(" :(").split(" (_ssl")[0].rstrip(" )'\"")
+        return f"{verify}: {detail}" if detail else verify
+    for marker in ("Connection refused", "Name or service not known", "timed out",
+                   "Connection reset"):
         if marker in text:
-            return marker + (f" ({text.split(marker, 1)[1].strip(' :()')[:80]})"
-                             if marker == "certificate verify failed" else "")
+            return marker
     return f"{type(exc).__name__}: {text[:160]}"
 
 
