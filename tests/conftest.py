@@ -6,7 +6,17 @@ from pathlib import Path
 import pytest
 
 from .brokers import Mosquitto
-from .mqttkit import Observer
+from .mqttkit import AgentProcess, Observer
+
+
+@pytest.fixture(autouse=True)
+def reap_agents() -> Iterator[None]:
+    """Kill every agent process a test started and left running, pass or fail."""
+    yield
+    while AgentProcess.CREATED:
+        agent = AgentProcess.CREATED.pop()
+        if agent.alive():
+            agent.kill()
 
 
 @pytest.fixture

@@ -14,7 +14,7 @@ import sys
 import threading
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from edgerun.mqtt import Inbound, MqttConnection
 from edgerun.protocol import Topics
@@ -95,10 +95,16 @@ def shell(task_id: str, command: str | list[str], **extra: Any) -> dict[str, Any
 
 
 class AgentProcess:
-    """`python -m agent` as a real process with its own state directory and log."""
+    """`python -m agent` as a real process with its own state directory and log.
+
+    Every instance is remembered in `CREATED`, so that a test that fails before its
+    own clean-up still leaves no agent behind (see `reap_agents` in conftest.py)."""
+
+    CREATED: ClassVar[list[AgentProcess]] = []
 
     def __init__(self, url: str, node: str, workdir: Path, *args: str,
                  env: dict[str, str] | None = None) -> None:
+        AgentProcess.CREATED.append(self)
         self.url, self.node, self.dir = url, node, workdir
         self.dir.mkdir(parents=True, exist_ok=True)
         self.args, self.env = list(args), env or {}
