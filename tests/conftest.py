@@ -11,9 +11,13 @@ from .mqttkit import AgentProcess, Observer
 
 @pytest.fixture(autouse=True)
 def reap_agents() -> Iterator[None]:
-    """Kill every agent process a test started and left running, pass or fail."""
+    """Kill every agent process the test itself started and left running, pass or fail.
+
+    Agents of module- or session-scoped fixtures were made before this fixture's
+    set-up (pytest sets up wider scopes first) and are left to their fixture."""
+    before = len(AgentProcess.CREATED)
     yield
-    while AgentProcess.CREATED:
+    while len(AgentProcess.CREATED) > before:
         agent = AgentProcess.CREATED.pop()
         if agent.alive():
             agent.kill()
