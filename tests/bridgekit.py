@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import threading
@@ -30,7 +29,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from edgerun.mqtt import Inbound, MqttConnection
 from edgerun.settings import parse_broker_url
 
-from .brokers import free_port, wait_until
+from .brokers import ChildProcess, free_port, wait_until
 from .mqttkit import ROOT
 
 
@@ -40,7 +39,7 @@ def body(n: int, node: str, kind: str = "update", size: int = 128) -> bytes:
     return (head + "x" * max(0, size - len(head) - 2) + '"}').encode()
 
 
-class BridgeProcess:
+class BridgeProcess(ChildProcess):
     def __init__(self, mqtt_url: str, amqp_url: str, workdir: Path, *args: str,
                  client_id: str | None = None) -> None:
         self.dir = workdir
@@ -83,22 +82,6 @@ class BridgeProcess:
 
     def metric(self, name: str, **labels: str) -> float:
         return self.metrics().get((name, tuple(sorted(labels.items()))), 0.0)
-
-    def terminate(self, timeout: float = 30.0) -> int:
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGTERM)
-        return self.proc.wait(timeout)
-
-    def kill(self) -> None:
-        assert self.proc is not None
-        self.proc.kill()
-        self.proc.wait()
-
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
 
 
 class _Sink:

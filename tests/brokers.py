@@ -55,6 +55,29 @@ def wait_until(predicate: object, timeout: float = 10.0, interval: float = 0.02)
     return bool(predicate())  # type: ignore[operator]
 
 
+class ChildProcess:
+    """A process a test starts (agent, bridge) with its log file: stop, kill, read."""
+
+    proc: subprocess.Popen[bytes] | None
+    log_path: Path
+
+    def terminate(self, timeout: float = 30.0) -> int:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout)
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        self.proc.kill()
+        self.proc.wait()
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
 def mosquitto_binary() -> str | None:
     return shutil.which("mosquitto") or next(
         (p for p in ("/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto") if os.access(p, os.X_OK)),

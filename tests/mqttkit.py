@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import threading
@@ -20,7 +19,7 @@ from edgerun.mqtt import Inbound, MqttConnection
 from edgerun.protocol import Topics
 from edgerun.settings import parse_broker_url
 
-from .brokers import wait_until
+from .brokers import ChildProcess, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -94,7 +93,7 @@ def shell(task_id: str, command: str | list[str], **extra: Any) -> dict[str, Any
     return {"v": 1, "kind": "task", "id": task_id, "type": "shell", "command": command, **extra}
 
 
-class AgentProcess:
+class AgentProcess(ChildProcess):
     """`python -m agent` as a real process with its own state directory and log.
 
     Every instance is remembered in `CREATED`, so that a test that fails before its
@@ -118,22 +117,6 @@ class AgentProcess:
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(cmd, stdout=log, stderr=log, env=env, cwd=self.dir)
         return self
-
-    def terminate(self, timeout: float = 30.0) -> int:
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGTERM)
-        return self.proc.wait(timeout)
-
-    def kill(self) -> None:
-        assert self.proc is not None
-        self.proc.kill()
-        self.proc.wait()
-
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
 
     def wait_online(self, observer: Observer, timeout: float = 15.0) -> dict[str, Any]:
         ok = wait_until(lambda: any(s.get("state") == "online" and s.get("node") == self.node

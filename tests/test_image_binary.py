@@ -57,6 +57,16 @@ def prerequisites(*groups: str) -> None:
     assert done.returncode == 0, done.stderr
 
 
+def built_image() -> dict[str, Any]:
+    """Build (or reuse) the image for a boot test; its manifest. Skips, naming the
+    Debian package, when something the boot needs is missing."""
+    prerequisites("binary", "image", "vm")
+    if mosquitto_binary() is None:
+        pytest.skip("mosquitto not found: apt-get install mosquitto")
+    build("image")
+    return dict(json.loads((OUT / "manifest.json").read_text()))
+
+
 def build(target: str) -> str:
     """`./build.sh binary` or `./build.sh image`; its report (stderr)."""
     done = subprocess.run([str(ROOT / "build.sh"), target], capture_output=True, text=True,

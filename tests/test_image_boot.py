@@ -23,10 +23,10 @@ from typing import Any
 
 import pytest
 
-from .brokers import Mosquitto, mosquitto_binary, wait_until
+from .brokers import Mosquitto, wait_until
 from .httpkit import PAYLOAD, PAYLOAD_SHA, http_server
 from .mqttkit import Observer, shell
-from .test_image_binary import BUILD_TIMEOUT, build, load_images_module, prerequisites
+from .test_image_binary import BUILD_TIMEOUT, built_image, load_images_module
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "images" / "out"
@@ -58,11 +58,7 @@ class Booted:
 
 @pytest.fixture(scope="module")
 def image() -> dict[str, Any]:
-    prerequisites("binary", "image", "vm")
-    if mosquitto_binary() is None:
-        pytest.skip("mosquitto not found: apt-get install mosquitto")
-    build("image")
-    return dict(json.loads((OUT / "manifest.json").read_text()))
+    return built_image()
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,6 @@ agent must name itself after the DMI product UUID.
 
 from __future__ import annotations
 
-import json
 import shutil
 import threading
 import uuid
@@ -22,9 +21,9 @@ from typing import Any
 
 import pytest
 
-from .brokers import Mosquitto, mosquitto_binary, wait_until
+from .brokers import Mosquitto, wait_until
 from .mqttkit import Observer, shell
-from .test_image_binary import BUILD_TIMEOUT, build, load_images_module, prerequisites
+from .test_image_binary import BUILD_TIMEOUT, built_image, load_images_module
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "images" / "out"
@@ -55,11 +54,7 @@ def file_server(directory: Path) -> Iterator[int]:
 
 @pytest.fixture(scope="module")
 def image() -> dict[str, Any]:
-    prerequisites("binary", "image", "vm")
-    if mosquitto_binary() is None:
-        pytest.skip("mosquitto not found: apt-get install mosquitto")
-    build("image")
-    return dict(json.loads((OUT / "manifest.json").read_text()))
+    return built_image()
 
 
 def test_example_ipxe_script_boots_the_image(image: dict[str, Any], tmp_path: Path,
