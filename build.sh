@@ -50,7 +50,7 @@ shift || true
 case "$cmd" in
     setup) setup ;;
     lint) setup; lint ;;
-    demo) setup; "$PY" -m scheduler.demo "$@" ;;
+    demo) setup; "$PY" -m edgerun.scheduler.demo "$@" ;;
     binary) images/build-binary.sh "$@" ;;
     image) images/build-image.sh "$@" ;;
     bench)

@@ -29,7 +29,7 @@ from bench.common import ROOT, median, mosquitto, rss_mib, tree_rss_mib
 from edgerun.mqtt import Inbound, MqttConnection
 from edgerun.protocol import ShellTask, encode
 from edgerun.settings import parse_broker_url
-from scheduler.client import Client
+from edgerun.scheduler.client import Client
 from tests.brokers import free_port, wait_until
 from tests.bridgekit import BridgeProcess
 from tests.rabbit import Rabbit
@@ -122,8 +122,8 @@ def item5(work: Path, runs: int) -> dict[str, Any]:
     installed = shutil.which("edgerun-agent", path=str(Path(sys.executable).parent))
     variants: dict[str, list[str] | None] = {
         "frozen binary": [str(BINARY)] if os.access(BINARY, os.X_OK) else None,
-        "installed (python -m agent)": ([installed] if installed
-                                        else [sys.executable, "-m", "agent"]),
+        "installed (python -m edgerun.agent)": ([installed] if installed
+                                        else [sys.executable, "-m", "edgerun.agent"]),
     }
     try:
         for name, cmd in variants.items():
@@ -137,7 +137,7 @@ def item5(work: Path, runs: int) -> dict[str, Any]:
             if name == "frozen binary":
                 entry["size_mib"] = BINARY.stat().st_size / 2**20
             else:
-                entry["size_mib"] = _dir_mib([ROOT / "agent", ROOT / "edgerun",
+                entry["size_mib"] = _dir_mib([ROOT / "edgerun",
                                               site / "paho", site / "requests",
                                               site / "urllib3", site / "idna",
                                               site / "charset_normalizer", site / "certifi"])
@@ -160,7 +160,7 @@ def _serve(args: list[str], work: Path) -> tuple[subprocess.Popen[bytes], str]:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     env.pop("EDGERUN_CONFIG", None)
     log = open(work / "serve.log", "ab")  # noqa: SIM115 - the process keeps it
-    proc = subprocess.Popen([sys.executable, "-m", "scheduler", "serve", "--db",
+    proc = subprocess.Popen([sys.executable, "-m", "edgerun.scheduler", "serve", "--db",
                              str(work / "sched.db"), "--listen", f"127.0.0.1:{port}",
                              "--log-level", "warning", *args], stdout=log, stderr=log, env=env,
                             cwd=work)
@@ -170,7 +170,8 @@ def _serve(args: list[str], work: Path) -> tuple[subprocess.Popen[bytes], str]:
 
 def _agent(broker: str, node: str, work: Path) -> subprocess.Popen[bytes]:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.Popen([sys.executable, "-m", "agent", "--broker", broker, "--node", node,
+    return subprocess.Popen([sys.executable, "-m", "edgerun.agent", "--broker", broker,
+                             "--node", node,
                              "--state-dir", str(work / "agent"), "--log-level", "warning"],
                             env=env, cwd=ROOT)
 

@@ -101,10 +101,11 @@ def roundtrip(work: Path, tasks: int = 200) -> dict[str, Any]:
 
     from edgerun.protocol import Channel, ShellTask, encode
     from edgerun.settings import parse_broker_url
-    from scheduler.messaging import Incoming
-    from scheduler.messaging.mqtt import MqttMessenger
+    from edgerun.scheduler.messaging import Incoming
+    from edgerun.scheduler.messaging.mqtt import MqttMessenger
     broker = mosquitto(work / "rt-mosquitto")
-    agent = subprocess.Popen([sys.executable, "-m", "agent", "--broker", broker.url, "--node",
+    agent = subprocess.Popen([sys.executable, "-m", "edgerun.agent",
+                              "--broker", broker.url, "--node",
                               "prof-1", "--state-dir", str(work / "agent"), "--log-level",
                               "warning"], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
     stamps: dict[str, dict[str, float]] = collections.defaultdict(dict)
@@ -162,7 +163,7 @@ def send(work: Path, count: int = 2000) -> dict[str, Any]:
     import uuid
 
     from edgerun.settings import parse_broker_url
-    from scheduler.messaging.amqp import AmqpMessenger
+    from edgerun.scheduler.messaging.amqp import AmqpMessenger
     from tests.rabbit import Rabbit
     rabbit = Rabbit(work / "send-rabbit").start()
     try:

@@ -56,7 +56,7 @@ def item2(r: dict[str, Any]) -> list[str]:
                      loaded["p50_ms"], loaded["p95_ms"], loaded["p99_ms"],
                      f"{loaded['completed_rate']:.0f}/s", "-"])
     return ["## 2. Task round trip: dispatch -> succeeded, `true`", "",
-            f"{r['agents']} real agents (`agent.core.Agent`, --parallel 1) in "
+            f"{r['agents']} real agents (`edgerun.agent.core.Agent`, --parallel 1) in "
             f"{r['agent_processes']} processes; dispatched through the scheduler's "
             "messaging layer (MqttMessenger direct to Mosquitto, AmqpMessenger through the "
             "bridge). Milliseconds.", "",
@@ -121,7 +121,7 @@ def item4(r: dict[str, Any]) -> list[str]:
 
 def item5(r: dict[str, Any]) -> list[str]:
     rows = []
-    for name in ("frozen binary", "installed (python -m agent)"):
+    for name in ("frozen binary", "installed (python -m edgerun.agent)"):
         e = r.get(name, {})
         if not e.get("built"):
             rows.append([name, "not built", "-", "-", "-", "-"])

@@ -1,6 +1,6 @@
 """Item 2: task round trip, dispatch -> `succeeded`, for `true` on real agents.
 
-Real `agent.core.Agent`s (tests/agent_pool.py, several processes) run `true`.
+Real `edgerun.agent.core.Agent`s (tests/agent_pool.py, several processes) run `true`.
 Tasks go out through the scheduler's own messaging layer (MqttMessenger in
 direct mode, AmqpMessenger through the bridge); the clock runs from `send()` to
 the arrival of the `succeeded` update at the messenger's callback.
@@ -22,9 +22,9 @@ from typing import Any
 from bench.common import ROOT, median, mosquitto, percentile
 from edgerun.protocol import Channel, ShellTask, encode
 from edgerun.settings import parse_broker_url
-from scheduler.messaging import Incoming, Messenger
-from scheduler.messaging.amqp import AmqpMessenger
-from scheduler.messaging.mqtt import MqttMessenger
+from edgerun.scheduler.messaging import Incoming, Messenger
+from edgerun.scheduler.messaging.amqp import AmqpMessenger
+from edgerun.scheduler.messaging.mqtt import MqttMessenger
 from tests.bridgekit import BridgeProcess
 from tests.rabbit import Rabbit
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Build images/out/edgerun-agent: one static file, runs with no glibc at all.
 #
-# PyInstaller freezes `agent.main:main` into a one-file executable (stripped,
+# PyInstaller freezes `edgerun.agent.main:main` into a one-file executable (stripped,
 # unused modules left out: images/binary/excludes.txt); staticx then bundles
 # the C libraries it still needs (glibc, libssl, ...) into a static ELF.
 #
@@ -61,7 +61,7 @@ inputs_hash() {
     {
         "$BUILD_VENV/bin/python" -VV
         "$BUILD_VENV/bin/python" -m pip freeze --disable-pip-version-check
-        find agent edgerun -name '*.py' -type f | LC_ALL=C sort | xargs sha256sum
+        find edgerun -path edgerun/scheduler -prune -o -path edgerun/bridge -prune -o -name '*.py' -type f -print | LC_ALL=C sort | xargs sha256sum
         sha256sum pyproject.toml images/build-binary.sh images/binary/*
     } | sha256sum | cut -d' ' -f1
 }

@@ -1,6 +1,6 @@
 """Many real agents in one process: `python -m tests.agent_pool URL PREFIX FIRST COUNT DIR`.
 
-Each is a full `agent.core.Agent`: its own MQTT client and session, Last Will,
+Each is a full `edgerun.agent.core.Agent`: its own MQTT client and session, Last Will,
 state directory, dispatcher and worker, speaking the contract like the
 agent binary does; only the Python interpreter is shared, so a 2-core machine
 can hold hundreds. Ends on SIGTERM, each agent draining as on its own.
@@ -14,8 +14,8 @@ import sys
 import threading
 from pathlib import Path
 
-from agent.config import AgentConfig
-from agent.core import Agent
+from edgerun.agent.config import AgentConfig
+from edgerun.agent.core import Agent
 from edgerun.settings import parse_broker_url
 
 

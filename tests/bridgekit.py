@@ -1,6 +1,6 @@
 """What bridge tests need: the bridge as a real process, and real clients on both sides.
 
-`BridgeProcess` runs `python -m bridge` and reads its /healthz and /metrics.
+`BridgeProcess` runs `python -m edgerun.bridge` and reads its /healthz and /metrics.
 `AmqpSink` consumes an exchange through its own durable queue with plain pika
 (BlockingConnection) and reconnects across RabbitMQ restarts; `MqttSink`
 collects a topic over a persistent MQTT session. Both record message bodies,
@@ -54,7 +54,7 @@ class BridgeProcess(ChildProcess):
     def start(self) -> BridgeProcess:
         env = {**os.environ, "PYTHONPATH": str(ROOT)}
         with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen([sys.executable, "-m", "bridge", *self.args],
+            self.proc = subprocess.Popen([sys.executable, "-m", "edgerun.bridge", *self.args],
                                          stdout=log, stderr=log, env=env, cwd=self.dir)
         return self
 

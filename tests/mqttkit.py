@@ -94,7 +94,7 @@ def shell(task_id: str, command: str | list[str], **extra: Any) -> dict[str, Any
 
 
 class AgentProcess(ChildProcess):
-    """`python -m agent` as a real process with its own state directory and log.
+    """`python -m edgerun.agent` as a real process with its own state directory and log.
 
     Every instance is remembered in `CREATED`, so that a test that fails before its
     own clean-up still leaves no agent behind (see `reap_agents` in conftest.py)."""
@@ -111,7 +111,7 @@ class AgentProcess(ChildProcess):
         self.log_path = self.dir / "agent.log"
 
     def start(self) -> AgentProcess:
-        cmd = [sys.executable, "-m", "agent", "--broker", self.url, "--node", self.node,
+        cmd = [sys.executable, "-m", "edgerun.agent", "--broker", self.url, "--node", self.node,
                "--state-dir", str(self.dir / "state"), "--log-level", "debug", *self.args]
         env = {**os.environ, "PYTHONPATH": str(ROOT), **self.env}
         with open(self.log_path, "ab") as log:

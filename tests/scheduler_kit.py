@@ -1,6 +1,6 @@
 """What scheduler tests share: a real service on a real broker, the real CLI, real agents.
 
-The service runs in-process (scheduler.app.App: messenger, store, tracker, HTTP
+The service runs in-process (edgerun.scheduler.app.App: messenger, store, tracker, HTTP
 API) against a private Mosquitto, RabbitMQ or the embedded amqtt broker; the
 `edgerun` command runs as a real process against its API.
 """
@@ -21,9 +21,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from scheduler.app import App
-from scheduler.client import Client
-from scheduler.errors import NotFound
+from edgerun.scheduler.app import App
+from edgerun.scheduler.client import Client
+from edgerun.scheduler.errors import NotFound
 
 from .brokers import wait_until
 from .mqttkit import ROOT, AgentProcess
@@ -63,7 +63,7 @@ class Result:
 
 def cli(api: str, *args: str, timeout: float = 90.0,
         env: dict[str, str | None] | None = None) -> Result:
-    """`edgerun ARGS` as a real process (python -m scheduler), against `api`.
+    """`edgerun ARGS` as a real process (python -m edgerun.scheduler), against `api`.
     `env` adds variables; a None value removes one."""
     full_env = {**os.environ, "PYTHONPATH": str(ROOT), "EDGERUN_API": api}
     full_env.pop("EDGERUN_CONFIG", None)
@@ -72,7 +72,7 @@ def cli(api: str, *args: str, timeout: float = 90.0,
             full_env.pop(key, None)
         else:
             full_env[key] = value
-    proc = subprocess.run([sys.executable, "-m", "scheduler", *args], capture_output=True,
+    proc = subprocess.run([sys.executable, "-m", "edgerun.scheduler", *args], capture_output=True,
                           text=True, timeout=timeout, env=full_env, cwd=ROOT, check=False)
     return Result(proc.returncode, proc.stdout, proc.stderr)
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from agent import config, identity, store
+from edgerun.agent import config, identity, store
 from edgerun.backoff import Backoff, backoff_delay
 from edgerun.errors import ConfigError
 from edgerun.settings import kernel_params, parse_broker_url
@@ -176,7 +176,7 @@ def test_bad_config_exits_2_with_one_line_and_no_traceback(tmp_path: Path) -> No
     (tmp_path / "c.toml").write_text("[[[")
     for args in (["--config", str(tmp_path / "c.toml")], ["--broker", "ftp://x"],
                  ["--config", str(tmp_path / "missing.toml")]):
-        done = subprocess.run([sys.executable, "-m", "agent", *args], capture_output=True,
+        done = subprocess.run([sys.executable, "-m", "edgerun.agent", *args], capture_output=True,
                               text=True, cwd=ROOT, timeout=60, env={"PATH": "/usr/bin:/bin"})
         assert done.returncode == 2, done.stderr
         assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr
@@ -184,7 +184,7 @@ def test_bad_config_exits_2_with_one_line_and_no_traceback(tmp_path: Path) -> No
 
 
 def test_version_flag() -> None:
-    done = subprocess.run([sys.executable, "-m", "agent", "--version"], capture_output=True,
+    done = subprocess.run([sys.executable, "-m", "edgerun.agent", "--version"], capture_output=True,
                           text=True, cwd=ROOT, timeout=60)
     assert done.returncode == 0 and done.stdout.startswith("edgerun-agent ")
 

@@ -194,8 +194,8 @@ def test_parallel_runs_tasks_at_once(start_agent: Any, observer: Observer,
 def test_idle_agent_imports_no_heavy_modules(mosquitto: Mosquitto, tmp_path: Path) -> None:
     script = f"""
 import json, sys, threading
-from agent import config
-from agent.core import Agent
+from edgerun.agent import config
+from edgerun.agent.core import Agent
 cfg = config.load(["--broker", "{mosquitto.url}", "--node", "idle",
                    "--state-dir", "{tmp_path}/s"], {{}}, "")
 agent = Agent(cfg)

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from bridge import config
-from bridge.service import subscriptions
+from edgerun.bridge import config
+from edgerun.bridge.service import subscriptions
 from edgerun.errors import ConfigError
 
 from .mqttkit import ROOT
@@ -54,7 +54,7 @@ def test_routes_from_the_file_replace_the_defaults(tmp_path: Path) -> None:
 
 
 def test_the_shipped_example_config_loads() -> None:
-    cfg = config.load(["--config", str(ROOT / "bridge" / "bridge.example.toml")], {})
+    cfg = config.load(["--config", str(ROOT / "deploy" / "bridge" / "bridge.example.toml")], {})
     assert len(cfg.routes.routes) >= 4
     assert "edgerun.events" in cfg.routes.exchanges()
 
@@ -85,7 +85,8 @@ def test_mistakes_are_one_config_error(tmp_path: Path, toml: str, argv: list[str
 
 
 def run_bridge(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "bridge", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "edgerun.bridge", *args],
+                          capture_output=True, text=True,
                           timeout=30, cwd=ROOT,
                           env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})})
 

@@ -6,8 +6,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from bridge.confirms import ConfirmTracker
-from bridge.routes import (
+from edgerun.bridge.confirms import ConfirmTracker
+from edgerun.bridge.routes import (
     Direction, Template, build_table, default_specs, patterns_overlap, value_problem,
 )
 from edgerun.errors import ConfigError

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from agent import download
-from agent.outcome import Control
+from edgerun.agent import download
+from edgerun.agent.outcome import Control
 from edgerun.protocol import DownloadTask, State
 
 from .httpkit import PAYLOAD, PAYLOAD_SHA, http_server

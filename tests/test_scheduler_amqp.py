@@ -18,7 +18,7 @@ from typing import Any
 import pika
 import pytest
 
-from scheduler.app import App
+from edgerun.scheduler.app import App
 
 from .bridgekit import BridgeProcess
 from .brokers import Mosquitto, wait_until

@@ -222,7 +222,7 @@ def test_serve_exits_4_when_the_broker_is_unreachable(tmp_path: Path) -> None:
 def test_a_task_for_an_offline_node_waits_for_it(cluster) -> None:
     api, tmp, broker = cluster
     env = {**os.environ, "PYTHONPATH": str(ROOT), "EDGERUN_API": api.url}
-    proc = subprocess.Popen([sys.executable, "-m", "scheduler", "run", "rack2-x", "--",
+    proc = subprocess.Popen([sys.executable, "-m", "edgerun.scheduler", "run", "rack2-x", "--",
                              "echo back"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, env=env, cwd=ROOT)
     try:

@@ -12,7 +12,7 @@ from .mqttkit import ROOT
 def test_demo_runs_every_kind_of_task_and_exits_zero() -> None:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     env.pop("EDGERUN_CONFIG", None)
-    proc = subprocess.run([sys.executable, "-m", "scheduler.demo"], capture_output=True,
+    proc = subprocess.run([sys.executable, "-m", "edgerun.scheduler.demo"], capture_output=True,
                           text=True, timeout=120, cwd=ROOT, env=env, check=False)
     out = proc.stdout
     assert proc.returncode == 0, out + proc.stderr

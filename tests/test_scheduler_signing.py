@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from scheduler.cli import main as cli_main
+from edgerun.scheduler.cli import main as cli_main
 
 from .brokers import Mosquitto
 from .mqttkit import ROOT
@@ -17,7 +17,8 @@ from .scheduler_kit import Api, running_app, start_agent
 
 def keygen(directory: Path) -> tuple[Path, Path]:
     prefix = directory / "task"
-    done = subprocess.run([sys.executable, "-m", "scheduler", "keygen", "--out", str(prefix)],
+    done = subprocess.run([sys.executable, "-m", "edgerun.scheduler", "keygen",
+                           "--out", str(prefix)],
                           capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert done.returncode == 0, done.stderr
     assert "edgerun.public_key=" in done.stdout
@@ -60,7 +61,7 @@ def test_a_signing_scheduler_drives_verifying_agents(mosquitto: Mosquitto,
 def test_a_bad_private_key_is_one_line_and_exit_2(tmp_path: Path) -> None:
     bad = tmp_path / "bad.key"
     bad.write_text("not a key")
-    done = subprocess.run([sys.executable, "-m", "scheduler", "serve", "--embedded-broker",
+    done = subprocess.run([sys.executable, "-m", "edgerun.scheduler", "serve", "--embedded-broker",
                            "127.0.0.1:0", "--db", str(tmp_path / "db"), "--listen",
                            "127.0.0.1:0", "--private-key", str(bad)],
                           capture_output=True, text=True, cwd=ROOT, timeout=60)

@@ -18,13 +18,13 @@ from edgerun.errors import ConfigError
 from edgerun.protocol import (
     AGENT_STATES, FINAL_STATES, ShellTask, State, Status, Update, can_transition,
 )
-from scheduler.errors import BadRequest, StoreError, UnknownNode
-from scheduler.follow import exit_code
-from scheduler.jobs import load_job, parse_job
-from scheduler.schema import SCHEMA_VERSION
-from scheduler.store import Store
-from scheduler.targets import resolve_targets
-from scheduler.tracker import judge
+from edgerun.scheduler.errors import BadRequest, StoreError, UnknownNode
+from edgerun.scheduler.follow import exit_code
+from edgerun.scheduler.jobs import load_job, parse_job
+from edgerun.scheduler.schema import SCHEMA_VERSION
+from edgerun.scheduler.store import Store
+from edgerun.scheduler.targets import resolve_targets
+from edgerun.scheduler.tracker import judge
 
 
 @pytest.fixture

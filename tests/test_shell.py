@@ -7,8 +7,8 @@ import threading
 import time
 from pathlib import Path
 
-from agent.outcome import Control
-from agent.shell import CHUNK, TAIL, run_shell
+from edgerun.agent.outcome import Control
+from edgerun.agent.shell import CHUNK, TAIL, run_shell
 from edgerun.protocol import ShellTask, State
 
 from .brokers import wait_until

@@ -2,6 +2,6 @@
 
 import sys
 
-from agent.main import main
+from edgerun.agent.main import main
 
 sys.exit(main())

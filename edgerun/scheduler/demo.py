@@ -69,7 +69,7 @@ def agent(broker: str, state_dir: Path, log_path: Path) -> Iterator[subprocess.P
     env = {**os.environ, "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
     with open(log_path, "ab") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "agent", "--broker", broker, "--node", NODE,
+            [sys.executable, "-m", "edgerun.agent", "--broker", broker, "--node", NODE,
              "--state-dir", str(state_dir), "--grace", "2"],
             stdout=log, stderr=log, env=env)
     try:

@@ -1,0 +1,7 @@
+"""`python -m edgerun.scheduler`: the `edgerun` command."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

@@ -1,7 +1,0 @@
-"""`python -m scheduler`: the `edgerun` command."""
-
-import sys
-
-from .cli import main
-
-sys.exit(main())
