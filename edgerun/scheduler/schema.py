@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 MIGRATIONS: dict[int, str] = {
     1: """
@@ -60,6 +60,29 @@ MIGRATIONS: dict[int, str] = {
         created_at  TEXT NOT NULL,
         nodes       TEXT NOT NULL,
         steps       TEXT NOT NULL
+    );
+    """,
+    # 2: API tokens (only a SHA-256 of each is kept) and the durable event log that
+    # /v1/events resumes from (Last-Event-ID); `events` is appended by Store.append_event
+    2: """
+    CREATE TABLE tokens (
+        id            INTEGER PRIMARY KEY AUTOINCREMENT,
+        name          TEXT NOT NULL UNIQUE,
+        role          TEXT NOT NULL,
+        hash          TEXT NOT NULL UNIQUE,
+        hint          TEXT NOT NULL,
+        created_at    TEXT NOT NULL,
+        created_by    TEXT,
+        last_used_at  TEXT,
+        revoked_at    TEXT
+    );
+    CREATE TABLE events (
+        id       INTEGER PRIMARY KEY AUTOINCREMENT,
+        at       TEXT NOT NULL,
+        channel  TEXT NOT NULL,
+        node     TEXT,
+        task_id  TEXT,
+        body     TEXT NOT NULL
     );
     """,
 }

@@ -372,6 +372,83 @@ class Store:
             return [task_dict(r) for r in rows]
 
 
+    # --- API tokens (only their SHA-256 is kept) --------------------------------------
+    def add_token(self, name: str, role: str, digest: str, hint: str,
+                  created_by: str | None) -> JSONObject | None:
+        """None when a token of that name exists already."""
+        with self._write() as db:
+            cur = db.execute("INSERT OR IGNORE INTO tokens (name, role, hash, hint, created_at, "
+                             "created_by) VALUES (?,?,?,?,?,?)",
+                             (name, role, digest, hint, format_time(), created_by))
+            if cur.rowcount == 0:
+                return None
+            row = db.execute("SELECT * FROM tokens WHERE name=?", (name,)).fetchone()
+            return _token_dict(row)
+
+    def token_by_hash(self, digest: str) -> JSONObject | None:
+        """The live (not revoked) token with this hash."""
+        with self._read() as db:
+            row = db.execute("SELECT * FROM tokens WHERE hash=? AND revoked_at IS NULL",
+                             (digest,)).fetchone()
+            return _token_dict(row) if row is not None else None
+
+    def tokens(self) -> list[JSONObject]:
+        with self._read() as db:
+            return [_token_dict(r) for r in db.execute("SELECT * FROM tokens ORDER BY id")]
+
+    def count_tokens(self) -> int:
+        with self._read() as db:
+            return int(db.execute("SELECT COUNT(*) FROM tokens").fetchone()[0])
+
+    def revoke_token(self, name: str) -> JSONObject | None:
+        """None when no live token has that name."""
+        with self._write() as db:
+            cur = db.execute("UPDATE tokens SET revoked_at=? WHERE name=? AND revoked_at IS NULL",
+                             (format_time(), name))
+            if cur.rowcount == 0:
+                return None
+            row = db.execute("SELECT * FROM tokens WHERE name=?", (name,)).fetchone()
+            return _token_dict(row)
+
+    def touch_token(self, token_id: int) -> None:
+        with self._write() as db:
+            db.execute("UPDATE tokens SET last_used_at=? WHERE id=?", (format_time(), token_id))
+
+    # --- the event log (what /v1/events resumes from) -------------------------------
+    def append_event(self, channel: str, node: str | None, task_id: str | None,
+                     body: JSONObject, keep: int) -> int:
+        """THE append point of the durable event log: returns the event's id, ids only
+        increase. Keeps the newest `keep` events; the highest id dropped is remembered
+        so a reader asking for older ones can be told (`events_dropped_through`)."""
+        with self._write() as db:
+            cur = db.execute("INSERT INTO events (at, channel, node, task_id, body) "
+                             "VALUES (?,?,?,?,?)", (format_time(), channel, node, task_id,
+                                                    json.dumps(body)))
+            event_id = int(cur.lastrowid or 0)
+            if keep > 0 and event_id % 500 == 0 and event_id > keep:
+                horizon = event_id - keep
+                db.execute("DELETE FROM events WHERE id <= ?", (horizon,))
+                db.execute("INSERT INTO meta (key, value) VALUES ('events_dropped_through', ?) "
+                           "ON CONFLICT(key) DO UPDATE SET value=excluded.value",
+                           (str(horizon),))
+            return event_id
+
+    def events_after(self, after: int, limit: int = 1000) -> list[tuple[int, JSONObject]]:
+        """(id, body) of logged events with id > `after`, oldest first."""
+        with self._read() as db:
+            rows = db.execute("SELECT id, body FROM events WHERE id > ? ORDER BY id LIMIT ?",
+                              (after, limit))
+            return [(int(r["id"]), json.loads(r["body"])) for r in rows]
+
+    def event_horizon(self) -> tuple[int, int]:
+        """(highest id dropped by retention, highest id written); 0 when none."""
+        with self._read() as db:
+            row = db.execute("SELECT value FROM meta WHERE key='events_dropped_through'"
+                             ).fetchone()
+            last = db.execute("SELECT seq FROM sqlite_sequence WHERE name='events'").fetchone()
+            return (int(row["value"]) if row else 0, int(last["seq"]) if last else 0)
+
+
 def _expires_ts(expires_at: str | None) -> float | None:
     if not expires_at:
         return None
@@ -410,3 +487,10 @@ def node_dict(row: sqlite3.Row) -> JSONObject:
 def now() -> float:
     """Wall-clock seconds: deadlines are kept in the file and survive a restart."""
     return time.time()
+
+
+def _token_dict(row: sqlite3.Row) -> JSONObject:
+    """A token as `edgerun token list` shows it: never its hash."""
+    return {"id": row["id"], "name": row["name"], "role": row["role"], "hint": row["hint"],
+            "created_at": row["created_at"], "created_by": row["created_by"],
+            "last_used_at": row["last_used_at"], "revoked_at": row["revoked_at"]}
