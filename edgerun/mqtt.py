@@ -6,6 +6,11 @@ a PUBACK can never race the bookkeeping of the publish it answers, and paho's
 socket has exactly one writer. The thread reconnects explicitly with capped,
 jittered back-off, re-subscribes after every connect, and sets TCP_NODELAY on
 every socket (paho does not; QoS 1 then waits ~40 ms per message on Nagle).
+
+Given several addresses of one clustered broker, it fails over: after a failed
+attempt or a lost connection it waits its back-off and tries the next address,
+round robin (a connection that was up resets the back-off). `url` is the
+address in use, `node` the one it is connected to (None while down).
 """
 
 from __future__ import annotations
@@ -62,7 +67,7 @@ class Inbound:
 
 
 class MqttConnection:
-    def __init__(self, url: BrokerURL, client_id: str, *,
+    def __init__(self, url: BrokerURL | Sequence[BrokerURL], client_id: str, *,
                  on_message: Callable[[Inbound], None] | None = None,
                  on_connected: Callable[[bool], None] | None = None,
                  on_disconnected: Callable[[], None] | None = None,
@@ -70,7 +75,12 @@ class MqttConnection:
                  will: Will | None = None, manual_ack: bool = False,
                  tls: TLSFiles | None = None, keepalive: int = 30, max_inflight: int = 100,
                  backoff_cap: float = 30.0, name: str = "mqtt") -> None:
-        self.url, self.client_id, self.name = url, client_id, name
+        self.urls = (url,) if isinstance(url, BrokerURL) else tuple(url)
+        if not self.urls:
+            raise MqttError(f"{name}: no broker address")
+        self._index = 0  # the address in use; network thread only
+        self.node: BrokerURL | None = None  # the address connected to, None while down
+        self.client_id, self.name = client_id, name
         self._on_message, self._on_connected = on_message, on_connected
         self._on_disconnected = on_disconnected
         self._subscriptions = list(subscriptions)
@@ -93,6 +103,11 @@ class MqttConnection:
         self.last_error: str | None = None
         self._was_up = self._refused = False
         self._client = self._make_client(clean_session, will, manual_ack, tls, max_inflight)
+
+    @property
+    def url(self) -> BrokerURL:
+        """The address in use (connected, or being tried)."""
+        return self.urls[self._index]
 
     # --- set-up -----------------------------------------------------------------
     def _make_client(self, clean_session: bool, will: Will | None, manual_ack: bool,
@@ -241,6 +256,8 @@ class MqttConnection:
                         break
                     if self._was_up:
                         backoff.reset()
+                if len(self.urls) > 1:  # round robin over a cluster's nodes
+                    self._index = (self._index + 1) % len(self.urls)
                 if backoff.wait():
                     break
         finally:
@@ -333,8 +350,10 @@ class MqttConnection:
         self._was_up = True
         if self.generation > 1:
             self.reconnects += 1
+        self.node = self.url
         self.connected.set()
-        log.info("%s: connected to %s (session present: %s)", self.name, self.url,
+        log.info("%s: connected to %s%s (session present: %s)", self.name, self.url,
+                 f" (node {self._index + 1} of {len(self.urls)})" if len(self.urls) > 1 else "",
                  flags.session_present)
         for topic, qos in self._subscriptions:
             client.subscribe(topic, qos)
@@ -345,6 +364,7 @@ class MqttConnection:
                            reason: Any, _props: Any) -> None:
         was = self.connected.is_set()
         self.connected.clear()
+        self.node = None
         if was and not self._stop.is_set():
             self._note_error(f"lost the connection to {self.url}: {reason}")
         if was and self._on_disconnected:

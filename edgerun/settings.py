@@ -8,6 +8,8 @@ ConfigError line (the caller prints it and exits 2).
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import re
 import shlex
 import sys
 import tomllib
@@ -34,6 +36,11 @@ class BrokerURL:
     def tls(self) -> bool:
         return self.scheme.endswith("s")
 
+    @property
+    def address(self) -> str:
+        """`host:port`, which names one node of a cluster in logs and metric labels."""
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
     def __str__(self) -> str:
         """The URL with the password hidden, fit for logs and error messages."""
         user = f"{self.username}{':***' if self.password else ''}@" if self.username else ""
@@ -42,13 +49,17 @@ class BrokerURL:
 
 
 def redact(url: str) -> str:
-    """`url` with any password replaced by ***, for messages and logs."""
+    """`url` (or a comma-separated list of URLs) with any password replaced by ***."""
+    entries = re.split(r",(?=\s*[A-Za-z][A-Za-z0-9+.-]*://)", url)
+    if len(entries) > 1:
+        return ",".join(redact(entry) for entry in entries)
     scheme, sep, rest = url.partition("://")
-    if not sep or "@" not in rest.split("/", 1)[0]:
+    netloc, slash, tail = rest.partition("/")
+    if not sep or "@" not in netloc:
         return url
-    userinfo, at, host = rest.partition("@")
+    userinfo, _, host = netloc.rpartition("@")
     user, colon, _password = userinfo.partition(":")
-    return f"{scheme}://{user}{':***' if colon else ''}{at}{host}"
+    return f"{scheme}://{user}{':***' if colon else ''}@{host}{slash}{tail}"
 
 
 def parse_broker_url(url: str, schemes: Sequence[str]) -> BrokerURL:
@@ -69,6 +80,61 @@ def parse_broker_url(url: str, schemes: Sequence[str]) -> BrokerURL:
                      username=unquote(parts.username) if parts.username else None,
                      password=unquote(parts.password) if parts.password else None,
                      path=parts.path)
+
+
+MAX_BROKER_URLS = 16
+
+
+def parse_broker_urls(text: str, schemes: Sequence[str]) -> tuple[BrokerURL, ...]:
+    """Several addresses of ONE broker (the nodes of a cluster), comma-separated, in the
+    order they are tried: `mqtt://user:pw@a:1883,mqtt://b:1883`. ConfigError on:
+
+    - an empty entry (`a,,b`, a trailing comma) or more than MAX_BROKER_URLS entries;
+    - mixed schemes (`mqtt://` with `mqtts://`, or with `amqp://`): one broker speaks
+      one protocol, and a plain address beside TLS ones would quietly drop TLS;
+    - different credentials or different vhosts (AMQP path) on two entries: an entry
+      without them takes those of the others, so they may be written once;
+    - the same host:port twice.
+
+    A comma inside a password must be percent-encoded (`%2C`), as in any URL.
+    """
+    shown = redact(text)
+    entries = [entry.strip() for entry in text.split(",")]
+    if len(entries) > MAX_BROKER_URLS:
+        raise ConfigError(f"too many broker URLs ({len(entries)}): at most {MAX_BROKER_URLS}")
+    for n, entry in enumerate(entries, 1):
+        if not entry:
+            raise ConfigError(f"bad broker URL list {shown!r}: entry {n} is empty")
+        if "://" not in entry:  # not echoed: it may be the tail of a password
+            raise ConfigError(f"bad broker URL list {shown!r}: entry {n} is not a URL "
+                              "(write a comma inside a password as %2C)")
+    urls = [parse_broker_url(entry, schemes) for entry in entries]
+    if len({url.scheme for url in urls}) > 1:
+        raise ConfigError(f"bad broker URL list {shown!r}: mixed schemes "
+                          f"({', '.join(sorted({u.scheme + '://' for u in urls}))}); every "
+                          "address of one broker uses the same scheme")
+    credentials = {(u.username, u.password) for u in urls if u.username or u.password}
+    if len(credentials) > 1:
+        raise ConfigError(f"bad broker URL list {shown!r}: different credentials; give them "
+                          "once, or the same on every address")
+    paths = {_vhost_path(u.path) for u in urls if u.path}
+    if len(paths) > 1:
+        raise ConfigError(f"bad broker URL list {shown!r}: different vhosts "
+                          f"({', '.join(sorted(paths))}); every address is the same broker")
+    seen: set[str] = set()
+    for url in urls:
+        if url.address in seen:
+            raise ConfigError(f"bad broker URL list {shown!r}: {url.address} appears twice")
+        seen.add(url.address)
+    username, password = next(iter(credentials), (None, None))
+    path = next(iter(paths), "")
+    return tuple(dataclasses.replace(u, username=username, password=password, path=path)
+                 for u in urls)
+
+
+def _vhost_path(path: str) -> str:
+    """`/` and `/%2f` both name the default vhost."""
+    return "/" if path.lower() in ("/", "/%2f") else path
 
 
 @dataclass(frozen=True)
@@ -233,5 +299,6 @@ def proc_cmdline(path: str = "/proc/cmdline") -> str:
 
 
 __all__ = ["BrokerURL", "Option", "Parser", "TLSFiles", "add_options", "build_parser",
-           "config_path", "fail", "kernel_params", "parse_broker_url", "proc_cmdline",
+           "config_path", "fail", "kernel_params", "parse_broker_url", "parse_broker_urls",
+           "proc_cmdline",
            "read_toml", "redact", "resolve"]

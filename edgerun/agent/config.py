@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -11,7 +12,7 @@ from edgerun.errors import ConfigError
 from edgerun.protocol import DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_PREFIX, is_node_id, is_prefix
 from edgerun.signing import load_public_key
 from edgerun.settings import (
-    BrokerURL, Option, build_parser, config_path, kernel_params, parse_broker_url, read_toml,
+    BrokerURL, Option, build_parser, config_path, kernel_params, parse_broker_urls, read_toml,
     resolve,
 )
 
@@ -38,7 +39,8 @@ def _level(value: str) -> str | None:
 
 
 OPTIONS = [
-    Option("broker", str, None, "MQTT broker URL, mqtt://host:port or mqtts://...", metavar="URL"),
+    Option("broker", str, None, "MQTT broker URL, mqtt://host:port or mqtts://...; several "
+           "nodes of one clustered broker comma-separated, tried in turn", metavar="URL[,URL]"),
     Option("node", str, None, "node id (default: DMI product UUID, else first MAC, else host name)",
            _node),
     Option("prefix", str, DEFAULT_PREFIX, "first topic level", _prefix),
@@ -83,6 +85,11 @@ class AgentConfig:
     keepalive: int = 30
     log_level: str = "info"
     public_key: bytes | None = None
+    brokers: tuple[BrokerURL, ...] = ()  # every node of a cluster, `broker` first; () = broker
+
+    @property
+    def broker_nodes(self) -> tuple[BrokerURL, ...]:
+        return self.brokers or (self.broker,)
 
 
 def load(argv: Sequence[str] | None, environ: Mapping[str, str],
@@ -97,16 +104,18 @@ def load(argv: Sequence[str] | None, environ: Mapping[str, str],
     if not values["broker"]:
         raise ConfigError("no broker: give --broker URL, EDGERUN_BROKER or "
                           "edgerun.broker= on the kernel command line")
-    broker = parse_broker_url(values["broker"], ("mqtt", "mqtts"))
+    brokers = parse_broker_urls(values["broker"], ("mqtt", "mqtts"))
     if values["username"] is not None or values["password"] is not None:
-        broker = BrokerURL(broker.scheme, broker.host, broker.port,
-                           values["username"] or broker.username,
-                           values["password"] or broker.password, broker.path)
+        brokers = tuple(dataclasses.replace(b, username=values["username"] or b.username,
+                                            password=values["password"] or b.password)
+                        for b in brokers)
+    broker = brokers[0]
     for key in ("ca_file", "cert_file", "key_file"):
         if values[key] and not os.path.isfile(values[key]):
             raise ConfigError(f"`{key}` {values[key]}: no such file")
     return AgentConfig(
-        broker=broker, node=values["node"] or derive_node_id(sys_root), prefix=values["prefix"],
+        broker=broker, brokers=brokers, node=values["node"] or derive_node_id(sys_root),
+        prefix=values["prefix"],
         ca_file=values["ca_file"], cert_file=values["cert_file"], key_file=values["key_file"],
         state_dir=values["state_dir"] or None, parallel=values["parallel"],
         queue_size=values["queue_size"], grace=max(0.0, values["grace"]),

@@ -50,7 +50,7 @@ class Agent:
         self._updates_topic = self.topics.updates(self.node)
         self.verifier = Verifier(cfg.public_key) if cfg.public_key else None
         self.conn = MqttConnection(
-            cfg.broker, f"edgerun-agent-{self.node}", name="agent-mqtt",
+            cfg.broker_nodes, f"edgerun-agent-{self.node}", name="agent-mqtt",
             on_message=self._inbox.put, on_connected=lambda _present: self._inbox.put(_ONLINE),
             subscriptions=[(self.topics.tasks(self.node), 1)], clean_session=False,
             will=Will(self.topics.status(self.node), encode(last_will(self.node)), 1, True),
@@ -61,7 +61,8 @@ class Agent:
     def run(self) -> int:
         """Serve until stop(); then drain as SIGTERM asks and return the exit code."""
         log.info("edgerun-agent %s: node %s, broker %s, task log %s, %s", __version__,
-                 self.node, self.cfg.broker, "on disk" if self.tasks.persistent else "in memory",
+                 self.node, ",".join(map(str, self.cfg.broker_nodes)),
+                 "on disk" if self.tasks.persistent else "in memory",
                  "signed tasks only" if self.verifier else "unsigned tasks accepted")
         self._finish_leftovers()
         self.conn.start()

@@ -13,7 +13,7 @@ from edgerun import __version__
 from edgerun.errors import ConfigError
 from edgerun.protocol import DEFAULT_PREFIX, is_prefix, normalise_node_id
 from edgerun.settings import (
-    BrokerURL, Option, build_parser, config_path, parse_broker_url, read_toml, resolve,
+    BrokerURL, Option, build_parser, config_path, parse_broker_urls, read_toml, resolve,
 )
 
 from .routes import RouteTable, build_table, default_specs
@@ -48,10 +48,10 @@ def _queue_type(value: str) -> str | None:
 
 
 OPTIONS = [
-    Option("mqtt", str, None, "MQTT broker URL, mqtt://user:pass@host:port or mqtts://",
-           metavar="URL"),
-    Option("amqp", str, None, "RabbitMQ URL, amqp://user:pass@host:port/vhost or amqps://",
-           metavar="URL"),
+    Option("mqtt", str, None, "MQTT broker URL, mqtt://user:pass@host:port or mqtts://; "
+           "several nodes of one cluster comma-separated", metavar="URL[,URL]"),
+    Option("amqp", str, None, "RabbitMQ URL, amqp://user:pass@host:port/vhost or amqps://; "
+           "several nodes of one cluster comma-separated", metavar="URL[,URL]"),
     Option("client_id", str, None, "stable MQTT client id of this bridge's persistent session "
            "(default: edgerun-bridge-<host name>)"),
     Option("share_group", str, "", "subscribe as $share/GROUP/... so that several bridges "
@@ -104,6 +104,8 @@ class BridgeConfig:
     metrics_port: int = 9580
     drain_timeout: float = 15.0
     log_level: str = "INFO"
+    mqtt_nodes: tuple[BrokerURL, ...] = ()  # every node of each cluster, the first first
+    amqp_nodes: tuple[BrokerURL, ...] = ()
 
     @property
     def vhost(self) -> str:
@@ -127,8 +129,8 @@ def load(argv: Sequence[str] | None, environ: Mapping[str, str]) -> BridgeConfig
         if not values[key]:
             raise ConfigError(f"no {key.upper()} broker: give --{key} URL, EDGERUN_{key.upper()} "
                               f"or `{key}` in the config file")
-    mqtt = parse_broker_url(values["mqtt"], ("mqtt", "mqtts"))
-    amqp = parse_broker_url(values["amqp"], ("amqp", "amqps"))
+    mqtt_nodes = parse_broker_urls(values["mqtt"], ("mqtt", "mqtts"))
+    amqp_nodes = parse_broker_urls(values["amqp"], ("amqp", "amqps"))
     for key in ("ca_file", "cert_file", "key_file"):
         if values[key] and not os.path.isfile(values[key]):
             raise ConfigError(f"`{key}` {values[key]}: no such file")
@@ -142,7 +144,8 @@ def load(argv: Sequence[str] | None, environ: Mapping[str, str]) -> BridgeConfig
     except ConfigError as exc:
         raise ConfigError(f"config file {path}: {exc}" if path else str(exc)) from None
     return BridgeConfig(
-        mqtt=mqtt, amqp=amqp, routes=routes,
+        mqtt=mqtt_nodes[0], amqp=amqp_nodes[0], mqtt_nodes=mqtt_nodes, amqp_nodes=amqp_nodes,
+        routes=routes,
         client_id=values["client_id"] or default_client_id(),
         share_group=values["share_group"], queue_type=values["queue_type"],
         prefetch=values["prefetch"], confirm_window=values["confirm_window"],
