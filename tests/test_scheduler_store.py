@@ -1,12 +1,14 @@
 """The store's state machine, registry and schema; the tracker's rules; target resolution.
 
-Pure logic on a real SQLite file: no broker, no mocks.
+Pure logic on a real SQLite file and a real PostgreSQL database (tests/pg.py): every
+test taking the `store` fixture runs on both back ends. No broker, no mocks.
 """
 
 from __future__ import annotations
 
 import sqlite3
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,10 +28,18 @@ from edgerun.scheduler.store import Store
 from edgerun.scheduler.targets import resolve_targets
 from edgerun.scheduler.tracker import judge
 
+from .pg import pg_database, pg_url  # noqa: F401  (fixtures)
 
-@pytest.fixture
-def store(tmp_path: Path) -> Store:
-    return Store(str(tmp_path / "s.db"))
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
+    if request.param == "sqlite":
+        target = str(tmp_path / "s.db")
+    else:
+        target = request.getfixturevalue("pg_url")
+    opened = Store(target)
+    yield opened
+    opened.close()
 
 
 def update(task_id: str, state: str, node: str = "n1", **extra: Any) -> tuple[Update, dict]:
@@ -44,7 +54,8 @@ def apply(store: Store, task_id: str, state: str, **extra: Any) -> Any:
     return store.apply_update(up, body, grace=5.0, now=time.time())
 
 
-def test_schema_is_versioned_and_wal(store: Store, tmp_path: Path) -> None:
+def test_schema_is_versioned_and_wal(tmp_path: Path) -> None:
+    store = Store(str(tmp_path / "s.db"))
     assert store.schema_version == SCHEMA_VERSION
     store.close()
     db = sqlite3.connect(tmp_path / "s.db")
@@ -253,3 +264,103 @@ def test_exit_codes() -> None:
     assert exit_code([t("rejected")]) == 126
     assert exit_code([t("canceled")]) == 130
     assert exit_code([t("failed", 3), t("succeeded", 0)]) == 1
+
+
+# --- both back ends: version, retention, forget, several writers ------------------------
+def test_postgres_store_refuses_a_newer_schema(pg_url: str) -> None:  # noqa: F811
+    Store(pg_url).close()
+    import psycopg
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        conn.execute("UPDATE meta SET value=%s WHERE key='schema_version'",
+                     (str(SCHEMA_VERSION + 1),))
+    with pytest.raises(StoreError, match="upgrade edgerun"):
+        Store(pg_url)
+
+
+def test_unreachable_postgres_is_a_store_error_without_the_password() -> None:
+    with pytest.raises(StoreError, match="cannot open") as info:
+        Store("postgresql://postgres:secret@127.0.0.1:1/nowhere?connect_timeout=2")
+    assert "secret" not in str(info.value)
+
+
+def test_prune_drops_old_finished_tasks_and_keeps_the_rest(store: Store) -> None:
+    for task_id in ("old-done", "old-open", "new-done"):
+        store.add_task("n1", ShellTask(id=task_id, command="true"), source="api")
+        store.mark_dispatched("n1", task_id, time.time() + 10)
+        apply(store, task_id, "running")
+    apply(store, "old-done", "succeeded", exit_code=0)
+    apply(store, "new-done", "failed", exit_code=1,
+          error={"code": "exit_status", "message": "1"})
+    store.record_rejected_without_id("n1", {"v": 1, "kind": "update", "id": None, "node": "n1",
+                                            "state": "rejected", "at": "x"})
+    assert store.prune(keep_days=1) == {"tasks": 0, "updates": 0, "jobs": 0}  # all recent
+    # two days on, only the finished tasks (with their updates) and the id-less update go
+    pruned = store.prune(keep_days=1, now=time.time() + 2 * 86_400)
+    assert pruned["tasks"] == 2 and pruned["updates"] == 2 * 2 + 1  # running, final; id-less
+    assert [t["id"] for t in store.tasks()] == ["old-open"]
+    assert store.updates("n1", "old-done") == []
+    assert [u["state"] for u in store.updates("n1", "old-open")] == ["running"]
+
+
+def test_forget_removes_a_node_and_its_next_status_brings_it_back(store: Store) -> None:
+    store.apply_status(Status("n1", "online", facts={"cpus": 1}))
+    store.apply_status(Status("n2", "online"))
+    assert store.forget_node("n1") is True
+    assert store.forget_node("n1") is False
+    assert [n["node"] for n in store.nodes()] == ["n2"]
+    prev, node = store.apply_status(Status("n1", "online"))
+    assert prev is None and node["facts"] is None
+
+
+def test_unaccepted_lists_what_a_node_has_not_taken(store: Store) -> None:
+    for task_id in ("a", "b", "c"):
+        store.add_task("n1", ShellTask(id=task_id, command="true"), source="api")
+        store.mark_dispatched("n1", task_id, time.time() + 10)
+    apply(store, "b", "accepted")
+    assert [t["id"] for t in store.unaccepted("n1")] == ["a", "c"]
+    assert store.unaccepted("n2") == []
+
+
+def test_event_log_ids_increase_on_both_back_ends(store: Store) -> None:
+    first = store.append_event("tasks", "n1", "t", {"x": 1}, keep=0)
+    second = store.append_event("tasks", "n1", "t", {"x": 2}, keep=0)
+    assert second > first
+    assert [body for _id, body in store.events_after(first)] == [{"x": 2}]
+    assert store.event_horizon() == (0, second)
+
+
+def test_two_stores_on_one_postgres_apply_each_change_once(pg_url: str) -> None:  # noqa: F811
+    """Several `serve` instances: the same updates applied by two writers at once are
+    recorded once each, and a status seen by both yields one `previous`."""
+    import threading
+    one, two = Store(pg_url), Store(pg_url)
+    try:
+        for i in range(50):
+            one.add_task("n1", ShellTask(id=f"t{i}", command="true"), source="api")
+        changes: list[Any] = []
+        lock = threading.Lock()
+
+        def writer(store: Store) -> None:
+            for i in range(50):
+                for state in ("accepted", "running", "succeeded"):
+                    extra = {"exit_code": 0} if state == "succeeded" else {}
+                    change = apply(store, f"t{i}", state, **extra)
+                    if change is not None:
+                        with lock:
+                            changes.append((f"t{i}", state))
+        threads = [threading.Thread(target=writer, args=(s,)) for s in (one, two)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert sorted(changes) == sorted((f"t{i}", s) for i in range(50)
+                                         for s in ("accepted", "running", "succeeded"))
+        for i in range(50):
+            assert [u["state"] for u in two.updates("n1", f"t{i}")] == \
+                ["accepted", "running", "succeeded"]
+        previous = [one.apply_status(Status("n9", "online"))[0],
+                    two.apply_status(Status("n9", "online"))[0]]
+        assert previous == [None, "online"]
+    finally:
+        one.close()
+        two.close()

@@ -1,20 +1,23 @@
-"""The audit log: every task, every state change and every node, in one SQLite file.
+"""The audit log: every task, every state change and every node, in SQLite or PostgreSQL.
 
-WAL mode, a versioned schema (schema.py), one connection guarded by a lock
-(the intake thread writes, API threads read). Every change of a task's state
-goes through `can_transition`, so redelivered or out-of-order updates never
-move a task backwards: the store is where at-least-once delivery is deduped.
+One SQL text for both back ends (db.py translates the few differences), a
+versioned schema (schema.py), one connection guarded by a lock (the intake
+thread writes, API threads read). Every change of a task's state goes through
+`can_transition` on the row read `FOR UPDATE`, so redelivered or out-of-order
+updates never move a task backwards, even when several `serve` instances
+share one PostgreSQL database: the store is where at-least-once delivery is
+deduped. On PostgreSQL each change is also announced with NOTIFY inside its
+own transaction (cluster.py turns those into the other instances' events).
 """
 
 from __future__ import annotations
 
 import json
-import sqlite3
-import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from edgerun.protocol import (
@@ -22,11 +25,13 @@ from edgerun.protocol import (
     is_final, parse_time,
 )
 
-from .errors import StoreError
+from .db import Database, Row, open_database
 from .schema import MIGRATIONS, SCHEMA_VERSION
 
 RESULT_FIELDS = ("exit_code", "stdout", "stderr", "truncated", "duration_s", "bytes", "sha256",
                  "dest")
+FINAL_STATE_NAMES = ("canceled", "failed", "lost", "rejected", "succeeded", "timed_out")
+NOTIFY_LIMIT = 7_800  # PostgreSQL refuses NOTIFY payloads of 8,000 bytes and more
 
 
 @dataclass(frozen=True)
@@ -38,71 +43,57 @@ class Change:
 
 
 class Store:
-    def __init__(self, path: str) -> None:
-        self.path = path
-        self._lock = threading.RLock()
+    """`target`: a SQLite file name, or a postgresql:// URL."""
+
+    def __init__(self, target: str) -> None:
+        self.db: Database = open_database(target)
+        self.path = self.db.name  # what /health shows: the URL has no password
+        self.kind = self.db.kind
+        self.origin = self.db.origin
         try:
-            self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None,
-                                       timeout=10.0)
-            self._db.row_factory = sqlite3.Row
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=NORMAL")
-            self._db.execute("PRAGMA foreign_keys=ON")
-            self._migrate()
-        except sqlite3.Error as exc:
-            raise StoreError(f"cannot open the task store {path}: {exc}") from None
+            self.db.migrate(MIGRATIONS, SCHEMA_VERSION)
+        except BaseException:
+            self.db.close()
+            raise
 
     # --- plumbing -----------------------------------------------------------------
-    def _migrate(self) -> None:
-        version = int(self._db.execute("PRAGMA user_version").fetchone()[0])
-        if version > SCHEMA_VERSION:
-            raise StoreError(f"the task store {self.path} has schema version {version}; this "
-                             f"edgerun knows up to {SCHEMA_VERSION}: upgrade edgerun")
-        for target in range(version + 1, SCHEMA_VERSION + 1):
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                for statement in MIGRATIONS[target].split(";"):
-                    if statement.strip():
-                        self._db.execute(statement)
-                self._db.execute(f"PRAGMA user_version={target}")
-                self._db.execute("COMMIT")
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-
     @property
     def schema_version(self) -> int:
         with self._read() as db:
-            return int(db.execute("PRAGMA user_version").fetchone()[0])
+            return db.schema_version()
 
     @contextmanager
-    def _write(self) -> Iterator[sqlite3.Connection]:
-        with self._lock:
-            try:
-                self._db.execute("BEGIN IMMEDIATE")
-                try:
-                    yield self._db
-                    self._db.execute("COMMIT")
-                except BaseException:
-                    self._db.execute("ROLLBACK")
-                    raise
-            except sqlite3.Error as exc:
-                raise StoreError(f"task store {self.path}: {exc}") from None
+    def _write(self) -> Iterator[Database]:
+        with self.db.write() as db:
+            yield db
 
     @contextmanager
-    def _read(self) -> Iterator[sqlite3.Connection]:
-        with self._lock:
-            try:
-                yield self._db
-            except sqlite3.Error as exc:
-                raise StoreError(f"task store {self.path}: {exc}") from None
+    def _read(self) -> Iterator[Database]:
+        with self.db.read() as db:
+            yield db
 
     def close(self) -> None:
-        with self._lock:
-            try:
-                self._db.close()
-            except sqlite3.Error:
-                pass
+        self.db.close()
+
+    def _announce(self, db: Database, message: JSONObject) -> None:
+        """NOTIFY the other instances in this transaction (PostgreSQL only): delivered
+        when it commits, never for a change rolled back, in commit order."""
+        if self.db.kind != "postgresql":
+            return
+        message = {"o": self.origin, **message}
+        payload = json.dumps(message, separators=(",", ":"))
+        if len(payload.encode()) > NOTIFY_LIMIT:
+            # too big (output tails): the listener reads the record from the store
+            message.pop("task", None)
+            message.pop("info", None)
+            payload = json.dumps(message, separators=(",", ":"))
+        db.notify(payload)
+
+    def _announce_change(self, db: Database, change: Change) -> None:
+        if self.db.kind == "postgresql":
+            self._announce(db, {"t": "task", "p": change.previous, "n": change.task["node"],
+                                "i": change.task["id"], "s": change.task["state"],
+                                "task": change.task})
 
     # --- tasks: writes ------------------------------------------------------------
     def add_task(self, node: str, task: Task, *, source: str, state: State = State.QUEUED,
@@ -123,7 +114,9 @@ class Store:
                  else None, deadline, job_id, step))
             if cur.rowcount == 0:
                 return None
-            return Change(None, self._task(db, node, task.id))
+            change = Change(None, self._task(db, node, task.id))
+            self._announce_change(db, change)
+            return change
 
     def note_task_seen(self, node: str, task: Task, *, deadline: float) -> Change | None:
         """A task message seen on the wire (ours echoed, or another client's).
@@ -132,7 +125,7 @@ class Store:
         from its updates: its spec is filled in. Known: nothing to do.
         """
         with self._write() as db:
-            row = db.execute("SELECT spec FROM tasks WHERE node=? AND id=?",
+            row = db.execute("SELECT spec FROM tasks WHERE node=? AND id=? FOR UPDATE",
                              (node, task.id)).fetchone()
             if row is not None:
                 if row["spec"] is None:
@@ -146,7 +139,7 @@ class Store:
 
     def mark_dispatched(self, node: str, task_id: str, deadline: float) -> Change | None:
         """The broker took the task (PUBACK / publisher confirm)."""
-        def apply(db: sqlite3.Connection, row: sqlite3.Row) -> None:
+        def apply(db: Database, row: Row) -> None:
             db.execute("UPDATE tasks SET dispatched_at=?, deadline=?, expires_ts=? "
                        "WHERE node=? AND id=?",
                        (format_time(), deadline, _expires_ts(row["expires_at"]), node, task_id))
@@ -163,7 +156,7 @@ class Store:
         final = is_final(state)
         error = update.error
 
-        def apply(db: sqlite3.Connection, row: sqlite3.Row) -> None:
+        def apply(db: Database, row: Row) -> None:
             result = {k: body[k] for k in RESULT_FIELDS if k in body} if final else None
             deadline = None if final else now + (row["timeout"] or DEFAULT_TIMEOUT_S) + grace
             db.execute(
@@ -204,7 +197,7 @@ class Store:
 
     def _verdict(self, node: str, task_id: str, expected: str, state: State, code: str,
                  message: str) -> Change | None:
-        def apply(db: sqlite3.Connection, _row: sqlite3.Row) -> None:
+        def apply(db: Database, _row: Row) -> None:
             db.execute("UPDATE tasks SET deadline=NULL, expires_ts=NULL, error_code=?, "
                        "error_message=? WHERE node=? AND id=?", (code, message, node, task_id))
             body = {"v": 1, "kind": "update", "id": task_id, "node": node, "state": str(state),
@@ -214,7 +207,7 @@ class Store:
                        "VALUES (?,?,?,?,?,?)", (node, task_id, str(state), body["at"],
                                                 body["at"], json.dumps(body)))
         with self._write() as db:
-            row = db.execute("SELECT state FROM tasks WHERE node=? AND id=?",
+            row = db.execute("SELECT state FROM tasks WHERE node=? AND id=? FOR UPDATE",
                              (node, task_id)).fetchone()
             if row is None or row["state"] != expected:
                 return None
@@ -223,17 +216,19 @@ class Store:
     def extend_deadlines(self, node: str, at_least: float) -> None:
         """A node came (back) online: its waiting tasks get a fresh chance to be taken."""
         with self._write() as db:
-            db.execute("UPDATE tasks SET deadline=MAX(deadline, ?) WHERE node=? AND state=? "
-                       "AND deadline IS NOT NULL", (at_least, node, str(State.DISPATCHED)))
+            db.execute("UPDATE tasks SET deadline=? WHERE node=? AND state=? "
+                       "AND deadline IS NOT NULL AND deadline < ?",
+                       (at_least, node, str(State.DISPATCHED), at_least))
 
     def _transition(self, node: str, task_id: str, state: State,
                     apply: Any) -> Change | None:
         with self._write() as db:
             return self._transition_in(db, node, task_id, state, apply)
 
-    def _transition_in(self, db: sqlite3.Connection, node: str, task_id: str, state: State,
+    def _transition_in(self, db: Database, node: str, task_id: str, state: State,
                        apply: Any) -> Change | None:
-        row = db.execute("SELECT * FROM tasks WHERE node=? AND id=?", (node, task_id)).fetchone()
+        row = db.execute("SELECT * FROM tasks WHERE node=? AND id=? FOR UPDATE",
+                         (node, task_id)).fetchone()
         if row is None:
             return None
         current = None if row["state"] == "__new__" else State(row["state"])
@@ -242,10 +237,12 @@ class Store:
         db.execute("UPDATE tasks SET state=?, updated_at=? WHERE node=? AND id=?",
                    (str(state), format_time(), node, task_id))
         apply(db, row)
-        return Change(str(current) if current else None, self._task(db, node, task_id))
+        change = Change(str(current) if current else None, self._task(db, node, task_id))
+        self._announce_change(db, change)
+        return change
 
     # --- tasks: reads ---------------------------------------------------------------
-    def _task(self, db: sqlite3.Connection, node: str, task_id: str) -> JSONObject:
+    def _task(self, db: Database, node: str, task_id: str) -> JSONObject:
         row = db.execute("SELECT * FROM tasks WHERE node=? AND id=?", (node, task_id)).fetchone()
         return task_dict(row)
 
@@ -295,26 +292,30 @@ class Store:
 
     # --- nodes ---------------------------------------------------------------------
     def apply_status(self, status: Status) -> tuple[str | None, JSONObject]:
-        """Record a status message; returns (previous state or None, the node)."""
+        """Record a status message; returns (previous state or None, the node).
+
+        The row is created first (a no-op when it exists) and then read FOR UPDATE,
+        so two instances recording the same status agree on one `previous`."""
         now = format_time()
         with self._write() as db:
-            row = db.execute("SELECT state FROM nodes WHERE node=?", (status.node,)).fetchone()
-            previous = row["state"] if row is not None else None
-            if row is None:
-                db.execute("INSERT INTO nodes (node, state, first_seen, last_seen, changed_at, "
-                           "agent, facts, running) VALUES (?,?,?,?,?,?,?,?)",
-                           (status.node, status.state, now, now, now, status.agent,
-                            _json_or_none(status.facts), _json_or_none(status.running)))
-            else:
-                db.execute("UPDATE nodes SET state=?, last_seen=?, changed_at=CASE WHEN state=? "
-                           "THEN changed_at ELSE ? END, agent=COALESCE(?, agent), "
-                           "facts=COALESCE(?, facts), running=? WHERE node=?",
-                           (status.state, now, status.state, now, status.agent,
-                            _json_or_none(status.facts),
-                            _json_or_none(list(status.running)) if status.running is not None
-                            else None, status.node))
-            node = db.execute("SELECT * FROM nodes WHERE node=?", (status.node,)).fetchone()
-            return previous, node_dict(node)
+            db.execute("INSERT OR IGNORE INTO nodes (node, state, first_seen, last_seen, "
+                       "changed_at) VALUES (?,?,?,?,?)", (status.node, "__new__", now, now, now))
+            row = db.execute("SELECT state FROM nodes WHERE node=? FOR UPDATE",
+                             (status.node,)).fetchone()
+            previous = None if row["state"] == "__new__" else row["state"]
+            db.execute("UPDATE nodes SET state=?, last_seen=?, changed_at=CASE WHEN state=? "
+                       "THEN changed_at ELSE ? END, agent=COALESCE(?, agent), "
+                       "facts=COALESCE(?, facts), running=? WHERE node=?",
+                       (status.state, now, status.state, now, status.agent,
+                        _json_or_none(status.facts),
+                        _json_or_none(list(status.running)) if status.running is not None
+                        else None, status.node))
+            node = node_dict(db.execute("SELECT * FROM nodes WHERE node=?",
+                                        (status.node,)).fetchone())
+            if previous != status.state:
+                self._announce(db, {"t": "node", "p": previous, "n": status.node,
+                                    "s": status.state, "info": node})
+            return previous, node
 
     def touch_node(self, node: str) -> None:
         """Any message from a node shows it alive: refresh `last_seen` of a known node."""
@@ -338,6 +339,43 @@ class Store:
     def online_nodes(self) -> set[str]:
         with self._read() as db:
             return {r["node"] for r in db.execute("SELECT node FROM nodes WHERE state='online'")}
+
+    def forget_node(self, node: str) -> bool:
+        """Remove a node from the registry (its task history stays until pruned).
+        False when it was not known. A node still alive comes back with its next status."""
+        with self._write() as db:
+            cur = db.execute("DELETE FROM nodes WHERE node=?", (node,))
+            if cur.rowcount == 0:
+                return False
+            self._announce(db, {"t": "forget", "n": node})
+            return True
+
+    # --- retention and re-sending ------------------------------------------------------
+    def prune(self, keep_days: float, now: float | None = None) -> dict[str, int]:
+        """Delete finished tasks (and their updates) last changed more than `keep_days`
+        ago, id-less `rejected` updates as old, and jobs left with no task."""
+        stamp = format_time(datetime.fromtimestamp(now if now is not None else time.time(), UTC)
+                            - timedelta(days=keep_days))
+        with self._write() as db:
+            updates = db.execute(
+                "DELETE FROM updates WHERE (task_id IS NULL AND received_at < ?) OR EXISTS "
+                "(SELECT 1 FROM tasks t WHERE t.node=updates.node AND t.id=updates.task_id AND "
+                "t.updated_at < ? AND t.state IN ('canceled','failed','lost','rejected',"
+                "'succeeded','timed_out'))", (stamp, stamp)).rowcount
+            tasks = db.execute("DELETE FROM tasks WHERE updated_at < ? AND state IN "
+                               "('canceled','failed','lost','rejected','succeeded','timed_out')",
+                               (stamp,)).rowcount
+            jobs = db.execute("DELETE FROM jobs WHERE created_at < ? AND NOT EXISTS "
+                              "(SELECT 1 FROM tasks t WHERE t.job_id=jobs.id)", (stamp,)).rowcount
+        return {"tasks": max(tasks, 0), "updates": max(updates, 0), "jobs": max(jobs, 0)}
+
+    def unaccepted(self, node: str) -> list[JSONObject]:
+        """Tasks sent to `node` that it has not acknowledged yet (state `dispatched`), oldest
+        first: what a broker that lost its queue should get again."""
+        with self._read() as db:
+            rows = db.execute("SELECT * FROM tasks WHERE node=? AND state=? AND spec IS NOT NULL "
+                              "ORDER BY seq", (node, str(State.DISPATCHED)))
+            return [task_dict(r) for r in rows]
 
     # --- jobs ------------------------------------------------------------------------
     def add_job(self, job_id: str, nodes: list[str], steps: list[JSONObject]) -> None:
@@ -371,6 +409,74 @@ class Store:
                 "p.step < t.step AND p.state != 'succeeded') ORDER BY seq")
             return [task_dict(r) for r in rows]
 
+    # --- reads for the API: keyset pages, id prefixes, job progress ---------------------
+    def task_page(self, *, node: str | None = None, state: str | None = None,
+                  job_id: str | None = None, before: int | None = None,
+                  limit: int = 100) -> tuple[list[JSONObject], int | None]:
+        """Newest first, at most `limit`, older than the cursor `before`; returns the
+        tasks and the cursor of the next page (None at the end)."""
+        where, args = ["state != '__new__'"], []
+        for column, value in (("node", node), ("state", state), ("job_id", job_id),
+                              ("seq", before)):
+            if value is not None:
+                where.append(f"{column} < ?" if column == "seq" else f"{column}=?")
+                args.append(value)
+        sql = f"SELECT * FROM tasks WHERE {' AND '.join(where)} ORDER BY seq DESC LIMIT ?"  # noqa: S608
+        with self._read() as db:
+            rows = list(db.execute(sql, (*args, limit + 1)))
+        more = len(rows) > limit
+        rows = rows[:limit]
+        return [task_dict(r) for r in rows], (int(rows[-1]["seq"]) if more else None)
+
+    def task_ids_with_prefix(self, prefix: str, limit: int = 10) -> list[str]:
+        """Distinct task ids that start with `prefix`, in order (for git-like short ids)."""
+        with self._read() as db:
+            rows = db.execute("SELECT DISTINCT id FROM tasks WHERE id >= ? AND id < ? "
+                              "AND state != '__new__' ORDER BY id LIMIT ?",
+                              (prefix, prefix + "\U0010ffff", limit))
+            return [r["id"] for r in rows]
+
+    def jobs(self, before: str | None = None, limit: int = 50) -> list[JSONObject]:
+        """Newest first, created before the cursor `before` (a created_at): id, created_at,
+        the number of nodes, the steps."""
+        with self._read() as db:
+            rows = db.execute("SELECT id, created_at, nodes, steps FROM jobs WHERE "
+                              "created_at < ? ORDER BY created_at DESC, id DESC LIMIT ?",
+                              (before or "9999", limit))
+            return [{"id": r["id"], "created_at": r["created_at"],
+                     "nodes": len(json.loads(r["nodes"])), "steps": json.loads(r["steps"])}
+                    for r in rows]
+
+    def job_progress(self, job_id: str) -> dict[int, dict[str, int]]:
+        """{step: {state: count}} over every node of the job, counted by the database."""
+        with self._read() as db:
+            rows = db.execute("SELECT step, state, COUNT(*) AS n FROM tasks WHERE job_id=? "
+                              "GROUP BY step, state", (job_id,))
+            out: dict[int, dict[str, int]] = {}
+            for r in rows:
+                out.setdefault(int(r["step"]), {})[r["state"]] = int(r["n"])
+            return out
+
+    def job_targets(self, job_id: str, after: str | None = None,
+                    limit: int = 100) -> list[JSONObject]:
+        """One row per node, by node id after `after`: its steps' id, state, exit code."""
+        with self._read() as db:
+            nodes = [r["node"] for r in db.execute(
+                "SELECT DISTINCT node FROM tasks WHERE job_id=? AND node > ? ORDER BY node "
+                "LIMIT ?", (job_id, after or "", limit))]
+            if not nodes:
+                return []
+            marks = ",".join("?" * len(nodes))
+            rows = db.execute(f"SELECT node, id, step, state, exit_code, error_code, updated_at "  # noqa: S608
+                              f"FROM tasks WHERE job_id=? AND node IN ({marks}) "
+                              f"ORDER BY node, step", (job_id, *nodes))
+            by_node: dict[str, list[JSONObject]] = {n: [] for n in nodes}
+            for r in rows:
+                by_node[r["node"]].append({"step": r["step"], "id": r["id"],
+                                           "state": r["state"], "exit_code": r["exit_code"],
+                                           "error": r["error_code"],
+                                           "updated_at": r["updated_at"]})
+            return [{"node": n, "steps": steps} for n, steps in by_node.items()]
 
     # --- API tokens (only their SHA-256 is kept) --------------------------------------
     def add_token(self, name: str, role: str, digest: str, hint: str,
@@ -422,9 +528,9 @@ class Store:
         so a reader asking for older ones can be told (`events_dropped_through`)."""
         with self._write() as db:
             cur = db.execute("INSERT INTO events (at, channel, node, task_id, body) "
-                             "VALUES (?,?,?,?,?)", (format_time(), channel, node, task_id,
-                                                    json.dumps(body)))
-            event_id = int(cur.lastrowid or 0)
+                             "VALUES (?,?,?,?,?) RETURNING id",
+                             (format_time(), channel, node, task_id, json.dumps(body)))
+            event_id = int(cur.fetchone()[0])
             if keep > 0 and event_id % 500 == 0 and event_id > keep:
                 horizon = event_id - keep
                 db.execute("DELETE FROM events WHERE id <= ?", (horizon,))
@@ -445,8 +551,8 @@ class Store:
         with self._read() as db:
             row = db.execute("SELECT value FROM meta WHERE key='events_dropped_through'"
                              ).fetchone()
-            last = db.execute("SELECT seq FROM sqlite_sequence WHERE name='events'").fetchone()
-            return (int(row["value"]) if row else 0, int(last["seq"]) if last else 0)
+            last = db.execute("SELECT COALESCE(MAX(id), 0) FROM events").fetchone()
+            return (int(row["value"]) if row else 0, int(last[0]))
 
 
 def _expires_ts(expires_at: str | None) -> float | None:
@@ -459,7 +565,7 @@ def _json_or_none(value: Any) -> str | None:
     return json.dumps(value) if value is not None else None
 
 
-def task_dict(row: sqlite3.Row) -> JSONObject:
+def task_dict(row: Row) -> JSONObject:
     """A task as the API, the events and the CLI see it."""
     error = {"code": row["error_code"], "message": row["error_message"]} \
         if row["error_code"] else None
@@ -475,7 +581,7 @@ def task_dict(row: sqlite3.Row) -> JSONObject:
     }
 
 
-def node_dict(row: sqlite3.Row) -> JSONObject:
+def node_dict(row: Row) -> JSONObject:
     return {
         "node": row["node"], "state": row["state"], "first_seen": row["first_seen"],
         "last_seen": row["last_seen"], "changed_at": row["changed_at"], "agent": row["agent"],
@@ -489,7 +595,7 @@ def now() -> float:
     return time.time()
 
 
-def _token_dict(row: sqlite3.Row) -> JSONObject:
+def _token_dict(row: Row) -> JSONObject:
     """A token as `edgerun token list` shows it: never its hash."""
     return {"id": row["id"], "name": row["name"], "role": row["role"], "hint": row["hint"],
             "created_at": row["created_at"], "created_by": row["created_by"],

@@ -1,0 +1,319 @@
+"""Two SQL back ends behind one small interface: stdlib sqlite3 and PostgreSQL (psycopg 3).
+
+The store writes one SQL text for both. `Database.execute` translates the few
+differences, so that the store and every migration stay portable:
+
+- placeholders: `?` everywhere; PostgreSQL gets `%s`;
+- `INSERT OR IGNORE INTO ...` becomes `INSERT INTO ... ON CONFLICT DO NOTHING`
+  on PostgreSQL (both understand the latter; the former reads better);
+- DDL: `INTEGER PRIMARY KEY AUTOINCREMENT` is `BIGSERIAL PRIMARY KEY` and `REAL`
+  is `DOUBLE PRECISION` on PostgreSQL (its REAL is 4 bytes: seconds since 1970
+  would lose their minutes);
+- `FOR UPDATE` (row locks, so that two `serve` instances never apply the same
+  change twice) is dropped on SQLite, whose writers are serialised anyway;
+- the schema version: `PRAGMA user_version` on SQLite, a `meta` row on PostgreSQL.
+
+psycopg is imported only for a postgresql:// URL, so the small mode never pays
+for it (about 23 MiB of RSS and 115 ms here).
+"""
+
+from __future__ import annotations
+
+import re
+import sqlite3
+import threading
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any, Protocol
+from urllib.parse import urlsplit, urlunsplit
+
+from .errors import StoreError
+
+PG_SCHEMES = ("postgresql://", "postgres://")
+_DDL = [(re.compile(r"\bINTEGER PRIMARY KEY AUTOINCREMENT\b", re.I), "BIGSERIAL PRIMARY KEY"),
+        (re.compile(r"\bREAL\b", re.I), "DOUBLE PRECISION")]
+_IGNORE = re.compile(r"^\s*INSERT\s+OR\s+IGNORE\s+INTO\b", re.I)
+_FOR_UPDATE = re.compile(r"\s+FOR\s+UPDATE\s*$", re.I)
+MIGRATION_LOCK = 0x6564_6765_7275_6E00  # "edgerun\0": serialises migrations across instances
+
+
+def is_postgres(target: str) -> bool:
+    return target.startswith(PG_SCHEMES)
+
+
+def redact(url: str) -> str:
+    """A database URL without its password, for logs and /health."""
+    if not is_postgres(url):
+        return url
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.rpartition("@")[2]
+    user = parts.username or ""
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))
+
+
+class Row(Protocol):
+    def __getitem__(self, key: str | int) -> Any: ...
+    def keys(self) -> Sequence[str]: ...
+
+
+class Cursor(Protocol):
+    @property
+    def rowcount(self) -> int: ...
+    def fetchone(self) -> Any: ...
+    def fetchall(self) -> list[Any]: ...
+    def __iter__(self) -> Iterator[Any]: ...
+
+
+class PgRow:
+    """A PostgreSQL row read like sqlite3.Row: by column name or by position."""
+
+    __slots__ = ("_names", "_values")
+
+    def __init__(self, names: dict[str, int], values: Sequence[Any]) -> None:
+        self._names, self._values = names, values
+
+    def __getitem__(self, key: str | int) -> Any:
+        return self._values[key if isinstance(key, int) else self._names[key]]
+
+    def keys(self) -> list[str]:
+        return list(self._names)
+
+
+class Database:
+    """One connection guarded by a lock; `write()` is a transaction, `read()` is not."""
+
+    kind = "?"
+
+    def __init__(self, target: str) -> None:
+        self.target = target
+        self.name = redact(target)
+        self.origin = uuid.uuid4().hex[:12]  # tells this process's notifications apart
+        self._lock = threading.RLock()
+
+    # --- what each back end provides --------------------------------------------------
+    def execute(self, sql: str, args: Sequence[Any] = ()) -> Cursor:
+        raise NotImplementedError
+
+    def _begin(self) -> None:
+        raise NotImplementedError
+
+    def _end(self, commit: bool) -> None:
+        raise NotImplementedError
+
+    def schema_version(self) -> int:
+        raise NotImplementedError
+
+    def set_schema_version(self, version: int) -> None:
+        raise NotImplementedError
+
+    def notify(self, payload: str) -> None:
+        """Tell the other instances, when this transaction commits (PostgreSQL only)."""
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    @property
+    def errors(self) -> tuple[type[BaseException], ...]:
+        raise NotImplementedError
+
+    def _healthy(self) -> None:
+        """Reconnect if the connection broke since the last use."""
+
+    # --- shared -------------------------------------------------------------------------
+    @contextmanager
+    def write(self) -> Iterator[Database]:
+        with self._lock:
+            try:
+                self._healthy()
+                self._begin()
+                try:
+                    yield self
+                except BaseException:
+                    self._end(False)
+                    raise
+                self._end(True)
+            except self.errors as exc:
+                raise StoreError(f"task store {self.name}: {_first_line(exc)}") from None
+
+    @contextmanager
+    def read(self) -> Iterator[Database]:
+        with self._lock:
+            try:
+                self._healthy()
+                yield self
+            except self.errors as exc:
+                raise StoreError(f"task store {self.name}: {_first_line(exc)}") from None
+
+    def migrate(self, migrations: dict[int, str], latest: int) -> None:
+        with self.write():
+            self._lock_migrations()
+            version = self.schema_version()
+            if version > latest:
+                raise StoreError(f"the task store {self.name} has schema version {version}; "
+                                 f"this edgerun knows up to {latest}: upgrade edgerun")
+            for target in range(version + 1, latest + 1):
+                for statement in migrations[target].split(";"):
+                    if statement.strip():
+                        self.execute(self.ddl(statement))
+                self.set_schema_version(target)
+
+    def _lock_migrations(self) -> None:
+        pass
+
+    def ddl(self, statement: str) -> str:
+        return statement
+
+
+class SqliteDatabase(Database):
+    kind = "sqlite"
+
+    def __init__(self, path: str) -> None:
+        super().__init__(path)
+        try:
+            self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None,
+                                       timeout=10.0)
+            self._db.row_factory = sqlite3.Row
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db.execute("PRAGMA foreign_keys=ON")
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot open the task store {path}: {exc}") from None
+
+    @property
+    def errors(self) -> tuple[type[BaseException], ...]:
+        return (sqlite3.Error,)
+
+    def execute(self, sql: str, args: Sequence[Any] = ()) -> Cursor:
+        if _FOR_UPDATE.search(sql):
+            sql = _FOR_UPDATE.sub("", sql)
+        return self._db.execute(sql, tuple(args))
+
+    def _begin(self) -> None:
+        self._db.execute("BEGIN IMMEDIATE")
+
+    def _end(self, commit: bool) -> None:
+        self._db.execute("COMMIT" if commit else "ROLLBACK")
+
+    def schema_version(self) -> int:
+        return int(self._db.execute("PRAGMA user_version").fetchone()[0])
+
+    def set_schema_version(self, version: int) -> None:
+        self._db.execute(f"PRAGMA user_version={int(version)}")
+
+    def close(self) -> None:
+        with self._lock:
+            try:
+                self._db.close()
+            except sqlite3.Error:
+                pass
+
+
+def _psycopg() -> Any:
+    try:
+        import psycopg
+    except ImportError as exc:
+        raise StoreError(f"a postgresql:// store needs psycopg 3 "
+                         f"(pip install 'edgerun[postgres]'): {exc}") from None
+    return psycopg
+
+
+def pg_connect(url: str, *, autocommit: bool = True) -> Any:
+    """A psycopg connection whose rows read like sqlite3.Row; errors are StoreErrors."""
+    psycopg = _psycopg()
+    try:
+        conn = psycopg.connect(url, autocommit=autocommit, connect_timeout=10,
+                               row_factory=_pg_rows, application_name="edgerun-scheduler")
+    except psycopg.Error as exc:
+        raise StoreError(f"cannot open the task store {redact(url)}: "
+                         f"{_first_line(exc)}") from None
+    return conn
+
+
+def _pg_rows(cursor: Any) -> Callable[[Sequence[Any]], PgRow]:
+    names = {c.name: i for i, c in enumerate(cursor.description or ())}
+    return lambda values: PgRow(names, values)
+
+
+class PostgresDatabase(Database):
+    kind = "postgresql"
+    CHANNEL = "edgerun_changes"
+
+    def __init__(self, url: str) -> None:
+        super().__init__(url)
+        self._psycopg = _psycopg()
+        self._conn = pg_connect(url)
+        self._sql: dict[str, str] = {}
+
+    @property
+    def errors(self) -> tuple[type[BaseException], ...]:
+        return (self._psycopg.Error,)
+
+    def _healthy(self) -> None:
+        if self._conn.closed or self._conn.broken:
+            self._conn = pg_connect(self.target)
+
+    def translate(self, sql: str) -> str:
+        out = self._sql.get(sql)
+        if out is None:
+            out = sql.replace("%", "%%").replace("?", "%s")
+            if _IGNORE.match(out):
+                out = _IGNORE.sub("INSERT INTO", out) + " ON CONFLICT DO NOTHING"
+            self._sql[sql] = out
+        return out
+
+    def execute(self, sql: str, args: Sequence[Any] = ()) -> Cursor:
+        cursor: Cursor = self._conn.execute(self.translate(sql), tuple(args))
+        return cursor
+
+    def _begin(self) -> None:
+        self._conn.execute("BEGIN")
+
+    def _end(self, commit: bool) -> None:
+        if self._conn.broken or self._conn.closed:
+            return
+        self._conn.execute("COMMIT" if commit else "ROLLBACK")
+
+    def _lock_migrations(self) -> None:
+        self._conn.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK,))
+
+    def ddl(self, statement: str) -> str:
+        for pattern, replacement in _DDL:
+            statement = pattern.sub(replacement, statement)
+        return statement
+
+    def schema_version(self) -> int:
+        exists = self._conn.execute("SELECT to_regclass('meta') IS NOT NULL").fetchone()[0]
+        if not exists:
+            return 0
+        row = self._conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
+        return int(row[0]) if row is not None else 0
+
+    def set_schema_version(self, version: int) -> None:
+        self._conn.execute("INSERT INTO meta (key, value) VALUES ('schema_version', %s) "
+                           "ON CONFLICT (key) DO UPDATE SET value=excluded.value",
+                           (str(version),))
+
+    def notify(self, payload: str) -> None:
+        self._conn.execute("SELECT pg_notify(%s, %s)", (self.CHANNEL, payload))
+
+    def close(self) -> None:
+        with self._lock:
+            try:
+                self._conn.close()
+            except self._psycopg.Error:
+                pass
+
+
+def open_database(target: str) -> Database:
+    """`postgresql://...` (or `postgres://`): PostgreSQL; anything else: a SQLite file."""
+    if is_postgres(target):
+        return PostgresDatabase(target)
+    return SqliteDatabase(target)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0]
