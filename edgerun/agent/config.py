@@ -33,6 +33,10 @@ def _prefix(value: str) -> str | None:
     return None if is_prefix(value) else "must be one topic level without / + #"
 
 
+def _contain(value: str) -> str | None:
+    return None if value in ("auto", "off") else "must be auto or off"
+
+
 def _level(value: str) -> str | None:
     return None if value.upper() in ("DEBUG", "INFO", "WARNING", "ERROR") else \
         "must be debug, info, warning or error"
@@ -64,6 +68,8 @@ OPTIONS = [
     Option("keepalive", int, 30, "MQTT keepalive in seconds", _positive, metavar="S"),
     Option("public_key", str, None, "Ed25519 public key (base64 or PEM) or a file holding it; "
            "when set, only tasks signed with its private key run", metavar="KEY"),
+    Option("contain", str, "auto", "a cgroup v2 per task where the hierarchy is writable "
+           "(auto), or only the subreaper and /proc (off)", _contain, metavar="MODE"),
     Option("log_level", str, "info", "debug, info, warning or error", _level),
 ]
 
@@ -85,6 +91,7 @@ class AgentConfig:
     keepalive: int = 30
     log_level: str = "info"
     public_key: bytes | None = None
+    contain: str = "auto"
     brokers: tuple[BrokerURL, ...] = ()  # every node of a cluster, `broker` first; () = broker
 
     @property
@@ -121,4 +128,5 @@ def load(argv: Sequence[str] | None, environ: Mapping[str, str],
         queue_size=values["queue_size"], grace=max(0.0, values["grace"]),
         max_message_bytes=values["max_message_bytes"], remember=values["remember"],
         keepalive=values["keepalive"], log_level=values["log_level"].upper(),
+        contain=values["contain"],
         public_key=load_public_key(values["public_key"]) if values["public_key"] else None)

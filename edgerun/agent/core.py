@@ -28,6 +28,7 @@ from edgerun.protocol import (
 
 from . import identity
 from .config import AgentConfig
+from .contain import Containment, make_key
 from .outcome import Control, Outcome, failure
 from .store import TaskLog
 
@@ -43,6 +44,7 @@ class Agent:
         self.stopping = threading.Event()
         self._stopped = threading.Event()
         self.tasks = TaskLog(cfg.state_dir, cfg.remember)
+        self.jail: Containment | None = None  # made in run(): it changes the process
         self._inbox: queue.SimpleQueue[Inbound | str | None] = queue.SimpleQueue()
         self._lock = threading.Condition()
         self._queued: OrderedDict[str, tuple[Task, Control]] = OrderedDict()
@@ -60,10 +62,13 @@ class Agent:
     # --- life cycle ------------------------------------------------------------------
     def run(self) -> int:
         """Serve until stop(); then drain as SIGTERM asks and return the exit code."""
-        log.info("edgerun-agent %s: node %s, broker %s, task log %s, %s", __version__,
-                 self.node, ",".join(map(str, self.cfg.broker_nodes)),
+        self.jail = Containment(make_key(self.node, self.cfg.state_dir),
+                                cgroups=self.cfg.contain == "auto")
+        log.info("edgerun-agent %s: node %s, broker %s, task log %s, %s, tasks contained by %s",
+                 __version__, self.node, ",".join(map(str, self.cfg.broker_nodes)),
                  "on disk" if self.tasks.persistent else "in memory",
-                 "signed tasks only" if self.verifier else "unsigned tasks accepted")
+                 "signed tasks only" if self.verifier else "unsigned tasks accepted",
+                 self.jail.mode)
         self._finish_leftovers()
         self.conn.start()
         dispatcher = threading.Thread(target=self._dispatch_loop, name="dispatch", daemon=True)
@@ -80,6 +85,7 @@ class Agent:
             log.warning("some updates could not be delivered before exit")
         self.conn.stop()
         self.tasks.close()
+        self.jail.close()
         self._stopped.set()
         log.info("stopped")
         return 0
@@ -104,10 +110,19 @@ class Agent:
             worker.join()
 
     def _finish_leftovers(self) -> None:
+        """Tasks an earlier run never finished: end what they left running, then say so."""
+        assert self.jail is not None
+        left = self.jail.sweep()  # before any report: a task reported failed runs no more
+        for task_id, count in left.items():
+            log.warning("task %s: killed %d processes an earlier run of the agent left", task_id,
+                        count)
         for update in self.tasks.unfinished():
+            count = left.get(update["id"], 0)
+            ended = f"; {count} processes it left running were killed" if count else \
+                "; none of its processes were still running"
             self._final(update["id"], failure(
                 ErrorCode.INTERNAL, f"the agent restarted while the task was "
-                f"{update.get('state')}; it did not finish"))
+                f"{update.get('state')}; it did not finish{ended}"))
 
     # --- the dispatcher ----------------------------------------------------------------
     def _dispatch_loop(self) -> None:
@@ -208,7 +223,7 @@ class Agent:
         self._update(task.id, State.RUNNING)
         try:
             if isinstance(task, ShellTask):
-                outcome = run_shell(task, control, self._emitter(task.id))
+                outcome = run_shell(task, control, self._emitter(task.id), self.jail)
             else:
                 outcome = run_download(task, control)
         except Exception as exc:

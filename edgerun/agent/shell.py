@@ -1,9 +1,10 @@
 """Run a shell task: one selector loop per task over its pipes, nothing left behind.
 
-The command runs in a session (and so a process group) of its own. Timeout and
-cancel send SIGTERM to the whole group and SIGKILL after `KILL_GRACE`; when the
-command's main process exits, whatever it left in its group is killed too, so a
-task never leaves orphans holding its pipes.
+The command runs in a session (and so a process group) of its own, and in the
+task's cgroup where there is one (contain.py). Timeout and cancel send SIGTERM
+to every process of the task, wherever it went, and SIGKILL after `KILL_GRACE`;
+when the command's main process exits, whatever the task left is killed too, so
+a task never leaves processes behind.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import IO, Any
 
 from edgerun.protocol import ErrorCode, ShellTask, State
 
+from .contain import Containment, Jail
 from .outcome import Control, Outcome, failure
 
 CHUNK = 16 * 1024          # most bytes in one output message
@@ -63,29 +65,39 @@ class _Stream:
         return data.decode("utf-8", errors="replace")
 
 
-def _signal_group(proc: subprocess.Popen[bytes], sig: int) -> None:
-    try:
-        os.killpg(proc.pid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
+_PLAIN: Containment | None = None
 
 
-def run_shell(task: ShellTask, control: Control, emit: Emit) -> Outcome:
+def _plain() -> Containment:
+    """Containment for a runner used on its own (tests): no cgroup, no subreaper."""
+    global _PLAIN
+    if _PLAIN is None:
+        _PLAIN = Containment("plain", cgroups=False, subreaper=False)
+    return _PLAIN
+
+
+def run_shell(task: ShellTask, control: Control, emit: Emit,
+              jail: Containment | None = None) -> Outcome:
     started = time.monotonic()
+    contain = jail or _plain()
     argv = ["/bin/sh", "-c", task.command] if isinstance(task.command, str) \
         else list(task.command)
+    env = {**os.environ, **task.env, **contain.env(task.id)}
     try:
-        proc = subprocess.Popen(
+        proc, cell = contain.spawn(task.id, lambda: subprocess.Popen(
             argv, stdin=subprocess.PIPE if task.stdin is not None else subprocess.DEVNULL,
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=task.cwd,
-            env={**os.environ, **task.env}, start_new_session=True, close_fds=True)
+            env=env, start_new_session=True, close_fds=True), lambda p: p.pid)
     except (OSError, ValueError, subprocess.SubprocessError) as exc:
         text = getattr(exc, "strerror", None) or str(exc)
         where = f" in {task.cwd}" if task.cwd else ""
         return failure(ErrorCode.SPAWN_FAILED, f"cannot start {argv[0]!r}{where}: {text}",
                        duration_s=round(time.monotonic() - started, 3))
-    streams, stopped = _pump(proc, task, control, emit)
-    code = proc.wait()
+    try:
+        streams, stopped = _pump(proc, task, control, emit, contain, cell)
+        code = proc.wait()
+    finally:
+        contain.end(cell)
     fields: dict[str, Any] = {
         "exit_code": code, "stdout": streams[0].text(), "stderr": streams[1].text(),
         "truncated": streams[0].truncated or streams[1].truncated,
@@ -93,7 +105,7 @@ def run_shell(task: ShellTask, control: Control, emit: Emit) -> Outcome:
     }
     if stopped == "timeout":
         return failure(ErrorCode.TIMEOUT, f"the command did not finish within "
-                       f"{task.timeout:g} s; its process group was killed",
+                       f"{task.timeout:g} s; every process it started was killed",
                        state=State.TIMED_OUT, **fields)
     if stopped == "cancel":
         return failure(ErrorCode.CANCELED, control.why or "canceled", state=State.CANCELED,
@@ -105,8 +117,8 @@ def run_shell(task: ShellTask, control: Control, emit: Emit) -> Outcome:
                    f"{', '.join(map(str, task.ok_codes))}", **fields)
 
 
-def _pump(proc: subprocess.Popen[bytes], task: ShellTask, control: Control,
-          emit: Emit) -> tuple[tuple[_Stream, _Stream], str | None]:
+def _pump(proc: subprocess.Popen[bytes], task: ShellTask, control: Control, emit: Emit,
+          contain: Containment, cell: Jail) -> tuple[tuple[_Stream, _Stream], str | None]:
     """Move bytes until both pipes close; returns the streams and why it stopped early."""
     assert proc.stdout is not None and proc.stderr is not None
     out, err = _Stream("stdout"), _Stream("stderr")
@@ -126,14 +138,14 @@ def _pump(proc: subprocess.Popen[bytes], task: ShellTask, control: Control,
             now = time.monotonic()
             if stopped is None and (control.cancel.is_set() or now >= control.deadline):
                 stopped = "cancel" if control.cancel.is_set() else "timeout"
-                _signal_group(proc, signal.SIGTERM)
+                contain.signal(cell, signal.SIGTERM)
                 kill_at = now + KILL_GRACE
             if kill_at is not None and now >= kill_at:
-                _signal_group(proc, signal.SIGKILL)
+                contain.signal(cell, signal.SIGKILL)
                 kill_at = None
             if exited_at is None and proc.poll() is not None:
                 exited_at = now
-                _signal_group(proc, signal.SIGKILL)  # no orphans hold the pipes
+                contain.end(cell)  # no orphans hold the pipes
             if exited_at is not None and now - exited_at > LINGER_S:
                 break  # a process that left the group still holds a pipe
             for key, _ in sel.select(min(FLUSH_S, max(0.0, control.deadline - now) + 0.01)):
@@ -159,14 +171,14 @@ def _pump(proc: subprocess.Popen[bytes], task: ShellTask, control: Control,
             if end is not None:
                 end.close()
     if proc.poll() is None:  # pipes closed early but the process lives on
-        stopped = _wait_or_kill(proc, control, stopped)
+        stopped = _wait_or_kill(proc, control, stopped, contain, cell)
     out.drain(emit, final=True)
     err.drain(emit, final=True)
     return (out, err), stopped
 
 
-def _wait_or_kill(proc: subprocess.Popen[bytes], control: Control,
-                  stopped: str | None) -> str | None:
+def _wait_or_kill(proc: subprocess.Popen[bytes], control: Control, stopped: str | None,
+                  contain: Containment, cell: Jail) -> str | None:
     """Reap the command once its pipes have closed, still honouring cancel and deadline.
 
     Usually it is exiting already: `wait` with a timeout reaps it within a millisecond
@@ -179,8 +191,7 @@ def _wait_or_kill(proc: subprocess.Popen[bytes], control: Control,
             if stopped is None and (control.cancel.is_set()
                                     or time.monotonic() >= control.deadline):
                 stopped = "cancel" if control.cancel.is_set() else "timeout"
-                _signal_group(proc, signal.SIGKILL)
-    _signal_group(proc, signal.SIGKILL)
+                contain.signal(cell, signal.SIGKILL)
     return stopped
 
 

@@ -1,0 +1,415 @@
+"""Nothing a task starts outlives it: a cgroup v2 per task, else a subreaper and /proc.
+
+The agent makes itself a child subreaper (prctl), so a process that leaves its
+task's session or double-forks is reparented to the agent, not to init. Where
+a cgroup v2 hierarchy is writable, every task gets a cgroup of its own under
+`<agent's cgroup>/edgerun-<key>/t-<task id>`: the agent moves itself into that
+cgroup for the instant of the fork, so the command is born inside it (no window
+in which it could fork before being moved), then moves itself back. Killing a
+task is then `cgroup.kill`, which no fork can outrun.
+
+Without cgroups (or as a second net) every process of a task carries
+`EDGERUN_TASK=<key>/<task id>` in its environment; the agent finds the task's
+processes by walking /proc: the command's descendants, and the agent's own
+orphaned children that carry the marker.
+
+After a kill -9 of the agent the task's processes live on (in their cgroup, or
+under init); the restarted agent, with the same node and state directory and so
+the same key, finds them by cgroup and by marker and ends them before it
+reports the task failed (`sweep`).
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import logging
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import TypeVar
+
+log = logging.getLogger(__name__)
+
+MARKER = "EDGERUN_TASK"
+PR_SET_CHILD_SUBREAPER = 36
+_T = TypeVar("_T")
+# Process-wide, not per agent: a cgroup move is of the whole process, and one process
+# may hold several agents (tests/agent_pool.py) whose reaps must spare each other's children.
+_LOCK = threading.Lock()
+_KNOWN: dict[int, str] = {}  # pids of commands a worker waits for -> marker
+
+
+def make_key(node: str, state_dir: str | None) -> str:
+    """Names this agent's cgroups and markers: the same after a restart, distinct per
+    state directory (two agents for one node id on one host do not touch each other)."""
+    place = os.path.abspath(state_dir) if state_dir else ""
+    return f"{node}-{hashlib.sha256(place.encode()).hexdigest()[:10]}"
+
+
+def cgroup_base() -> str | None:
+    """The agent's own cgroup v2 directory if it is writable, else None."""
+    mount = None
+    try:
+        with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as fh:
+            for line in fh:
+                head, _, tail = line.partition(" - ")
+                if tail.split(" ", 1)[0] == "cgroup2":
+                    mount = head.split(" ")[4]
+                    break
+        if mount is None:
+            return None
+        own = None
+        with open("/proc/self/cgroup", encoding="utf-8", errors="replace") as fh:
+            for line in fh:
+                if line.startswith("0::"):
+                    own = line[3:].strip()
+        if own is None:
+            return None
+    except OSError:
+        return None
+    path = os.path.normpath(mount + "/" + own.lstrip("/"))
+    if not os.path.exists(os.path.join(path, "cgroup.procs")) or not os.access(path, os.W_OK):
+        return None
+    return path
+
+
+def set_subreaper() -> bool:
+    """Make this process the reaper of every orphan below it (Linux >= 3.4)."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        return bool(libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0)
+    except (OSError, AttributeError):
+        return False
+
+
+@dataclass
+class Jail:
+    """One task's processes: the command's pid and its cgroup, if any."""
+
+    task_id: str
+    pid: int = 0
+    cgroup: str | None = None
+    ended: bool = False
+
+
+def _write(path: str, data: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        os.write(fd, data)
+    finally:
+        os.close(fd)
+
+
+def _read(path: str) -> bytes:
+    with open(path, "rb") as fh:
+        return fh.read()
+
+
+def _stat(pid: int) -> tuple[int, bytes] | None:
+    """(parent pid, state letter) of a process, or None when it is gone."""
+    try:
+        rest = _read(f"/proc/{pid}/stat").rsplit(b")", 1)[1].split()
+        return int(rest[1]), rest[0]
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def _pids() -> Iterator[int]:
+    try:
+        names = os.listdir("/proc")
+    except OSError:
+        return
+    for name in names:
+        if name.isdigit():
+            yield int(name)
+
+
+def _marker_of(pid: int) -> str | None:
+    try:
+        env = _read(f"/proc/{pid}/environ")
+    except OSError:
+        return None
+    needle = MARKER.encode() + b"="
+    for item in env.split(b"\0"):
+        if item.startswith(needle):
+            return item[len(needle):].decode("utf-8", "replace")
+    return None
+
+
+def _dead(pid: int) -> bool:
+    found = _stat(pid)
+    return found is None or found[1] in (b"Z", b"X")
+
+
+class Containment:
+    """The agent's view of every process its tasks started (thread-safe)."""
+
+    def __init__(self, key: str, *, cgroups: bool = True, subreaper: bool = True) -> None:
+        self.key = key
+        self.me = os.getpid()
+        self._lock = _LOCK
+        self._known = _KNOWN
+        self.subreaper = set_subreaper() if subreaper else False
+        self.cgroup_dir: str | None = None
+        self._home: str | None = None
+        base = cgroup_base() if cgroups else None
+        if base is not None:
+            path = os.path.join(base, f"edgerun-{key}")
+            try:
+                os.makedirs(path, exist_ok=True)
+                self.cgroup_dir, self._home = path, base
+            except OSError as exc:
+                log.info("cannot create the cgroup %s (%s); tasks are tracked through /proc",
+                         path, exc.strerror)
+        self._can_kill = bool(self.cgroup_dir) and os.path.exists(
+            os.path.join(self.cgroup_dir or "", "cgroup.kill"))
+
+    @property
+    def mode(self) -> str:
+        return "cgroup v2" if self.cgroup_dir else \
+            ("subreaper + /proc" if self.subreaper else "/proc")
+
+    def env(self, task_id: str) -> dict[str, str]:
+        return {MARKER: f"{self.key}/{task_id}"}
+
+    # --- spawning -----------------------------------------------------------------
+    def spawn(self, task_id: str, start: Callable[[], _T], pid_of: Callable[[_T], int]) -> \
+            tuple[_T, Jail]:
+        """Run `start` (which forks the command) so that the child is born in the task's
+        cgroup; returns what it returned and the task's Jail."""
+        jail = Jail(task_id)
+        with self._lock:
+            if self.cgroup_dir is not None and self._home is not None:
+                path = os.path.join(self.cgroup_dir, f"t-{task_id}")
+                try:
+                    os.makedirs(path, exist_ok=True)
+                    _write(os.path.join(path, "cgroup.procs"), str(self.me).encode())
+                    jail.cgroup = path
+                except OSError as exc:
+                    log.warning("task %s: cannot use the cgroup %s (%s); tracking it "
+                                "through /proc", task_id, path, exc.strerror)
+            try:
+                result = start()
+            except BaseException:
+                if jail.cgroup is not None:
+                    self._go_home()
+                    _rmdir_soon(jail.cgroup)
+                raise
+            if jail.cgroup is not None:
+                self._go_home()
+            jail.pid = pid_of(result)
+            self._known[jail.pid] = f"{self.key}/{task_id}"
+        return result, jail
+
+    def _go_home(self) -> None:
+        assert self._home is not None
+        try:
+            _write(os.path.join(self._home, "cgroup.procs"), str(self.me).encode())
+        except OSError as exc:  # never kill a cgroup the agent may still be in
+            log.error("cannot move the agent back to its cgroup (%s); per-task cgroups are "
+                      "off from now on", exc.strerror)
+            self.cgroup_dir = None
+
+    # --- finding and signalling a task's processes ------------------------------------
+    def _table(self) -> dict[int, int]:
+        """pid -> parent pid of every living process (one pass over /proc)."""
+        table = {}
+        for pid in _pids():
+            found = _stat(pid)
+            if found is not None and found[1] not in (b"Z", b"X"):
+                table[pid] = found[0]
+        return table
+
+    def members(self, jail: Jail) -> set[int]:
+        """Living processes of the task: its cgroup, the command's descendants and the
+        agent's orphans that carry the task's marker (or no marker, when it is the only
+        task running)."""
+        found: set[int] = set()
+        if jail.cgroup is not None:
+            for pid in self._cgroup_pids(jail.cgroup):
+                if pid != self.me:
+                    found.add(pid)
+        table = self._table()
+        mark = f"{self.key}/{jail.task_id}"
+        with self._lock:
+            others = {t for t in self._known.values() if t != mark}
+            known = set(self._known)
+        roots = {jail.pid} if jail.pid in table else set()
+        for pid, parent in table.items():
+            if parent == self.me and pid not in known:
+                marker = _marker_of(pid)
+                if marker == mark or (marker is None and not others):
+                    roots.add(pid)
+        children: dict[int, list[int]] = {}
+        for pid, parent in table.items():
+            children.setdefault(parent, []).append(pid)
+        stack = list(roots)
+        while stack:
+            pid = stack.pop()
+            if pid in found and pid not in roots:
+                continue
+            found.add(pid)
+            stack.extend(c for c in children.get(pid, ()) if c not in found)
+        found.discard(self.me)
+        return found
+
+    def _cgroup_pids(self, path: str) -> set[int]:
+        pids: set[int] = set()
+        for here, _dirs, _files in os.walk(path):
+            try:
+                pids.update(int(p) for p in _read(os.path.join(here, "cgroup.procs")).split())
+            except (OSError, ValueError):
+                pass
+        return pids
+
+    def _populated(self, path: str) -> bool:
+        try:
+            return b"populated 1" in _read(os.path.join(path, "cgroup.events"))
+        except OSError:
+            return False
+
+    def signal(self, jail: Jail, sig: int) -> int:
+        """Send `sig` to every process of the task; returns how many were signalled."""
+        _killpg(jail.pid, sig)
+        if sig == signal.SIGKILL and jail.cgroup is not None and self._can_kill:
+            try:
+                _write(os.path.join(jail.cgroup, "cgroup.kill"), b"1")
+            except OSError:
+                pass
+        pids = self.members(jail)
+        for pid in pids:
+            _kill(pid, sig)
+        return len(pids)
+
+    def end(self, jail: Jail) -> int:
+        """The command is over: kill whatever of the task is left, reap it, drop the cgroup.
+
+        Fast when nothing is left: with a cgroup, one read of `cgroup.events`."""
+        if jail.ended:
+            return 0
+        jail.ended = True
+        killed = 0
+        # born in its cgroup, a task leaves it only by writing to cgroup files itself
+        if jail.cgroup is None or self._populated(jail.cgroup):
+            killed = self._kill_all(jail)
+        with self._lock:
+            self._known.pop(jail.pid, None)
+        if killed:
+            self.reap()
+        if jail.cgroup is not None:
+            _rmdir_soon(jail.cgroup)
+        return killed
+
+    def _kill_all(self, jail: Jail) -> int:
+        total = 0
+        for _ in range(100):  # a fork storm can refill between passes; cgroup.kill cannot
+            count = self.signal(jail, signal.SIGKILL)
+            total += count
+            if not count and not (jail.cgroup and self._populated(jail.cgroup)):
+                break
+            time.sleep(0.01)
+        return total
+
+    def reap(self) -> None:
+        """Collect exit statuses of orphans that died (zombies reparented to the agent)."""
+        with self._lock:
+            known = set(self._known)
+        for pid in _pids():
+            found = _stat(pid)
+            if found is not None and found[0] == self.me and pid not in known \
+                    and found[1] in (b"Z", b"X"):
+                try:
+                    os.waitpid(pid, os.WNOHANG)
+                except ChildProcessError:
+                    pass
+
+    # --- after a restart -----------------------------------------------------------
+    def sweep(self) -> dict[str, int]:
+        """Kill what tasks of an earlier run of this agent left; returns task id -> count."""
+        counts: dict[str, int] = {}
+        victims: list[int] = []
+        if self.cgroup_dir is not None:
+            try:
+                names = os.listdir(self.cgroup_dir)
+            except OSError:
+                names = []
+            for name in names:
+                path = os.path.join(self.cgroup_dir, name)
+                if not name.startswith("t-") or not os.path.isdir(path):
+                    continue
+                pids = self._cgroup_pids(path) - {self.me}
+                counts[name[2:]] = counts.get(name[2:], 0) + len(pids)
+                victims.extend(pids)
+                if self._can_kill:
+                    try:
+                        _write(os.path.join(path, "cgroup.kill"), b"1")
+                    except OSError:
+                        pass
+        prefix = f"{self.key}/"
+        for pid in _pids():
+            if pid == self.me or pid in victims:
+                continue
+            marker = _marker_of(pid)
+            if marker is not None and marker.startswith(prefix) and not _dead(pid):
+                task_id = marker[len(prefix):]
+                counts[task_id] = counts.get(task_id, 0) + 1
+                victims.append(pid)
+        for pid in victims:
+            _kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 5.0
+        while time.monotonic() < deadline and not all(_dead(p) for p in victims):
+            for pid in victims:  # a fork between the listing and the kill
+                _kill(pid, signal.SIGKILL)
+            time.sleep(0.01)
+        self.reap()
+        if self.cgroup_dir is not None:
+            for name in os.listdir(self.cgroup_dir):
+                if name.startswith("t-"):
+                    _rmdir_soon(os.path.join(self.cgroup_dir, name))
+        return {task: n for task, n in counts.items() if n}
+
+    def close(self) -> None:
+        """At a clean exit: nothing of any task may be left; drop this agent's cgroup."""
+        self.sweep()
+        if self.cgroup_dir is not None:
+            _rmdir_soon(self.cgroup_dir)
+
+
+def _kill(pid: int, sig: int) -> None:
+    try:
+        os.kill(pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _killpg(pid: int, sig: int) -> None:
+    if pid > 0:
+        try:
+            os.killpg(pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
+def _rmdir_soon(path: str) -> None:
+    """Remove a cgroup once its last process is gone (the kernel may lag a moment)."""
+    for _ in range(200):
+        try:
+            for here, dirs, _files in os.walk(path, topdown=False):
+                for name in dirs:
+                    os.rmdir(os.path.join(here, name))
+            os.rmdir(path)
+            return
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            if exc.errno != errno.EBUSY:
+                log.warning("cannot remove the cgroup %s: %s", path, exc.strerror)
+                return
+        time.sleep(0.005)
+    log.warning("the cgroup %s is still busy; left in place", path)
