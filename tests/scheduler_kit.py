@@ -17,13 +17,14 @@ import threading
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from edgerun.scheduler.app import App
 from edgerun.scheduler.client import Client
 from edgerun.scheduler.errors import NotFound
+from edgerun.scheduler.settings import ServeSettings
 
 from .brokers import wait_until
 from .mqttkit import ROOT, AgentProcess
@@ -31,18 +32,13 @@ from .mqttkit import ROOT, AgentProcess
 FINAL = {"succeeded", "failed", "timed_out", "canceled", "rejected", "lost"}
 
 
-def serve_values(broker: str | None, tmp: Path, **over: Any) -> dict[str, Any]:
-    values: dict[str, Any] = {
-        "broker": broker, "db": str(tmp / f"sched-{uuid.uuid4().hex[:6]}.db"),
-        "listen": "127.0.0.1:0", "prefix": "edgerun", "grace": 1.0, "tick": 0.2,
-        "default_expiry": 86_400.0, "events_topic": None, "audit_exchange": "edgerun.audit",
-        "tasks_exchange": "edgerun.tasks", "events_exchange": "edgerun.events",
-        "queue": f"edgerun.scheduler.{uuid.uuid4().hex[:8]}",
-        "client_id": f"sched-{uuid.uuid4().hex[:8]}", "record_external": True,
-        "ca_file": None, "connect_timeout": 15.0, "embedded_broker": None,
-    }
-    values.update(over)
-    return values
+def serve_values(broker: str | None, tmp: Path, **over: Any) -> ServeSettings:
+    """Settings of a test service: a fresh store, queue and client id; `over` replaces any."""
+    return replace(ServeSettings(
+        broker=broker, db=str(tmp / f"sched-{uuid.uuid4().hex[:6]}.db"),
+        listen="127.0.0.1:0", grace=1.0, tick=0.2,
+        queue=f"edgerun.scheduler.{uuid.uuid4().hex[:8]}",
+        client_id=f"sched-{uuid.uuid4().hex[:8]}"), **over)
 
 
 @contextmanager

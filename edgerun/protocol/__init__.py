@@ -3,6 +3,10 @@
 Shared by the agent, the bridge and the scheduler. See PROTOCOL.md.
 """
 
+from .amqp import (
+    AUDIT_EXCHANGE, BRIDGE_QUEUE_PREFIX, BRIDGE_TASKS_QUEUE, EVENTS_EXCHANGE, SCHEDULER_QUEUE,
+    TASKS_EXCHANGE, binding, key_template, parse_routing_key, routing_key,
+)
 from .messages import (
     Cancel, DownloadTask, Error, JSONObject, Message, Output, ShellTask, Status, Task, Update,
     canonical_json, encode, last_will, rejected, signing_bytes,
@@ -19,6 +23,9 @@ from .states import AGENT_STATES, FINAL_STATES, TRANSITIONS, State, can_transiti
 from .topics import QOS, RETAINED, Channel, Topics
 
 __all__ = [
+    "AUDIT_EXCHANGE", "BRIDGE_QUEUE_PREFIX", "BRIDGE_TASKS_QUEUE", "EVENTS_EXCHANGE",
+    "SCHEDULER_QUEUE", "TASKS_EXCHANGE", "binding", "key_template", "parse_routing_key",
+    "routing_key",
     "AGENT_STATES", "DEFAULT_MAX_MESSAGE_BYTES", "DEFAULT_PREFIX", "DEFAULT_TIMEOUT_S",
     "FINAL_STATES", "QOS", "RETAINED", "TRANSITIONS", "VERSION",
     "Cancel", "Channel", "DownloadTask", "Error", "ErrorCode", "JSONObject", "Message", "Output",

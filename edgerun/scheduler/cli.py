@@ -21,7 +21,7 @@ from typing import Any
 
 from edgerun import __version__
 from edgerun.errors import ConfigError, EdgerunError
-from edgerun.settings import Option, Parser, add_options, config_path, read_toml, resolve
+from edgerun.settings import Option, Parser, add_options, config_path, resolve
 
 from . import render
 from .client import Client, ServiceUnreachable, quoted
@@ -31,6 +31,8 @@ from .errors import (
 )
 from .follow import dispatch_and_follow, exit_code, explain
 from .jobs import load_job
+from .settings import SERVE_OPTIONS, ServeSettings, config_table
+from .settings import load as load_serve_settings
 
 PROG = "edgerun"
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNKNOWN, EXIT_UNREACHABLE, EXIT_ERROR = 0, 1, 2, 3, 4, 5
@@ -50,8 +52,6 @@ CLIENT_OPTIONS = [
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .app import SERVE_OPTIONS
-
     parser = Parser(prog=PROG, description="Send shell and download tasks to edgerun nodes "
                      "and see what happened.", epilog=EPILOG,
                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -136,9 +136,7 @@ def _split_command(argv: list[str]) -> tuple[list[str], list[str] | None]:
 def _settings(args: argparse.Namespace, options: Sequence[Option], section: str,
               environ: Mapping[str, str]) -> dict[str, Any]:
     path = config_path(args, environ)
-    table = read_toml(path).get(section, {}) if path else None
-    if table is not None and not isinstance(table, dict):
-        raise ConfigError(f"config file {path}: [{section}] must be a table")
+    table = config_table(path, section) if path else None
     return resolve(options, args, environ, table=table, table_source=f"config file {path}")
 
 
@@ -171,8 +169,7 @@ def _main(argv: list[str], environ: Mapping[str, str]) -> int:
     head, command = _split_command(argv)
     args = build_parser().parse_args(head)
     if args.command == "serve":
-        from .app import SERVE_OPTIONS
-        return serve(_settings(args, SERVE_OPTIONS, "serve", environ))
+        return serve(load_serve_settings(args, environ))
     if args.command == "keygen":
         return keygen(args.out)
     values = _settings(args, CLIENT_OPTIONS, "client", environ)
@@ -367,10 +364,10 @@ def cmd_cancel(client: Client, args: argparse.Namespace) -> int:
 
 
 # --- the service ------------------------------------------------------------------------
-def serve(values: dict[str, Any]) -> int:
+def serve(settings: ServeSettings) -> int:
     from .app import App
 
-    logging.basicConfig(level=values["log_level"].upper(), stream=sys.stderr,
+    logging.basicConfig(level=settings.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("transitions", "pika"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
@@ -381,7 +378,7 @@ def serve(values: dict[str, Any]) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     try:
-        app = App(values).start()
+        app = App(settings).start()
     except (StoreError, EmbeddedBrokerError, ListenError) as exc:
         raise ConfigError(str(exc)) from None  # a --db, --embedded-broker or --listen to fix
     try:

@@ -26,6 +26,7 @@ from typing import Any
 
 from .app import App
 from .cli import main as edgerun
+from .settings import ServeSettings
 
 NODE = "demo-1"
 
@@ -108,10 +109,9 @@ def main() -> int:
         dest.parent.mkdir()
 
         say("starting the embedded MQTT broker, the scheduler and one agent")
-        app = App({"embedded_broker": "127.0.0.1:0", "listen": "127.0.0.1:0",
-                   "db": str(work / "scheduler.db"), "grace": 2.0, "tick": 0.2,
-                   "default_expiry": 600.0, "client_id": "edgerun-demo",
-                   "connect_timeout": 15.0}).start()
+        app = App(ServeSettings(embedded_broker="127.0.0.1:0", listen="127.0.0.1:0",
+                                db=str(work / "scheduler.db"), grace=2.0, tick=0.2,
+                                default_expiry=600.0, client_id="edgerun-demo")).start()
         try:
             assert app.embedded is not None
             print(f"broker {app.embedded.url}, API {app.api_url}, store {work / 'scheduler.db'}")
