@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from edgerun.bridge.confirms import ConfirmTracker
+from edgerun.amqpconfirms import ConfirmTracker
 from edgerun.bridge.routes import (
     Direction, Template, build_table, default_specs, patterns_overlap, value_problem,
 )

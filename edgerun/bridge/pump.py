@@ -27,11 +27,10 @@ from functools import partial
 
 import pika
 
+from edgerun.amqp import AmqpError, AmqpLink, QueueSpec
+from edgerun.amqpconfirms import ConfirmTracker
 from edgerun.mqtt import Inbound, MqttConnection
 
-from .amqp import AmqpLink
-from .confirms import ConfirmTracker
-from .errors import BridgeError
 from .metrics import Metrics
 from .routes import Route, RouteTable, Translation
 
@@ -183,8 +182,11 @@ class Pump:
         self.progress.set()
         self._publish_backlog()
 
-    def on_delivery(self, route: Route, tag: int, routing_key: str, body: bytes) -> None:
+    def on_delivery(self, queue: QueueSpec, tag: int, routing_key: str, body: bytes) -> None:
         assert self.link is not None and self.mqtt is not None
+        route = self.routes.route_for_queue(queue.name)
+        if route is None:  # not a queue of ours: cannot happen, but never lose the delivery
+            return
         found = self.routes.from_amqp(route, routing_key)
         if found.destination is None:
             self._dropped(found, routing_key)
@@ -228,7 +230,7 @@ class Pump:
             try:
                 tag = link.publish(item.route.exchange, item.routing_key, item.job.message.payload,
                                    self._props[item.route.name])
-            except BridgeError as exc:
+            except AmqpError as exc:
                 log.debug("%s; keeping the message for the next connection", exc)
                 self._backlog.appendleft(item)
                 return

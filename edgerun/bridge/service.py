@@ -6,9 +6,9 @@ import logging
 import threading
 import time
 
+from edgerun.amqp import AmqpLink, QueueSpec, Topology
 from edgerun.mqtt import MqttConnection, TLSFiles
 
-from .amqp import AmqpLink
 from .config import BridgeConfig
 from .metrics import BrokerStatus, HttpServer, Metrics, Status
 from .pump import Pump
@@ -22,6 +22,16 @@ def subscriptions(cfg: BridgeConfig) -> list[tuple[str, int]]:
     return [(share + topic, qos) for topic, qos in cfg.routes.subscriptions()]
 
 
+def topology(cfg: BridgeConfig) -> Topology:
+    """Every exchange a route uses, and one durable queue per AMQP->MQTT route."""
+    arguments = (("x-queue-type", "quorum"),) if cfg.queue_type == "quorum" else ()
+    return Topology(
+        exchanges=tuple(cfg.routes.exchanges().items()),
+        queues=tuple(QueueSpec(r.queue, ((r.exchange, r.binding_key),), arguments=arguments)
+                     for r in cfg.routes.amqp_to_mqtt),
+        prefetch=cfg.prefetch)
+
+
 class Bridge:
     def __init__(self, cfg: BridgeConfig) -> None:
         self.cfg = cfg
@@ -29,15 +39,14 @@ class Bridge:
         self.metrics = Metrics(cfg.routes)
         self.pump = Pump(cfg.routes, self.metrics, cfg.confirm_window)
         self.mqtt = MqttConnection(
-            cfg.mqtt, cfg.client_id, on_message=self.pump.on_mqtt_message,
+            cfg.mqtt_nodes or (cfg.mqtt,), cfg.client_id, on_message=self.pump.on_mqtt_message,
             on_connected=self.pump.on_mqtt_connected, subscriptions=subscriptions(cfg),
             clean_session=False, manual_ack=True, keepalive=cfg.keepalive,
             max_inflight=cfg.mqtt_inflight, name="bridge-mqtt",
             tls=TLSFiles(cfg.ca_file, cfg.cert_file, cfg.key_file))
-        self.link = AmqpLink(cfg.amqp, cfg.vhost, cfg.routes, self.pump, prefetch=cfg.prefetch,
-                             queue_type=cfg.queue_type, heartbeat=cfg.keepalive,
-                             ca_file=cfg.ca_file, cert_file=cfg.cert_file, key_file=cfg.key_file,
-                             name="bridge-amqp")
+        self.link = AmqpLink(cfg.amqp_nodes or (cfg.amqp,), topology(cfg), self.pump,
+                             heartbeat=cfg.keepalive, name="bridge-amqp",
+                             tls=TLSFiles(cfg.ca_file, cfg.cert_file, cfg.key_file))
         self.pump.attach(self.mqtt, self.link)
         self.metrics.watch(self.status)
         self.http: HttpServer | None = None
