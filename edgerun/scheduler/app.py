@@ -53,7 +53,9 @@ class App:
             signer = Signer.from_file(s.private_key) if s.private_key else None
             store = Store(s.db)
             self.service = Service(store, messenger, ServiceConfig(
-                grace=s.grace, tick=s.tick, default_expiry=s.default_expiry), signer=signer)
+                grace=s.grace, tick=s.tick, default_expiry=s.default_expiry,
+                keep_days=s.keep_days, resend_unaccepted=self.embedded is not None),
+                signer=signer)
             host, port = split_hostport(s.listen)
             self.api = ApiServer(self.service, host, port)
             self.service.start()
@@ -81,7 +83,7 @@ class App:
         from .messaging.mqtt import MqttMessenger
         return MqttMessenger(broker, prefix=s.prefix, client_id=s.client_id,
                              events_topic=s.events_topic, record_external=s.record_external,
-                             tls=tls)
+                             tls=tls, share_group=s.share_group)
 
     def stop(self) -> None:
         if self.api is not None:

@@ -324,12 +324,27 @@ def _print_tasks(tasks: list[dict[str, Any]], as_json: bool) -> None:
 
 
 def cmd_nodes(client: Client, args: argparse.Namespace) -> int:
+    if args.patterns[:1] == ["forget"]:  # `edgerun nodes forget ID...`
+        return _forget_nodes(client, args.patterns[1:], args.json)
     nodes = client.get("/nodes", match=args.patterns or None,
                        online=1 if args.online else None)["nodes"]
     if args.json:
         print(json.dumps({"nodes": nodes}, indent=2))
     else:
         render.table(render.node_rows(nodes), render.NODE_COLUMNS)
+    return EXIT_OK
+
+
+def _forget_nodes(client: Client, nodes: list[str], as_json: bool) -> int:
+    """Remove nodes from the registry (their tasks stay until --keep-days prunes them)."""
+    if not nodes:
+        raise ConfigError("edgerun nodes forget: name the node ids to forget")
+    done = [client.request("DELETE", f"/nodes/{quoted(node)}") for node in nodes]
+    if as_json:
+        print(json.dumps({"forgotten": done}, indent=2))
+    else:
+        for entry in done:
+            print(f"forgot node {entry['node']}")
     return EXIT_OK
 
 

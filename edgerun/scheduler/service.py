@@ -31,6 +31,7 @@ from .errors import BadRequest, BrokerUnreachable, NotFound, SchedulerError
 from .events import EventHub, node_event, task_event
 from .messaging import Incoming, Messenger
 from .metrics import Metrics
+from .cluster import relay
 from .store import Change, Store
 from .targets import resolve_targets
 from .tracker import Tracker, Verdict
@@ -50,6 +51,14 @@ class ServiceConfig:
     default_expiry: float = 86_400.0
     """expires_at = dispatch + this when a request gives none (0: never expires)."""
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    keep_days: float = 0.0
+    """Finished tasks older than this are pruned (0: kept forever)."""
+    resend_unaccepted: bool = False
+    """Send a node's `dispatched` tasks again when it comes online (the embedded broker
+    forgets queued tasks when it restarts; agents run an id at most once)."""
+    stale_after: float = 15.0
+    """Several instances: a task still `queued` this long was stored by an instance that
+    died before sending it; the duties holder sends it."""
 
 
 class Service:
@@ -64,15 +73,18 @@ class Service:
         self._worker: threading.Thread | None = None
         self.tracker = Tracker(store, store.online_nodes,
                                lambda t, v: self._inbox.put(lambda: self._lose(t, v)),
-                               self._stop, self.cfg.tick)
+                               self._stop, self.cfg.tick, duties=self._duties,
+                               keep_days=self.cfg.keep_days)
+        self._listener: Any = None
 
     # --- life cycle ------------------------------------------------------------------
     def start(self) -> None:
         self._worker = threading.Thread(target=self._work, name="scheduler-worker", daemon=True)
         self._worker.start()
         self.messenger.start(self._inbox.put)
-        self.tracker.start()
-        self._inbox.put(self._resume)
+        self.tracker.start()  # its first round sends again what never reached the broker
+        self._listener = self.store.listen(  # other instances' events (PostgreSQL only)
+            lambda message: relay(self.hub, message, self.store.event))
 
     def stop(self) -> None:
         self._stop.set()
@@ -81,6 +93,8 @@ class Service:
             self._worker.join(10.0)
         self.tracker.join(5.0)
         self.messenger.stop()
+        if self._listener is not None:
+            self._listener.stop()
         self.hub.close()
 
     def health(self) -> JSONObject:
@@ -250,6 +264,9 @@ class Service:
         previous, info = self.store.apply_status(status)
         if status.state == "online":
             self.store.extend_deadlines(node, time.time() + self.cfg.grace)
+            if self.cfg.resend_unaccepted:
+                for row in self.store.unaccepted(node):
+                    self._send(node, self._task_of(row))
         if previous != status.state:
             log.info("node %s is %s", node, status.state)
             event = node_event(previous, info)
@@ -327,10 +344,33 @@ class Service:
         return task
 
     def _resume(self) -> None:
-        """After a restart: send again what never reached the broker (agents dedupe ids)."""
-        for row in self.store.tasks(state=str(State.QUEUED), limit=1_000_000):
-            if row["job"] is None and row["spec"] is not None:
-                self._send(row["node"], self._task_of(row))
-        for row in self.store.queued_job_heads():
+        """After a restart: send again what never reached the broker (agents dedupe ids).
+        With several instances only what is stale: the others are sending theirs."""
+        if self.store.shared:
+            rows = self.store.stale_queued(self.cfg.stale_after)
+        else:
+            rows = [r for r in self.store.tasks(state=str(State.QUEUED), limit=1_000_000)
+                    if r["job"] is None and r["spec"] is not None]
+        for row in [*rows, *self.store.queued_job_heads()]:
             self._send(row["node"], self._task_of(row))
+
+    def _duties(self, first: bool) -> None:
+        """The tracker's, on the instance that runs the periodic duties (tracker.py)."""
+        if first:
+            self._inbox.put(self._resume)
+        elif self.store.shared and self.messenger.connected.is_set():
+            self._inbox.put(self._send_stale)
+
+    def _send_stale(self) -> None:
+        for row in self.store.stale_queued(self.cfg.stale_after):
+            log.warning("sending task %s for node %s, stored by an instance that never sent "
+                        "it", row["id"], row["node"])
+            self._send(row["node"], self._task_of(row))
+
+    def forget_node(self, node: str) -> JSONObject:
+        """`edgerun nodes forget ID`: remove a node from the registry (its tasks stay)."""
+        if not self.store.forget_node(node):
+            raise NotFound(f"no node {node!r}")
+        log.info("node %s forgotten", node)
+        return {"node": node, "forgotten": True}
 

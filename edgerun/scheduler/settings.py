@@ -76,8 +76,13 @@ SERVE_OPTIONS = [
            _broker, metavar="URL"),
     Option("embedded_broker", str, None, "start the embedded MQTT broker (amqtt) on HOST:PORT",
            _hostport, metavar="HOST:PORT"),
-    Option("db", str, "edgerun-scheduler.db", "SQLite file of the task store", _name,
-           metavar="FILE"),
+    Option("db", str, "edgerun-scheduler.db", "the task store: a SQLite file, or a "
+           "postgresql:// URL (several instances may share one)", _name, metavar="FILE|URL"),
+    Option("keep_days", float, 0.0, "prune finished tasks and their updates older than this "
+           "many days (0: keep everything)", _not_negative, metavar="DAYS"),
+    Option("share_group", str, None, "MQTT: take updates and tasks through $share/NAME/ "
+           "subscriptions, so that several instances on one store split them",
+           metavar="NAME"),
     Option("listen", str, "127.0.0.1:8470", "HOST:PORT of the HTTP API", _hostport,
            metavar="HOST:PORT"),
     Option("prefix", str, DEFAULT_PREFIX, "first MQTT topic level", _prefix),
@@ -122,6 +127,8 @@ class ServeSettings:
     broker: str | None = None
     embedded_broker: str | None = None
     db: str = "edgerun-scheduler.db"
+    keep_days: float = 0.0
+    share_group: str | None = None
     listen: str = "127.0.0.1:8470"
     prefix: str = DEFAULT_PREFIX
     grace: float = 30.0

@@ -6,15 +6,16 @@ thread writes, API threads read). Every change of a task's state goes through
 `can_transition` on the row read `FOR UPDATE`, so redelivered or out-of-order
 updates never move a task backwards, even when several `serve` instances
 share one PostgreSQL database: the store is where at-least-once delivery is
-deduped. On PostgreSQL each change is also announced with NOTIFY inside its
-own transaction (cluster.py turns those into the other instances' events).
+deduped. On PostgreSQL each logged event (`append_event`) is also announced
+with NOTIFY in the transaction that logs it (cluster.py hands those to the
+other instances' event streams).
 """
 
 from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -55,6 +56,7 @@ class Store:
         except BaseException:
             self.db.close()
             raise
+        self._lease: Any = None
 
     # --- plumbing -----------------------------------------------------------------
     @property
@@ -73,27 +75,51 @@ class Store:
             yield db
 
     def close(self) -> None:
+        if self._lease is not None:
+            self._lease.release()
         self.db.close()
 
-    def _announce(self, db: Database, message: JSONObject) -> None:
-        """NOTIFY the other instances in this transaction (PostgreSQL only): delivered
-        when it commits, never for a change rolled back, in commit order."""
-        if self.db.kind != "postgresql":
+    # --- several instances (cluster.py) -----------------------------------------------
+    @property
+    def shared(self) -> bool:
+        """Whether other `serve` instances may use this store (PostgreSQL)."""
+        return self.kind == "postgresql"
+
+    def leads(self) -> bool:
+        """Whether this process runs the periodic duties now: always on SQLite; on
+        PostgreSQL while it holds the advisory lock (taken here when free)."""
+        if not self.shared:
+            return True
+        if self._lease is None:
+            from .cluster import Lease
+            self._lease = Lease(self.db.target)
+        return bool(self._lease.check())
+
+    def listen(self, deliver: Callable[[JSONObject], None]) -> Any:
+        """Start hearing the other instances' changes (a cluster.Listener); None on SQLite."""
+        if not self.shared:
+            return None
+        from .cluster import Listener
+        return Listener(self.db.target, self.origin, deliver).start()
+
+    def _announce(self, db: Database, event_id: int, channel: str, body: JSONObject) -> None:
+        """NOTIFY the other instances of a logged event, in the transaction that logs it
+        (PostgreSQL only): delivered when it commits, in commit order, never for a
+        rolled-back one. Too big for NOTIFY (output tails): the listener reads it back."""
+        if not self.shared:
             return
-        message = {"o": self.origin, **message}
+        message: JSONObject = {"o": self.origin, "e": event_id, "c": channel, "body": body}
         payload = json.dumps(message, separators=(",", ":"))
         if len(payload.encode()) > NOTIFY_LIMIT:
-            # too big (output tails): the listener reads the record from the store
-            message.pop("task", None)
-            message.pop("info", None)
+            del message["body"]
             payload = json.dumps(message, separators=(",", ":"))
         db.notify(payload)
 
-    def _announce_change(self, db: Database, change: Change) -> None:
-        if self.db.kind == "postgresql":
-            self._announce(db, {"t": "task", "p": change.previous, "n": change.task["node"],
-                                "i": change.task["id"], "s": change.task["state"],
-                                "task": change.task})
+    def event(self, event_id: int) -> JSONObject | None:
+        """One logged event's body (None once retention dropped it)."""
+        with self._read() as db:
+            row = db.execute("SELECT body FROM events WHERE id=?", (event_id,)).fetchone()
+            return json.loads(row["body"]) if row is not None else None
 
     # --- tasks: writes ------------------------------------------------------------
     def add_task(self, node: str, task: Task, *, source: str, state: State = State.QUEUED,
@@ -114,9 +140,7 @@ class Store:
                  else None, deadline, job_id, step))
             if cur.rowcount == 0:
                 return None
-            change = Change(None, self._task(db, node, task.id))
-            self._announce_change(db, change)
-            return change
+            return Change(None, self._task(db, node, task.id))
 
     def note_task_seen(self, node: str, task: Task, *, deadline: float) -> Change | None:
         """A task message seen on the wire (ours echoed, or another client's).
@@ -237,9 +261,7 @@ class Store:
         db.execute("UPDATE tasks SET state=?, updated_at=? WHERE node=? AND id=?",
                    (str(state), format_time(), node, task_id))
         apply(db, row)
-        change = Change(str(current) if current else None, self._task(db, node, task_id))
-        self._announce_change(db, change)
-        return change
+        return Change(str(current) if current else None, self._task(db, node, task_id))
 
     # --- tasks: reads ---------------------------------------------------------------
     def _task(self, db: Database, node: str, task_id: str) -> JSONObject:
@@ -312,9 +334,6 @@ class Store:
                         else None, status.node))
             node = node_dict(db.execute("SELECT * FROM nodes WHERE node=?",
                                         (status.node,)).fetchone())
-            if previous != status.state:
-                self._announce(db, {"t": "node", "p": previous, "n": status.node,
-                                    "s": status.state, "info": node})
             return previous, node
 
     def touch_node(self, node: str) -> None:
@@ -344,11 +363,7 @@ class Store:
         """Remove a node from the registry (its task history stays until pruned).
         False when it was not known. A node still alive comes back with its next status."""
         with self._write() as db:
-            cur = db.execute("DELETE FROM nodes WHERE node=?", (node,))
-            if cur.rowcount == 0:
-                return False
-            self._announce(db, {"t": "forget", "n": node})
-            return True
+            return bool(db.execute("DELETE FROM nodes WHERE node=?", (node,)).rowcount)
 
     # --- retention and re-sending ------------------------------------------------------
     def prune(self, keep_days: float, now: float | None = None) -> dict[str, int]:
@@ -368,6 +383,16 @@ class Store:
             jobs = db.execute("DELETE FROM jobs WHERE created_at < ? AND NOT EXISTS "
                               "(SELECT 1 FROM tasks t WHERE t.job_id=jobs.id)", (stamp,)).rowcount
         return {"tasks": max(tasks, 0), "updates": max(updates, 0), "jobs": max(jobs, 0)}
+
+    def stale_queued(self, older_than_s: float) -> list[JSONObject]:
+        """Queued tasks (not job steps) created more than `older_than_s` ago: sent by an
+        instance that died before the broker took them."""
+        stamp = format_time(datetime.now(UTC) - timedelta(seconds=older_than_s))
+        with self._read() as db:
+            rows = db.execute("SELECT * FROM tasks WHERE state=? AND job_id IS NULL AND "
+                              "spec IS NOT NULL AND created_at < ? ORDER BY seq",
+                              (str(State.QUEUED), stamp))
+            return [task_dict(r) for r in rows]
 
     def unaccepted(self, node: str) -> list[JSONObject]:
         """Tasks sent to `node` that it has not acknowledged yet (state `dispatched`), oldest
@@ -531,6 +556,7 @@ class Store:
                              "VALUES (?,?,?,?,?) RETURNING id",
                              (format_time(), channel, node, task_id, json.dumps(body)))
             event_id = int(cur.fetchone()[0])
+            self._announce(db, event_id, channel, body)
             if keep > 0 and event_id % 500 == 0 and event_id > keep:
                 horizon = event_id - keep
                 db.execute("DELETE FROM events WHERE id <= ?", (horizon,))

@@ -5,6 +5,13 @@ past their deadline or expiry now and then and hands each verdict to the
 service, which applies it through the store's state machine (so a final update
 that raced the verdict wins).
 
+The tracker runs the periodic duties only while `store.leads()`: always on
+SQLite; on PostgreSQL on the one `serve` instance holding the duties lock
+(cluster.py), which moves to another instance within a tick of its holder's
+death. On taking the lead it calls `duties(True)` (the service re-sends what was
+never sent), then `duties(False)` every `sweep_every` seconds, and it prunes
+finished tasks older than `keep_days` (0: never) every `prune_every` seconds.
+
 The rules (scheduler/README.md, "Deadlines, lost and expiry"):
 - `running`: no final update by running + timeout + grace: `lost`, code `timeout`;
 - `accepted`: the same deadline, but only while the node is not online (an
@@ -76,9 +83,16 @@ class Tracker:
 
     def __init__(self, store: Store, online: Callable[[], set[str]],
                  on_lost: Callable[[JSONObject, Verdict], None], stop: threading.Event,
-                 interval: float = 1.0) -> None:
+                 interval: float = 1.0, *, duties: Callable[[bool], None] | None = None,
+                 keep_days: float = 0.0, prune_every: float = 3600.0,
+                 sweep_every: float = 10.0) -> None:
         self.store, self.online, self.on_lost = store, online, on_lost
         self.stop, self.interval = stop, interval
+        self.duties, self.keep_days = duties, keep_days
+        self.prune_every, self.sweep_every = prune_every, sweep_every
+        self.leading = False
+        self._next_prune = 0.0
+        self._next_sweep = 0.0
         self._thread: threading.Thread | None = None
 
     def start(self) -> None:
@@ -104,11 +118,40 @@ class Tracker:
                 count += 1
         return count
 
+    def tick(self, now: float | None = None) -> bool:
+        """One round of the duties if this instance leads; returns whether it does."""
+        now = time.monotonic() if now is None else now
+        leading = self.store.leads()
+        if leading != self.leading:
+            self.leading = leading
+            if leading:
+                log.info("this instance runs the periodic duties now")
+                self._next_sweep = now + self.sweep_every
+                if self.duties is not None:
+                    self.duties(True)
+            else:
+                log.warning("this instance no longer runs the periodic duties")
+        if not leading:
+            return False
+        self.check()
+        if self.duties is not None and now >= self._next_sweep:
+            self._next_sweep = now + self.sweep_every
+            self.duties(False)
+        if self.keep_days > 0 and now >= self._next_prune:
+            self._next_prune = now + self.prune_every
+            pruned = self.store.prune(self.keep_days)
+            if any(pruned.values()):
+                log.info("retention (%g days): pruned %d tasks, %d updates, %d jobs",
+                         self.keep_days, pruned["tasks"], pruned["updates"], pruned["jobs"])
+        return True
+
     def _run(self) -> None:
-        while not self.stop.wait(self.interval):
+        while True:
             try:
-                self.check()
+                self.tick()
             except SchedulerError as exc:
                 log.error("tracker: %s", exc)
             except Exception:  # the tracker must outlive a bug in one pass
                 log.exception("tracker: unexpected error")
+            if self.stop.wait(self.interval):
+                return

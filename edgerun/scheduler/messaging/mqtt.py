@@ -3,6 +3,14 @@
 Subscribes with a persistent session (clean_session=False, QoS 1) to every
 node's updates, status (retained) and tasks topics, and to output at QoS 0;
 acknowledges each message only after the service recorded it.
+
+Several `serve` instances on one store give the same `share_group`: updates and
+tasks then come through `$share/{group}/...` subscriptions, so the broker hands
+each message to one instance (Mosquitto does so for MQTT 3.1.1 clients too).
+Status and output stay plain subscriptions on every instance: status is retained
+(brokers send no retained messages to shared subscriptions) and recording it
+twice is harmless (the store serialises it), and live output is wanted by
+whichever instance has a reader.
 """
 
 from __future__ import annotations
@@ -25,16 +33,18 @@ class MqttMessenger(Messenger):
 
     def __init__(self, url: BrokerURL, *, prefix: str = "edgerun",
                  client_id: str | None = None, events_topic: str | None = None,
-                 record_external: bool = True, tls: TLSFiles | None = None) -> None:
+                 record_external: bool = True, tls: TLSFiles | None = None,
+                 share_group: str | None = None) -> None:
         super().__init__(url)
         self.topics = Topics(prefix)
         self.events_topic = events_topic if events_topic is not None else f"{prefix}/events"
         self.client_id = client_id or f"edgerun-scheduler-{uuid.uuid4().hex[:8]}"
-        subs = [(self.topics.wildcard(Channel.UPDATES), 1),
+        share = f"$share/{share_group}/" if share_group else ""
+        subs = [(share + self.topics.wildcard(Channel.UPDATES), 1),
                 (self.topics.wildcard(Channel.STATUS), 1),
                 (self.topics.wildcard(Channel.OUTPUT), 0)]
         if record_external:
-            subs.append((self.topics.wildcard(Channel.TASKS), 1))
+            subs.append((share + self.topics.wildcard(Channel.TASKS), 1))
         self._deliver: Callable[[Incoming], None] | None = None
         self.conn = MqttConnection(url, self.client_id, on_message=self._on_message,
                                    subscriptions=subs, clean_session=False, manual_ack=True,

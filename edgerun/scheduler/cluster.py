@@ -1,0 +1,166 @@
+"""Several `edgerun serve` instances on one PostgreSQL database: who runs the periodic
+duties, and how each instance hears of the others' changes.
+
+- `Lease`: the periodic duties (lost detection, expiry, re-sending what nobody sent,
+  retention) run on one instance at a time, the holder of a session-level advisory
+  lock (`pg_try_advisory_lock`) on a connection of its own. When the holder dies,
+  even by kill -9, its session ends with its TCP connection and PostgreSQL releases
+  the lock; the next instance to ask (every `--tick`) takes over. No clocks, no
+  lease renewals, no home-made consensus: PostgreSQL is already the one thing every
+  instance must reach.
+- `Listener`: every event goes into the store's durable event log, and the store
+  NOTIFYs each one inside the transaction that logs it (store.py); each instance
+  LISTENs on a connection of its own and hands the other instances' events, with
+  their log ids, to its own hub's readers (`relay`: not logged again), so an event
+  stream opened on any instance sees every event. NOTIFY rather than the broker: it
+  is delivered only if the event is committed to the log, in commit order, from the
+  one source of truth, in MQTT and AMQP mode alike, with no broker topology to add
+  and no second copy to keep consistent with the log.
+
+On SQLite (one instance) the lease is always held and there is nothing to listen to.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from edgerun.backoff import Backoff
+from edgerun.protocol import JSONObject
+
+from .db import PostgresDatabase, pg_connect, redact
+from .errors import StoreError
+
+log = logging.getLogger(__name__)
+
+DUTIES_LOCK = 0x6564_6765_7275_6E01  # "edgerun\1"
+
+
+class Lease:
+    """Whether this process holds the duties lock; asked every tick by the tracker."""
+
+    def __init__(self, url: str, key: int = DUTIES_LOCK) -> None:
+        self.url, self.key = url, key
+        self._conn: Any = None
+        self.held = False
+
+    def check(self) -> bool:
+        """True while held: taken now if free, verified alive if already ours."""
+        try:
+            if self._conn is None or self._conn.closed or self._conn.broken:
+                self._drop()
+                self._conn = pg_connect(self.url)
+            if self.held:
+                self._conn.execute("SELECT 1")
+            else:
+                row = self._conn.execute("SELECT pg_try_advisory_lock(%s)", (self.key,))
+                self.held = bool(row.fetchone()[0])
+        except StoreError as exc:
+            self._lost(str(exc))
+        except Exception as exc:  # psycopg.Error: the session (and the lock) is gone
+            self._lost(str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc))
+        return self.held
+
+    def _lost(self, why: str) -> None:
+        if self.held:
+            log.warning("lost the duties lock on %s: %s", redact(self.url), why)
+        self._drop()
+
+    def _drop(self) -> None:
+        self.held = False
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            try:
+                conn.close()
+            except Exception as exc:  # already broken
+                log.debug("closing the lease connection: %s", exc)
+
+    def release(self) -> None:
+        self._drop()
+
+
+class Listener:
+    """LISTENs for the other instances' changes; `deliver` gets each message (a dict)."""
+
+    def __init__(self, url: str, origin: str, deliver: Callable[[JSONObject], None]) -> None:
+        self.url, self.origin, self.deliver = url, origin, deliver
+        self._stop = threading.Event()
+        self.ready = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="store-listener", daemon=True)
+
+    def start(self) -> Listener:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(5.0)
+
+    def _run(self) -> None:
+        backoff = Backoff(self._stop, cap=10.0)
+        while not self._stop.is_set():
+            conn: Any = None
+            try:
+                conn = pg_connect(self.url)
+                conn.execute(f"LISTEN {PostgresDatabase.CHANNEL}")
+                self.ready.set()
+                backoff.reset()
+                while not self._stop.is_set():
+                    for note in conn.notifies(timeout=0.5):
+                        self._handle(note.payload)
+            except StoreError as exc:
+                log.warning("store listener: %s", exc)
+            except Exception as exc:  # psycopg.Error: reconnect; events in between are missed
+                log.warning("store listener lost its connection to %s: %s",
+                            redact(self.url), exc)
+            finally:
+                self.ready.clear()
+                if conn is not None:
+                    try:
+                        conn.close()
+                    except Exception as exc:  # already broken
+                        log.debug("closing the listener connection: %s", exc)
+            if self._stop.is_set() or backoff.wait():
+                break
+
+    def _handle(self, payload: str) -> None:
+        try:
+            message = json.loads(payload)
+        except ValueError:
+            log.warning("store listener: ignored a notification that is not JSON")
+            return
+        if not isinstance(message, dict) or message.get("o") == self.origin:
+            return  # ours: our own hub had it first
+        try:
+            self.deliver(message)
+        except Exception:  # one bad notification must not end the listener
+            log.exception("store listener: cannot deliver a notification")
+
+
+def relay(hub: Any, message: JSONObject, read_event: Callable[[int], JSONObject | None]) -> None:
+    """Hand another instance's logged event to this hub's readers, with its log id and
+    without logging it again. A body too big for NOTIFY is read back from the log."""
+    event_id = message.get("e")
+    if not isinstance(event_id, int):
+        return
+    event = message.get("body")
+    if not isinstance(event, dict):
+        event = read_event(event_id)
+        if event is None:  # already dropped by retention
+            return
+    with hub._publish_lock:
+        hub.last_id = max(hub.last_id, event_id)
+        with hub._lock:
+            subs = list(hub._subs)
+        for sub in subs:
+            if sub.closed or not sub.wants(event):
+                continue
+            if not sub._put((event_id, event)):
+                sub.closed = ("this reader fell behind and was cut off; read the current "
+                              "state again, then reconnect")
+                hub.unsubscribe(sub)
+                if sub.wake is not None:
+                    sub.wake()
