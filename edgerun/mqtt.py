@@ -31,7 +31,7 @@ import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 
 from .backoff import Backoff
-from .errors import EdgerunError
+from .errors import ConfigError, EdgerunError
 from .settings import BrokerURL, TLSFiles
 
 __all__ = ["Inbound", "MqttConnection", "MqttError", "TLSFiles", "Will"]
@@ -77,7 +77,7 @@ class MqttConnection:
                  backoff_cap: float = 30.0, name: str = "mqtt") -> None:
         self.urls = (url,) if isinstance(url, BrokerURL) else tuple(url)
         if not self.urls:
-            raise MqttError(f"{name}: no broker address")
+            raise ConfigError(f"{name}: no broker address")
         self._index = 0  # the address in use; network thread only
         self.node: BrokerURL | None = None  # the address connected to, None while down
         self.client_id, self.name = client_id, name
@@ -127,7 +127,7 @@ class MqttConnection:
                 client.tls_set(ca_certs=tls.ca_file, certfile=tls.cert_file,
                                keyfile=tls.key_file, cert_reqs=ssl.CERT_REQUIRED)
             except (OSError, ssl.SSLError, ValueError) as exc:
-                raise MqttError(f"{self.name}: cannot load TLS files: {exc}") from None
+                raise ConfigError(f"{self.name}: cannot load TLS files: {exc}") from None
         client.on_socket_open = _nodelay
         # Registering a write callback stops paho from writing on the caller's
         # thread; our loop polls want_write() instead.

@@ -11,7 +11,6 @@ import argparse
 import dataclasses
 import re
 import shlex
-import sys
 import tomllib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -284,12 +283,6 @@ def config_path(args: argparse.Namespace, environ: Mapping[str, str]) -> str | N
     return str(path) if path else None
 
 
-def fail(prog: str, error: ConfigError) -> NoReturn:
-    """Print one line and exit 2: what every entry point does with a ConfigError."""
-    print(f"{prog}: error: {error}", file=sys.stderr)
-    sys.exit(2)
-
-
 def proc_cmdline(path: str = "/proc/cmdline") -> str:
     try:
         with open(path, encoding="utf-8", errors="replace") as fh:
@@ -299,6 +292,6 @@ def proc_cmdline(path: str = "/proc/cmdline") -> str:
 
 
 __all__ = ["BrokerURL", "Option", "Parser", "TLSFiles", "add_options", "build_parser",
-           "config_path", "fail", "kernel_params", "parse_broker_url", "parse_broker_urls",
+           "config_path", "kernel_params", "parse_broker_url", "parse_broker_urls",
            "proc_cmdline",
            "read_toml", "redact", "resolve"]

@@ -7,19 +7,22 @@ import os
 import signal
 import sys
 
-from edgerun.errors import ConfigError, EdgerunError
-from edgerun.settings import fail, proc_cmdline
+from edgerun.errors import EdgerunError, exit_with
+from edgerun.settings import proc_cmdline
 
 from . import config
 from .core import Agent
 
+PROG = "edgerun-agent"
+
 
 def main(argv: list[str] | None = None) -> int:
+    """The one place where the agent's errors become exit codes (each class has its own)."""
     try:
         cfg = config.load(argv, os.environ, proc_cmdline())
         agent = Agent(cfg)
-    except (ConfigError, EdgerunError) as exc:
-        fail("edgerun-agent", ConfigError(str(exc)))
+    except EdgerunError as exc:
+        return exit_with(PROG, exc)
     logging.basicConfig(level=cfg.log_level, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for sig in (signal.SIGTERM, signal.SIGINT):

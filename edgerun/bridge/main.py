@@ -7,24 +7,34 @@ import os
 import signal
 import sys
 
-from prometheus_client import disable_created_metrics
-
-from edgerun.errors import ConfigError, EdgerunError
-from edgerun.settings import fail
+from edgerun.cmdline import missing_module, require_extra
+from edgerun.errors import ConfigError, EdgerunError, exit_with
 
 from . import config
-from .service import Bridge
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The one place where the bridge's errors become exit codes (each class has its own)."""
     try:
-        cfg = config.load(argv, os.environ)
+        return _main(argv)
+    except EdgerunError as exc:
+        return exit_with(config.PROG, exc)
+
+
+def _main(argv: list[str] | None) -> int:
+    require_extra(config.PROG, "bridge")
+    try:  # pika and prometheus_client, only once we know they are installed
+        from prometheus_client import disable_created_metrics
+
+        from .service import Bridge
+    except ModuleNotFoundError as exc:  # installed without its metadata, say
+        raise missing_module(exc, config.PROG, "bridge") from None
+    cfg = config.load(argv, os.environ)
+    try:
         bridge = Bridge(cfg)
-    except (ConfigError, EdgerunError) as exc:
-        fail(config.PROG, ConfigError(str(exc)))
     except OSError as exc:  # the metrics port is taken, say
-        fail(config.PROG, ConfigError(f"cannot listen on {cfg.metrics_address}:"
-                                      f"{cfg.metrics_port}: {exc.strerror}"))
+        raise ConfigError(f"cannot listen on {cfg.metrics_address}:{cfg.metrics_port}: "
+                          f"{exc.strerror}") from None
     logging.basicConfig(level=cfg.log_level, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     disable_created_metrics()  # type: ignore[no-untyped-call]  # *_created: noise

@@ -16,7 +16,11 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from edgerun.errors import ConfigError
-from edgerun.protocol import DEFAULT_PREFIX, QOS, Channel, is_node_id
+from edgerun.protocol import (
+    BRIDGE_QUEUE_PREFIX, BRIDGE_TASKS_QUEUE, DEFAULT_PREFIX, EVENTS_EXCHANGE, QOS, TASKS_EXCHANGE,
+    Channel, is_node_id, key_template,
+)
+from edgerun.protocol.amqp import EVENT_CHANNELS
 
 _PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]{0,31})\}")
 _NAME = re.compile(r"[A-Za-z0-9_.:\-]{1,100}")
@@ -221,7 +225,8 @@ def make_route(spec: Mapping[str, object], index: int) -> Route:
     exchange = _name(_text(spec, "exchange", where), where, "exchange")
     queue = ""
     if direction is Direction.AMQP_TO_MQTT:
-        queue = _name(_text(spec, "queue", where, default=f"edgerun.bridge.{name}"), where, "queue")
+        queue = _name(_text(spec, "queue", where, default=BRIDGE_QUEUE_PREFIX + name), where,
+                      "queue")
     elif "queue" in spec:
         raise ConfigError(f"{where}: `queue` is only for amqp_to_mqtt routes")
     qos = spec.get("qos", 1)
@@ -283,18 +288,18 @@ def _check_unique(values: Iterable[str], what: str) -> None:
         seen.add(value)
 
 
-def default_specs(prefix: str = DEFAULT_PREFIX, tasks_exchange: str = "edgerun.tasks",
-                  events_exchange: str = "edgerun.events",
-                  tasks_queue: str = "edgerun.bridge.tasks") -> list[dict[str, object]]:
-    """The routes of PROTOCOL.md, "AMQP side"."""
+def default_specs(prefix: str = DEFAULT_PREFIX, tasks_exchange: str = TASKS_EXCHANGE,
+                  events_exchange: str = EVENTS_EXCHANGE,
+                  tasks_queue: str = BRIDGE_TASKS_QUEUE) -> list[dict[str, object]]:
+    """The routes of PROTOCOL.md, "AMQP side", from edgerun.protocol's names."""
     specs: list[dict[str, object]] = [{
         "name": "tasks", "direction": "amqp_to_mqtt", "topic": f"{prefix}/nodes/{{node}}/tasks",
-        "exchange": tasks_exchange, "routing_key": "node.{node}", "queue": tasks_queue,
-        "qos": QOS[Channel.TASKS]}]
-    for channel in (Channel.UPDATES, Channel.OUTPUT, Channel.STATUS):
+        "exchange": tasks_exchange, "routing_key": key_template(Channel.TASKS),
+        "queue": tasks_queue, "qos": QOS[Channel.TASKS]}]
+    for channel in EVENT_CHANNELS:
         specs.append({
             "name": str(channel), "direction": "mqtt_to_amqp",
             "topic": f"{prefix}/nodes/{{node}}/{channel}", "exchange": events_exchange,
-            "routing_key": f"node.{{node}}.{channel}", "qos": QOS[channel],
+            "routing_key": key_template(channel), "qos": QOS[channel],
             "persistent": channel is not Channel.OUTPUT})
     return specs

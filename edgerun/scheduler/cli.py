@@ -20,22 +20,18 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from edgerun import __version__
-from edgerun.errors import ConfigError, EdgerunError
+from edgerun.cmdline import closed_stdout, missing_module, require_extra
+from edgerun.errors import EXIT_FAILED, EXIT_OK, ConfigError, EdgerunError, exit_with
 from edgerun.settings import Option, Parser, add_options, config_path, resolve
 
 from . import render
-from .client import Client, ServiceUnreachable, quoted
-from .errors import (
-    BadRequest, BrokerUnreachable, EmbeddedBrokerError, ListenError, NotFound, StoreError,
-    UnknownNode,
-)
+from .client import Client, quoted
 from .follow import dispatch_and_follow, exit_code, explain
 from .jobs import load_job
 from .settings import SERVE_OPTIONS, ServeSettings, config_table
 from .settings import load as load_serve_settings
 
 PROG = "edgerun"
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNKNOWN, EXIT_UNREACHABLE, EXIT_ERROR = 0, 1, 2, 3, 4, 5
 
 EPILOG = """exit codes:
   0    success                      N    `run` on one node: the remote exit code
@@ -141,28 +137,20 @@ def _settings(args: argparse.Namespace, options: Sequence[Option], section: str,
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The one place where errors become exit codes (each class carries its own)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        return _main(argv, os.environ)
-    except ConfigError as exc:
-        return _error(EXIT_USAGE, exc)
-    except BadRequest as exc:
-        return _error(EXIT_USAGE, exc)
-    except (UnknownNode, NotFound) as exc:
-        return _error(EXIT_UNKNOWN, exc)
-    except (ServiceUnreachable, BrokerUnreachable) as exc:
-        return _error(EXIT_UNREACHABLE, exc)
+        code = _main(argv, os.environ)
+        sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's last flush
+        return code
+    except BrokenPipeError:  # `edgerun tasks | head -1`: the reader has all it wanted
+        return closed_stdout()
     except EdgerunError as exc:
-        return _error(EXIT_ERROR, exc)
+        return exit_with(PROG, exc)
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted; tasks already sent go on (see `edgerun tasks`)",
               file=sys.stderr)
         return 130
-
-
-def _error(code: int, exc: BaseException) -> int:
-    print(f"{PROG}: error: {exc}", file=sys.stderr)
-    return code
 
 
 def _main(argv: list[str], environ: Mapping[str, str]) -> int:
@@ -187,6 +175,7 @@ def _main(argv: list[str], environ: Mapping[str, str]) -> int:
 
 def keygen(prefix: str) -> int:
     """Write a new key pair; never overwrite a key that may already be in use."""
+    require_extra("edgerun keygen", "scheduler", ("cryptography",))
     from edgerun.signing import generate_keypair
 
     private, public = f"{prefix}.key", f"{prefix}.pub"
@@ -380,7 +369,11 @@ def cmd_cancel(client: Client, args: argparse.Namespace) -> int:
 
 # --- the service ------------------------------------------------------------------------
 def serve(settings: ServeSettings) -> int:
-    from .app import App
+    require_extra("edgerun serve", "scheduler")
+    try:
+        from .app import App
+    except ModuleNotFoundError as exc:  # installed without its metadata, say
+        raise missing_module(exc, "edgerun serve", "scheduler") from None
 
     logging.basicConfig(level=settings.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -392,10 +385,7 @@ def serve(settings: ServeSettings) -> int:
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    try:
-        app = App(settings).start()
-    except (StoreError, EmbeddedBrokerError, ListenError) as exc:
-        raise ConfigError(str(exc)) from None  # a --db, --embedded-broker or --listen to fix
+    app = App(settings).start()
     try:
         stop.wait()
     finally:

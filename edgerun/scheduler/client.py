@@ -8,7 +8,7 @@ from collections.abc import Iterator
 from typing import Any
 from urllib.parse import quote, urlencode, urlsplit
 
-from edgerun.errors import ConfigError
+from edgerun.errors import EXIT_UNREACHABLE, ConfigError
 
 from .errors import BadRequest, BrokerUnreachable, NotFound, SchedulerError, UnknownNode
 
@@ -20,6 +20,8 @@ CODES: dict[str, type[SchedulerError]] = {
 
 class ServiceUnreachable(SchedulerError):
     """The scheduler's API did not answer."""
+
+    exit_code = EXIT_UNREACHABLE
 
 
 class Client:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from edgerun.errors import EdgerunError
+from edgerun.errors import EXIT_UNKNOWN, EXIT_UNREACHABLE, EXIT_USAGE, EdgerunError
 
 
 class SchedulerError(EdgerunError):
@@ -12,26 +12,40 @@ class SchedulerError(EdgerunError):
 class StoreError(SchedulerError):
     """The SQLite store could not be opened, migrated or written."""
 
+    exit_code = EXIT_USAGE  # serve: a --db to fix
+
 
 class BrokerUnreachable(SchedulerError):
     """A broker (MQTT or AMQP) could not be reached; the message names its URL."""
+
+    exit_code = EXIT_UNREACHABLE
 
 
 class EmbeddedBrokerError(SchedulerError):
     """The embedded MQTT broker could not start (port taken, bad address)."""
 
+    exit_code = EXIT_USAGE
+
 
 class ListenError(SchedulerError):
     """The HTTP API cannot listen on the address it was given."""
+
+    exit_code = EXIT_USAGE
 
 
 class UnknownNode(SchedulerError):
     """A target names a node the registry has never seen."""
 
+    exit_code = EXIT_UNKNOWN
+
 
 class BadRequest(SchedulerError):
     """A dispatch, cancel or job request is malformed; the message says what to change."""
 
+    exit_code = EXIT_USAGE
+
 
 class NotFound(SchedulerError):
     """No task or job with that id."""
+
+    exit_code = EXIT_UNKNOWN
