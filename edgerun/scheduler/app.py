@@ -53,7 +53,8 @@ class App:
             signer = Signer.from_file(s.private_key) if s.private_key else None
             store = Store(s.db)
             self.service = Service(store, messenger, ServiceConfig(
-                grace=s.grace, tick=s.tick, default_expiry=s.default_expiry,
+                grace=s.grace, tick=s.tick, pace=s.pace, offline_grace=s.offline_grace,
+                default_expiry=s.default_expiry,
                 keep_days=s.keep_days, resend_unaccepted=self.embedded is not None),
                 signer=signer)
             host, port = split_hostport(s.listen)

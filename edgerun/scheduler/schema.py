@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 MIGRATIONS: dict[int, str] = {
     1: """
@@ -83,6 +83,35 @@ MIGRATIONS: dict[int, str] = {
         node     TEXT,
         task_id  TEXT,
         body     TEXT NOT NULL
+    );
+    """,
+    # 3: fleet operations (scheduler/README.md): a queued task's `hold` (job: waiting for
+    # its needs, rollout: waiting for its turn) and `not_before` (a retry's back-off);
+    # retry attempts (attempt number, parent, first attempt, policy); rollouts
+    3: """
+    ALTER TABLE tasks ADD COLUMN hold TEXT;
+    ALTER TABLE tasks ADD COLUMN not_before REAL;
+    ALTER TABLE tasks ADD COLUMN attempt INTEGER;
+    ALTER TABLE tasks ADD COLUMN parent_id TEXT;
+    ALTER TABLE tasks ADD COLUMN root_id TEXT;
+    ALTER TABLE tasks ADD COLUMN retry TEXT;
+    ALTER TABLE tasks ADD COLUMN rollout_id TEXT;
+    CREATE INDEX tasks_by_node_state ON tasks (node, state);
+    CREATE INDEX tasks_by_rollout ON tasks (rollout_id);
+    CREATE INDEX tasks_by_root ON tasks (node, root_id);
+    UPDATE tasks SET hold='job' WHERE state='queued' AND job_id IS NOT NULL AND EXISTS
+        (SELECT 1 FROM tasks p WHERE p.job_id=tasks.job_id AND p.node=tasks.node
+         AND p.step < tasks.step AND p.state != 'succeeded');
+    CREATE TABLE rollouts (
+        id          TEXT PRIMARY KEY,
+        task_id     TEXT NOT NULL,
+        created_at  TEXT NOT NULL,
+        updated_at  TEXT NOT NULL,
+        state       TEXT NOT NULL,
+        reason      TEXT,
+        options     TEXT NOT NULL,
+        nodes       TEXT NOT NULL,
+        released_at REAL
     );
     """,
 }

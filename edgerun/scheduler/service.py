@@ -29,11 +29,13 @@ from edgerun.signing import Signer
 
 from .errors import BadRequest, BrokerUnreachable, NotFound, SchedulerError
 from .events import EventHub, node_event, task_event
+from .fleet import Fleet
 from .messaging import Incoming, Messenger
 from .metrics import Metrics
 from .cluster import relay
 from .store import Change, Store
-from .targets import resolve_targets
+from .retries import check_room, parse_retry
+from .targets import parse_wheres, select_nodes
 from .tracker import Tracker, Verdict
 
 log = logging.getLogger(__name__)
@@ -51,6 +53,10 @@ class ServiceConfig:
     default_expiry: float = 86_400.0
     """expires_at = dispatch + this when a request gives none (0: never expires)."""
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    pace: int = 8
+    """At most this many tasks outstanding per node; the rest wait queued (fleet.py)."""
+    offline_grace: float = 120.0
+    """Seconds a node may stay offline before its accepted and running tasks are lost."""
     keep_days: float = 0.0
     """Finished tasks older than this are pruned (0: kept forever)."""
     resend_unaccepted: bool = False
@@ -71,6 +77,7 @@ class Service:
         self._inbox: queue.SimpleQueue[Work] = queue.SimpleQueue()
         self._stop = threading.Event()
         self._worker: threading.Thread | None = None
+        self.fleet = Fleet(self)
         self.tracker = Tracker(store, store.online_nodes,
                                lambda t, v: self._inbox.put(lambda: self._lose(t, v)),
                                self._stop, self.cfg.tick, duties=self._duties,
@@ -82,6 +89,7 @@ class Service:
         self._worker = threading.Thread(target=self._work, name="scheduler-worker", daemon=True)
         self._worker.start()
         self.messenger.start(self._inbox.put)
+        self.fleet.start()
         self.tracker.start()  # its first round sends again what never reached the broker
         self._listener = self.store.listen(  # other instances' events (PostgreSQL only)
             lambda message: relay(self.hub, message, self.store.event))
@@ -92,6 +100,7 @@ class Service:
         if self._worker is not None:
             self._worker.join(10.0)
         self.tracker.join(5.0)
+        self.fleet.join(5.0)
         self.messenger.stop()
         if self._listener is not None:
             self._listener.stop()
@@ -110,9 +119,10 @@ class Service:
                 "subscribers": self.hub.subscribers}
 
     # --- requests (API threads) ------------------------------------------------------
-    def resolve(self, targets: Sequence[str], online: bool) -> list[str]:
-        nodes = {n["node"]: n["state"] for n in self.store.nodes()}
-        return resolve_targets(targets, nodes, online_only=online)
+    def resolve(self, targets: Sequence[str], online: bool, where: Any = None) -> list[str]:
+        """Node ids, globs, MAC addresses, --online and --where (targets.py)."""
+        return select_nodes(targets, self.store.nodes(), online_only=online,
+                            where=parse_wheres(where))
 
     def build_task(self, spec: Any, task_id: str | None = None, *,
                    expiry: bool = True) -> Task:
@@ -138,9 +148,13 @@ class Service:
             raise BrokerUnreachable(f"the scheduler cannot reach its broker "
                                     f"{self.messenger.url}: {why}; nothing was dispatched")
 
-    def dispatch(self, targets: Sequence[str], online: bool, spec: Any) -> list[JSONObject]:
-        nodes = self.resolve(targets, online)
+    def dispatch(self, targets: Sequence[str], online: bool, spec: Any, *,
+                 where: Any = None, retry: Any = None) -> list[JSONObject]:
+        """Store the task for each node; the worker sends it, paced (fleet.py)."""
+        nodes = self.resolve(targets, online, where)
         task = self.build_task(spec)
+        policy = parse_retry(retry)
+        check_room(task.id, policy)
         self.require_broker()
         for node in nodes:
             if self.store.get(node, task.id) is not None:
@@ -151,37 +165,19 @@ class Service:
             change = self.store.add_task(node, task, source="api")
             if change is None:
                 raise BadRequest(f"task id {task.id!r} already exists for node {node}")
+            if policy is not None:
+                change = self.fleet.with_retry(change, policy)
             self._emit(change)
-            self._send(node, task)
             out.append(change.task)
+        self._inbox.put(lambda: self.fleet.pump_nodes(nodes))
         return out
 
     def create_job(self, targets: Sequence[str], online: bool, steps: Sequence[JSONObject],
-                   job_id: str | None = None) -> JSONObject:
-        """An ordered list of tasks for each node; a node goes on only after a success.
-        Step i's task id is `{job id}.{i}`."""
-        if not steps:
-            raise BadRequest("a job needs at least one step")
-        job_id = job_id or str(uuid.uuid4())
-        if not is_task_id(f"{job_id}.0") or len(job_id) > 100:
-            raise BadRequest(f"{job_id!r} is not a usable job id "
-                             f"(up to 100 of A-Z a-z 0-9 _ . : -)")
-        if self.store.job(job_id) is not None:
+                   job_id: str | None = None, *, where: Any = None) -> JSONObject:
+        """An ordered list of tasks per node, or a graph of named steps (jobs.py)."""
+        if job_id is not None and self.store.job(job_id) is not None:
             raise BadRequest(f"job {job_id} already exists")
-        nodes = self.resolve(targets, online)
-        tasks = [self.build_task(step, f"{job_id}.{i}", expiry="expires_at" in step)
-                 for i, step in enumerate(steps)]
-        self.require_broker()
-        self.store.add_job(job_id, nodes, [t.to_dict() for t in tasks])
-        for node in nodes:
-            for i, task in enumerate(tasks):
-                change = self.store.add_task(node, task, source="job", job_id=job_id, step=i)
-                if change is not None:
-                    self._emit(change)
-            self._send(node, tasks[0])
-        job = self.store.job(job_id)
-        assert job is not None
-        return job
+        return self.fleet.jobs.create(targets, online, steps, job_id, where=where)
 
     def cancel(self, task_id: str, node: str | None = None) -> list[JSONObject]:
         if not is_task_id(task_id):
@@ -196,7 +192,7 @@ class Service:
                              f"nothing to cancel")
         self.require_broker()
         for task in open_tasks:
-            if task["state"] == State.QUEUED and task["job"] is not None:
+            if task["state"] == State.QUEUED:
                 self._inbox.put(self._canceler(task))
             else:
                 self.messenger.send(task["node"], self._wire(Cancel(task_id)),
@@ -204,7 +200,7 @@ class Service:
         return open_tasks
 
     def _canceler(self, task: JSONObject) -> Callable[[], None]:
-        return lambda: self._cancel_queued(task, "canceled by request before it was sent")
+        return lambda: self.fleet.cancel_queued(task, "canceled by request before it was sent")
 
     # --- the worker --------------------------------------------------------------------
     def _work(self) -> None:
@@ -269,6 +265,7 @@ class Service:
                     self._send(node, self._task_of(row))
         if previous != status.state:
             log.info("node %s is %s", node, status.state)
+            self.fleet.on_status(node, previous, status.state)
             event = node_event(previous, info)
             self.hub.publish(event)
             self.messenger.publish_event("nodes", node, status.state, canonical_json(event))
@@ -290,6 +287,7 @@ class Service:
                                             time.time() + timeout + self.cfg.grace)
         if change is not None:
             self._emit(change)
+        self.fleet.on_dispatched(node, task_id)
 
     def _lose(self, task: JSONObject, verdict: Verdict) -> None:
         change = self.store.mark_lost(task["node"], task["id"], task["state"], verdict.code,
@@ -310,8 +308,7 @@ class Service:
         event = task_event(change.previous, task)
         self.hub.publish(event)
         self.messenger.publish_event("tasks", task["node"], task["state"], canonical_json(event))
-        if task["job"] is not None and is_final(State(task["state"])):
-            self._inbox.put(lambda: self._advance(task))
+        self.fleet.on_change(change)
 
     def _send(self, node: str, task: Task) -> None:
         self.messenger.send(node, self._wire(task), lambda: self._inbox.put(
@@ -323,27 +320,16 @@ class Service:
             return encode(message)
         return canonical_json(self.signer.sign(message.to_dict()))
 
-    # --- jobs ----------------------------------------------------------------------------
-    def _advance(self, task: JSONObject) -> None:
-        """A job step ended: send the node's next step, or cancel the rest after a failure."""
-        steps = self.store.job_steps(task["job"], task["node"])
-        later = [s for s in steps if s["step"] > task["step"] and s["state"] == State.QUEUED]
-        if not later:
-            return
-        if task["state"] == State.SUCCEEDED:
-            self._send(task["node"], self._task_of(later[0]))
-            return
-        why = (f"step {task['step'] + 1} of job {task['job']} ended {task['state']} on node "
-               f"{task['node']}, so its later steps are not run")
-        for step in later:
-            self._cancel_queued(step, why)
-
     def _task_of(self, row: JSONObject) -> Task:
         task = parse_command(json.loads(json.dumps(row["spec"])))
         assert not isinstance(task, Cancel)
         return task
 
     def _resume(self) -> None:
+        """After a start: what is free to go is sent, paced; held steps wait (fleet.py)."""
+        self.fleet.resume()
+
+    def _resume_unpaced(self) -> None:  # replaced by fleet.resume(); H13: remove or merge
         """After a restart: send again what never reached the broker (agents dedupe ids).
         With several instances only what is stale: the others are sending theirs."""
         if self.store.shared:
@@ -373,4 +359,3 @@ class Service:
             raise NotFound(f"no node {node!r}")
         log.info("node %s forgotten", node)
         return {"node": node, "forgotten": True}
-

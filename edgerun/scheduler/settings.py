@@ -89,6 +89,10 @@ SERVE_OPTIONS = [
     Option("grace", float, 30.0, "seconds past a task's timeout before it is declared lost",
            _not_negative, metavar="S"),
     Option("tick", float, 1.0, "seconds between deadline checks", _positive, metavar="S"),
+    Option("pace", int, 8, "at most this many tasks outstanding per node; the rest wait "
+           "queued here (keep it below the agents' --queue-size)", _positive, metavar="N"),
+    Option("offline_grace", float, 120.0, "seconds a node may stay offline (its Last Will) "
+           "before its accepted and running tasks end lost", _not_negative, metavar="S"),
     Option("default_expiry", float, 86_400.0, "a task not taken within this many seconds "
            "expires (0: never)", _not_negative, metavar="S"),
     Option("events_topic", str, None, "MQTT topic prefix of the full-data events "
@@ -133,6 +137,8 @@ class ServeSettings:
     prefix: str = DEFAULT_PREFIX
     grace: float = 30.0
     tick: float = 1.0
+    pace: int = 8
+    offline_grace: float = 120.0
     default_expiry: float = 86_400.0
     events_topic: str | None = None
     audit_exchange: str = AUDIT_EXCHANGE

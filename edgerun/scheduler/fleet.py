@@ -1,0 +1,249 @@
+"""Fleet operations inside the service: per-node pacing, liveness, retries, and the
+ticks that drive rollouts and back-offs (scheduler/README.md, "Fleet operations").
+
+Everything here runs on the service's single worker thread, except
+`on_change` (which only queues work) and `call` (which hands work to the worker
+and waits for its answer). One worker means no two decisions about the same
+node or rollout ever race.
+
+- **Pacing**: a task is stored `queued` first; it is sent only while the node
+  has fewer than `pace` tasks outstanding (dispatched, accepted, running, or
+  handed to the broker and not yet confirmed). Each task that ends lets the
+  next queued one of that node go, oldest first. So a backlog never fills an
+  agent's queue (`busy`), as long as `pace` is below the agents' --queue-size.
+- **Liveness**: when a node goes offline (its Last Will) or comes back, every
+  follower of its tasks in flight is told at once: a `task_event` whose state
+  did not change, with an `alert`. After `offline_grace` seconds offline, its
+  accepted and running tasks end `lost`; a final update that still arrives
+  later replaces `lost` (the store's state machine) and is kept in the history.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, TypeVar
+
+from edgerun.protocol import Cancel, ErrorCode, JSONObject, State, canonical_json, format_time, \
+    is_final
+
+from .errors import SchedulerError
+from .fleetdb import FleetDB
+from .retries import RetryPolicy, attempt_id, policy_of, root_of, will_retry
+from .store import Change
+from .tracker import Verdict
+
+if TYPE_CHECKING:
+    from .service import Service
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+CALL_TIMEOUT_S = 60.0
+
+
+class Fleet:
+    def __init__(self, service: Service) -> None:
+        from .jobs import JobRunner
+        from .rollout import RolloutEngine
+
+        self.svc = service
+        self.db = FleetDB(service.store)
+        self.pace = max(1, int(service.cfg.pace))
+        self.offline_grace = float(service.cfg.offline_grace)
+        self.rollouts = RolloutEngine(self)
+        self.jobs = JobRunner(self)
+        self._sending: dict[str, set[str]] = {}
+        self._thread: threading.Thread | None = None
+
+    # --- life cycle -----------------------------------------------------------------------
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._tick_loop, name="fleet-ticker",
+                                        daemon=True)
+        self._thread.start()
+
+    def join(self, timeout: float) -> None:
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def _tick_loop(self) -> None:
+        while not self.svc._stop.wait(self.svc.cfg.tick):
+            self.svc._inbox.put(self.tick)
+
+    def call(self, work: Callable[[], T]) -> T:
+        """Run `work` on the worker thread and return its result (API threads)."""
+        future: Future[T] = Future()
+
+        def run() -> None:
+            try:
+                future.set_result(work())
+            except BaseException as exc:  # handed back to the caller
+                future.set_exception(exc)
+        self.svc._inbox.put(run)
+        return future.result(CALL_TIMEOUT_S)
+
+    def resume(self) -> None:
+        """After a start: send what is free to go, pick rollouts up where they were."""
+        self.pump_all()
+        for rollout in self.db.rollouts(state="running", limit=1_000_000):
+            self.rollouts.advance(rollout["id"])
+
+    # --- pacing ---------------------------------------------------------------------------
+    def pump(self, node: str) -> int:
+        """Send the node's free queued tasks while it has room; returns how many."""
+        sending = self._sending.setdefault(node, set())
+        room = self.pace - len(sending) - self.db.outstanding(node)
+        if room <= 0:
+            return 0
+        sent = 0
+        for row in self.db.ready(node, room + len(sending), time.time()):
+            if sent >= room:
+                break
+            if row["id"] in sending:
+                continue
+            sending.add(row["id"])
+            self.svc._send(node, self.svc._task_of(row))
+            sent += 1
+        return sent
+
+    def pump_nodes(self, nodes: list[str]) -> None:
+        for node in nodes:
+            self.pump(node)
+
+    def pump_all(self) -> None:
+        for node in self.db.nodes_with_ready(time.time()):
+            self.pump(node)
+
+    def is_sending(self, node: str, task_id: str) -> bool:
+        return task_id in self._sending.get(node, ())
+
+    def on_dispatched(self, node: str, task_id: str) -> None:
+        """The broker took the task: it now counts as outstanding in the store."""
+        self._sending.get(node, set()).discard(task_id)
+        self.pump(node)
+
+    def cancel_queued(self, task: JSONObject, why: str) -> None:
+        """A cancel request for a task still queued here: never sent, so canceled in the
+        store; one being handed to the broker gets a `cancel` after it."""
+        if self.is_sending(task["node"], task["id"]):
+            self.svc.messenger.send(task["node"], self.svc._wire(Cancel(task["id"])),
+                                    self.svc.metrics.dispatched.inc)
+            return
+        change = self.svc.store.cancel_queued(task["node"], task["id"], "canceled", why)
+        if change is not None:
+            self.svc._emit(change)
+
+    # --- after every change ------------------------------------------------------------------
+    def on_change(self, change: Change) -> None:
+        """Called for every task change (any thread): work for final states is queued."""
+        task = change.task
+        if is_final(State(task["state"])):
+            self.svc._inbox.put(lambda: self._after_final(task["node"], task["id"]))
+
+    def _after_final(self, node: str, task_id: str) -> None:
+        task = self.db.task(node, task_id)
+        if task is None or not is_final(State(task["state"])):
+            return
+        self.pump(node)
+        if will_retry(task):
+            self._retry(task)
+        if task.get("rollout"):
+            self.rollouts.touch(task["rollout"])
+        if task.get("job"):
+            self.jobs.advance(task)
+
+    # --- retries ------------------------------------------------------------------------------
+    def with_retry(self, change: Change, policy: RetryPolicy) -> Change:
+        """Give a task just stored its retry policy; the change as followers should see it."""
+        task = change.task
+        self.db.set_fleet(task["node"], task["id"], retry=policy.to_json())
+        stored = self.db.task(task["node"], task["id"])
+        return Change(change.previous, stored if stored is not None else task)
+
+    def _retry(self, task: JSONObject) -> None:
+        policy = policy_of(task)
+        assert policy is not None
+        node, attempt, root = task["node"], int(task.get("attempt") or 1) + 1, root_of(task)
+        new_id = attempt_id(root, attempt)
+        if self.db.task(node, new_id) is not None:
+            return  # made already (a late final update replaced `lost`)
+        spec = {**task["spec"], "id": new_id}
+        new = self.svc._task_of({"spec": spec})
+        if task["state"] == State.LOST:
+            # ahead of the new attempt on the same topic: an agent that was only cut off
+            # kills the lost attempt before it takes the next one
+            self.svc.messenger.send(node, self.svc._wire(Cancel(task["id"])),
+                                    self.svc.metrics.dispatched.inc)
+        change = self.svc.store.add_task(node, new, source=task["source"] or "api")
+        if change is None:
+            return
+        wait = policy.wait(attempt)
+        self.db.set_fleet(node, new_id, attempt=attempt, parent_id=task["id"], root_id=root,
+                          retry=policy.to_json(), rollout_id=task.get("rollout"),
+                          not_before=time.time() + wait)
+        log.info("task %s on node %s ended %s: attempt %d (%s) in %.1f s", task["id"], node,
+                 task["state"], attempt, new_id, wait)
+        created = self.db.task(node, new_id)
+        assert created is not None
+        self.svc._emit(Change(None, created))
+
+    # --- liveness -----------------------------------------------------------------------------
+    def on_status(self, node: str, previous: str | None, state: str) -> None:
+        """A node changed state: tell the followers of its tasks in flight at once."""
+        if previous is None or previous == state:
+            return
+        for task in self.db.in_flight(node):
+            if state == "offline":
+                self._alert(task, "node_offline",
+                            f"node {node} went offline (its Last Will) with this task "
+                            f"{task['state']}; unless the node returns within "
+                            f"{self.offline_grace:g} s the task ends lost")
+            elif state == "online":
+                self._alert(task, "node_online", f"node {node} is back online")
+
+    def _alert(self, task: JSONObject, code: str, message: str) -> None:
+        event = {"v": 1, "kind": "task_event", "at": format_time(), "node": task["node"],
+                 "id": task["id"], "previous": task["state"], "state": task["state"],
+                 "alert": {"code": code, "message": message}, "task": task}
+        self.svc.hub.publish(event)
+        self.svc.messenger.publish_event("tasks", task["node"], task["state"],
+                                         canonical_json(event))
+
+    def _stranded(self) -> None:
+        now = time.time()
+        cutoff = format_time(datetime.fromtimestamp(now - self.offline_grace, UTC))
+        for task in self.db.stranded(cutoff):
+            if task["state"] == State.DISPATCHED:
+                verdict = Verdict(ErrorCode.TIMEOUT, f"node {task['node']} went offline "
+                                  f"before it took the task and stayed away for more than "
+                                  f"{self.offline_grace:g} s; the rollout goes on without it")
+                self.svc.messenger.send(task["node"], self.svc._wire(Cancel(task["id"])),
+                                        self.svc.metrics.dispatched.inc)
+            else:
+                verdict = Verdict(ErrorCode.TIMEOUT, f"node {task['node']} went offline "
+                                  f"(its Last Will) with the task {task['state']} and did "
+                                  f"not return within {self.offline_grace:g} s "
+                                  f"(--offline-grace)")
+            self.svc._lose(task, verdict)
+
+    def _expire_held(self) -> None:
+        for task in self.db.expired_queued(format_time()):
+            change = self.svc.store.mark_lost(
+                task["node"], task["id"], "queued", ErrorCode.EXPIRED,
+                f"the task waited here (node {task['node']} had {self.pace} tasks "
+                f"outstanding, or it was held) until it expired at {task['expires_at']}")
+            if change is not None:
+                self.svc._emit(change)
+
+    # --- the tick ---------------------------------------------------------------------------------
+    def tick(self) -> None:
+        steps: list[Callable[[], None]] = [self._stranded, self._expire_held, self.pump_all,
+                                           self.rollouts.tick]
+        for step in steps:
+            try:
+                step()
+            except SchedulerError as exc:
+                log.error("fleet tick: %s", exc)

@@ -1,0 +1,195 @@
+"""The store queries of fleet operations (pacing, liveness, retries, rollouts, graph jobs).
+
+Plain SQL with `?` placeholders through the store's own transactions
+(`Store._write` / `Store._read`), so it runs on every back end the store has.
+State changes of tasks still go through the store's state machine
+(`mark_lost`, `cancel_queued`, `add_task`); these only read, and set the
+columns a state change does not cover (`hold`, `not_before`, attempts, rollouts).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from edgerun.protocol import JSONObject, format_time
+
+from . import errors as _errors
+from .store import Store, task_dict
+
+# 409 where the API knows conflicts (errors.Conflict), else a plain bad request
+Conflict: type[_errors.BadRequest] = getattr(_errors, "Conflict", _errors.BadRequest)
+
+OUTSTANDING = ("dispatched", "accepted", "running")
+FINAL = ("succeeded", "failed", "timed_out", "canceled", "rejected", "lost")
+
+
+def fleet_task(row: Any) -> JSONObject:
+    """task_dict plus the fleet columns (attempt, parent, rollout, hold)."""
+    task = task_dict(row)
+    keys = set(row.keys())
+    for key, column in (("attempt", "attempt"), ("parent", "parent_id"), ("root", "root_id"),
+                        ("rollout", "rollout_id"), ("hold", "hold"),
+                        ("not_before", "not_before")):
+        if column in keys:
+            task.setdefault(key, row[column])
+    if "retry" in keys:
+        task.setdefault("retry", json.loads(row["retry"]) if row["retry"] else None)
+    if task.get("attempt") is None:
+        task["attempt"] = 1
+    return task
+
+
+class FleetDB:
+    def __init__(self, store: Store) -> None:
+        self.store = store
+
+    # --- reads ---------------------------------------------------------------------------
+    def task(self, node: str, task_id: str) -> JSONObject | None:
+        with self.store._read() as db:
+            row = db.execute("SELECT * FROM tasks WHERE node=? AND id=?",
+                             (node, task_id)).fetchone()
+            return fleet_task(row) if row is not None else None
+
+    def outstanding(self, node: str) -> int:
+        """Tasks the node holds or is about to: dispatched, accepted, running."""
+        with self.store._read() as db:
+            row = db.execute("SELECT COUNT(*) FROM tasks WHERE node=? AND state IN (?,?,?)",
+                             (node, *OUTSTANDING)).fetchone()
+            return int(row[0])
+
+    def ready(self, node: str, limit: int, now: float) -> list[JSONObject]:
+        """Queued tasks free to go (no hold, back-off over), oldest first."""
+        with self.store._read() as db:
+            rows = db.execute(
+                "SELECT * FROM tasks WHERE node=? AND state='queued' AND hold IS NULL AND spec "
+                "IS NOT NULL AND (not_before IS NULL OR not_before <= ?) ORDER BY seq LIMIT ?",
+                (node, now, limit))
+            return [fleet_task(r) for r in rows]
+
+    def nodes_with_ready(self, now: float) -> list[str]:
+        with self.store._read() as db:
+            rows = db.execute(
+                "SELECT DISTINCT node FROM tasks WHERE state='queued' AND hold IS NULL AND spec "
+                "IS NOT NULL AND (not_before IS NULL OR not_before <= ?)", (now,))
+            return [r[0] for r in rows]
+
+    def next_not_before(self) -> float | None:
+        with self.store._read() as db:
+            row = db.execute("SELECT MIN(not_before) FROM tasks WHERE state='queued' AND "
+                             "not_before IS NOT NULL").fetchone()
+            return float(row[0]) if row is not None and row[0] is not None else None
+
+    def in_flight(self, node: str) -> list[JSONObject]:
+        with self.store._read() as db:
+            rows = db.execute("SELECT * FROM tasks WHERE node=? AND state IN (?,?,?) "
+                              "ORDER BY seq", (node, *OUTSTANDING))
+            return [fleet_task(r) for r in rows]
+
+    def stranded(self, offline_before: str) -> list[JSONObject]:
+        """Tasks on nodes offline since before `offline_before` (RFC 3339): accepted or
+        running ones, and a rollout's dispatched ones (a rollout must not wait for them)."""
+        with self.store._read() as db:
+            rows = db.execute(
+                "SELECT t.* FROM tasks t JOIN nodes n ON n.node=t.node WHERE n.state='offline' "
+                "AND n.changed_at <= ? AND (t.state IN ('accepted','running') OR "
+                "(t.state='dispatched' AND t.rollout_id IS NOT NULL)) ORDER BY t.seq",
+                (offline_before,))
+            return [fleet_task(r) for r in rows]
+
+    def expired_queued(self, now_text: str) -> list[JSONObject]:
+        """Queued tasks whose expires_at passed while the scheduler held them."""
+        with self.store._read() as db:
+            rows = db.execute("SELECT * FROM tasks WHERE state='queued' AND expires_at IS NOT "
+                              "NULL AND expires_at < ? ORDER BY seq", (now_text,))
+            return [fleet_task(r) for r in rows]
+
+    def attempts(self, node: str, root: str) -> list[JSONObject]:
+        with self.store._read() as db:
+            rows = db.execute("SELECT * FROM tasks WHERE node=? AND (id=? OR root_id=?) "
+                              "ORDER BY seq", (node, root, root))
+            return [fleet_task(r) for r in rows]
+
+    def rollout_tasks(self, rollout_id: str) -> list[JSONObject]:
+        with self.store._read() as db:
+            rows = db.execute("SELECT * FROM tasks WHERE rollout_id=? ORDER BY seq",
+                              (rollout_id,))
+            return [fleet_task(r) for r in rows]
+
+    def job_tasks(self, job_id: str) -> list[JSONObject]:
+        with self.store._read() as db:
+            rows = db.execute("SELECT * FROM tasks WHERE job_id=? ORDER BY seq", (job_id,))
+            return [fleet_task(r) for r in rows]
+
+    # --- writes ----------------------------------------------------------------------------
+    def set_fleet(self, node: str, task_id: str, **columns: Any) -> None:
+        """Set fleet columns of one task (hold, not_before, attempt, parent_id, root_id,
+        retry, rollout_id)."""
+        allowed = {"hold", "not_before", "attempt", "parent_id", "root_id", "retry",
+                   "rollout_id"}
+        assert set(columns) <= allowed, columns
+        if not columns:
+            return
+        names = sorted(columns)
+        values = [json.dumps(columns[n]) if n == "retry" and columns[n] is not None
+                  else columns[n] for n in names]
+        with self.store._write() as db:
+            db.execute(f"UPDATE tasks SET {', '.join(f'{n}=?' for n in names)} "  # noqa: S608
+                       f"WHERE node=? AND id=?", (*values, node, task_id))  # names: allowed
+
+    def release(self, node: str, task_id: str) -> None:
+        """Lift a queued task's hold: it may go (subject to pacing)."""
+        with self.store._write() as db:
+            db.execute("UPDATE tasks SET hold=NULL WHERE node=? AND id=? AND state='queued'",
+                       (node, task_id))
+
+    # --- rollouts --------------------------------------------------------------------------
+    def add_rollout(self, rollout_id: str, task_id: str, options: JSONObject,
+                    nodes: list[str]) -> None:
+        now = format_time()
+        with self.store._write() as db:
+            db.execute("INSERT INTO rollouts (id, task_id, created_at, updated_at, state, "
+                       "options, nodes) VALUES (?,?,?,?,?,?,?)",
+                       (rollout_id, task_id, now, now, "running", json.dumps(options),
+                        json.dumps(nodes)))
+
+    def rollout(self, rollout_id: str) -> JSONObject | None:
+        with self.store._read() as db:
+            row = db.execute("SELECT * FROM rollouts WHERE id=?", (rollout_id,)).fetchone()
+            return _rollout_dict(row) if row is not None else None
+
+    def rollouts(self, state: str | None = None, limit: int = 100) -> list[JSONObject]:
+        sql = "SELECT * FROM rollouts"
+        args: list[Any] = []
+        if state is not None:
+            sql += " WHERE state=?"
+            args.append(state)
+        with self.store._read() as db:
+            rows = db.execute(sql + " ORDER BY created_at DESC LIMIT ?", (*args, limit))
+            return [_rollout_dict(r) for r in rows]
+
+    def set_rollout(self, rollout_id: str, *, state: str | None = None,
+                    reason: str | None = None, released_at: float | None = None,
+                    expect: tuple[str, ...] | None = None) -> bool:
+        """Change a rollout; with `expect`, only while it is in one of those states."""
+        sets: list[str] = ["updated_at=?"]
+        args: list[Any] = [format_time()]
+        for column, value in (("state", state), ("reason", reason),
+                              ("released_at", released_at)):
+            if value is not None:
+                sets.append(f"{column}=?")
+                args.append(value)
+        sql = f"UPDATE rollouts SET {', '.join(sets)} WHERE id=?"  # noqa: S608 (fixed names)
+        args.append(rollout_id)
+        if expect:
+            sql += f" AND state IN ({','.join('?' * len(expect))})"
+            args.extend(expect)
+        with self.store._write() as db:
+            return db.execute(sql, args).rowcount > 0
+
+
+def _rollout_dict(row: Any) -> JSONObject:
+    return {"id": row["id"], "task_id": row["task_id"], "created_at": row["created_at"],
+            "updated_at": row["updated_at"], "state": row["state"], "reason": row["reason"],
+            "options": json.loads(row["options"]), "nodes": json.loads(row["nodes"]),
+            "released_at": row["released_at"]}
