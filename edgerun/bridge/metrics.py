@@ -32,6 +32,7 @@ class BrokerStatus:
     connected: bool
     reconnects: int
     last_error: str | None
+    node: str | None = None  # host:port of the cluster node connected to
 
 
 @dataclass(frozen=True)
@@ -47,7 +48,8 @@ class Status:
         return {"status": "ok" if self.healthy else "degraded",
                 "in_flight": dict(self.in_flight),
                 **{name: {"connected": b.connected, "reconnects": b.reconnects,
-                          "last_error": b.last_error} for name, b in self.brokers.items()}}
+                          "last_error": b.last_error, "node": b.node}
+                   for name, b in self.brokers.items()}}
 
 
 @dataclass
@@ -118,12 +120,17 @@ class _StatusCollector(Collector):
         errors = GaugeMetricFamily("edgerun_bridge_last_error_info",
                                    "The last connection error of each broker, in a label",
                                    labels=["broker", "error"])
+        nodes = GaugeMetricFamily("edgerun_bridge_broker_node_info",
+                                  "The node (host:port) of each broker connected to now",
+                                  labels=["broker", "node"])
         for name, broker in status.brokers.items():
             connected.add_metric([name], 1 if broker.connected else 0)
             reconnects.add_metric([name], broker.reconnects)
             if broker.last_error:
                 errors.add_metric([name, broker.last_error[:300]], 1)
-        yield from (in_flight, connected, reconnects, errors)
+            if broker.connected and broker.node:
+                nodes.add_metric([name, broker.node], 1)
+        yield from (in_flight, connected, reconnects, errors, nodes)
 
 
 class HttpServer:

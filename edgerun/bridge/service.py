@@ -8,6 +8,7 @@ import time
 
 from edgerun.amqp import AmqpLink, QueueSpec, Topology
 from edgerun.mqtt import MqttConnection, TLSFiles
+from edgerun.settings import BrokerURL
 
 from .config import BridgeConfig
 from .metrics import BrokerStatus, HttpServer, Metrics, Status
@@ -30,6 +31,10 @@ def topology(cfg: BridgeConfig) -> Topology:
         queues=tuple(QueueSpec(r.queue, ((r.exchange, r.binding_key),), arguments=arguments)
                      for r in cfg.routes.amqp_to_mqtt),
         prefetch=cfg.prefetch)
+
+
+def _address(url: BrokerURL | None) -> str | None:
+    return url.address if url is not None else None
 
 
 class Bridge:
@@ -58,9 +63,9 @@ class Bridge:
         return Status(
             brokers={
                 "mqtt": BrokerStatus(self.mqtt.connected.is_set(), self.mqtt.reconnects,
-                                     self.mqtt.last_error),
+                                     self.mqtt.last_error, _address(self.mqtt.node)),
                 "amqp": BrokerStatus(self.link.ready, self.link.reconnects,
-                                     self.link.last_error)},
+                                     self.link.last_error, _address(self.link.node))},
             in_flight={"mqtt_to_amqp": self.pump.to_amqp_in_flight,
                        "amqp_to_mqtt": self.pump.to_mqtt_in_flight})
 

@@ -10,7 +10,7 @@ import threading
 from dataclasses import dataclass, field
 
 from edgerun.errors import ConfigError
-from edgerun.settings import TLSFiles, parse_broker_url
+from edgerun.settings import TLSFiles, parse_broker_urls
 from edgerun.signing import Signer
 
 from .api import ApiServer
@@ -73,16 +73,16 @@ class App:
 
     def _messenger(self, url: str) -> Messenger:
         s = self.settings
-        broker = parse_broker_url(url, ("mqtt", "mqtts", "amqp", "amqps"))
+        brokers = parse_broker_urls(url, ("mqtt", "mqtts", "amqp", "amqps"))
         tls = TLSFiles(s.ca_file, s.cert_file, s.key_file)
-        if broker.scheme.startswith("amqp"):
+        if brokers[0].scheme.startswith("amqp"):
             from .messaging.amqp import AmqpMessenger
             return AmqpMessenger(
-                broker, tasks_exchange=s.tasks_exchange, events_exchange=s.events_exchange,
+                brokers, tasks_exchange=s.tasks_exchange, events_exchange=s.events_exchange,
                 audit_exchange=s.audit_exchange, queue=s.queue,
-                record_external=s.record_external, tls=tls)
+                record_external=s.record_external, tls=tls, queue_type=s.queue_type)
         from .messaging.mqtt import MqttMessenger
-        return MqttMessenger(broker, prefix=s.prefix, client_id=s.client_id,
+        return MqttMessenger(brokers, prefix=s.prefix, client_id=s.client_id,
                              events_topic=s.events_topic, record_external=s.record_external,
                              tls=tls, share_group=s.share_group)
 

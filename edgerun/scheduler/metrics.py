@@ -34,6 +34,12 @@ class _Snapshot:
         yield nodes
         yield GaugeMetricFamily("edgerun_scheduler_broker_connected",
                                 "1 while the broker connection is up", value=data["connected"])
+        node = GaugeMetricFamily("edgerun_scheduler_broker_node_info",
+                                 "The broker node (host:port) the scheduler is connected to, "
+                                 "in a label", labels=["node"])
+        if data.get("broker_node"):
+            node.add_metric([data["broker_node"]], 1)
+        yield node
         yield GaugeMetricFamily("edgerun_scheduler_event_subscribers",
                                 "Clients following the live event stream",
                                 value=data["subscribers"])

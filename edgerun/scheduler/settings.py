@@ -19,7 +19,7 @@ from edgerun.errors import ConfigError
 from edgerun.protocol import (
     AUDIT_EXCHANGE, DEFAULT_PREFIX, EVENTS_EXCHANGE, SCHEDULER_QUEUE, TASKS_EXCHANGE, is_prefix,
 )
-from edgerun.settings import Option, config_path, parse_broker_url, read_toml, resolve
+from edgerun.settings import Option, config_path, parse_broker_urls, read_toml, resolve
 
 BROKER_SCHEMES = ("mqtt", "mqtts", "amqp", "amqps")
 # top-level tables of the shared config file; anything else there is a mistake
@@ -48,10 +48,14 @@ def _hostport(value: str) -> str | None:
 
 def _broker(value: str) -> str | None:
     try:
-        parse_broker_url(value, BROKER_SCHEMES)
+        parse_broker_urls(value, BROKER_SCHEMES)
     except ConfigError as exc:
         return str(exc)
     return None
+
+
+def _queue_type(value: str) -> str | None:
+    return None if value in ("classic", "quorum") else "must be classic or quorum"
 
 
 def _name(value: str) -> str | None:
@@ -72,7 +76,8 @@ def split_hostport(value: str) -> tuple[str, int]:
 
 SERVE_OPTIONS = [
     Option("broker", str, None, "broker URL: mqtt://, mqtts:// (direct) or amqp://, amqps:// "
-           "(through the bridge); default: the embedded broker when one is started",
+           "(through the bridge), several nodes of one cluster comma-separated; default: "
+           "the embedded broker when one is started",
            _broker, metavar="URL"),
     Option("embedded_broker", str, None, "start the embedded MQTT broker (amqtt) on HOST:PORT",
            _hostport, metavar="HOST:PORT"),
@@ -105,6 +110,8 @@ SERVE_OPTIONS = [
            "updates, output and status to", _name, metavar="NAME"),
     Option("queue", str, SCHEDULER_QUEUE, "durable AMQP queue of this scheduler", _name,
            metavar="NAME"),
+    Option("queue_type", str, "classic", "x-queue-type of that queue: classic, or quorum "
+           "(replicated) on a RabbitMQ cluster, as the bridge's `queue_type`", _queue_type),
     Option("client_id", str, "edgerun-scheduler", "MQTT client id (persistent session)",
            _name, metavar="ID"),
     Option("record_external", bool, True, "record tasks other clients publish"),
@@ -145,6 +152,7 @@ class ServeSettings:
     tasks_exchange: str = TASKS_EXCHANGE
     events_exchange: str = EVENTS_EXCHANGE
     queue: str = SCHEDULER_QUEUE
+    queue_type: str = "classic"
     client_id: str = "edgerun-scheduler"
     record_external: bool = True
     ca_file: str | None = None

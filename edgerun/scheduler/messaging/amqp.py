@@ -61,7 +61,8 @@ class AmqpMessenger(Messenger):
                  tasks_exchange: str = "edgerun.tasks", events_exchange: str = "edgerun.events",
                  audit_exchange: str = "edgerun.audit", queue: str = "edgerun.scheduler",
                  record_external: bool = True, tls: TLSFiles | None = None,
-                 prefetch: int = 500, confirm_window: int = 1000) -> None:
+                 prefetch: int = 500, confirm_window: int = 1000,
+                 queue_type: str = "classic") -> None:
         urls = (url,) if isinstance(url, BrokerURL) else tuple(url)
         super().__init__(urls[0])
         self.tasks_exchange, self.events_exchange = tasks_exchange, events_exchange
@@ -80,7 +81,10 @@ class AmqpMessenger(Messenger):
                     (events_exchange, binding(Channel.STATUS))]
         if record_external:
             bindings.append((tasks_exchange, binding(Channel.TASKS)))
-        self.main_queue = QueueSpec(queue, tuple(bindings))
+        # quorum: replicated over a RabbitMQ cluster's nodes (the live-output queue is
+        # exclusive, hence classic: it dies with this connection anyway)
+        self.main_queue = QueueSpec(queue, tuple(bindings), arguments=(
+            (("x-queue-type", "quorum"),) if queue_type == "quorum" else ()))
         self.live_queue = QueueSpec(f"{queue}.live.{uuid.uuid4().hex[:8]}",
                                     ((events_exchange, binding(Channel.OUTPUT)),), durable=False,
                                     exclusive=True, auto_delete=True, auto_ack=True)
@@ -119,6 +123,10 @@ class AmqpMessenger(Messenger):
     @property
     def last_error(self) -> str | None:
         return self.link.last_error
+
+    @property
+    def node(self) -> BrokerURL | None:
+        return self.link.node if self.connected.is_set() else None
 
     def _submit(self, item: _Publish) -> None:
         with self._count_lock:

@@ -59,6 +59,11 @@ class Messenger(ABC):
         """The message is recorded: the broker may forget it."""
 
     @property
+    def node(self) -> BrokerURL | None:
+        """The broker address (one node of a cluster) connected to now; None while down."""
+        return self.url if self.connected.is_set() else None
+
+    @property
     @abstractmethod
     def last_error(self) -> str | None:
         """Why the last connection attempt failed, for error messages."""

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from edgerun.mqtt import Inbound, MqttConnection, TLSFiles
 from edgerun.protocol import Channel, Topics
@@ -31,11 +31,12 @@ log = logging.getLogger(__name__)
 class MqttMessenger(Messenger):
     kind = "mqtt"
 
-    def __init__(self, url: BrokerURL, *, prefix: str = "edgerun",
+    def __init__(self, url: BrokerURL | Sequence[BrokerURL], *, prefix: str = "edgerun",
                  client_id: str | None = None, events_topic: str | None = None,
                  record_external: bool = True, tls: TLSFiles | None = None,
                  share_group: str | None = None) -> None:
-        super().__init__(url)
+        urls = (url,) if isinstance(url, BrokerURL) else tuple(url)
+        super().__init__(urls[0])
         self.topics = Topics(prefix)
         self.events_topic = events_topic if events_topic is not None else f"{prefix}/events"
         self.client_id = client_id or f"edgerun-scheduler-{uuid.uuid4().hex[:8]}"
@@ -46,7 +47,7 @@ class MqttMessenger(Messenger):
         if record_external:
             subs.append((share + self.topics.wildcard(Channel.TASKS), 1))
         self._deliver: Callable[[Incoming], None] | None = None
-        self.conn = MqttConnection(url, self.client_id, on_message=self._on_message,
+        self.conn = MqttConnection(urls, self.client_id, on_message=self._on_message,
                                    subscriptions=subs, clean_session=False, manual_ack=True,
                                    tls=tls, name="scheduler-mqtt", max_inflight=1000)
         self.connected = self.conn.connected
@@ -73,6 +74,10 @@ class MqttMessenger(Messenger):
     @property
     def last_error(self) -> str | None:
         return self.conn.last_error
+
+    @property
+    def node(self) -> BrokerURL | None:
+        return self.conn.node
 
     def _on_message(self, msg: Inbound) -> None:  # network thread: never block
         parsed = self.topics.parse(msg.topic)
