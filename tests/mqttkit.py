@@ -17,7 +17,7 @@ from typing import Any, ClassVar
 
 from edgerun.mqtt import Inbound, MqttConnection
 from edgerun.protocol import Topics
-from edgerun.settings import parse_broker_url
+from edgerun.settings import parse_broker_urls
 
 from .brokers import ChildProcess, wait_until
 
@@ -30,7 +30,7 @@ class Observer:
         self.messages: list[tuple[str, dict[str, Any] | bytes]] = []
         self._cond = threading.Condition()
         self.conn = MqttConnection(
-            parse_broker_url(url, ("mqtt", "mqtts")),
+            parse_broker_urls(url, ("mqtt", "mqtts")),
             client_id or f"observer-{uuid.uuid4().hex[:8]}", on_message=self._on_message,
             subscriptions=[(f"{prefix}/nodes/+/{c}", 1) for c in ("updates", "output", "status")],
             clean_session=False, name="observer", backoff_cap=1.0)
