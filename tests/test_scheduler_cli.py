@@ -168,7 +168,10 @@ def test_job_goes_on_per_node_only_after_success(cluster, tmp_path: Path) -> Non
     canceled = next(t for t in tasks if t["state"] == "canceled")
     assert "step 2" in canceled["error"]["message"]
     job_id = json.loads(result.out)["job"]
-    assert len(api.get(f"/jobs/{job_id}")["tasks"]) == 6
+    # the API aggregates the job: one progress row, and its targets paged
+    assert api.get(f"/jobs/{job_id}")["progress"]["done"] == 6
+    targets = api.get(f"/jobs/{job_id}/targets")["targets"]
+    assert sum(len(t["steps"]) for t in targets) == 6
 
 
 def test_config_layers_file_env_flag(cluster, tmp_path: Path) -> None:

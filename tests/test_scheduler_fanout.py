@@ -43,7 +43,7 @@ def test_one_command_to_200_agents_records_200_results(mosquitto: Mosquitto,
             assert len(done) == NODES
             assert len({t["node"] for t in done}) == NODES
             assert len({t["id"] for t in done}) == 1  # one command, one id, every node
-            assert all(t["result"]["stdout"] == "ok\n" for t in done)
+            assert all(t["exit_code"] == 0 for t in done)  # lists carry no output tails
         finally:
             for pool in pools:
                 pool.terminate()

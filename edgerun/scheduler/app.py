@@ -8,12 +8,14 @@ from __future__ import annotations
 import logging
 import threading
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from edgerun.errors import ConfigError
 from edgerun.settings import TLSFiles, parse_broker_urls
 from edgerun.signing import Signer
 
-from .api import ApiServer
+from .api import ApiConfig, ApiServer
+from .auth import bootstrap, publish_local, store_token_file
 from .broker import EmbeddedBroker
 from .errors import BrokerUnreachable
 from .messaging import Messenger
@@ -32,6 +34,8 @@ class App:
     embedded: EmbeddedBroker | None = None
     service: Service | None = None
     api: ApiServer | None = None
+    admin_token: str | None = None
+    """The admin token this start created (first start only; also in its 0600 file)."""
     stopped: threading.Event = field(default_factory=threading.Event)
 
     @property
@@ -58,7 +62,15 @@ class App:
                 keep_days=s.keep_days, resend_unaccepted=self.embedded is not None),
                 signer=signer)
             host, port = split_hostport(s.listen)
-            self.api = ApiServer(self.service, host, port)
+            self.api = ApiServer(self.service, ApiConfig(
+                host, port, tls_cert=s.tls_cert, tls_key=s.tls_key,
+                insecure_http=s.insecure_http))
+            token_file = Path(s.admin_token_file or store_token_file(s.db))
+            self.admin_token = bootstrap(store, token_file)
+            if self.admin_token is not None:
+                log.warning("first start: wrote an admin token to %s (readable by this user "
+                            "only); `edgerun token create` makes more", token_file)
+            publish_local(token_file, self.api.port)
             self.service.start()
             self.api.start()
             if not messenger.connected.wait(s.connect_timeout):

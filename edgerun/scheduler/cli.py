@@ -24,7 +24,7 @@ from edgerun.cmdline import closed_stdout, missing_module, require_extra
 from edgerun.errors import EXIT_FAILED, EXIT_OK, ConfigError, EdgerunError, exit_with
 from edgerun.settings import Option, Parser, add_options, config_path, resolve
 
-from . import render
+from . import cli_console, render
 from .client import Client, quoted
 from .follow import dispatch_and_follow, exit_code, explain
 from .jobs import load_job
@@ -44,6 +44,7 @@ EPILOG = """exit codes:
 CLIENT_OPTIONS = [
     Option("api", str, "http://127.0.0.1:8470", "URL of the scheduler's HTTP API",
            metavar="URL"),
+    *cli_console.CLIENT_OPTIONS,
 ]
 
 
@@ -102,11 +103,13 @@ def build_parser() -> argparse.ArgumentParser:
     cancel.add_argument("id", metavar="ID")
     cancel.add_argument("--node", metavar="NODE")
 
-    job = command("job", "Run a job file: ordered steps per node, each after a success")
-    job.add_argument("file", metavar="FILE")
+    job = command("job", "Run a job file: ordered steps per node, each after a success; "
+                  "`job show ID`, `job cancel ID`")
+    job.add_argument("file", metavar="FILE", help="the job file, or show / cancel")
     job.add_argument("nodes", nargs="*", metavar="NODE")
     job.add_argument("--online", action="store_true")
     job.add_argument("--detach", action="store_true")
+    cli_console.add_commands(command)
 
     keygen = sub.add_parser("keygen", help="Make an Ed25519 key pair for signed tasks",
                             description="Write PREFIX.key (private, for `edgerun serve "
@@ -162,9 +165,10 @@ def _main(argv: list[str], environ: Mapping[str, str]) -> int:
         return keygen(args.out)
     values = _settings(args, CLIENT_OPTIONS, "client", environ)
     logging.basicConfig(level=logging.WARNING, format=f"{PROG}: %(message)s")
-    client = Client(values["api"])
+    client = cli_console.client_from(values)
     handler = {"run": cmd_run, "download": cmd_download, "nodes": cmd_nodes,
-               "tasks": cmd_tasks, "show": cmd_show, "cancel": cmd_cancel, "job": cmd_job}
+               "tasks": cmd_tasks, "show": cmd_show, "cancel": cmd_cancel, "job": cmd_job,
+               "token": cli_console.cmd_token, "logs": cli_console.cmd_logs}
     if args.command == "run":
         if not command:
             raise ConfigError("run: give the command after --, as in: "
@@ -280,6 +284,12 @@ def cmd_download(client: Client, args: argparse.Namespace) -> int:
 
 
 def cmd_job(client: Client, args: argparse.Namespace) -> int:
+    if args.file in ("show", "cancel") and not os.path.exists(args.file):
+        if len(args.nodes) != 1:
+            raise ConfigError(f"job {args.file}: give one job id")
+        action = cli_console.cmd_job_show if args.file == "show" else \
+            cli_console.cmd_job_cancel
+        return action(client, args.nodes[0], args.json)
     targets, steps = load_job(args.file)
     targets = list(args.nodes) or targets
     if not targets and not args.online:

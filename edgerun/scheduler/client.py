@@ -1,21 +1,32 @@
-"""A small client of the scheduler's HTTP API, used by the command line (stdlib only)."""
+"""A small client of the scheduler's HTTP API /v1, used by the command line (stdlib only).
+
+`Client(url)` sends `Authorization: Bearer` with the token it is given, else
+the one in `token_file`, else (for a loopback URL only) the admin token the
+local `edgerun serve` wrote on its first start. `https://` URLs are verified
+against `ca_file` (or the system's CAs).
+"""
 
 from __future__ import annotations
 
 import http.client
 import json
+import ssl
 from collections.abc import Iterator
 from typing import Any
 from urllib.parse import quote, urlencode, urlsplit
 
 from edgerun.errors import EXIT_UNREACHABLE, ConfigError
 
-from .errors import BadRequest, BrokerUnreachable, NotFound, SchedulerError, UnknownNode
+from .auth import Forbidden, Unauthorized, find_token, read_token_file
+from .errors import BadRequest, BrokerUnreachable, Conflict, NotFound, SchedulerError, UnknownNode
 
 CODES: dict[str, type[SchedulerError]] = {
-    "bad_request": BadRequest, "unknown_node": UnknownNode, "not_found": NotFound,
-    "broker_unreachable": BrokerUnreachable,
+    "bad_request": BadRequest, "invalid": BadRequest, "bad_json": BadRequest,
+    "too_large": BadRequest, "unknown_node": UnknownNode, "not_found": NotFound,
+    "conflict": Conflict, "ambiguous": Conflict, "broker_unreachable": BrokerUnreachable,
+    "unauthorized": Unauthorized, "forbidden": Forbidden,
 }
+PREFIX = "/v1"
 
 
 class ServiceUnreachable(SchedulerError):
@@ -25,18 +36,43 @@ class ServiceUnreachable(SchedulerError):
 
 
 class Client:
-    def __init__(self, url: str, timeout: float = 30.0) -> None:
+    def __init__(self, url: str, timeout: float = 30.0, token: str | None = None,
+                 token_file: str | None = None, ca_file: str | None = None) -> None:
         parts = urlsplit(url)
-        if parts.scheme != "http" or not parts.hostname:
-            raise ConfigError(f"bad API URL {url!r}: it must look like http://HOST:PORT")
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ConfigError(f"bad API URL {url!r}: it must look like http://HOST:PORT or "
+                              f"https://HOST:PORT")
         try:
-            self.host, self.port = parts.hostname, parts.port or 80
+            default = 443 if parts.scheme == "https" else 80
+            self.host, self.port = parts.hostname, parts.port or default
         except ValueError as exc:
             raise ConfigError(f"bad API URL {url!r}: {exc}") from None
         self.url, self.timeout = url.rstrip("/"), timeout
+        self.tls: ssl.SSLContext | None = None
+        if parts.scheme == "https":
+            try:
+                self.tls = ssl.create_default_context(cafile=ca_file)
+            except (OSError, ssl.SSLError) as exc:
+                raise ConfigError(f"cannot read the API CA file {ca_file}: {exc}") from None
+        if token is None and token_file:
+            token = read_token_file(token_file)
+            if token is None:
+                raise ConfigError(f"cannot read a token from {token_file}")
+        self.token = token or find_token(self.host, self.port)
 
     def _connect(self, timeout: float | None) -> http.client.HTTPConnection:
+        if self.tls is not None:
+            return http.client.HTTPSConnection(self.host, self.port, timeout=timeout,
+                                               context=self.tls)
         return http.client.HTTPConnection(self.host, self.port, timeout=timeout)
+
+    def _headers(self, body: bool = False) -> dict[str, str]:
+        headers = {"Accept": "application/json"}
+        if body:
+            headers["Content-Type"] = "application/json"
+        if self.token:
+            headers["Authorization"] = f"Bearer {self.token}"
+        return headers
 
     def _unreachable(self, exc: BaseException) -> ServiceUnreachable:
         reason = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
@@ -45,16 +81,19 @@ class Client:
 
     def request(self, method: str, path: str, body: Any = None,
                 query: dict[str, Any] | None = None) -> Any:
+        path = PREFIX + path
         if query:
             path += "?" + urlencode({k: v for k, v in query.items() if v is not None},
                                     doseq=True)
         conn = self._connect(self.timeout)
         try:
             data = json.dumps(body).encode() if body is not None else None
-            headers = {"Content-Type": "application/json"} if data is not None else {}
-            conn.request(method, path, body=data, headers=headers)
+            conn.request(method, path, body=data, headers=self._headers(data is not None))
             response = conn.getresponse()
             raw = response.read()
+        except ssl.SSLError as exc:
+            raise ServiceUnreachable(f"TLS with {self.url} failed: {exc.reason or exc} "
+                                     f"(give the API's CA with --api-ca-file)") from None
         except (OSError, http.client.HTTPException) as exc:
             raise self._unreachable(exc) from None
         finally:
@@ -65,9 +104,7 @@ class Client:
             raise SchedulerError(f"{self.url} answered {response.status} with something that "
                                  f"is not JSON: is it an edgerun service?") from None
         if response.status >= 400:
-            message = answer.get("error") if isinstance(answer, dict) else None
-            code = answer.get("code") if isinstance(answer, dict) else None
-            raise CODES.get(str(code), SchedulerError)(message or f"HTTP {response.status}")
+            raise error_of(response.status, answer)
         return answer
 
     def get(self, path: str, **query: Any) -> Any:
@@ -76,8 +113,22 @@ class Client:
     def post(self, path: str, body: Any) -> Any:
         return self.request("POST", path, body=body)
 
+    def delete(self, path: str) -> Any:
+        return self.request("DELETE", path)
+
     def events(self, **query: Any) -> EventStream:
         return EventStream(self, query)
+
+
+def error_of(status: int, answer: Any) -> SchedulerError:
+    message = answer.get("error") if isinstance(answer, dict) else None
+    code = answer.get("code") if isinstance(answer, dict) else None
+    text = message or f"HTTP {status}"
+    if isinstance(answer, dict) and answer.get("candidates"):
+        text += " (" + ", ".join(str(c) for c in answer["candidates"]) + ")"
+    if code == "unauthorized":
+        text += "; give --token, EDGERUN_TOKEN or --token-file"
+    return CODES.get(str(code), SchedulerError)(text)
 
 
 def quoted(part: str) -> str:
@@ -85,25 +136,44 @@ def quoted(part: str) -> str:
 
 
 class EventStream:
-    """`/events`, open once the service greeted: every event after that reaches it."""
+    """`/v1/events` (Server-Sent Events), open once the service said hello: every event
+    after that reaches it. Yields each event's JSON with its `_id` (the SSE id)."""
 
-    def __init__(self, client: Client, query: dict[str, Any]) -> None:
+    def __init__(self, client: Client, query: dict[str, Any],
+                 last_event_id: int | None = None) -> None:
         self.client = client
-        path = "/events?" + urlencode({k: v for k, v in query.items() if v is not None},
-                                      doseq=True)
+        self.last_id: int | None = last_event_id
+        path = PREFIX + "/events?" + urlencode(
+            {k: v for k, v in query.items() if v is not None}, doseq=True)
+        headers = client._headers()
+        headers["Accept"] = "text/event-stream"
+        if last_event_id is not None:
+            headers["Last-Event-ID"] = str(last_event_id)
         self._conn = client._connect(None)
         try:
-            self._conn.request("GET", path)
+            self._conn.request("GET", path, headers=headers)
             self._response = self._conn.getresponse()
         except (OSError, http.client.HTTPException) as exc:
             raise client._unreachable(exc) from None
         if self._response.status != 200:
-            raise SchedulerError(f"{client.url}/events answered {self._response.status}")
-        hello = self._read()
-        if hello is None or hello.get("kind") != "hello":
-            raise SchedulerError(f"{client.url}/events did not greet: is it an edgerun service?")
+            try:
+                answer = json.loads(self._response.read())
+            except ValueError:
+                answer = None
+            raise error_of(self._response.status, answer)
+        self.backlog: list[dict[str, Any]] = []
+        while True:  # the resumed backlog (if any) comes before the hello
+            event = self._read()
+            if event is None:
+                raise SchedulerError(f"{client.url}/v1/events did not greet: is it an "
+                                     f"edgerun service?")
+            if event.get("kind") == "hello":
+                break
+            self.backlog.append(event)
 
     def _read(self) -> dict[str, Any] | None:
+        event_id: int | None = None
+        data: list[str] = []
         while True:
             try:
                 line = self._response.readline()
@@ -111,14 +181,34 @@ class EventStream:
                 return None
             if not line:
                 return None
-            try:
-                event = json.loads(line)
-            except ValueError:
+            text = line.decode("utf-8", "replace").rstrip("\r\n")
+            if text.startswith(":"):
                 continue
-            if isinstance(event, dict) and event.get("kind") != "heartbeat":
-                return event
+            if text == "":
+                if not data:
+                    continue
+                try:
+                    event = json.loads("\n".join(data))
+                except ValueError:
+                    event_id, data = None, []
+                    continue
+                if event_id is not None:
+                    self.last_id = event_id
+                if isinstance(event, dict):
+                    event["_id"] = event_id
+                    return event
+                event_id, data = None, []
+                continue
+            name, _, value = text.partition(":")
+            value = value[1:] if value.startswith(" ") else value
+            if name == "data":
+                data.append(value)
+            elif name == "id" and value.isdigit():
+                event_id = int(value)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
+        while self.backlog:
+            yield self.backlog.pop(0)
         while True:
             event = self._read()
             if event is None:

@@ -49,3 +49,7 @@ class NotFound(SchedulerError):
     """No task or job with that id."""
 
     exit_code = EXIT_UNKNOWN
+
+
+class Conflict(BadRequest):
+    """The request clashes with what exists: a task id taken, a task already finished."""

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import sys
+import time
 from collections.abc import Callable, Sequence
 from typing import Any, TextIO
+from urllib.parse import quote
 
 from edgerun.protocol import State, is_final
 
 from .client import Client, ServiceUnreachable
+from .errors import SchedulerError
 from .render import Prefixer
 
 # What `edgerun run` on one node exits with when the task has no exit code of its own.
@@ -20,16 +23,52 @@ def _final(task: dict[str, Any]) -> bool:
     return is_final(State(task["state"]))
 
 
+class Progress:
+    """`37/200 done, 2 failed` on stderr while a fan-out runs: rewritten in place on a
+    terminal, else a line when the count changed and at least `every` seconds passed."""
+
+    def __init__(self, total: int, err: TextIO | None = None, every: float = 2.0) -> None:
+        self.total, self.err, self.every = total, err or sys.stderr, every
+        self.tty = self.err.isatty()
+        self._shown: tuple[int, int] | None = None
+        self._at = 0.0
+
+    def show(self, done: int, failed: int, final: bool = False) -> None:
+        if self.total < 2 or (done, failed) == self._shown:
+            return
+        now = time.monotonic()
+        if not final and not self.tty and now - self._at < self.every:
+            return
+        self._shown, self._at = (done, failed), now
+        line = f"{done}/{self.total} done, {failed} failed"
+        if self.tty:
+            self.err.write(f"\r\033[K{line}" + ("\n" if final else ""))
+        else:
+            self.err.write(f"edgerun: {line}\n")
+        self.err.flush()
+
+
 def dispatch_and_follow(client: Client, ids: Sequence[str], send: Callable[[], list[Any]],
                         prefixer: Prefixer | None) -> list[dict[str, Any]]:
     """Subscribe to the events of `ids`, call `send` (which returns the created tasks),
-    and read events until every task is final. Returns the tasks' final records."""
-    stream = client.events(id=list(ids), kind=["task_event", "output"])
+    and read events until every task is final. Returns the tasks' final records.
+    Ctrl-C prints the tasks it leaves running, then goes on as KeyboardInterrupt."""
+    stream = client.events(task=list(ids), channel=["tasks", "output"])
+    latest: dict[tuple[str, str], dict[str, Any]] = {}
+    pending: set[tuple[str, str]] = set()
     try:
         created = send()
         latest = {(t["node"], t["id"]): t for t in created}
         pending = {key for key, t in latest.items() if not _final(t)}
+        progress = Progress(len(latest))
+
+        def failed() -> int:
+            return sum(1 for t in latest.values()
+                       if _final(t) and t["state"] != State.SUCCEEDED)
         for event in stream if pending else ():
+            if event.get("kind") == "error":
+                raise ServiceUnreachable(f"the service closed the event stream: "
+                                         f"{event.get('error')}; see `edgerun tasks`")
             if event.get("kind") == "output" and prefixer is not None:
                 prefixer.write(event["node"], event["stream"], event["data"])
             elif event.get("kind") == "task_event":
@@ -40,6 +79,7 @@ def dispatch_and_follow(client: Client, ids: Sequence[str], send: Callable[[], l
                 latest[key] = task
                 if _final(task):
                     pending.discard(key)
+                    progress.show(len(latest) - len(pending), failed(), not pending)
                     if prefixer is not None and not any(
                             k[0] == task["node"] and k in pending for k in latest):
                         prefixer.flush(task["node"])
@@ -48,20 +88,37 @@ def dispatch_and_follow(client: Client, ids: Sequence[str], send: Callable[[], l
         if pending:
             raise ServiceUnreachable("the service closed the event stream before every task "
                                      "finished; see `edgerun tasks`")
+    except KeyboardInterrupt:
+        left = sorted(pending)
+        if left:
+            sys.stderr.write(f"\nedgerun: interrupted; {len(left)} task(s) go on:\n")
+            for node, task_id in left:
+                sys.stderr.write(f"  {task_id} on {node}   (edgerun logs -f {task_id} "
+                                 f"--node {node}; edgerun cancel {task_id})\n")
+            sys.stderr.flush()
+        raise
     finally:
         stream.close()
     tasks = list(latest.values())
     if prefixer is not None:
-        _replay_missed_output(tasks, prefixer)
+        _replay_missed_output(client, tasks, prefixer)
     return tasks
 
 
-def _replay_missed_output(tasks: Sequence[dict[str, Any]], prefixer: Prefixer) -> None:
-    """Live output is best effort (QoS 0): show the recorded tail where none came live."""
+def _replay_missed_output(client: Client, tasks: Sequence[dict[str, Any]],
+                          prefixer: Prefixer) -> None:
+    """Live output is best effort (QoS 0): show the recorded tail where none came live.
+    Events carry no output tails, so the tail is read from the task's detail."""
     for task in tasks:
         result = task.get("result") or {}
-        if task["node"] in prefixer.seen:
+        if task["node"] in prefixer.seen or not (result.get("output") or {}):
             continue
+        try:
+            [detail] = client.get(f"/tasks/{quote(task['id'], safe='')}",
+                                  node=task["node"])["tasks"]
+        except (SchedulerError, ValueError):
+            continue
+        result = detail.get("result") or {}
         for stream in ("stdout", "stderr"):
             if result.get(stream):
                 prefixer.write(task["node"], stream, result[stream])

@@ -27,7 +27,7 @@ from edgerun.protocol import (
 
 from edgerun.signing import Signer
 
-from .errors import BadRequest, BrokerUnreachable, NotFound, SchedulerError
+from .errors import BadRequest, BrokerUnreachable, Conflict, NotFound, SchedulerError
 from .events import EventHub, node_event, task_event
 from .fleet import Fleet
 from .messaging import Incoming, Messenger
@@ -72,7 +72,7 @@ class Service:
                  cfg: ServiceConfig | None = None, signer: Signer | None = None) -> None:
         self.store, self.messenger, self.signer = store, messenger, signer
         self.cfg = cfg or ServiceConfig()
-        self.hub = EventHub()
+        self.hub = EventHub(store)
         self.metrics = Metrics(self._snapshot)
         self._inbox: queue.SimpleQueue[Work] = queue.SimpleQueue()
         self._stop = threading.Event()
@@ -165,13 +165,13 @@ class Service:
         self.require_broker()
         for node in nodes:
             if self.store.get(node, task.id) is not None:
-                raise BadRequest(f"task id {task.id!r} already exists for node {node}; "
+                raise Conflict(f"task id {task.id!r} already exists for node {node}; "
                                  f"leave the id out to get a fresh one")
         out = []
         for node in nodes:
             change = self.store.add_task(node, task, source="api")
             if change is None:
-                raise BadRequest(f"task id {task.id!r} already exists for node {node}")
+                raise Conflict(f"task id {task.id!r} already exists for node {node}")
             if policy is not None:
                 change = self.fleet.with_retry(change, policy)
             self._emit(change)
@@ -183,7 +183,7 @@ class Service:
                    job_id: str | None = None, *, where: Any = None) -> JSONObject:
         """An ordered list of tasks per node, or a graph of named steps (jobs.py)."""
         if job_id is not None and self.store.job(job_id) is not None:
-            raise BadRequest(f"job {job_id} already exists")
+            raise Conflict(f"job {job_id} already exists")
         return self.fleet.jobs.create(targets, online, steps, job_id, where=where)
 
     def cancel(self, task_id: str, node: str | None = None) -> list[JSONObject]:
@@ -195,7 +195,7 @@ class Service:
         open_tasks = [t for t in found if not is_final(State(t["state"]))]
         if not open_tasks:
             states = ", ".join(sorted({t["state"] for t in found}))
-            raise BadRequest(f"task {task_id} has already finished ({states}); "
+            raise Conflict(f"task {task_id} has already finished ({states}); "
                              f"nothing to cancel")
         self.require_broker()
         for task in open_tasks:

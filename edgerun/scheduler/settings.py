@@ -125,10 +125,19 @@ SERVE_OPTIONS = [
     Option("connect_timeout", float, 15.0, "seconds to wait for the broker at start-up",
            _positive, metavar="S"),
     Option("log_level", str, "info", "debug, info, warning or error", _level),
+    Option("tls_cert", str, None, "serve the API and console over HTTPS with this "
+           "certificate (PEM)", metavar="FILE"),
+    Option("tls_key", str, None, "the key of --tls-cert (PEM)", metavar="FILE"),
+    Option("insecure_http", bool, False, "allow plain HTTP on a non-loopback --listen "
+           "address (behind a TLS proxy)"),
+    Option("admin_token_file", str, None, "where the first start writes the admin token "
+           "(mode 0600; default: beside --db, FILE.admin-token); each start copies it to "
+           "$XDG_STATE_HOME/edgerun/admin-token-PORT, where the local CLI looks",
+           metavar="FILE"),
 ]
 
 # settings naming a file the service must be able to read at start
-FILE_SETTINGS = ("ca_file", "cert_file", "key_file", "private_key")
+FILE_SETTINGS = ("ca_file", "cert_file", "key_file", "private_key", "tls_cert", "tls_key")
 
 
 @dataclass(frozen=True)
@@ -161,6 +170,10 @@ class ServeSettings:
     private_key: str | None = None
     connect_timeout: float = 15.0
     log_level: str = "info"
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    insecure_http: bool = False
+    admin_token_file: str | None = None
 
     @classmethod
     def from_values(cls, values: Mapping[str, Any]) -> ServeSettings:
