@@ -59,7 +59,8 @@ class App:
             self.service = Service(store, messenger, ServiceConfig(
                 grace=s.grace, tick=s.tick, pace=s.pace, offline_grace=s.offline_grace,
                 default_expiry=s.default_expiry,
-                keep_days=s.keep_days, resend_unaccepted=self.embedded is not None),
+                keep_days=s.keep_days, resend_unaccepted=self.embedded is not None,
+                record_external=s.record_external),
                 signer=signer)
             host, port = split_hostport(s.listen)
             self.api = ApiServer(self.service, ApiConfig(
