@@ -212,6 +212,11 @@ class AmqpLink:
         if self._conn is not None:
             self._conn.ioloop.call_later(delay, fn)
 
+    def soon(self, fn: Callable[[], None]) -> None:
+        """Run fn on this thread once the current callbacks are done (this loop pass)."""
+        if self._conn is not None:
+            self._conn.ioloop.call_later(0, fn)
+
     def consume(self) -> None:
         """Start the consumers of the topology's queues on the current channel."""
         if not self.ready or self.consuming:

@@ -167,6 +167,22 @@ class MqttConnection:
         """PUBACK a message received with manual_ack, unless its connection is gone."""
         self._submit(lambda: self._ack_now(message))
 
+    def publish_many(self, messages: Sequence[tuple[str, bytes, int, bool,
+                                                    DoneCallback | None]]) -> None:
+        """`publish` of each (topic, payload, qos, retain, on_done), in order, with one
+        wake-up of the network thread instead of one per message."""
+        def run() -> None:
+            for message in messages:
+                self._publish_now(*message)
+        self._submit(run)
+
+    def ack_many(self, messages: Sequence[Inbound]) -> None:
+        """`ack` of each message, in this order (the PUBACKs leave in it), one wake-up."""
+        def run() -> None:
+            for message in messages:
+                self._ack_now(message)
+        self._submit(run)
+
     def subscribe(self, topic: str, qos: int) -> None:
         self._submit(lambda: self._subscribe_now(topic, qos))
 

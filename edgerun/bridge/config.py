@@ -68,6 +68,11 @@ OPTIONS = [
            _positive, metavar="N"),
     Option("mqtt_inflight", int, 1000, "MQTT publishes awaiting a PUBACK at once", _positive,
            metavar="N"),
+    Option("qos0_per_topic", int, 1 << 20, "bytes of QoS 0 messages (live output) held per "
+           "topic, i.e. per node and route; more is dropped and counted", _positive,
+           metavar="BYTES"),
+    Option("qos0_total", int, 32 << 20, "bytes of QoS 0 messages held in all", _positive,
+           metavar="BYTES"),
     Option("ca_file", str, None, "CA certificates for mqtts:// and amqps:// "
            "(default: the system's)", metavar="FILE"),
     Option("cert_file", str, None, "client certificate for mqtts:// and amqps://",
@@ -96,6 +101,8 @@ class BridgeConfig:
     prefetch: int = 500
     confirm_window: int = 1000
     mqtt_inflight: int = 1000
+    qos0_per_topic: int = 1 << 20
+    qos0_total: int = 32 << 20
     ca_file: str | None = None
     cert_file: str | None = None
     key_file: str | None = None
@@ -149,7 +156,8 @@ def load(argv: Sequence[str] | None, environ: Mapping[str, str]) -> BridgeConfig
         client_id=values["client_id"] or default_client_id(),
         share_group=values["share_group"], queue_type=values["queue_type"],
         prefetch=values["prefetch"], confirm_window=values["confirm_window"],
-        mqtt_inflight=values["mqtt_inflight"], ca_file=values["ca_file"],
+        mqtt_inflight=values["mqtt_inflight"], qos0_per_topic=values["qos0_per_topic"],
+        qos0_total=values["qos0_total"], ca_file=values["ca_file"],
         cert_file=values["cert_file"], key_file=values["key_file"],
         keepalive=values["keepalive"], metrics_address=values["metrics_address"],
         metrics_port=values["metrics_port"], drain_timeout=max(0.0, values["drain_timeout"]),

@@ -23,7 +23,7 @@ from .routes import RouteTable
 
 log = logging.getLogger(__name__)
 
-DROP_REASONS = ("no_route", "bad_topic", "bad_value")
+DROP_REASONS = ("no_route", "bad_topic", "bad_value", "over_budget")
 BROKERS = ("mqtt", "amqp")
 
 
@@ -78,7 +78,8 @@ class Metrics:
                                  "the receiving broker), per route", ["route", "direction"],
                                  registry=self.registry)
         self.dropped = Counter("edgerun_bridge_dropped", "Messages dropped because their topic, "
-                               "routing key or a placeholder value broke the route",
+                               "routing key or a placeholder value broke the route, or (QoS 0 "
+                               "only) over the budget of their topic",
                                ["route", "reason"], registry=self.registry)
         self.nacked = Counter("edgerun_bridge_nacked", "Publishes RabbitMQ refused (basic.nack) "
                               "and the bridge sent again", ["route"], registry=self.registry)

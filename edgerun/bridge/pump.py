@@ -3,17 +3,27 @@
 MQTT -> AMQP: the MQTT thread only queues what arrives (manual ack, so the
 broker keeps it). The AMQP thread publishes it with publisher confirms, up to
 `confirm_window` unconfirmed at once, and acknowledges it to the MQTT broker
-only when RabbitMQ confirmed every route it went to. A publish whose channel
-died before its confirm is published again on the next one.
+only when RabbitMQ confirmed every route it went to. PUBACKs leave in the order
+the messages arrived (MQTT 3.1.1, 4.6): a message confirmed (or dropped) early
+waits for the older ones. A publish whose channel died before its confirm is
+published again on the next one. QoS 1 messages go out before QoS 0 ones, and
+QoS 0 messages (live output) held in the bridge are limited per topic, that is
+per node and route, and in all: past that budget they are dropped and counted
+(`reason="over_budget"`), so one node flooding its output delays no other
+node's updates and a stalled RabbitMQ holds a bounded amount of memory here.
 
 AMQP -> MQTT: a delivery (prefetch window) is published to MQTT at the route's
 QoS; at the PUBACK, on the MQTT thread, its tag is handed back through the
 inbox, and the AMQP thread acks it, on the same channel only: deliveries of a
 dead channel are redelivered by RabbitMQ anyway.
 
+Work is batched per wake-up: the deliveries of one read go to the MQTT thread
+as one command, the PUBACKs a confirm allows as one command, and the AMQP frames
+of one loop pass in one send (edgerun.amqp).
+
 Everything below runs on the AMQP link's thread except the `on_mqtt_*`
 methods and `_on_puback` (the MQTT thread) and `begin_drain`/`drained`/
-`status` (any thread), which only queue work or read counters.
+`status` (any thread), which only queue work, take budget or read counters.
 """
 
 from __future__ import annotations
@@ -22,7 +32,7 @@ import logging
 import queue
 import threading
 from collections import OrderedDict, deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 
 import pika
@@ -37,17 +47,21 @@ from .routes import Route, RouteTable, Translation
 log = logging.getLogger(__name__)
 
 NACK_PAUSE = 1.0  # seconds
+QOS0_PER_TOPIC = 1 << 20  # bytes of QoS 0 messages held per topic (one node's route)
+QOS0_TOTAL = 32 << 20  # bytes of QoS 0 messages held in all
+QOS0_IN_FLIGHT = 1 << 20  # bytes of QoS 0 publishes awaiting a confirm: QoS 1 never waits long
 
 
-@dataclass
+@dataclass(eq=False)
 class _Job:
     """One MQTT message on its way to every route it matched."""
 
     message: Inbound
     remaining: int
+    done: bool = False
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class _Publish:
     job: _Job
     route: Route
@@ -74,16 +88,55 @@ class _Drain:
 _Item = Inbound | _Puback | _Session | _Drain
 
 
+@dataclass
+class Budget:
+    """Bytes held per key and in all, for any thread (a lock); keys vanish at zero."""
+
+    per_key: int
+    total: int
+    held: int = 0
+    _by_key: dict[str, int] = field(default_factory=dict)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def take(self, key: str, size: int) -> bool:
+        with self._lock:
+            mine = self._by_key.get(key, 0)
+            if mine + size > self.per_key or self.held + size > self.total:
+                return False
+            self._by_key[key] = mine + size
+            self.held += size
+            return True
+
+    def give(self, key: str, size: int) -> None:
+        with self._lock:
+            left = self._by_key.get(key, 0) - size
+            if left > 0:
+                self._by_key[key] = left
+            else:
+                self._by_key.pop(key, None)
+            self.held -= size
+
+    def keys(self) -> int:
+        return len(self._by_key)
+
+
 class Pump:
-    def __init__(self, routes: RouteTable, metrics: Metrics, confirm_window: int) -> None:
+    def __init__(self, routes: RouteTable, metrics: Metrics, confirm_window: int, *,
+                 qos0_per_topic: int = QOS0_PER_TOPIC, qos0_total: int = QOS0_TOTAL,
+                 qos0_in_flight: int = QOS0_IN_FLIGHT) -> None:
         self.routes, self.metrics, self.window = routes, metrics, confirm_window
         self._inbox: queue.SimpleQueue[_Item] = queue.SimpleQueue()
-        self._backlog: deque[_Publish] = deque()
+        self._backlog: deque[_Publish] = deque()  # QoS 1 messages not yet published
+        self._backlog0: deque[_Publish] = deque()  # QoS 0 messages not yet published
         self._unconfirmed: ConfirmTracker[_Publish] = ConfirmTracker()
+        self._order: deque[_Job] = deque()  # QoS 1 messages in arrival order, until PUBACKed
+        self.budget = Budget(qos0_per_topic, qos0_total)
+        self._qos0_limit, self._qos0_unconfirmed = qos0_in_flight, 0
         self._stale: dict[int, int] = {}  # AMQP generation -> deliveries awaiting a PUBACK
         # deliveries of the current channel, in tag order -> PUBACKed yet; acked in runs
         self._outstanding: OrderedDict[int, bool] = OrderedDict()
         self._done_behind: list[int] = []  # PUBACKed while an older delivery still waits
+        self._to_mqtt: list[tuple[str, bytes, int, bool, partial[None]]] = []
         self.to_mqtt_in_flight = 0
         self.draining = False
         self._paused = False  # after a nack, publishing waits a moment instead of spinning
@@ -101,6 +154,12 @@ class Pump:
 
     # --- the MQTT thread: queue and wake, nothing else ------------------------------------
     def on_mqtt_message(self, message: Inbound) -> None:
+        if message.qos == 0 and not self.budget.take(message.topic, len(message.payload)):
+            found = self.routes.from_mqtt(message.topic)
+            self.metrics.drop(found[0].route.name if found else "none", "over_budget",
+                              f"{message.topic[:200]!r}: QoS 0 budget of this topic or of "
+                              "the bridge is full")
+            return
         self._put(message)
 
     def on_mqtt_connected(self, session_present: bool) -> None:
@@ -121,7 +180,7 @@ class Pump:
 
     @property
     def to_amqp_in_flight(self) -> int:
-        return len(self._unconfirmed) + len(self._backlog)
+        return len(self._unconfirmed) + len(self._backlog) + len(self._backlog0)
 
     def drained(self) -> bool:
         """Nothing in flight is still able to complete."""
@@ -137,7 +196,13 @@ class Pump:
 
     def on_lost(self) -> None:
         """The channel died: what it did not confirm goes out again on the next one."""
-        self._backlog.extendleft(reversed(self._unconfirmed.reset()))
+        for item in reversed(self._unconfirmed.reset()):
+            if item.job.message.qos:
+                self._backlog.appendleft(item)
+            else:
+                self._qos0_unconfirmed -= len(item.job.message.payload)
+                self._backlog0.appendleft(item)
+        self._flush_to_mqtt()  # deliveries of the dead channel: duplicates, never losses
         self._outstanding.clear()  # RabbitMQ requeued them; the PUBACKs are just counted
         self._done_behind.clear()
         self._paused = False  # its timer died with the connection
@@ -158,16 +223,21 @@ class Pump:
             else:
                 self._drain()
         self._ack_deliveries()
+        self._send_pubacks()
         self._publish_backlog()
 
     def on_confirm(self, tag: int, multiple: bool, ok: bool) -> None:
         settled = self._unconfirmed.settle(tag, multiple)
+        for item in settled:
+            if not item.job.message.qos:
+                self._qos0_unconfirmed -= len(item.job.message.payload)
         if not ok:
             for item in settled:
                 self.metrics.nacked.labels(item.route.name).inc()
             log.warning("RabbitMQ refused %d publish(es) (a full queue?); sending again in "
                         "%.0f s", len(settled), NACK_PAUSE)
-            self._backlog.extendleft(reversed(settled))
+            for item in reversed(settled):
+                (self._backlog if item.job.message.qos else self._backlog0).appendleft(item)
             if not self._paused:
                 self._paused = True
                 assert self.link is not None
@@ -176,14 +246,14 @@ class Pump:
             for item in settled:
                 self._forwarded[item.route.name].inc()
                 item.job.remaining -= 1
-                if item.job.remaining == 0 and item.job.message.qos > 0:
-                    assert self.mqtt is not None
-                    self.mqtt.ack(item.job.message)
+                if item.job.remaining == 0:
+                    self._finish(item.job)
+            self._send_pubacks()
         self.progress.set()
         self._publish_backlog()
 
     def on_delivery(self, queue: QueueSpec, tag: int, routing_key: str, body: bytes) -> None:
-        assert self.link is not None and self.mqtt is not None
+        assert self.link is not None
         route = self.routes.route_for_queue(queue.name)
         if route is None:  # not a queue of ours: cannot happen, but never lose the delivery
             return
@@ -196,12 +266,21 @@ class Pump:
         self._outstanding[tag] = False
         self._stale[generation] = self._stale.get(generation, 0) + 1
         self.to_mqtt_in_flight += 1
-        self.mqtt.publish(found.destination, body, route.qos, route.retain,
-                          on_done=partial(self._on_puback, generation, tag, route))
+        if not self._to_mqtt:
+            self.link.soon(self._flush_to_mqtt)  # once, after this read's deliveries
+        self._to_mqtt.append((found.destination, body, route.qos, route.retain,
+                              partial(self._on_puback, generation, tag, route)))
 
     # --- the AMQP thread: the work ------------------------------------------------------------
+    def _flush_to_mqtt(self) -> None:
+        if self._to_mqtt:
+            assert self.mqtt is not None
+            batch, self._to_mqtt = self._to_mqtt, []
+            self.mqtt.publish_many(batch)
+
     def _take(self, message: Inbound) -> None:
         if self.draining:
+            self._release(message)
             return  # not acked: the broker redelivers it to the next run
         found = self.routes.from_mqtt(message.topic)
         good = [t for t in found if t.destination is not None]
@@ -209,13 +288,49 @@ class Pump:
             self._dropped(bad, message.topic)
         if not found:
             self.metrics.drop("none", "no_route", f"no route matches topic {message.topic!r}")
-        if not good:
-            if message.qos > 0:
-                assert self.mqtt is not None
-                self.mqtt.ack(message)
-            return
         job = _Job(message, len(good))
-        self._backlog.extend(_Publish(job, t.route, t.destination or "") for t in good)
+        if message.qos:
+            self._order.append(job)
+        if not good:
+            self._finish(job)
+            return
+        target = self._backlog if message.qos else self._backlog0
+        target.extend(_Publish(job, t.route, t.destination or "") for t in good)
+
+    def _finish(self, job: _Job) -> None:
+        """Every copy of the message is confirmed (or it had nowhere to go, or a QoS 0
+        message is given up): PUBACK it in its turn, or give its budget back."""
+        if job.done:
+            return
+        job.done = True
+        if not job.message.qos:
+            self._release(job.message)
+
+    def _release(self, message: Inbound) -> None:
+        if not message.qos:
+            self.budget.give(message.topic, len(message.payload))
+
+    def _send_pubacks(self) -> None:
+        """PUBACK the oldest run of finished messages, in arrival order, as one command."""
+        order = self._order
+        if not order or (not order[0].done and order[0].message.generation >= self._mqtt_gen()):
+            return
+        current, acks = self._mqtt_gen(), []
+        while order:
+            job = order[0]
+            if job.message.generation < current:
+                order.popleft()  # its connection is gone: the broker sends it again
+            elif job.done:
+                acks.append(order.popleft().message)
+            else:
+                break
+        if acks:
+            assert self.mqtt is not None
+            self.mqtt.ack_many(acks)
+
+    def _mqtt_gen(self) -> int:
+        assert self.mqtt is not None
+        return self.mqtt.generation
 
     def _resume(self) -> None:
         self._paused = False
@@ -224,17 +339,25 @@ class Pump:
     def _publish_backlog(self) -> None:
         link = self.link
         assert link is not None
-        while not self._paused and self._backlog and link.ready \
-                and len(self._unconfirmed) < self.window:
-            item = self._backlog.popleft()
-            try:
-                tag = link.publish(item.route.exchange, item.routing_key, item.job.message.payload,
-                                   self._props[item.route.name])
-            except AmqpError as exc:
-                log.debug("%s; keeping the message for the next connection", exc)
-                self._backlog.appendleft(item)
-                return
-            self._unconfirmed.add(tag, item)
+        if self._paused or not link.ready:
+            return
+        for backlog, qos0 in ((self._backlog, False), (self._backlog0, True)):
+            while backlog and len(self._unconfirmed) < self.window:
+                item = backlog[0]
+                size = len(item.job.message.payload)
+                if qos0 and self._qos0_unconfirmed and \
+                        self._qos0_unconfirmed + size > self._qos0_limit:
+                    return  # QoS 0 takes a bounded share of the window
+                try:
+                    tag = link.publish(item.route.exchange, item.routing_key,
+                                       item.job.message.payload, self._props[item.route.name])
+                except AmqpError as exc:
+                    log.debug("%s; keeping the message for the next connection", exc)
+                    return
+                backlog.popleft()
+                if qos0:
+                    self._qos0_unconfirmed += size
+                self._unconfirmed.add(tag, item)
 
     def _puback(self, item: _Puback) -> None:
         assert self.link is not None
@@ -280,18 +403,28 @@ class Pump:
     def _session(self, item: _Session) -> None:
         if not item.present:
             return  # the broker forgot what it sent: keep every copy we hold
-        before = len(self._backlog)
-        self._backlog = deque(p for p in self._backlog
-                              if p.job.message.generation >= item.generation)
-        if before != len(self._backlog):
-            log.info("MQTT session resumed: %d unsent message(s) will be redelivered",
-                     before - len(self._backlog))
+        dropped = 0
+        for name in ("_backlog", "_backlog0"):
+            kept: deque[_Publish] = deque()
+            for p in getattr(self, name):
+                if p.job.message.generation >= item.generation:
+                    kept.append(p)
+                else:
+                    dropped += 1
+                    if not p.job.message.qos:
+                        self._finish(p.job)
+            setattr(self, name, kept)
+        if dropped:
+            log.info("MQTT session resumed: %d unsent message(s) will be redelivered", dropped)
 
     def _drain(self) -> None:
         assert self.link is not None
         self.draining = True
         self.link.cancel_consumers()
+        for item in self._backlog0:
+            self._finish(item.job)
         self._backlog.clear()  # never published, never acked: redelivered to the next run
+        self._backlog0.clear()
         self.progress.set()
 
     def _dropped(self, found: Translation, where: str) -> None:

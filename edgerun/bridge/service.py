@@ -42,7 +42,8 @@ class Bridge:
         self.cfg = cfg
         self.stopping = threading.Event()
         self.metrics = Metrics(cfg.routes)
-        self.pump = Pump(cfg.routes, self.metrics, cfg.confirm_window)
+        self.pump = Pump(cfg.routes, self.metrics, cfg.confirm_window,
+                         qos0_per_topic=cfg.qos0_per_topic, qos0_total=cfg.qos0_total)
         self.mqtt = MqttConnection(
             cfg.mqtt_nodes or (cfg.mqtt,), cfg.client_id, on_message=self.pump.on_mqtt_message,
             on_connected=self.pump.on_mqtt_connected, subscriptions=subscriptions(cfg),
