@@ -136,9 +136,23 @@ class Agent:
             assert isinstance(item, Inbound)
             try:
                 self._handle(item.payload)
-            except Exception:
-                log.exception("internal error while handling a message; it is dropped")
+            except Exception as exc:  # a bug: answer it, never drop the message or die
+                log.exception("internal error while handling a message")
+                self._answer_internal(item.payload, exc)
             self.conn.ack(item)
+
+    def _answer_internal(self, payload: bytes, exc: Exception) -> None:
+        try:
+            obj = decode_bounded(payload, self.cfg.max_message_bytes)
+            task_id = message_id(obj)
+        except Exception:
+            task_id = None
+        try:
+            self._publish(rejected(self.node, task_id, ErrorCode.INTERNAL,
+                                   f"the agent failed while reading the message: "
+                                   f"{type(exc).__name__}").to_dict(), remember=False)
+        except Exception:
+            log.exception("cannot even answer the message")
 
     def _handle(self, payload: bytes) -> None:
         try:
@@ -210,6 +224,13 @@ class Agent:
                 self._running[task_id] = control
             try:
                 self._execute(task, control)
+            except Exception as exc:  # a bug must not end the worker (the queue would stall)
+                log.exception("task %s: internal error", task_id)
+                try:
+                    self._final(task_id, failure(ErrorCode.INTERNAL, f"the agent failed while "
+                                                 f"running the task: {type(exc).__name__}"))
+                except Exception:
+                    log.exception("task %s: cannot report the internal error", task_id)
             finally:
                 with self._lock:
                     del self._running[task_id]

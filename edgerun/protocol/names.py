@@ -61,7 +61,8 @@ def normalise_node_id(raw: str) -> str:
 def format_time(moment: datetime | None = None) -> str:
     """RFC 3339 UTC with milliseconds: `2026-11-22T06:00:00.123Z`."""
     moment = (moment or datetime.now(UTC)).astimezone(UTC)
-    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+    return f"{moment.year:04d}-" + moment.strftime("%m-%dT%H:%M:%S.") + \
+        f"{moment.microsecond // 1000:03d}Z"
 
 
 def parse_time(value: str) -> datetime:
@@ -71,4 +72,7 @@ def parse_time(value: str) -> datetime:
     parsed = datetime.fromisoformat(value.upper().replace("Z", "+00:00"))
     if parsed.tzinfo is None:
         raise ValueError(f"time has no zone: {value!r:.60}")
-    return parsed.astimezone(UTC)
+    try:
+        return parsed.astimezone(UTC)
+    except OverflowError:  # 0001-01-01T00:00:00+01:00 is before year 1 in UTC
+        raise ValueError(f"time is outside the years 1 to 9999 in UTC: {value!r:.60}") from None

@@ -53,10 +53,17 @@ def decode(payload: bytes, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> JSONOb
     """Bytes to a v1 JSON object, or ProtocolError (bad_message / too_large)."""
     size = len(payload)
     try:
-        obj = json.loads(payload.decode("utf-8"), parse_constant=_reject_constant)
+        text = payload.decode("utf-8")
     except UnicodeDecodeError:
         raise ProtocolError(BAD, "message is not UTF-8 text") from None
-    except (ValueError, RecursionError) as exc:
+    try:
+        obj = json.loads(text, parse_constant=_reject_constant)
+    except RecursionError:
+        if size > max_bytes:
+            raise ProtocolError(ErrorCode.TOO_LARGE, _too_large(size, max_bytes)) from None
+        raise ProtocolError(BAD, "message is nested too deeply to be read",
+                            _shallow_id(text)) from None
+    except ValueError as exc:
         if size > max_bytes:
             raise ProtocolError(ErrorCode.TOO_LARGE, _too_large(size, max_bytes)) from None
         raise ProtocolError(BAD, f"message is not JSON: {str(exc)[:120]}") from None
@@ -68,7 +75,68 @@ def decode(payload: bytes, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> JSONOb
     if obj.get("v") != VERSION or isinstance(obj.get("v"), bool):
         raise ProtocolError(BAD, f"unsupported protocol version {obj.get('v')!r:.40}; "
                                  f"this end speaks v{VERSION}", message_id(obj))
+    if _SURROGATE.search(text) and not _encodable(obj):
+        raise ProtocolError(BAD, "message holds a string that is not valid Unicode "
+                                 "(a lone surrogate escape such as \\ud800)", message_id(obj))
     return obj
+
+
+_SURROGATE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
+def _encodable(value: Any) -> bool:
+    """Whether every string in `value` (keys too) can be encoded as UTF-8."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                return False
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return True
+
+
+def _shallow_id(text: str) -> str | None:
+    """The top-level `id` of a JSON object too deep for the parser, read without parsing
+    the nested values (the last one wins, as in json.loads); None when there is none."""
+    depth, i, found, key = 0, 0, None, None
+    length = len(text)
+    while i < length:
+        char = text[i]
+        if char == '"':
+            end = i + 1
+            while end < length and text[end] != '"':
+                end += 2 if text[end] == "\\" else 1
+            if depth == 1:
+                try:
+                    word = json.loads(text[i:end + 1])
+                except ValueError:
+                    return None
+                after = text[end + 1:end + 40].lstrip()
+                if key is None and after.startswith(":"):
+                    key = word
+                else:
+                    if key == "id":
+                        found = word
+                    key = None
+            i = end + 1
+            continue
+        if char in "{[":
+            depth += 1
+            if depth == 2 and key is not None:
+                key = None
+        elif char in "}]":
+            depth -= 1
+        elif char == "," and depth == 1:
+            key = None
+        i += 1
+    return found if is_task_id(found) else None
 
 
 def _too_large(size: int, limit: int) -> str:
@@ -107,10 +175,14 @@ class _Fields:
         value = self.obj.get(name)
         if value is None:
             return default
-        if isinstance(value, bool) or not isinstance(value, (int, float)) \
-                or not math.isfinite(value) or value <= 0:
-            raise self.fail(f"`{name}` must be a number greater than 0")
-        return float(value)
+        try:
+            if isinstance(value, bool) or not isinstance(value, (int, float)) \
+                    or not math.isfinite(value) or value <= 0:
+                raise self.fail(f"`{name}` must be a number greater than 0")
+            return float(value)
+        except OverflowError:  # an integer of hundreds of digits
+            raise self.fail(f"`{name}` must be a number greater than 0 and within "
+                            f"floating point range") from None
 
     def positive_int(self, name: str) -> int | None:
         value = self.obj.get(name)
