@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
 import subprocess
 import sys
 from collections.abc import Mapping
@@ -120,3 +121,40 @@ def test_the_command_prints_one_line_and_exits_2(args: list[str], env: dict[str,
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("edgerun: error: "), done.stderr
     assert message in lines[0] and "hunter2" not in done.stderr and done.stdout == ""
+
+
+EXAMPLE = ROOT / "deploy" / "scheduler" / "serve.example.toml"
+UNIT = ROOT / "deploy" / "scheduler" / "edgerun-serve.service"
+
+
+def test_the_shipped_example_config_loads_and_lists_every_setting() -> None:
+    s = load_serve(["--config", str(EXAMPLE)])
+    assert s.broker and s.broker.startswith("mqtt://") and s.db.endswith("scheduler.db")
+    text = EXAMPLE.read_text()
+    missing = [o.name for o in SERVE_OPTIONS if f"\n{o.name} = " not in text
+               and f"\n# {o.name} = " not in text]
+    assert missing == [], f"serve.example.toml does not show {missing}"
+    args = cli.build_parser().parse_args(["nodes", "--config", str(EXAMPLE)])
+    assert cli._settings(args, cli.CLIENT_OPTIONS, "client", {})["api"].startswith("http")
+
+
+def test_the_example_with_its_files_uncommented_names_the_first_missing(
+        tmp_path: Path) -> None:
+    text = EXAMPLE.read_text().replace('# ca_file = ', 'ca_file = ')
+    (tmp_path / "serve.toml").write_text(text)
+    with pytest.raises(ConfigError, match=r"`ca_file` /etc/edgerun/ca\.pem: no such file"):
+        load_serve(["--config", str(tmp_path / "serve.toml")])
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None,
+                    reason="systemd-analyze not found: apt-get install systemd")
+def test_the_systemd_unit_verifies(tmp_path: Path) -> None:
+    unit = UNIT.read_text()
+    assert "ExecStart=/usr/local/bin/edgerun serve --config /etc/edgerun/serve.toml" in unit
+    assert "RestartPreventExitStatus=2" in unit
+    copy = tmp_path / "edgerun-serve.service"
+    stand_in = shutil.which("true") or "/bin/true"
+    copy.write_text(unit.replace("/usr/local/bin/edgerun", stand_in))
+    done = subprocess.run(["systemd-analyze", "verify", str(copy)], capture_output=True,
+                          text=True, check=False)
+    assert done.returncode == 0 and not done.stderr.strip(), done.stderr

@@ -11,7 +11,10 @@ from urllib.parse import unquote
 
 from edgerun import __version__
 from edgerun.errors import ConfigError
-from edgerun.protocol import DEFAULT_PREFIX, is_prefix, normalise_node_id
+from edgerun.protocol import (
+    BRIDGE_TASKS_QUEUE, DEFAULT_PREFIX, EVENTS_EXCHANGE, TASKS_EXCHANGE, is_prefix,
+    normalise_node_id,
+)
 from edgerun.settings import (
     BrokerURL, Option, build_parser, config_path, parse_broker_urls, read_toml, resolve,
 )
@@ -57,9 +60,9 @@ OPTIONS = [
     Option("share_group", str, "", "subscribe as $share/GROUP/... so that several bridges "
            "share the MQTT messages (empty: plain subscriptions)", _group, metavar="GROUP"),
     Option("prefix", str, DEFAULT_PREFIX, "first topic level of the default routes", _prefix),
-    Option("tasks_exchange", str, "edgerun.tasks", "exchange of the default tasks route"),
-    Option("events_exchange", str, "edgerun.events", "exchange of the default event routes"),
-    Option("tasks_queue", str, "edgerun.bridge.tasks", "queue of the default tasks route"),
+    Option("tasks_exchange", str, TASKS_EXCHANGE, "exchange of the default tasks route"),
+    Option("events_exchange", str, EVENTS_EXCHANGE, "exchange of the default event routes"),
+    Option("tasks_queue", str, BRIDGE_TASKS_QUEUE, "queue of the default tasks route"),
     Option("queue_type", str, "classic", "x-queue-type of the bridge's queues: classic or quorum",
            _queue_type),
     Option("prefetch", int, 500, "AMQP->MQTT window: deliveries in flight per bridge",

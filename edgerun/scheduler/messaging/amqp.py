@@ -28,7 +28,10 @@ import pika
 
 from edgerun.amqp import AmqpError, AmqpLink, QueueSpec, Topology
 from edgerun.amqpconfirms import ConfirmTracker
-from edgerun.protocol import Channel, binding, parse_routing_key
+from edgerun.protocol import (
+    AUDIT_EXCHANGE, EVENTS_EXCHANGE, SCHEDULER_QUEUE, TASKS_EXCHANGE, Channel, binding,
+    parse_routing_key, routing_key,
+)
 from edgerun.settings import BrokerURL, TLSFiles
 
 from .base import Incoming, Messenger, OnDone
@@ -58,8 +61,8 @@ class AmqpMessenger(Messenger):
     kind = "amqp"
 
     def __init__(self, url: BrokerURL | Sequence[BrokerURL], *,
-                 tasks_exchange: str = "edgerun.tasks", events_exchange: str = "edgerun.events",
-                 audit_exchange: str = "edgerun.audit", queue: str = "edgerun.scheduler",
+                 tasks_exchange: str = TASKS_EXCHANGE, events_exchange: str = EVENTS_EXCHANGE,
+                 audit_exchange: str = AUDIT_EXCHANGE, queue: str = SCHEDULER_QUEUE,
                  record_external: bool = True, tls: TLSFiles | None = None,
                  prefetch: int = 500, confirm_window: int = 1000,
                  queue_type: str = "classic") -> None:
@@ -107,7 +110,7 @@ class AmqpMessenger(Messenger):
         self.link.stop()
 
     def send(self, node: str, payload: bytes, on_done: OnDone | None = None) -> None:
-        self._submit(_Publish(self.tasks_exchange, f"node.{node}", payload, on_done))
+        self._submit(_Publish(self.tasks_exchange, routing_key(node), payload, on_done))
 
     def publish_event(self, subject: str, node: str, state: str, payload: bytes) -> None:
         if self.audit_exchange:
