@@ -245,6 +245,9 @@ class MqttConnection:
             self._client.ack(message.mid, message.qos)
 
     def _subscribe_now(self, topic: str, qos: int) -> None:
+        # subscribing again to a filter replaces it (and has the broker re-send its
+        # retained messages): one entry per filter, however often that happens
+        self._subscriptions = [(t, q) for t, q in self._subscriptions if t != topic]
         self._subscriptions.append((topic, qos))
         if self.connected.is_set():
             self._client.subscribe(topic, qos)
@@ -267,7 +270,8 @@ class MqttConnection:
                         why = "internal error"
                     if not self._was_up and not self._refused and not self._stop.is_set():
                         self._note_error(f"{self.url} closed the connection before accepting "
-                                         f"it ({why}); check credentials and certificates")
+                                         f"it ({why}); check credentials and certificates, "
+                                         f"or the broker is not ready yet")
                     if self._stop.is_set():
                         break
                     if self._was_up:

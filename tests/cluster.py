@@ -78,11 +78,13 @@ class NatsNode:
                 "EDGERUN_NATS_ROUTES": self.routes,
                 "EDGERUN_NATS_MQTT": f"127.0.0.1:{self.mqtt_port}"}
 
-    def start(self) -> NatsNode:
+    def start(self, conf: Path | None = None) -> NatsNode:
+        """Run deploy/nats/nats.conf (or `conf`) with this node's values."""
         binary = nats_binary()
         assert binary is not None
+        conf = conf or DEPLOY / "nats" / "nats.conf"
         with open(self.dir / "nats.log", "ab") as log:
-            self.proc = subprocess.Popen([binary, "-c", str(DEPLOY / "nats" / "nats.conf")],
+            self.proc = subprocess.Popen([binary, "-c", str(conf)],
                                          env=self.env(), stdout=log, stderr=log)
         wait_port(self.mqtt_port, timeout=30)
         return self
