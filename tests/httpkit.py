@@ -6,7 +6,7 @@ import hashlib
 import ssl
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -51,6 +51,23 @@ class Handler(BaseHTTPRequestHandler):
             for i in range(0, len(PAYLOAD), 4096):
                 self.wfile.write(PAYLOAD[i:i + 4096])
                 time.sleep(0.05)
+        elif self.path in ("/trickle", "/trickle-no-length"):  # a byte every 0.2 s, forever
+            self.send_response(200)
+            if self.path == "/trickle":
+                self.send_header("Content-Length", str(len(PAYLOAD)))
+            self.end_headers()
+            self._dribble(lambda: self.wfile.write(b"x"))
+        elif self.path == "/headers-forever":  # the status line, then headers without end
+            self.wfile.write(b"HTTP/1.1 200 OK\r\n")
+            self._dribble(lambda: self.wfile.write(b"X-More: yes\r\n"))
+        elif self.path == "/stall":  # headers, then silence with the connection open
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(PAYLOAD)))
+            self.end_headers()
+            self.wfile.flush()
+            self._dribble(lambda: None)
+        elif self.path == "/silent":  # reads the request, never answers
+            self._dribble(lambda: None)
         elif self.path == "/cut":  # announces 1 MiB, sends half, hangs up
             self.send_response(200)
             self.send_header("Content-Length", str(len(PAYLOAD)))
@@ -64,6 +81,17 @@ class Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         self.wfile.write(body)
+
+    def _dribble(self, send: Callable[[], object], seconds: float = 120.0) -> None:
+        """Keep the connection busy but useless until the client gives up."""
+        end = time.monotonic() + seconds
+        try:
+            while time.monotonic() < end:
+                send()
+                self.wfile.flush()
+                time.sleep(0.2)
+        except OSError:
+            return
 
     def _redirect(self, where: str) -> None:
         self.send_response(302)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import stat
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -175,3 +175,31 @@ def test_symlink_planted_at_the_temporary_name_is_never_followed(
     assert target.read_text() == "keep me"
     assert (directory / "f").read_bytes() == PAYLOAD
     assert (directory / ".f.guessed.part").is_symlink()  # left alone, not written through
+
+
+def _bounded(run: Callable[[], object], limit: float = 30.0) -> object:
+    """Run a download in a thread; a runner still busy after `limit` s is stuck for good."""
+    box: list[object] = []
+    thread = threading.Thread(target=lambda: box.append(run()), daemon=True)
+    thread.start()
+    thread.join(limit)
+    assert not thread.is_alive(), "the download ignored its deadline"
+    return box[0]
+
+
+@pytest.mark.parametrize("route", ["/trickle", "/trickle-no-length", "/headers-forever",
+                                   "/stall", "/silent"])
+def test_deadline_covers_the_whole_transfer(base: str, tmp_path: Path, route: str) -> None:
+    outcome = _bounded(lambda: fetch(f"{base}{route}", tmp_path / "f", timeout=1.5,
+                                     control=Control.for_timeout(1.5)))
+    assert outcome.state == State.TIMED_OUT, outcome  # type: ignore[attr-defined]
+    assert leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("route", ["/trickle", "/headers-forever", "/stall", "/silent"])
+def test_cancel_ends_a_misbehaving_transfer(base: str, tmp_path: Path, route: str) -> None:
+    control = Control.for_timeout(3600)
+    threading.Timer(0.5, control.stop, args=("canceled by request",)).start()
+    outcome = _bounded(lambda: fetch(f"{base}{route}", tmp_path / "f", control=control))
+    assert outcome.state == State.CANCELED, outcome  # type: ignore[attr-defined]
+    assert leftovers(tmp_path) == []

@@ -11,7 +11,9 @@ from __future__ import annotations
 import hashlib
 import os
 import posixpath
+import socket
 import tempfile
+import threading
 import time
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urljoin
@@ -44,11 +46,97 @@ class _Retry(Exception):
     """A failure worth another attempt (connection error, 5xx)."""
 
 
+class _Watch:
+    """Ends a transfer at its deadline or cancel, whatever the server does.
+
+    Socket timeouts bound one read, not a transfer: a server that sends a byte a
+    second, or headers without end, never trips them. This thread shuts the
+    transfer's sockets down instead; the blocked read then fails at once and the
+    runner reports the timeout or the cancel."""
+
+    def __init__(self, control: Control) -> None:
+        self.control = control
+        self.conns: list[Any] = []
+        self.done = threading.Event()
+        self.fired = False
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._run, name="download-watch", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self.done.wait(0.1):
+            if self.control.cancel.is_set() or time.monotonic() >= self.control.deadline:
+                with self._lock:
+                    self.fired = True
+                    conns = list(self.conns)
+                for conn in conns:
+                    _shut(conn)
+                return
+
+    def add(self, conn: Any) -> None:
+        with self._lock:
+            self.conns.append(conn)
+
+    def connected(self, conn: Any) -> None:
+        """Hold the connected socket itself: http.client hands it to the response and
+        clears `conn.sock` when the server will close the connection after the body."""
+        with self._lock:
+            if conn.sock is not None:
+                self.conns.append(conn.sock)
+            fired = self.fired
+        if fired:
+            _shut(conn)
+
+    def close(self) -> None:
+        self.done.set()
+
+
+def _shut(conn: Any) -> None:
+    sock = conn if isinstance(conn, socket.socket) else getattr(conn, "sock", None)
+    if sock is not None:
+        try:  # the plain socket's shutdown, also under TLS: it only wakes the reader
+            socket.socket.shutdown(sock, socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+
+def _session(watch: _Watch) -> requests.Session:
+    """A requests session whose connections the watch can end."""
+    import requests
+    from urllib3 import connection, connectionpool
+
+    class Conn(connection.HTTPConnection):
+        def connect(self) -> None:
+            watch.add(self)
+            super().connect()
+            watch.connected(self)
+
+    class TLSConn(connection.HTTPSConnection):
+        def connect(self) -> None:
+            watch.add(self)
+            super().connect()
+            watch.connected(self)
+
+    class Pool(connectionpool.HTTPConnectionPool):
+        ConnectionCls = Conn
+
+    class TLSPool(connectionpool.HTTPSConnectionPool):
+        ConnectionCls = TLSConn
+
+    session = requests.Session()
+    for prefix in ("http://", "https://"):
+        adapter = session.get_adapter(prefix)
+        adapter.poolmanager.pool_classes_by_scheme = {  # type: ignore[attr-defined]
+            "http": Pool, "https": TLSPool}
+    return session
+
+
 def run_download(task: DownloadTask, control: Control) -> Outcome:
-    import requests  # first use only: keeps the idle agent small
+    import requests  # noqa: F401 - first use only: keeps the idle agent small
 
     started = time.monotonic()
-    session = requests.Session()
+    watch = _Watch(control)
+    session = _session(watch)
     attempt = 0
     try:
         _prepare_dir(task.dest)
@@ -69,6 +157,7 @@ def run_download(task: DownloadTask, control: Control) -> Outcome:
         stop.outcome.fields["duration_s"] = round(time.monotonic() - started, 3)
         return stop.outcome
     finally:
+        watch.close()
         session.close()
     return Outcome(State.SUCCEEDED, {"bytes": size, "sha256": digest, "dest": task.dest,
                                      "duration_s": round(time.monotonic() - started, 3)})
@@ -100,10 +189,11 @@ def _open(session: requests.Session, task: DownloadTask, control: Control) -> An
     url = task.url
     for _ in range(MAX_REDIRECTS + 1):
         _check(control, task)
-        read_timeout = max(0.5, min(READ_TIMEOUT, control.deadline - time.monotonic()))
+        left = control.deadline - time.monotonic()
+        read_timeout = max(0.5, min(READ_TIMEOUT, left))
         try:
             response = session.get(url, stream=True, allow_redirects=False,
-                                   timeout=(CONNECT_TIMEOUT, read_timeout))
+                                   timeout=(max(0.5, min(CONNECT_TIMEOUT, left)), read_timeout))
         except requests.exceptions.SSLError as exc:  # not transient: no retry
             raise _Stop(failure(ErrorCode.DOWNLOAD_FAILED,
                                 f"TLS with {url} failed: {_reason(exc)}")) from None
@@ -163,6 +253,7 @@ def _attempt(session: requests.Session, task: DownloadTask, control: Control) ->
             _check(control, task)
             raise _Retry(f"the transfer from {task.url} broke off: {_reason(exc)}") from None
         except OSError as exc:
+            _check(control, task)
             raise _Stop(failure(ErrorCode.DOWNLOAD_FAILED,
                                 f"cannot write {task.dest}: {exc.strerror}")) from None
         finally:
@@ -184,6 +275,7 @@ def _stream(response: Any, fd: int, task: DownloadTask, control: Control) -> tup
         view = memoryview(block)
         while view:
             view = view[os.write(fd, view):]
+    _check(control, task)  # a body cut off by the watch ends like a read that failed
     return size, hasher.hexdigest()
 
 
