@@ -103,6 +103,10 @@ def test_agent_username_flag_overrides_every_address() -> None:
                         "--amqp", "amqp://127.0.0.1:5672/a,amqp://127.0.0.1:5673/b"]),
     ("edgerun.scheduler", ["serve", "--broker", "mqtt://127.0.0.1:1,amqp://127.0.0.1:2"]),
     ("edgerun.scheduler", ["serve", "--broker", "amqp://127.0.0.1:1,"]),
+    ("edgerun.scheduler", ["serve", "--broker", "amqp://u:a@127.0.0.1:1,amqp://u:b@127.0.0.1:2"]),
+    ("edgerun.scheduler", ["serve", "--broker", "amqp://127.0.0.1:1", "--queue-type", "mirror"]),
+    ("edgerun.bridge", ["--mqtt", "mqtt://127.0.0.1:1", "--amqp", "amqp://127.0.0.1:5672/",
+                        "--queue-type", "Quorum"]),
 ])
 def test_commands_refuse_a_bad_list_in_one_line(module: str, args: list[str],
                                                 tmp_path: object) -> None:
