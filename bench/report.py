@@ -171,7 +171,25 @@ def item7(r: dict[str, Any]) -> list[str]:
             ""]
 
 
-SECTIONS = {"1": item1, "2": item2, "3": item3, "4": item4, "5": item5, "6": item6, "7": item7}
+def item8(r: dict[str, Any]) -> list[str]:
+    mem = [[name, e["single_mib"], e["cluster_mib"], e["per_cluster_node_mib"]]
+           for name, e in (("NATS (JetStream + MQTT)", r["memory"]["nats_jetstream_mqtt"]),
+                           ("RabbitMQ", r["memory"]["rabbitmq"]))]
+    fail = [[name, f"{e['reconnected']}/{e['runs']}",
+             ", ".join(f"{t:.2f}" for t in e["seconds"]), e["median_s"]]
+            for name, e in (("MQTT client on NATS", r["failover"]["mqtt_nats"]),
+                            ("scheduler's AMQP messenger on RabbitMQ (quorum queue)",
+                             r["failover"]["amqp_rabbitmq"]))]
+    return ["## 8. Clusters: memory and failover", "",
+            "RSS (MiB) of the broker processes at rest, one node against three "
+            "(deploy/nats, deploy/rabbitmq):", "",
+            *_table(["broker", "1 node", "3 nodes", "per node"], mem),
+            "Failover: kill -9 of the node a client is on, to connected to another (s):", "",
+            *_table(["client", "reconnected", "runs (s)", "median (s)"], fail)]
+
+
+SECTIONS = {"1": item1, "2": item2, "3": item3, "4": item4, "5": item5, "6": item6, "7": item7,
+            "8": item8}
 
 
 def markdown(results: dict[str, Any]) -> str:
