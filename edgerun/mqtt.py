@@ -31,19 +31,15 @@ import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 
 from .backoff import Backoff
-from .errors import ConfigError, EdgerunError
+from .errors import ConfigError
 from .settings import BrokerURL, TLSFiles
 
-__all__ = ["Inbound", "MqttConnection", "MqttError", "TLSFiles", "Will"]
+__all__ = ["Inbound", "MqttConnection", "TLSFiles", "Will"]
 
 log = logging.getLogger(__name__)
 
 DoneCallback = Callable[[], None]
 MAX_PENDING = 50_000  # QoS>0 publishes handed to paho at once, well under its 65,535 ids
-
-
-class MqttError(EdgerunError):
-    """The MQTT layer could not do what was asked (bad TLS files, stopped connection)."""
 
 
 @dataclass(frozen=True)
