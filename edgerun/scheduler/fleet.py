@@ -8,9 +8,13 @@ node or rollout ever race.
 
 - **Pacing**: a task is stored `queued` first; it is sent only while the node
   has fewer than `pace` tasks outstanding (dispatched, accepted, running, or
-  handed to the broker and not yet confirmed). Each task that ends lets the
-  next queued one of that node go, oldest first. So a backlog never fills an
-  agent's queue (`busy`), as long as `pace` is below the agents' --queue-size.
+  claimed for sending and not yet confirmed by the broker). Each task that
+  ends lets the next queued one of that node go, oldest first. So a backlog
+  never fills an agent's queue (`busy`), as long as `pace` is below the agents'
+  --queue-size. The claim is a row in the store (hold `sending`), taken with
+  the node's row locked, so several instances on one PostgreSQL never send a
+  task twice nor more than `pace` together; a claim whose instance died lapses
+  after `stale_after` seconds and the task goes again.
 - **Liveness**: when a node goes offline (its Last Will) or comes back, every
   follower of its tasks in flight is told at once: a `task_event` whose state
   did not change, with an `alert`. After `offline_grace` seconds offline, its
@@ -32,7 +36,7 @@ from edgerun.protocol import Cancel, ErrorCode, JSONObject, State, canonical_jso
     is_final
 
 from .errors import SchedulerError
-from .fleetdb import FleetDB
+from .fleetdb import SENDING, FleetDB
 from .retries import RetryPolicy, attempt_id, policy_of, root_of, will_retry
 from .store import Change
 from .tracker import Verdict
@@ -56,7 +60,7 @@ class Fleet:
         self.offline_grace = float(service.cfg.offline_grace)
         self.rollouts = RolloutEngine(self)
         self.jobs = JobRunner(self)
-        self._sending: dict[str, set[str]] = {}
+        self.claim_ttl = max(float(getattr(service.cfg, "stale_after", 15.0)), 5.0)
         self._thread: threading.Thread | None = None
 
     # --- life cycle -----------------------------------------------------------------------
@@ -94,20 +98,10 @@ class Fleet:
     # --- pacing ---------------------------------------------------------------------------
     def pump(self, node: str) -> int:
         """Send the node's free queued tasks while it has room; returns how many."""
-        sending = self._sending.setdefault(node, set())
-        room = self.pace - len(sending) - self.db.outstanding(node)
-        if room <= 0:
-            return 0
-        sent = 0
-        for row in self.db.ready(node, room + len(sending), time.time()):
-            if sent >= room:
-                break
-            if row["id"] in sending:
-                continue
-            sending.add(row["id"])
+        claimed = self.db.claim(node, self.pace, time.time(), self.claim_ttl)
+        for row in claimed:
             self.svc._send(node, self.svc._task_of(row))
-            sent += 1
-        return sent
+        return len(claimed)
 
     def pump_nodes(self, nodes: list[str]) -> None:
         for node in nodes:
@@ -117,18 +111,20 @@ class Fleet:
         for node in self.db.nodes_with_ready(time.time()):
             self.pump(node)
 
-    def is_sending(self, node: str, task_id: str) -> bool:
-        return task_id in self._sending.get(node, ())
+    def is_sending(self, task: JSONObject) -> bool:
+        """Claimed for sending and not yet confirmed by the broker (the claim not lapsed)."""
+        return (task["state"] == State.QUEUED and task.get("hold") == SENDING
+                and float(task.get("not_before") or 0) > time.time())
 
     def on_dispatched(self, node: str, task_id: str) -> None:
-        """The broker took the task: it now counts as outstanding in the store."""
-        self._sending.get(node, set()).discard(task_id)
+        """The broker took the task: it now counts as dispatched; maybe room for more."""
         self.pump(node)
 
     def cancel_queued(self, task: JSONObject, why: str) -> None:
         """A cancel request for a task still queued here: never sent, so canceled in the
         store; one being handed to the broker gets a `cancel` after it."""
-        if self.is_sending(task["node"], task["id"]):
+        current = self.db.task(task["node"], task["id"]) or task
+        if self.is_sending(current):
             self.svc.messenger.send(task["node"], self.svc._wire(Cancel(task["id"])),
                                     self.svc.metrics.dispatched.inc)
             return

@@ -21,6 +21,10 @@ from .store import Store, task_dict
 Conflict: type[_errors.BadRequest] = getattr(_errors, "Conflict", _errors.BadRequest)
 
 OUTSTANDING = ("dispatched", "accepted", "running")
+SENDING = "sending"  # hold of a task claimed for sending; `not_before` is when the claim lapses
+# queued tasks free to go: no hold (or a lapsed claim), back-off over
+READY = ("SELECT * FROM tasks WHERE state='queued' AND spec IS NOT NULL AND (hold IS NULL OR "
+         "(hold=? AND not_before <= ?)) AND (not_before IS NULL OR not_before <= ?)")
 FINAL = ("succeeded", "failed", "timed_out", "canceled", "rejected", "lost")
 
 
@@ -51,27 +55,41 @@ class FleetDB:
                              (node, task_id)).fetchone()
             return fleet_task(row) if row is not None else None
 
-    def outstanding(self, node: str) -> int:
-        """Tasks the node holds or is about to: dispatched, accepted, running."""
+    def outstanding(self, node: str, now: float) -> int:
+        """Tasks the node holds or is about to: dispatched, accepted, running, or claimed
+        for sending (by any instance) and not yet confirmed by the broker."""
         with self.store._read() as db:
-            row = db.execute("SELECT COUNT(*) FROM tasks WHERE node=? AND state IN (?,?,?)",
-                             (node, *OUTSTANDING)).fetchone()
-            return int(row[0])
+            return self._outstanding(db, node, now)
 
-    def ready(self, node: str, limit: int, now: float) -> list[JSONObject]:
-        """Queued tasks free to go (no hold, back-off over), oldest first."""
-        with self.store._read() as db:
-            rows = db.execute(
-                "SELECT * FROM tasks WHERE node=? AND state='queued' AND hold IS NULL AND spec "
-                "IS NOT NULL AND (not_before IS NULL OR not_before <= ?) ORDER BY seq LIMIT ?",
-                (node, now, limit))
+    @staticmethod
+    def _outstanding(db: Any, node: str, now: float) -> int:
+        row = db.execute("SELECT COUNT(*) FROM tasks WHERE node=? AND (state IN (?,?,?) OR "
+                         "(state='queued' AND hold=? AND not_before > ?))",
+                         (node, *OUTSTANDING, SENDING, now)).fetchone()
+        return int(row[0])
+
+    def claim(self, node: str, pace: int, now: float, ttl: float) -> list[JSONObject]:
+        """Up to `pace` minus what is outstanding of the node's free queued tasks, oldest
+        first, marked as being sent (hold `sending` until now + ttl: a claim whose
+        instance died before the broker took the task lapses, and the task is free
+        again). One transaction, the node's row locked: several instances never
+        claim the same task, nor more than `pace` together."""
+        with self.store._write() as db:
+            db.execute("SELECT node FROM nodes WHERE node=? FOR UPDATE", (node,))
+            room = pace - self._outstanding(db, node, now)
+            if room <= 0:
+                return []
+            rows = db.execute(READY + " AND node=? ORDER BY seq LIMIT ?",
+                              (SENDING, now, now, node, room)).fetchall()
+            for row in rows:
+                db.execute("UPDATE tasks SET hold=?, not_before=? WHERE node=? AND id=?",
+                           (SENDING, now + ttl, node, row["id"]))
             return [fleet_task(r) for r in rows]
 
     def nodes_with_ready(self, now: float) -> list[str]:
         with self.store._read() as db:
-            rows = db.execute(
-                "SELECT DISTINCT node FROM tasks WHERE state='queued' AND hold IS NULL AND spec "
-                "IS NOT NULL AND (not_before IS NULL OR not_before <= ?)", (now,))
+            rows = db.execute(READY.replace("SELECT *", "SELECT DISTINCT node", 1),
+                              (SENDING, now, now))
             return [r[0] for r in rows]
 
     def next_not_before(self) -> float | None:
@@ -140,8 +158,8 @@ class FleetDB:
     def release(self, node: str, task_id: str) -> None:
         """Lift a queued task's hold: it may go (subject to pacing)."""
         with self.store._write() as db:
-            db.execute("UPDATE tasks SET hold=NULL WHERE node=? AND id=? AND state='queued'",
-                       (node, task_id))
+            db.execute("UPDATE tasks SET hold=NULL WHERE node=? AND id=? AND state='queued' "
+                       "AND hold IN ('job', 'rollout')", (node, task_id))
 
     # --- rollouts --------------------------------------------------------------------------
     def add_rollout(self, rollout_id: str, task_id: str, options: JSONObject,

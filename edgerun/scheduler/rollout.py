@@ -365,7 +365,7 @@ class RolloutEngine:
         why = f"rollout {rollout_id} was aborted before this target started: {reason}"
         for target in targets:
             task, node = target.task, target.node
-            if task["state"] == "queued" and not self.fleet.is_sending(node, task["id"]):
+            if task["state"] == "queued" and not self.fleet.is_sending(task):
                 change = self.svc.store.cancel_queued(node, task["id"], SKIPPED, why[:1000])
                 if change is not None:
                     self.svc._emit(change)

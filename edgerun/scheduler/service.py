@@ -348,17 +348,6 @@ class Service:
         """After a start: what is free to go is sent, paced; held steps wait (fleet.py)."""
         self.fleet.resume()
 
-    def _resume_unpaced(self) -> None:  # replaced by fleet.resume(); H13: remove or merge
-        """After a restart: send again what never reached the broker (agents dedupe ids).
-        With several instances only what is stale: the others are sending theirs."""
-        if self.store.shared:
-            rows = self.store.stale_queued(self.cfg.stale_after)
-        else:
-            rows = [r for r in self.store.tasks(state=str(State.QUEUED), limit=1_000_000)
-                    if r["job"] is None and r["spec"] is not None]
-        for row in [*rows, *self.store.queued_job_heads()]:
-            self._send(row["node"], self._task_of(row))
-
     def _duties(self, first: bool) -> None:
         """The tracker's, on the instance that runs the periodic duties (tracker.py)."""
         if first:
@@ -367,10 +356,13 @@ class Service:
             self._inbox.put(self._send_stale)
 
     def _send_stale(self) -> None:
-        for row in self.store.stale_queued(self.cfg.stale_after):
-            log.warning("sending task %s for node %s, stored by an instance that never sent "
-                        "it", row["id"], row["node"])
-            self._send(row["node"], self._task_of(row))
+        """Queued tasks an instance that died never sent go like any other: paced, and
+        held ones (job steps, rollout targets, retry back-offs) only in their turn."""
+        stale = self.store.stale_queued(self.cfg.stale_after)
+        if stale:
+            log.info("%d tasks were stored by an instance that never sent them; sending "
+                     "them paced", len(stale))
+        self.fleet.pump_all()
 
     def forget_node(self, node: str) -> JSONObject:
         """`edgerun nodes forget ID`: remove a node from the registry (its tasks stay)."""

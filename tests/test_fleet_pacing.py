@@ -1,0 +1,73 @@
+"""Per-node pacing: at most `pace` tasks outstanding per node, the rest held `queued` and
+released as earlier ones end, so a backlog never fills an agent's queue (`busy`)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+from edgerun.scheduler.fleetdb import FleetDB
+
+from .brokers import Mosquitto, wait_until
+from .scheduler_kit import Api, running_app, start_agent
+
+TASKS, QUEUE_SIZE, PACE = 500, 64, 8
+
+
+def test_500_tasks_to_one_node_with_queue_64_all_succeed_none_busy(
+        mosquitto: Mosquitto, tmp_path: Path) -> None:
+    with running_app(mosquitto.url, tmp_path, pace=PACE, grace=30.0) as app:
+        api, svc = Api(app.api_url), app.service
+        assert svc is not None
+        agent = start_agent(mosquitto.url, "pace-a", tmp_path, "--queue-size", str(QUEUE_SIZE),
+                            "--log-level", "warning")
+        api.wait_node("pace-a")
+        db = FleetDB(svc.store)
+        peak = [0]
+        stop = threading.Event()
+
+        def sample() -> None:
+            while not stop.wait(0.02):
+                peak[0] = max(peak[0], db.outstanding("pace-a", time.time()))
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        try:
+            ids = [svc.dispatch(["pace-a"], False, {"type": "shell", "command": "true"})[0]["id"]
+                   for _ in range(TASKS)]
+            held = svc.store.count_by_state().get("queued", 0)
+            assert held > 0, "the backlog was not held back"
+
+            def done() -> bool:
+                counts = svc.store.count_by_state()
+                return sum(n for s, n in counts.items() if s not in (
+                    "queued", "dispatched", "accepted", "running")) >= TASKS
+            assert wait_until(done, 300, 0.2), svc.store.count_by_state()
+        finally:
+            stop.set()
+            sampler.join()
+            agent.terminate()
+        counts = svc.store.count_by_state()
+        assert counts == {"succeeded": TASKS}, counts
+        assert 0 < peak[0] <= PACE, peak[0]
+        busy = [u for u in svc.store.updates("pace-a", ids[-1]) if u["state"] == "rejected"]
+        assert not busy
+
+
+def test_a_held_task_can_be_canceled_before_it_is_sent(mosquitto: Mosquitto,
+                                                       tmp_path: Path) -> None:
+    with running_app(mosquitto.url, tmp_path, pace=1) as app:
+        api, svc = Api(app.api_url), app.service
+        assert svc is not None
+        start_agent(mosquitto.url, "pace-b", tmp_path)
+        api.wait_node("pace-b")
+        [first] = svc.dispatch(["pace-b"], False, {"type": "shell", "command": "sleep 30"})
+        [second] = svc.dispatch(["pace-b"], False, {"type": "shell", "command": "true"})
+        api.wait_state(first["id"], "pace-b", "running")
+        assert api.task(second["id"], "pace-b")["state"] == "queued"  # pace 1: held
+        svc.cancel(second["id"], "pace-b")
+        canceled = api.wait_state(second["id"], "pace-b", "canceled")
+        assert canceled["dispatched_at"] is None  # never sent
+        assert "before it was sent" in canceled["error"]["message"]
+        svc.cancel(first["id"], "pace-b")
+        api.wait_state(first["id"], "pace-b", "canceled")
