@@ -364,3 +364,14 @@ def test_two_stores_on_one_postgres_apply_each_change_once(pg_url: str) -> None:
     finally:
         one.close()
         two.close()
+
+
+def test_a_late_update_is_recorded_once_but_never_moves_the_task_back(store: Store) -> None:
+    """Competing consumers may hand `accepted` to one instance after another applied
+    `running`: the state stays `running`, and the update is still part of the record."""
+    store.add_task("n1", ShellTask(id="t", command="true"), source="api")
+    assert apply(store, "t", "running") is not None
+    assert apply(store, "t", "accepted") is None
+    assert apply(store, "t", "accepted") is None  # and its redelivery adds nothing
+    assert store.get("n1", "t")["state"] == "running"
+    assert sorted(u["state"] for u in store.updates("n1", "t")) == ["accepted", "running"]

@@ -13,6 +13,7 @@ from edgerun.settings import BrokerURL
 from .config import BridgeConfig
 from .metrics import BrokerStatus, HttpServer, Metrics, Status
 from .pump import Pump
+from .resync import Resync, resubscriber
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +55,10 @@ class Bridge:
                              heartbeat=cfg.keepalive, name="bridge-amqp",
                              tls=TLSFiles(cfg.ca_file, cfg.cert_file, cfg.key_file))
         self.pump.attach(self.mqtt, self.link)
+        # a scheduler's re-sync request: the broker sends the retained statuses again
+        self.resync = Resync(cfg.amqp_nodes or (cfg.amqp,),
+                             resubscriber(self.mqtt, subscriptions(cfg)),
+                             tls=TLSFiles(cfg.ca_file, cfg.cert_file, cfg.key_file))
         self.metrics.watch(self.status)
         self.http: HttpServer | None = None
         if cfg.metrics_port:
@@ -76,6 +81,7 @@ class Bridge:
             self.http.start()
         self.link.start()
         self.mqtt.start()
+        self.resync.start()
         routes = ", ".join(f"{r.name} ({r.direction})" for r in self.cfg.routes.routes)
         log.info("bridging %s and %s as %s; routes: %s", self.cfg.mqtt, self.cfg.amqp,
                  self.cfg.client_id, routes)
@@ -93,6 +99,7 @@ class Bridge:
         while not self.pump.drained() and time.monotonic() < deadline:
             self.pump.progress.wait(0.1)  # set at each confirm and PUBACK
             self.pump.progress.clear()
+        self.resync.stop()
         self.link.stop()
         self.mqtt.flush(min(5.0, max(0.5, deadline - time.monotonic())))
         self.mqtt.stop()

@@ -11,7 +11,13 @@ Two amqtt behaviours are adjusted (see scheduler/README.md, "Embedded broker"):
 - on every CONNECT it sends the new client the retained messages of *every*
   topic filter anyone subscribed to; `_Broker` sends a client only those of
   its own subscriptions (an agent would otherwise receive other nodes'
-  retained status on its task topic).
+  retained status on its task topic);
+- an MQTT 5 CONNECT (protocol level 5) carries properties amqtt cannot parse: it
+  waited for bytes that never came and the client hung with no CONNACK. `_Broker`
+  reads the first packet itself and answers any protocol level but 4 (3.1.1) at
+  once with CONNACK return code 0x01, "unacceptable protocol version", which is
+  what MQTT 5 clients take as "try 3.1.1" or report; a first packet that is not a
+  CONNECT, or none within `CONNECT_TIMEOUT_S`, closes the connection.
 """
 
 from __future__ import annotations
@@ -26,6 +32,64 @@ from typing import Any
 from .errors import EmbeddedBrokerError
 
 log = logging.getLogger(__name__)
+
+CONNECT_TIMEOUT_S = 30.0
+MAX_CONNECT_BYTES = 65_536
+REFUSE_PROTOCOL = bytes([0x20, 0x02, 0x00, 0x01])  # CONNACK, unacceptable protocol version
+
+
+def connect_level(packet: bytes) -> int | None:
+    """The protocol level of a whole CONNECT packet (None: not a readable CONNECT)."""
+    if not packet or packet[0] != 0x10:
+        return None
+    i = 1
+    while i < len(packet) and packet[i] & 0x80:  # the remaining length's bytes
+        i += 1
+    i += 1
+    if i + 2 > len(packet):
+        return None
+    name_len = int.from_bytes(packet[i:i + 2], "big")
+    level_at = i + 2 + name_len
+    return packet[level_at] if level_at < len(packet) else None
+
+
+async def read_first_packet(reader: Any) -> bytes:
+    """The client's whole first packet, as bytes; ValueError if it is too big."""
+    head = bytearray(await reader.read(1))
+    length, shift = 0, 0
+    for _ in range(4):
+        byte = (await reader.read(1))[0]
+        head.append(byte)
+        length |= (byte & 0x7F) << shift
+        shift += 7
+        if not byte & 0x80:
+            break
+    else:
+        raise ValueError("bad remaining length")
+    if length > MAX_CONNECT_BYTES:
+        raise ValueError(f"a first packet of {length} bytes")
+    return bytes(head) + (await reader.read(length) if length else b"")
+
+
+class _Replay:
+    """A reader that gives back the bytes already read, then reads on."""
+
+    def __init__(self, reader: Any, data: bytes) -> None:
+        self._reader, self._data = reader, data
+
+    async def read(self, n: int = -1) -> bytes:
+        if not self._data:
+            return bytes(await self._reader.read(n))
+        if n == -1 or n >= len(self._data):
+            data, self._data = self._data, b""
+            if n != -1 and n > len(data):
+                data += await self._reader.read(n - len(data))
+            return data
+        data, self._data = self._data[:n], self._data[n:]
+        return data
+
+    def feed_eof(self) -> None:
+        self._reader.feed_eof()
 
 
 def _amqtt() -> tuple[Any, Any]:
@@ -53,6 +117,28 @@ def _make_classes() -> tuple[type, type]:
             return True
 
     class _Broker(broker_cls):  # type: ignore[misc, valid-type]
+        async def _client_connected(self, listener_name: str, reader: Any,
+                                    writer: Any) -> None:
+            try:
+                first = await asyncio.wait_for(read_first_packet(reader), CONNECT_TIMEOUT_S)
+            except (TimeoutError, asyncio.IncompleteReadError, ValueError, OSError,
+                    IndexError) as exc:
+                log.info("embedded broker: closed a connection before CONNECT: %s",
+                         exc or type(exc).__name__)
+                await _close(writer)
+                return
+            level = connect_level(first)
+            if level != 4:
+                if level is not None:  # a CONNECT: say why (MQTT 5 clients fall back or stop)
+                    log.info("embedded broker: refused a client speaking MQTT protocol "
+                             "level %d (only 3.1.1, level 4, is served)", level)
+                    with contextlib.suppress(Exception):
+                        writer.write(REFUSE_PROTOCOL)
+                        await writer.drain()
+                await _close(writer)
+                return
+            await super()._client_connected(listener_name, _Replay(reader, first), writer)
+
         async def _publish_retained_messages_for_subscription(
                 self, subscription: tuple[str, int], session: Any) -> None:
             topic_filter, _qos = subscription
@@ -138,6 +224,11 @@ class EmbeddedBroker:
             await broker.shutdown()
         except Exception as exc:  # shutting down: nothing left to save
             log.warning("embedded broker shut down uncleanly: %s", exc)
+
+
+async def _close(writer: Any) -> None:
+    with contextlib.suppress(Exception):
+        await writer.close()
 
 
 def _cause(exc: BaseException) -> str:

@@ -94,6 +94,7 @@ class Service:
     def start(self) -> None:
         self._worker = threading.Thread(target=self._work, name="scheduler-worker", daemon=True)
         self._worker.start()
+        self.messenger.seed(n["node"] for n in self.store.nodes())  # for its re-sync
         self.messenger.start(self._inbox.put)
         self.fleet.start()
         self.tracker.start()  # its first round sends again what never reached the broker

@@ -30,7 +30,7 @@ from .db import Database, Row, open_database
 from .schema import MIGRATIONS, SCHEMA_VERSION
 
 RESULT_FIELDS = ("exit_code", "stdout", "stderr", "truncated", "duration_s", "bytes", "sha256",
-                 "dest")
+                 "dest", "output_dropped")
 FINAL_STATE_NAMES = ("canceled", "failed", "lost", "rejected", "succeeded", "timed_out")
 NOTIFY_LIMIT = 7_800  # PostgreSQL refuses NOTIFY payloads of 8,000 bytes and more
 
@@ -201,6 +201,18 @@ class Store:
             change = self._transition_in(db, node, task_id, state, apply)
             db.execute("DELETE FROM tasks WHERE node=? AND id=? AND state='__new__'",
                        (node, task_id))
+            if change is None:
+                # Not applied (a duplicate, or late: with several instances `accepted` may
+                # be handled after `running`), yet the first copy of each state is part
+                # of the record. The task row is locked (FOR UPDATE), so two instances
+                # never both insert it.
+                db.execute(
+                    "INSERT INTO updates (node, task_id, state, at, received_at, body) "
+                    "SELECT ?,?,?,?,?,? WHERE EXISTS (SELECT 1 FROM tasks WHERE node=? AND "
+                    "id=?) AND NOT EXISTS (SELECT 1 FROM updates WHERE node=? AND task_id=? "
+                    "AND state=?)",
+                    (node, task_id, str(state), update.at, format_time(), json.dumps(body),
+                     node, task_id, node, task_id, str(state)))
             return change
 
     def record_rejected_without_id(self, node: str, body: JSONObject) -> None:

@@ -27,6 +27,7 @@ from queue import Empty, SimpleQueue
 import pika
 
 from edgerun.amqp import AmqpError, AmqpLink, QueueSpec, Topology
+from edgerun.bridge.resync import CONTROL_EXCHANGE, resync_request
 from edgerun.amqpconfirms import ConfirmTracker
 from edgerun.protocol import (
     AUDIT_EXCHANGE, EVENTS_EXCHANGE, SCHEDULER_QUEUE, TASKS_EXCHANGE, Channel, binding,
@@ -93,6 +94,7 @@ class AmqpMessenger(Messenger):
                                     exclusive=True, auto_delete=True, auto_ack=True)
         exchanges = tuple((e, "topic") for e in dict.fromkeys(
             (tasks_exchange, events_exchange, audit_exchange)) if e)
+        exchanges += ((CONTROL_EXCHANGE, "fanout"),)  # re-sync requests to the bridges
         # built once: a bad TLS file is a ConfigError at start-up, not at every reconnect
         self.link = AmqpLink(urls, Topology(exchanges, (self.main_queue, self.live_queue),
                                             prefetch), self, tls=tls, heartbeat=30,
@@ -140,6 +142,9 @@ class AmqpMessenger(Messenger):
     # --- the link thread: edgerun.amqp.Handler ------------------------------------------
     def on_ready(self) -> None:
         self.connected.set()
+        # ask the bridges to have the MQTT broker re-send every retained status
+        # (edgerun/bridge/resync.py): this scheduler may have missed them
+        self._submit(_Publish(CONTROL_EXCHANGE, "", resync_request(self.queue), None))
         self.on_wake()
         self.link.consume()
 

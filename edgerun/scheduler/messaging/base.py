@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -62,6 +62,11 @@ class Messenger(ABC):
     def node(self) -> BrokerURL | None:
         """The broker address (one node of a cluster) connected to now; None while down."""
         return self.url if self.connected.is_set() else None
+
+    def seed(self, nodes: Iterable[str]) -> None:
+        """The node ids the store knows, before `start`: a messenger that must ask for
+        their retained status one by one (messaging/mqtt.py) remembers them."""
+        del nodes  # the AMQP messenger asks the bridges instead (edgerun/bridge/resync.py)
 
     @property
     @abstractmethod

@@ -11,13 +11,21 @@ Status and output stay plain subscriptions on every instance: status is retained
 (brokers send no retained messages to shared subscriptions) and recording it
 twice is harmless (the store serialises it), and live output is wanted by
 whichever instance has a reader.
+
+Re-sync: on every connection the messenger also subscribes to the exact status
+topic of every node it knows (from the store at start, and each node whose status
+it saw) and unsubscribes at once. A broker that sends no retained messages to
+wildcard subscriptions (RabbitMQ's MQTT plugin) still sends them for an exact
+topic, so a restarted scheduler knows every known node's current status within
+seconds; on Mosquitto it only repeats what the wildcard brought.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 from edgerun.mqtt import Inbound, MqttConnection, TLSFiles
 from edgerun.protocol import Channel, Topics
@@ -47,10 +55,18 @@ class MqttMessenger(Messenger):
         if record_external:
             subs.append((share + self.topics.wildcard(Channel.TASKS), 1))
         self._deliver: Callable[[Incoming], None] | None = None
+        self._known: set[str] = set()
+        self._known_lock = threading.Lock()
+        self.resyncs = 0
         self.conn = MqttConnection(urls, self.client_id, on_message=self._on_message,
                                    subscriptions=subs, clean_session=False, manual_ack=True,
-                                   tls=tls, name="scheduler-mqtt", max_inflight=1000)
+                                   tls=tls, name="scheduler-mqtt", max_inflight=1000,
+                                   on_connected=self._on_connected)
         self.connected = self.conn.connected
+
+    def seed(self, nodes: Iterable[str]) -> None:
+        with self._known_lock:
+            self._known.update(nodes)
 
     def start(self, deliver: Callable[[Incoming], None]) -> None:
         self._deliver = deliver
@@ -79,6 +95,19 @@ class MqttMessenger(Messenger):
     def node(self) -> BrokerURL | None:
         return self.conn.node
 
+    def _on_connected(self, _session_present: bool) -> None:  # network thread: only queues
+        with self._known_lock:
+            nodes = sorted(self._known)
+        if not nodes:
+            return
+        self.resyncs += 1
+        log.info("re-sync: asking the broker for the retained status of %d known nodes",
+                 len(nodes))
+        for node in nodes:
+            topic = self.topics.status(node)
+            self.conn.subscribe(topic, 1)
+            self.conn.unsubscribe(topic)
+
     def _on_message(self, msg: Inbound) -> None:  # network thread: never block
         parsed = self.topics.parse(msg.topic)
         if parsed is None or self._deliver is None:
@@ -86,4 +115,7 @@ class MqttMessenger(Messenger):
                 self.conn.ack(msg)
             return
         node, channel = parsed
+        if channel == Channel.STATUS:
+            with self._known_lock:
+                self._known.add(node)
         self._deliver(Incoming(node, channel, msg.payload, msg))

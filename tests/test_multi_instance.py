@@ -1,0 +1,197 @@
+"""Three `edgerun serve` instances on one PostgreSQL database and one RabbitMQ: competing
+consumers of one durable queue, periodic duties on one of them (an advisory lock), and
+every instance's events on every instance's stream (LISTEN/NOTIFY).
+
+Real everything: a private RabbitMQ and Mosquitto, the bridge as a process, the three
+instances as processes (so one can be killed -9), 100 real agents (tests/agent_pool.py)
+and a database of this test run (tests/pg.py).
+"""
+
+from __future__ import annotations
+
+import collections
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from edgerun.protocol import Channel, Topics
+from edgerun.scheduler.errors import SchedulerError
+from edgerun.scheduler.store import Store
+
+from .bridgekit import BridgeProcess
+from .brokers import Mosquitto, wait_until
+from .mqttkit import ROOT, Observer
+from .multikit import EventReader, ServeProcess
+from .pg import fresh_database, pg_database  # noqa: F401  (fixture)
+from .rabbit import Rabbit
+
+FINAL = {"succeeded", "failed", "timed_out", "canceled", "rejected", "lost"}
+NODES = [f"mi{i:03d}" for i in range(100)]
+
+
+class AgentPool:
+    """100 real agents in one process."""
+
+    def __init__(self, broker: str, workdir: Path) -> None:
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.log = open(workdir / "pool.log", "wb")  # noqa: SIM115 - the process keeps it
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "tests.agent_pool", broker, "mi", "0", str(len(NODES)),
+             str(workdir)], stdout=self.log, stderr=self.log, cwd=ROOT)
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self.log.close()
+
+
+@pytest.fixture
+def stack(tmp_path: Path, pg_database: str) -> Iterator[dict[str, Any]]:  # noqa: F811
+    rabbit = Rabbit(tmp_path / "rabbit").start()
+    mosquitto = Mosquitto(tmp_path / "mosquitto").start()
+    bridge = BridgeProcess(mosquitto.url, rabbit.url, tmp_path / "bridge")
+    db = fresh_database(pg_database)
+    token = tmp_path / "admin-token"
+    serves = [ServeProcess(f"s{i}", rabbit.url, db, tmp_path / f"s{i}", token, "--tick",
+                           "0.2", "--grace", "5") for i in (1, 2, 3)]
+    pool: AgentPool | None = None
+    try:
+        bridge.start().wait_ready()
+        serves[0].start().wait_ready()  # the first one writes the admin token
+        for serve in serves[1:]:
+            serve.start()
+        for serve in serves[1:]:
+            serve.wait_ready()
+        pool = AgentPool(mosquitto.url, tmp_path / "agents")
+        yield {"serves": serves, "db": db, "mosquitto": mosquitto, "bridge": bridge}
+    finally:
+        if pool is not None:
+            pool.stop()
+        for serve in serves:
+            serve.stop()
+        if bridge.alive():
+            bridge.terminate()
+        mosquitto.stop()
+        rabbit.stop()
+
+
+def dispatch(serve: ServeProcess, round_id: str) -> None:
+    serve.client(timeout=120).post("/tasks", {
+        "targets": NODES, "task": {"id": round_id, "type": "shell", "command": "true",
+                                   "timeout": 120}})
+
+
+def test_three_instances_one_killed_one_restarted(stack: dict[str, Any]) -> None:
+    s1, s2, s3 = stack["serves"]
+    store = Store(stack["db"])  # the test reads the shared database directly
+    try:
+        assert wait_until(lambda: len(store.online_nodes()) == len(NODES), 120, 0.5), \
+            f"only {len(store.online_nodes())} of {len(NODES)} nodes came online"
+        with Observer(stack["mosquitto"].url) as wire:
+            wire.conn.subscribe(Topics("edgerun").wildcard(Channel.TASKS), 1)
+            reader = EventReader(s3.client())  # s3 is neither killed nor restarted
+            try:
+                run(s1, s2, s3, store)
+                check(store, wire, reader, [s1, s2, s3])
+            finally:
+                reader.close()
+    finally:
+        store.close()
+
+
+def run(s1: ServeProcess, s2: ServeProcess, s3: ServeProcess, store: Store) -> None:
+    for r, serve in enumerate((s1, s2, s3, s1)):
+        dispatch(serve, f"r{r}")
+    # kill -9 the first instance (the duties holder: it started first) while it dispatches
+    killed = threading.Thread(target=lambda: _ignore(lambda: dispatch(s1, "rk")), daemon=True)
+    killed.start()
+    wait_until(lambda: len(store.find("rk")) >= 20, 30, 0.005)
+    s1.kill()
+    killed.join(60)
+    # restart another one between rounds, while the third keeps going
+    dispatch(s3, "r4")
+    s2.stop()
+    dispatch(s3, "r5")
+    s2.start().wait_ready()
+    for r in range(6, 10):
+        dispatch((s2, s3)[r % 2], f"r{r}")
+
+    def unfinished() -> int:
+        counts = store.count_by_state()
+        return sum(n for state, n in counts.items() if state not in FINAL)
+    assert wait_until(lambda: unfinished() == 0, 300, 1.0), \
+        f"tasks still open after 300 s: {store.count_by_state()}"
+
+
+def _ignore(action: Any) -> None:
+    try:
+        action()
+    except (SchedulerError, OSError):
+        pass  # the instance was killed under the request
+
+
+def check(store: Store, wire: Observer, reader: EventReader,
+          serves: list[ServeProcess]) -> None:
+    rounds = [f"r{r}" for r in range(10)]
+    tasks = [t for r in [*rounds, "rk"] for t in store.find(r)]
+    full = [t for t in tasks if t["id"] != "rk"]
+    assert len(full) == 1000
+    assert 20 <= len(tasks) - len(full) <= 100  # the round the kill cut short
+    # every task ends in exactly one final state: succeeded, with one final update
+    assert {t["state"] for t in tasks} == {"succeeded"}, collections.Counter(
+        t["state"] for t in tasks)
+    # every update recorded once: the agent's three, nothing repeated (competing
+    # consumers may record `accepted` after `running`: it never moves the task back)
+    for task in tasks:
+        states = sorted(u["state"] for u in store.updates(task["node"], task["id"]))
+        assert states == ["accepted", "running", "succeeded"], (task["node"], task["id"],
+                                                               states)
+    # none dispatched twice: each task was published once, except the round cut short by
+    # the kill -9 (a task the broker took just before the instance died stays `queued`
+    # in the store and is sent again by the duties holder: the agents run an id once)
+    sent = collections.Counter((topic.split("/")[2], b["id"])
+                               for topic, b in _tasks_on_wire(wire))
+    again = collections.Counter(task_id for (_node, task_id), n in sent.items() if n > 1)
+    assert set(again) <= {"rk"}, f"published more than once, by round: {dict(again)}"
+    assert {(t["node"], t["id"]) for t in tasks} == set(sent)
+    # ... and ran once: one final update per task from its agent, a repeat only where the
+    # task itself was repeated (the agent answers a known id with its latest update)
+    assert wait_until(lambda: len(wire.of("update", state="succeeded")) >= len(tasks), 30)
+    finals = collections.Counter((u["node"], u["id"]) for u in wire.of("update",
+                                                                        state="succeeded"))
+    twice = {key for key, n in finals.items() if n > 1}
+    assert all(sent[key] > 1 for key in twice), twice - {k for k in twice if sent[k] > 1}
+    # an event stream on a survivor saw every event: every task event in the shared log
+    # (whichever instance wrote it) reached the stream, and each task's final state
+    assert wait_until(lambda: _seen_finals(reader) >= len(tasks), 30), \
+        f"the stream saw {_seen_finals(reader)} final events of {len(tasks)}"
+    seen = {e.get("_id") for e in reader.snapshot()}
+    logged = [i for i, body in store.events_after(0, limit=100_000)
+              if body.get("kind") in ("task_event", "node_event")]
+    first = min(i for i in seen if isinstance(i, int))
+    missing = [i for i in logged if i > first and i not in seen]
+    assert not missing, f"{len(missing)} logged events never reached the stream"
+    # the duties moved to a survivor when their holder died
+    assert any("runs the periodic duties now" in s.log() for s in serves[1:]), \
+        "no survivor took over the periodic duties"
+
+
+def _tasks_on_wire(wire: Observer) -> list[tuple[str, dict[str, Any]]]:
+    with wire._cond:
+        return [(t, b) for t, b in wire.messages
+                if t.endswith("/tasks") and isinstance(b, dict) and b.get("kind") == "task"]
+
+
+def _seen_finals(reader: EventReader) -> int:
+    return len({(e["node"], e["id"]) for e in reader.snapshot()
+                if e.get("kind") == "task_event" and e.get("state") == "succeeded"})
+
