@@ -39,6 +39,7 @@ __all__ = ["Inbound", "MqttConnection", "TLSFiles", "Will"]
 log = logging.getLogger(__name__)
 
 DoneCallback = Callable[[], None]
+READ_AHEAD = 65536  # bytes one recv may take for paho
 MAX_PENDING = 50_000  # QoS>0 publishes handed to paho at once, well under its 65,535 ids
 
 
@@ -89,6 +90,7 @@ class MqttConnection:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._pending: dict[int, DoneCallback | None] = {}  # mid -> callback, network thread only
+        self._unsent: dict[int, DoneCallback] = {}  # QoS 0 mid -> on_sent, network thread only
         # QoS>0 publishes waiting for a message id: paho's ids wrap at 65,535
         self._held: deque[tuple[str, bytes, int, bool, DoneCallback | None]] = deque()
         self._idle = threading.Condition()
@@ -107,8 +109,8 @@ class MqttConnection:
 
     # --- set-up -----------------------------------------------------------------
     def _make_client(self, clean_session: bool, will: Will | None, manual_ack: bool,
-                     tls: TLSFiles | None, max_inflight: int) -> paho.Client:
-        client = paho.Client(CallbackAPIVersion.VERSION2, client_id=self.client_id,
+                     tls: TLSFiles | None, max_inflight: int) -> _ReadAhead:
+        client = _ReadAhead(CallbackAPIVersion.VERSION2, client_id=self.client_id,
                              clean_session=clean_session, protocol=paho.MQTTv311,
                              manual_ack=manual_ack)
         client.max_inflight_messages_set(max_inflight)
@@ -154,9 +156,16 @@ class MqttConnection:
 
     # --- what other threads call -----------------------------------------------
     def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False,
-                on_done: DoneCallback | None = None) -> None:
+                on_done: DoneCallback | None = None,
+                on_sent: DoneCallback | None = None) -> None:
         """Queue a publish; `on_done` runs on the network thread at the PUBACK
-        (at once for QoS 0). Messages wait while disconnected and go out after."""
+        (at once for QoS 0). Messages wait while disconnected and go out after.
+        `on_sent` (QoS 0 only) runs once the message has left this process's memory:
+        written to the socket, or thrown away with a lost connection; a publisher
+        keeps a memory budget with it."""
+        if on_sent is not None:
+            self._submit(lambda: self._publish_qos0(topic, payload, retain, on_sent))
+            return
         self._submit(lambda: self._publish_now(topic, payload, qos, retain, on_done))
 
     def ack(self, message: Inbound) -> None:
@@ -217,6 +226,20 @@ class MqttConnection:
             self._held.append((topic, payload, qos, retain, on_done))
             return
         self._hand_to_paho(topic, payload, qos, retain, on_done)
+
+    def _publish_qos0(self, topic: str, payload: bytes, retain: bool,
+                      on_sent: DoneCallback) -> None:
+        info = self._client.publish(topic, payload, 0, retain)
+        if info.rc != MQTTErrorCode.MQTT_ERR_SUCCESS or not self.connected.is_set():
+            on_sent()  # not queued, or queued on a socket that is gone
+        else:
+            self._unsent[info.mid] = on_sent
+
+    def _forget_unsent(self) -> None:
+        """paho drops unwritten QoS 0 messages with the connection: give their budget back."""
+        unsent, self._unsent = self._unsent, {}
+        for on_sent in unsent.values():
+            on_sent()
 
     def _hand_to_paho(self, topic: str, payload: bytes, qos: int, retain: bool,
                       on_done: DoneCallback | None) -> None:
@@ -281,7 +304,9 @@ class MqttConnection:
 
     def _connect(self) -> bool:
         self._was_up = self._refused = False
+        self._forget_unsent()  # a new connection starts with paho's queue empty
         try:
+            self._client.forget_read_ahead()  # bytes of an old socket
             self._client.connect(self.url.host, self.url.port, self._keepalive)
             return True
         except (OSError, ssl.SSLError, ValueError) as exc:
@@ -306,7 +331,8 @@ class MqttConnection:
             if self._client.want_write() != want_write:
                 want_write = not want_write
                 poller.modify(sock_fd, select.POLLIN | (select.POLLOUT if want_write else 0))
-            tls_buffered = isinstance(sock, ssl.SSLSocket) and sock.pending() > 0
+            tls_buffered = self._client.read_ahead() or \
+                (isinstance(sock, ssl.SSLSocket) and sock.pending() > 0)
             if tls_buffered and (rc := self._client.loop_read()) != ok:
                 return paho.error_string(rc)
             for fd, events in poller.poll(0 if tls_buffered else 1000):
@@ -349,6 +375,7 @@ class MqttConnection:
                         or not self._client.want_write():
                     break
         self.connected.clear()
+        self._forget_unsent()
 
     def _note_error(self, text: str) -> None:
         if text != self.last_error:
@@ -380,6 +407,7 @@ class MqttConnection:
                            reason: Any, _props: Any) -> None:
         was = self.connected.is_set()
         self.connected.clear()
+        self._forget_unsent()
         self.node = None
         if was and not self._stop.is_set():
             self._note_error(f"lost the connection to {self.url}: {reason}")
@@ -399,6 +427,10 @@ class MqttConnection:
 
     def _handle_publish(self, _client: paho.Client, _userdata: Any, mid: int,
                         _reason: Any, _props: Any) -> None:
+        on_sent = self._unsent.pop(mid, None)
+        if on_sent is not None:  # a QoS 0 message written to the socket
+            on_sent()
+            return
         if mid not in self._pending:
             return
         on_done = self._pending.pop(mid)
@@ -409,6 +441,33 @@ class MqttConnection:
         if not self._pending and not self._held:
             with self._idle:
                 self._idle.notify_all()
+
+
+class _ReadAhead(paho.Client):
+    """paho's Client with a read-ahead buffer: paho reads a packet in three recv calls
+    (its first byte, its length, the rest) and one packet per loop_read; this serves
+    them from one recv of up to READ_AHEAD bytes. The loop reads on while bytes wait."""
+
+    _ahead = b""
+    _at = 0
+
+    def _sock_recv(self, bufsize: int) -> bytes:
+        if self._at >= len(self._ahead):
+            data = super()._sock_recv(max(bufsize, READ_AHEAD))
+            if len(data) <= bufsize:
+                self._ahead, self._at = b"", 0
+                return data
+            self._ahead, self._at = data, 0
+        start = self._at
+        self._at = start + bufsize
+        return self._ahead[start:self._at]
+
+    def read_ahead(self) -> bool:
+        """Whether bytes already read from the socket wait for paho."""
+        return self._at < len(self._ahead)
+
+    def forget_read_ahead(self) -> None:
+        self._ahead, self._at = b"", 0
 
 
 def _nodelay(_client: paho.Client, _userdata: Any, sock: Any) -> None:

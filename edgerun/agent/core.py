@@ -35,6 +35,9 @@ from .store import TaskLog
 log = logging.getLogger(__name__)
 
 _ONLINE = "online"  # inbox marker: the connection is (back) up, publish the status
+# Live output waiting to be written to the broker, all tasks together. paho holds a
+# packet copy beside our payload, so memory grows by about twice this at most.
+OUTPUT_BUDGET = 8 * 1024 * 1024
 
 
 class Agent:
@@ -45,6 +48,8 @@ class Agent:
         self._stopped = threading.Event()
         self.tasks = TaskLog(cfg.state_dir, cfg.remember)
         self.jail: Containment | None = None  # made in run(): it changes the process
+        self._budget_lock = threading.Lock()
+        self._unsent = 0  # bytes of live output handed to MQTT and not yet written out
         self._inbox: queue.SimpleQueue[Inbound | str | None] = queue.SimpleQueue()
         self._lock = threading.Condition()
         self._queued: OrderedDict[str, tuple[Task, Control]] = OrderedDict()
@@ -155,9 +160,11 @@ class Agent:
             log.exception("cannot even answer the message")
 
     def _handle(self, payload: bytes) -> None:
+        kind = None
         try:
             obj = decode_bounded(payload, self.cfg.max_message_bytes)
             task_id = message_id(obj)
+            kind = obj.get("kind")
             if self.verifier is not None:
                 # before anything else, and never remembered: a forger must not be able
                 # to use up a task id or learn what an id's latest update was
@@ -172,9 +179,12 @@ class Agent:
                     return
             command = parse_command(obj)
         except ProtocolError as exc:
-            log.warning("rejected a message (%s): %s", exc.code, exc.message)
-            self._publish(rejected(self.node, exc.task_id, exc.code, exc.message).to_dict(),
-                          remember=exc.code != ErrorCode.BAD_SIGNATURE)
+            # a refused cancel says nothing about its task: marked, and never remembered
+            # as the task's latest update (PROTOCOL.md, "cancel")
+            of = "cancel" if kind == "cancel" and exc.task_id is not None else None
+            log.warning("rejected a %s (%s): %s", of or "message", exc.code, exc.message)
+            self._publish(rejected(self.node, exc.task_id, exc.code, exc.message, of).to_dict(),
+                          remember=exc.code != ErrorCode.BAD_SIGNATURE and of is None)
             return
         if isinstance(command, Cancel):
             self._cancel(command.id)
@@ -254,15 +264,31 @@ class Agent:
         self._final(task.id, outcome)
 
     def _emitter(self, task_id: str) -> Any:
+        """Live output under one memory budget for the whole agent: a chunk is sent only
+        while the output not yet written to the broker's socket stays within
+        OUTPUT_BUDGET bytes; beyond it (a stalled broker, a flood) it is dropped."""
         seq = itertools.count()
         topic = self.topics.output(self.node)
 
-        def emit(stream: str, data: str) -> None:
+        def emit(stream: str, data: str) -> bool:
             number = next(seq)  # counted even when dropped, so a gap shows the loss
-            if self.conn.connected.is_set():
-                out = Output(task_id, self.node, stream, number, data)  # type: ignore[arg-type]
-                self.conn.publish(topic, encode(out), 0)
+            if not self.conn.connected.is_set() or \
+                    self._unsent + len(data) > OUTPUT_BUDGET:
+                return False
+            out = Output(task_id, self.node, stream, number, data)  # type: ignore[arg-type]
+            payload = encode(out)
+            size = len(payload)
+            with self._budget_lock:
+                if self._unsent + size > OUTPUT_BUDGET:
+                    return False
+                self._unsent += size
+            self.conn.publish(topic, payload, 0, on_sent=lambda: self._sent(size))
+            return True
         return emit
+
+    def _sent(self, size: int) -> None:
+        with self._budget_lock:
+            self._unsent -= size
 
     # --- updates ----------------------------------------------------------------------
     def _final(self, task_id: str, outcome: Outcome) -> None:

@@ -29,7 +29,9 @@ FLUSH_S = 0.25             # live output goes out at least this often
 KILL_GRACE = 2.0           # SIGTERM, then SIGKILL after this long
 LINGER_S = 2.0             # after the main process exits, wait this long for pipes to close
 
-Emit = Callable[[str, str], None]
+# Sends one chunk of live output; returns False when it was dropped (memory budget,
+# no connection), which the final update counts in `output_dropped`.
+Emit = Callable[[str, str], "bool | None"]
 
 
 class _Stream:
@@ -38,6 +40,7 @@ class _Stream:
         self.tail = bytearray()
         self.pending = bytearray()
         self.truncated = False
+        self.dropped = 0
         self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
 
     def feed(self, data: bytes) -> None:
@@ -52,8 +55,8 @@ class _Stream:
             piece = bytes(self.pending[:CHUNK])
             del self.pending[:CHUNK]
             text = self.decoder.decode(piece, final=final and not self.pending)
-            if text:
-                emit(self.name, text)
+            if text and emit(self.name, text) is False:
+                self.dropped += len(piece)
 
     def text(self) -> str:
         data = bytes(self.tail)
@@ -103,6 +106,9 @@ def run_shell(task: ShellTask, control: Control, emit: Emit,
         "truncated": streams[0].truncated or streams[1].truncated,
         "duration_s": round(time.monotonic() - started, 3),
     }
+    dropped = streams[0].dropped + streams[1].dropped
+    if dropped:
+        fields["output_dropped"] = dropped
     if stopped == "timeout":
         return failure(ErrorCode.TIMEOUT, f"the command did not finish within "
                        f"{task.timeout:g} s; every process it started was killed",

@@ -114,6 +114,8 @@ class Update:
     sha256: str | None = None
     dest: str | None = None
     error: Error | None = None
+    output_dropped: int | None = None  # shell: bytes of live output not sent
+    of: str | None = None  # "cancel": a rejected cancel, which says nothing of the task
 
     def to_dict(self) -> JSONObject:
         out: JSONObject = {"v": VERSION, "kind": "update", "id": self.id, "node": self.node,
@@ -123,14 +125,17 @@ class Update:
             "truncated": self.truncated, "duration_s": self.duration_s, "bytes": self.bytes,
             "sha256": self.sha256, "dest": self.dest,
             "error": self.error.to_dict() if self.error else None,
+            "output_dropped": self.output_dropped, "of": self.of,
         }))
         return out
 
 
-def rejected(node: str, task_id: str | None, code: ErrorCode, message: str) -> Update:
-    """The update that answers a message the agent will never run."""
+def rejected(node: str, task_id: str | None, code: ErrorCode, message: str,
+             of: str | None = None) -> Update:
+    """The update that answers a message the agent will never run (`of="cancel"` when the
+    refused message was a cancel)."""
     return Update(id=task_id, node=node, state=State.REJECTED, at=format_time(),
-                  error=Error(code, message))
+                  error=Error(code, message), of=of)
 
 
 @dataclass(frozen=True)

@@ -322,7 +322,7 @@ def parse_update(obj: JSONObject) -> Update:
                 or not isinstance(err.get("message"), str):
             raise f.fail("`error` must be an object with string `code` and `message`")
         error = Error(err["code"], err["message"])
-    ints = {k: obj.get(k) for k in ("exit_code", "bytes")}
+    ints = {k: obj.get(k) for k in ("exit_code", "bytes", "output_dropped")}
     for key, value in ints.items():
         if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
             raise f.fail(f"`{key}` must be an integer")
@@ -333,11 +333,15 @@ def parse_update(obj: JSONObject) -> Update:
     truncated = obj.get("truncated")
     if truncated is not None and not isinstance(truncated, bool):
         raise f.fail("`truncated` must be true or false")
+    of = obj.get("of")
+    if of is not None and not isinstance(of, str):
+        raise f.fail("`of` must be a string")
     return Update(id=f.task_id, node=_node(f), state=State(state), at=_required_at(f),
                   exit_code=ints["exit_code"], stdout=f.text("stdout", nul_ok=True),
                   stderr=f.text("stderr", nul_ok=True), truncated=truncated,
                   duration_s=float(duration) if duration is not None else None,
-                  bytes=ints["bytes"], sha256=f.text("sha256"), dest=f.text("dest"), error=error)
+                  bytes=ints["bytes"], sha256=f.text("sha256"), dest=f.text("dest"), error=error,
+                  output_dropped=ints["output_dropped"], of=of)
 
 
 def _node(f: _Fields) -> str:

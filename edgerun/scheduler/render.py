@@ -94,6 +94,9 @@ def show_task(task: dict[str, Any], out: TextIO | None = None) -> None:
     for update in task.get("updates") or []:
         out.write(f"  {update.get('at', '?')}  {update['state']}\n")
     result = task.get("result") or {}
+    if result.get("output_dropped"):
+        out.write(f"{'dropped:':12}{result['output_dropped']} bytes of live output were not "
+                  f"sent (the agent's memory budget)\n")
     for stream in ("stdout", "stderr"):
         if result.get(stream):
             out.write(f"--- {stream}{' (truncated)' if result.get('truncated') else ''}\n")
