@@ -263,6 +263,11 @@ class Service:
             log.warning("node %s rejected a message it could not read: %s", node,
                         update.error.message if update.error else "?")
             return
+        if update.of is not None:  # a refused cancel: it says nothing of the task's state
+            self.store.record_rejected_without_id(node, obj)
+            log.warning("node %s refused a %s for task %s: %s", node, update.of, update.id,
+                        update.error.message if update.error else "?")
+            return
         change = self.store.apply_update(update, obj, grace=self.cfg.grace, now=time.time())
         self.store.touch_node(node)
         if change is None:
