@@ -247,8 +247,20 @@ class Handlers:
         return {"targets": page, "next": page[-1]["node"] if len(rows) > size else None}
 
     # --- writes ------------------------------------------------------------------------
+    def check_spec(self, spec: JSONObject, field: str) -> None:
+        """The contract's own parser on a request's task; its complaint names the field."""
+        try:
+            self.service.build_task(spec, spec.get("id") or "check", expiry=False)
+        except edge.Invalid:
+            raise
+        except BadRequest as exc:
+            message = str(exc).removeprefix("bad task: ")
+            raise edge.Invalid(f"{field}.{edge.field_of(message, 'type')}",
+                               f"`{field}`: {message}") from None
+
     def dispatch(self, who: Principal, body: JSONObject) -> JSONObject:
         targets, online, spec = edge.dispatch_body(body)
+        self.check_spec(spec, "task")
         created = self.service.dispatch(targets, online, spec)
         self.audit(who, "dispatch", tasks=sorted({t["id"] for t in created}),
                    nodes=[t["node"] for t in created][:1000], count=len(created),
@@ -257,6 +269,8 @@ class Handlers:
 
     def create_job(self, who: Principal, body: JSONObject) -> JSONObject:
         job_id, targets, online, steps = edge.job_body(body)
+        for i, step in enumerate(steps):
+            self.check_spec({k: v for k, v in step.items() if k != "id"}, f"steps.{i}")
         job = self.service.create_job(targets, online, steps, job_id)
         self.audit(who, "job", job=job["id"], nodes=job["nodes"][:1000],
                    count=len(job["nodes"]), steps=len(steps), tasks=[])
@@ -425,57 +439,54 @@ def build_app(service: Service, config: ApiConfig, on_stream: Any = None) -> Any
 
     tasks_q = ("node", "state", "job", "limit", "cursor")
     nodes_q = ("online", "match", "state", "q", "fact", "limit", "cursor")
-    routes = [
+    Handler = Callable[[Request], Awaitable[Response]]
+    table: dict[str, dict[str, Handler]] = {
+        "/v1/whoami": {"GET": endpoint("viewer", "reading", whoami, with_who=True)},
+        "/v1/health": {"GET": endpoint("viewer", "reading", service.health)},
+        "/v1/metrics": {"GET": endpoint("viewer", "reading", metrics)},
+        "/v1/nodes": {"GET": endpoint("viewer", "reading", h.nodes, query=nodes_q,
+                                      repeatable=("match", "fact"))},
+        "/v1/nodes/{node}": {"GET": endpoint("viewer", "reading", h.node)},
+        "/v1/tasks": {
+            "GET": endpoint("viewer", "reading", h.tasks, query=tasks_q),
+            "POST": endpoint("operator", "dispatching", h.dispatch, status=201, body=True,
+                             with_who=True)},
+        "/v1/tasks/{id}": {"GET": endpoint("viewer", "reading", h.task, query=("node",))},
+        "/v1/tasks/{id}/cancel": {"POST": endpoint("operator", "cancelling", h.cancel,
+                                                   body=True, with_who=True)},
+        "/v1/jobs": {
+            "GET": endpoint("viewer", "reading", h.jobs, query=("limit", "cursor")),
+            "POST": endpoint("operator", "dispatching", h.create_job, status=201, body=True,
+                             with_who=True)},
+        "/v1/jobs/{id}": {"GET": endpoint("viewer", "reading", h.job)},
+        "/v1/jobs/{id}/targets": {"GET": endpoint("viewer", "reading", h.job_targets,
+                                                  query=("limit", "cursor"))},
+        "/v1/jobs/{id}/cancel": {"POST": endpoint("operator", "cancelling", h.cancel_job,
+                                                  body=True, with_who=True)},
+        "/v1/tokens": {
+            "GET": endpoint("admin", "managing tokens",
+                            lambda: {"tokens": service.store.tokens()}),
+            "POST": endpoint("admin", "managing tokens", h.create_token, status=201,
+                             body=True, with_who=True)},
+        "/v1/tokens/{name}": {"DELETE": endpoint("admin", "managing tokens", h.revoke_token,
+                                                 with_who=True)},
+        "/v1/events": {"GET": streams.sse_endpoint(h, on_stream)},
+    }
+
+    def by_method(handlers: dict[str, Handler]) -> Handler:
+        """One route per path, so a wrong method gets 405 with every allowed one."""
+        async def handle(request: Request) -> Response:
+            method = "GET" if request.method == "HEAD" else request.method
+            return await handlers[method](request)
+        return handle
+
+    routes: list[Any] = [
         StarletteRoute("/", console, methods=["GET"]),
         StarletteRoute("/v1/openapi.json", openapi_json, methods=["GET"]),
         # Prometheus' convention: a scraper reads /metrics without a token (counts only)
         StarletteRoute("/metrics", open_metrics, methods=["GET"]),
-        StarletteRoute("/v1/whoami", endpoint("viewer", "reading", whoami, with_who=True),
-                       methods=["GET"]),
-        StarletteRoute("/v1/health", endpoint("viewer", "reading", service.health),
-                       methods=["GET"]),
-        StarletteRoute("/v1/metrics", endpoint("viewer", "reading", metrics),
-                       methods=["GET"]),
-        StarletteRoute("/v1/nodes", endpoint("viewer", "reading", h.nodes, query=nodes_q,
-                                             repeatable=("match", "fact")), methods=["GET"]),
-        StarletteRoute("/v1/nodes/{node}", endpoint("viewer", "reading", h.node),
-                       methods=["GET"]),
-        StarletteRoute("/v1/nodes/{node}", endpoint("operator", "forgetting nodes",
-                                                    h.forget_node, with_who=True),
-                       methods=["DELETE"]),
-        StarletteRoute("/v1/tasks", endpoint("viewer", "reading", h.tasks, query=tasks_q),
-                       methods=["GET"]),
-        StarletteRoute("/v1/tasks", endpoint("operator", "dispatching", h.dispatch,
-                                             status=201, body=True, with_who=True),
-                       methods=["POST"]),
-        StarletteRoute("/v1/tasks/{id}", endpoint("viewer", "reading", h.task,
-                                                  query=("node",)), methods=["GET"]),
-        StarletteRoute("/v1/tasks/{id}/cancel", endpoint("operator", "cancelling", h.cancel,
-                                                         body=True, with_who=True),
-                       methods=["POST"]),
-        StarletteRoute("/v1/jobs", endpoint("viewer", "reading", h.jobs,
-                                            query=("limit", "cursor")), methods=["GET"]),
-        StarletteRoute("/v1/jobs", endpoint("operator", "dispatching", h.create_job,
-                                            status=201, body=True, with_who=True),
-                       methods=["POST"]),
-        StarletteRoute("/v1/jobs/{id}", endpoint("viewer", "reading", h.job),
-                       methods=["GET"]),
-        StarletteRoute("/v1/jobs/{id}/targets", endpoint("viewer", "reading", h.job_targets,
-                                                         query=("limit", "cursor")),
-                       methods=["GET"]),
-        StarletteRoute("/v1/jobs/{id}/cancel", endpoint("operator", "cancelling",
-                                                        h.cancel_job, body=True,
-                                                        with_who=True), methods=["POST"]),
-        StarletteRoute("/v1/tokens", endpoint("admin", "managing tokens",
-                                              lambda: {"tokens": service.store.tokens()}),
-                       methods=["GET"]),
-        StarletteRoute("/v1/tokens", endpoint("admin", "managing tokens", h.create_token,
-                                              status=201, body=True, with_who=True),
-                       methods=["POST"]),
-        StarletteRoute("/v1/tokens/{name}", endpoint("admin", "managing tokens",
-                                                     h.revoke_token, with_who=True),
-                       methods=["DELETE"]),
-        StarletteRoute("/v1/events", streams.sse_endpoint(h, on_stream), methods=["GET"]),
+        *[StarletteRoute(path, by_method(handlers), methods=list(handlers))
+          for path, handlers in table.items()],
         WebSocketRoute("/v1/ws", streams.ws_endpoint(h, on_stream)),
         Mount("/static", app=StaticFiles(directory=str(STATIC)), name="static"),
     ]

@@ -1,0 +1,258 @@
+"""Live events: SSE at /v1/events (ids, Last-Event-ID resume, reset, heartbeats, slow
+readers cut off) and the WebSocket at /v1/ws (subscribe protocol, filters, errors)."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import queue
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from websockets.exceptions import InvalidStatus
+from websockets.sync.client import connect
+
+from edgerun.scheduler import events as events_module
+from edgerun.scheduler import streams
+from edgerun.scheduler.events import EventHub
+
+from .apikit import Stack, stack
+
+
+@pytest.fixture(scope="module")
+def s(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    with stack(tmp_path_factory.mktemp("streams"), node="sse-a") as st:
+        yield st
+
+
+class Sse:
+    """A raw SSE reader: (id, event, data) triples and comment lines."""
+
+    def __init__(self, port: int, query: str, token: str | None,
+                 last_event_id: int | None = None) -> None:
+        self.conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        headers = {"Accept": "text/event-stream"}
+        if token:
+            headers["Authorization"] = f"Bearer {token}"
+        if last_event_id is not None:
+            headers["Last-Event-ID"] = str(last_event_id)
+        self.conn.request("GET", "/v1/events" + query, headers=headers)
+        self.response = self.conn.getresponse()
+        self.comments: list[str] = []
+
+    def next(self) -> tuple[int | None, str, Any]:
+        event_id, kind, data = None, "message", []
+        while True:
+            line = self.response.readline().decode().rstrip("\n")
+            if line.startswith(":"):
+                self.comments.append(line)
+                continue
+            if line == "":
+                if data:
+                    return event_id, kind, json.loads("\n".join(data))
+                continue
+            name, _, value = line.partition(": ")
+            if name == "id":
+                event_id = int(value)
+            elif name == "event":
+                kind = value
+            elif name == "data":
+                data.append(value)
+
+    def until(self, kind: str, predicate: Any = lambda d: True) -> tuple[int | None, Any]:
+        while True:
+            event_id, got, data = self.next()
+            if got == kind and predicate(data):
+                return event_id, data
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+def test_sse_every_event_has_an_id_and_resume_with_last_event_id(s: Stack) -> None:
+    api = s.api(s.operator)
+    first = Sse(s.port, "?channel=tasks&task=resume-1&task=resume-2", s.viewer)
+    hello_id, hello = first.until("hello")
+    assert hello_id is not None and hello["last_id"] == hello_id
+    api.dispatch([s.node], {"type": "shell", "command": "true", "id": "resume-1"})
+    seen_id, event = first.until("task_event", lambda d: d["state"] == "succeeded")
+    assert seen_id is not None and seen_id > hello_id
+    assert event["task"]["id"] == "resume-1" and "stdout" not in event["task"]["result"]
+    first.close()
+    # while away: another task runs to the end
+    api.dispatch([s.node], {"type": "shell", "command": "echo missed", "id": "resume-2"})
+    api.wait_state("resume-2", s.node, "succeeded")
+    again = Sse(s.port, "?channel=tasks&task=resume-1&task=resume-2", s.viewer,
+                last_event_id=seen_id)
+    states = []
+    while True:
+        event_id, kind, data = again.next()
+        if kind == "hello":
+            assert data["resumed_from"] == seen_id
+            break
+        assert kind == "task_event" and event_id is not None and event_id > seen_id
+        states.append((data["id"], data["state"]))
+    again.close()
+    assert ("resume-2", "succeeded") in states
+    assert all(task_id == "resume-2" for task_id, _ in states)  # nothing seen twice
+
+
+def test_sse_too_old_or_unknown_last_event_id_gets_reset(s: Stack) -> None:
+    assert s.app.service is not None
+    store = s.app.service.store
+    for i in range(520):  # through the log's own append point, keeping only 10
+        store.append_event("tasks", "x", f"filler-{i}", {"kind": "filler"}, keep=10)
+    dropped, last = store.event_horizon()
+    assert dropped > 1
+    old = Sse(s.port, "", s.viewer, last_event_id=1)
+    event_id, kind, data = old.next()
+    assert kind == "reset" and "older" in data["reason"] and event_id == last
+    old.close()
+    future = Sse(s.port, "", s.viewer, last_event_id=last + 1000)
+    assert future.next()[1] == "reset"
+    future.close()
+
+
+def test_sse_auth_filters_and_bad_queries(s: Stack) -> None:
+    from .apikit import call
+    assert call(s.port, "GET", "/v1/events").status == 401
+    query_token = Sse(s.port, f"?access_token={s.viewer}&channel=nodes", None)
+    assert query_token.response.status == 200
+    query_token.close()
+    bad = call(s.port, "GET", "/v1/events?channel=bogus", s.viewer)
+    assert bad.status == 422 and bad.body["field"] == "channel"
+    typo = call(s.port, "GET", "/v1/events?chanel=tasks", s.viewer)
+    assert typo.status == 422 and typo.body["field"] == "chanel"
+
+
+def test_sse_heartbeats(s: Stack, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(streams, "HEARTBEAT_S", 0.2)
+    quiet = Sse(s.port, "?channel=tasks&task=never-sent", s.viewer)
+    quiet.until("hello")
+    line = ""
+    while not line.startswith(": heartbeat"):  # a comment line: EventSource ignores it
+        line = quiet.response.readline().decode()
+    quiet.close()
+
+
+def test_sse_reader_that_falls_behind_is_closed_with_a_reason(
+        s: Stack, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(events_module, "QUEUE_LIMIT", 20)
+    assert s.app.service is not None
+    slow = Sse(s.port, "?channel=output&node=flood", s.viewer)
+    slow.until("hello")
+    chunk = "x" * 60_000
+    for seq in range(300):  # ~18 MB the reader does not read: far past socket buffers
+        s.app.service.hub.publish({"v": 1, "kind": "output", "id": "flood-1", "node": "flood",
+                                   "stream": "stdout", "seq": seq, "data": chunk})
+    kinds = []
+    while True:
+        _event_id, kind, data = slow.next()
+        kinds.append(kind)
+        if kind == "error":
+            assert data["code"] == "slow_reader" and "behind" in data["error"]
+            break
+    slow.close()
+    assert kinds.count("output") < 300
+
+
+def test_hub_bounds_each_reader_and_cuts_off_the_slow_one() -> None:
+    hub = EventHub()
+    fast, slow = hub.subscribe(), hub.subscribe()
+    for i in range(events_module.QUEUE_LIMIT + 5):
+        hub.publish({"kind": "node_event", "node": f"n{i}"})
+        try:
+            while True:
+                fast.queue.get_nowait()
+        except queue.Empty:
+            pass
+    assert fast.closed is None and slow.closed and "behind" in slow.closed
+    assert slow.queue.qsize() == events_module.QUEUE_LIMIT
+    assert hub.subscribers == 1
+
+
+# --- WebSocket -------------------------------------------------------------------------------
+def ws_url(s: Stack, token: str | None = None) -> str:
+    return f"ws://127.0.0.1:{s.port}/v1/ws" + (f"?access_token={token}" if token else "")
+
+
+def recv(ws: Any, wanted: str, predicate: Any = lambda m: True) -> dict[str, Any]:
+    while True:
+        message = json.loads(ws.recv(timeout=30))
+        if message["type"] == wanted and predicate(message):
+            return message
+
+
+def test_ws_subscribe_to_a_task_gets_its_events_and_output(s: Stack) -> None:
+    api = s.api(s.operator)
+    with connect(ws_url(s), additional_headers={"Authorization": f"Bearer {s.viewer}"}) as ws:
+        ws.send(json.dumps({"op": "subscribe", "channels": ["tasks", "output"],
+                            "tasks": ["ws-1"]}))
+        subscribed = recv(ws, "subscribed")
+        assert subscribed["channels"] == ["output", "tasks"]
+        api.dispatch([s.node], {"type": "shell", "command": "echo over-ws", "id": "ws-1"})
+        api.dispatch([s.node], {"type": "shell", "command": "echo other", "id": "ws-other"})
+        output = recv(ws, "event", lambda m: m["channel"] == "output")
+        assert output["event"]["id"] == "ws-1" and "over-ws" in output["event"]["data"]
+        final = recv(ws, "event", lambda m: m["channel"] == "tasks"
+                     and m["event"]["state"] == "succeeded")
+        assert final["event"]["id"] == "ws-1" and final["id"] > subscribed["last_id"]
+        ws.send(json.dumps({"op": "ping"}))
+        assert recv(ws, "pong")["last_id"] >= final["id"]
+        # resume from the output's id (the latest logged event before it), out of the log
+        ws.send(json.dumps({"op": "subscribe", "channels": ["tasks"], "tasks": ["ws-1"],
+                            "since": output["id"]}))
+        recv(ws, "subscribed")
+        replayed = recv(ws, "event")
+        assert replayed["event"]["id"] == "ws-1" and replayed["id"] > output["id"]
+        assert replayed["event"]["state"] == "succeeded"
+
+
+def test_ws_nodes_channel_filtered_by_node(s: Stack, tmp_path: Any) -> None:
+    from .apikit import FakeFleet
+    fleet = FakeFleet(s.mosquitto.url)
+    try:
+        with connect(ws_url(s, s.viewer)) as ws:
+            ws.send(json.dumps({"op": "subscribe", "channels": ["nodes"],
+                                "nodes": ["ws-node-2"]}))
+            recv(ws, "subscribed")
+            fleet.online(["ws-node-1", "ws-node-2"])
+            event = recv(ws, "event")
+            assert event["channel"] == "nodes" and event["event"]["node"] == "ws-node-2"
+            assert event["event"]["state"] == "online"
+    finally:
+        fleet.close()
+
+
+def test_ws_bad_messages_get_errors_naming_the_field_and_the_socket_stays(s: Stack) -> None:
+    with connect(ws_url(s, s.viewer)) as ws:
+        ws.send("not json")
+        assert recv(ws, "error")["code"] == "bad_json"
+        ws.send(json.dumps({"op": "subscribe", "chanels": ["tasks"]}))
+        error = recv(ws, "error")
+        assert error["field"] == "chanels" and "`channels`" in error["error"]
+        ws.send(json.dumps({"op": "subscribe", "channels": ["bogus"]}))
+        assert recv(ws, "error")["field"] == "channel"
+        ws.send(json.dumps({"op": "explode"}))
+        assert recv(ws, "error")["field"] == "op"
+        ws.send(json.dumps({"op": "subscribe", "channels": ["audit"]}))
+        assert recv(ws, "error")["code"] == "forbidden"  # a viewer reads no audit
+        ws.send(json.dumps({"op": "ping"}))
+        recv(ws, "pong")
+
+
+def test_ws_without_a_valid_token_is_refused_401(s: Stack) -> None:
+    for url in (ws_url(s), ws_url(s, "ert_wrong")):
+        with pytest.raises(InvalidStatus) as refused, connect(url):
+            pass
+        assert refused.value.response.status_code == 401
+
+
+def test_ws_heartbeat(s: Stack, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(streams, "HEARTBEAT_S", 0.2)
+    with connect(ws_url(s, s.viewer)) as ws:
+        assert recv(ws, "heartbeat")["last_id"] >= 0
+        ws.send(json.dumps({"op": "subscribe", "channels": ["tasks"], "tasks": ["quiet"]}))
+        recv(ws, "subscribed")
+        assert "last_id" in recv(ws, "heartbeat")
