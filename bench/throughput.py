@@ -23,7 +23,7 @@ from typing import Any
 
 import pika
 
-from bench.common import PluginRabbit, median, mosquitto
+from bench.common import PluginRabbit, cpu_s, median, mosquitto
 from edgerun.mqtt import MqttConnection
 from edgerun.settings import parse_broker_url
 from tests.bridgekit import AmqpSink, BridgeProcess, MqttSink, body, publish_amqp, publish_mqtt
@@ -105,9 +105,84 @@ def one_run(setup: Setup, path: str, direction: str, count: int, size: int,
     return count / max(1e-9, sink.last_at - started)
 
 
+def forget_session(url: str, client_id: str) -> None:
+    """Connect once with a clean session: the broker drops what it kept for `client_id`."""
+    conn = MqttConnection(parse_broker_url(url, ("mqtt",)), client_id, clean_session=True,
+                          name="forget")
+    conn.start()
+    try:
+        conn.connected.wait(10)
+    finally:
+        conn.stop()
+
+
+def _beam(session: int) -> list[int]:
+    """RabbitMQ's Erlang VM: the beam.smp in the session the server script started."""
+    import os
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as fh:
+                    stat = fh.read()
+            except OSError:
+                continue
+            if "(beam.smp)" in stat and int(stat.rsplit(")", 1)[1].split()[3]) == session:
+                found.append(int(entry))
+    return found
+
+
+def share_rows(setup: Setup, runs: int, count: int) -> list[dict[str, Any]]:
+    """One bridge against two in one share group, 128 B each way, alternating; the CPU
+    each process used, to say what limits the pair."""
+    setup.bridge.terminate()
+    forget_session(setup.mosquitto.url, "bench-bridge")
+    assert setup.rabbit.proc is not None and setup.mosquitto.proc is not None
+    others = {"mosquitto": [setup.mosquitto.proc.pid], "rabbitmq": _beam(setup.rabbit.proc.pid)}
+    rows = []
+    for direction in ("up", "down"):
+        per: dict[int, list[float]] = {1: [], 2: []}
+        cpu: dict[int, dict[str, float]] = {1: {}, 2: {}}
+        for run in range(runs):
+            for n in (1, 2):
+                group = uuid.uuid4().hex[:6]
+                bridges = [BridgeProcess(setup.mosquitto.url, setup.rabbit.url,
+                                         setup.work / f"share-{group}-{i}", "--prefix", PREFIX,
+                                         "--share-group", group,
+                                         client_id=f"share-{group}-{i}").start()
+                           for i in range(n)]
+                try:
+                    for bridge in bridges:
+                        bridge.wait_ready()
+                    pids = {f"bridge {i + 1}": [b.proc.pid] for i, b in enumerate(bridges)
+                            if b.proc is not None}
+                    pids.update(others)
+                    before = {k: sum(cpu_s(p) for p in v) for k, v in pids.items()}
+                    began = time.monotonic()
+                    per[n].append(one_run(setup, "bridge", direction, count, 128,
+                                          900 + run * 10 + n))
+                    took = time.monotonic() - began
+                    for k, v in pids.items():
+                        used = (sum(cpu_s(p) for p in v) - before[k]) / took
+                        cpu[n][k] = cpu[n].get(k, 0.0) + used / runs
+                finally:
+                    for bridge in bridges:
+                        bridge.terminate()
+                        forget_session(setup.mosquitto.url, bridge.args[
+                            bridge.args.index("--client-id") + 1])
+        one, two = median(per[1]), median(per[2])
+        rows.append({"direction": direction, "count": count, "one_runs": per[1],
+                     "two_runs": per[2], "one_msg_s": one, "two_msg_s": two,
+                     "ratio": two / one, "cores_one": cpu[1], "cores_two": cpu[2]})
+        print(f"  item 1: share group {direction}: one {one:.0f}/s two {two:.0f}/s "
+              f"ratio {two / one:.2f}; cores {cpu[2]}", flush=True)
+    return rows
+
+
 def item1(work: Path, runs: int, counts: dict[int, int]) -> dict[str, Any]:
     setup = Setup(work / "item1")
     rows: list[dict[str, Any]] = []
+    share: list[dict[str, Any]] = []
     try:
         for size, count in counts.items():
             for direction in ("up", "down"):
@@ -122,9 +197,10 @@ def item1(work: Path, runs: int, counts: dict[int, int]) -> dict[str, Any]:
                              "bridge_msg_s": b, "plugin_msg_s": p, "ratio": b / p})
                 print(f"  item 1: {size} B {direction}: bridge {b:.0f}/s plugin {p:.0f}/s "
                       f"ratio {b / p:.2f}", flush=True)
+        share = share_rows(setup, runs, counts[min(counts)])
     finally:
         setup.stop()
-    return {"rows": rows, "runs": runs,
+    return {"rows": rows, "share": share, "runs": runs,
             "producer": "MQTT: QoS 1, 1000 in flight; AMQP: persistent, transactions of 500",
             "consumer": "AMQP: durable queue, prefetch 1000, ack each; MQTT: QoS 1 clean session"}
 

@@ -28,6 +28,10 @@ def _positive(value: float) -> str | None:
     return None if value > 0 else "must be greater than 0"
 
 
+def _not_negative(value: int) -> str | None:
+    return None if value >= 0 else "must be 0 or more"
+
+
 def _port(value: int) -> str | None:
     return None if 0 <= value <= 65535 else "must be 0 (off) to 65535"
 
@@ -69,8 +73,8 @@ OPTIONS = [
            _positive, metavar="N"),
     Option("confirm_window", int, 1000, "MQTT->AMQP window: publishes awaiting a confirm",
            _positive, metavar="N"),
-    Option("mqtt_inflight", int, 1000, "MQTT publishes awaiting a PUBACK at once", _positive,
-           metavar="N"),
+    Option("mqtt_inflight", int, 0, "MQTT publishes awaiting a PUBACK at once (0: no limit "
+           "but prefetch, which bounds them anyway)", _not_negative, metavar="N"),
     Option("qos0_per_topic", int, 1 << 20, "bytes of QoS 0 messages (live output) held per "
            "topic, i.e. per node and route; more is dropped and counted", _positive,
            metavar="BYTES"),
@@ -103,7 +107,7 @@ class BridgeConfig:
     queue_type: str = "classic"
     prefetch: int = 500
     confirm_window: int = 1000
-    mqtt_inflight: int = 1000
+    mqtt_inflight: int = 0
     qos0_per_topic: int = 1 << 20
     qos0_total: int = 32 << 20
     ca_file: str | None = None
