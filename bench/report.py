@@ -188,8 +188,13 @@ def item8(r: dict[str, Any]) -> list[str]:
             *_table(["client", "reconnected", "runs (s)", "median (s)"], fail)]
 
 
+def _item9(r: dict[str, Any]) -> list[str]:
+    from bench.controlplane import render  # item 9 renders itself (bench/controlplane.py)
+    return render(r)
+
+
 SECTIONS = {"1": item1, "2": item2, "3": item3, "4": item4, "5": item5, "6": item6, "7": item7,
-            "8": item8}
+            "8": item8, "9": _item9}
 
 
 def markdown(results: dict[str, Any]) -> str:

@@ -1,4 +1,4 @@
-"""edgerun benchmarks: `./build.sh bench [--quick] [ITEM ...]` (items 1-8, default all).
+"""edgerun benchmarks: `./build.sh bench [--quick] [ITEM ...]` (items 1-9, default all).
 
 Writes bench/results/results.json, results.md and PNG plots. Not a test: it
 asserts nothing; targets are reported. Every broker it starts is private, on
@@ -33,6 +33,7 @@ FULL: dict[str, dict[str, Any]] = {
     "6": {"count": 1_000_000},
     "7": {"rate": 50.0, "seconds": 10.0},
     "8": {"runs": 5},
+    "9": {"updates": 2000, "nodes": 10_000},
 }
 QUICK: dict[str, dict[str, Any]] = {
     "1": {"runs": 1, "counts": {128: 3000, 1024: 3000, 131072: 200}},
@@ -43,6 +44,7 @@ QUICK: dict[str, dict[str, Any]] = {
     "6": {"count": 50_000},
     "7": {"rate": 20.0, "seconds": 3.0},
     "8": {"runs": 1},
+    "9": {"updates": 300, "nodes": 1000},
 }
 
 
@@ -59,13 +61,16 @@ def runner(item: str) -> Callable[..., dict[str, Any]]:
     if item == "8":
         from bench.cluster import item8
         return item8
+    if item == "9":
+        from bench.controlplane import item9
+        return item9
     from bench import footprint
     return footprint.item5 if item == "5" else footprint.item7
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="./build.sh bench", description=__doc__.splitlines()[0])
-    parser.add_argument("items", nargs="*", help="items to run, 1 to 8 (default: all)")
+    parser.add_argument("items", nargs="*", help="items to run, 1 to 9 (default: all)")
     parser.add_argument("--quick", action="store_true", help="small counts, one run each")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results"))
     parser.add_argument("--merge", action="store_true",
@@ -77,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
         return render(Path(args.out))
     bad = [i for i in args.items if i not in FULL]
     if bad:
-        parser.error(f"unknown item {bad[0]!r}: choose from 1 2 3 4 5 6 7 8")
+        parser.error(f"unknown item {bad[0]!r}: choose from 1 2 3 4 5 6 7 8 9")
     items = args.items or list(FULL)
     settings = {i: (QUICK if args.quick else FULL)[i] for i in items}
     out = Path(args.out)

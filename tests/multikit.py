@@ -84,9 +84,12 @@ class EventReader:
         self._thread.start()
 
     def _run(self) -> None:
-        for event in self.stream:
-            with self._lock:
-                self.events.append(event)
+        try:
+            for event in self.stream:
+                with self._lock:
+                    self.events.append(event)
+        except (OSError, AttributeError, ValueError):
+            pass  # closed under the reader by close()
 
     def snapshot(self) -> list[dict[str, Any]]:
         with self._lock:
