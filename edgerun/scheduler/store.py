@@ -32,6 +32,7 @@ from .schema import MIGRATIONS, SCHEMA_VERSION
 RESULT_FIELDS = ("exit_code", "stdout", "stderr", "truncated", "duration_s", "bytes", "sha256",
                  "dest", "output_dropped")
 FINAL_STATE_NAMES = ("canceled", "failed", "lost", "rejected", "succeeded", "timed_out")
+TOUCH_EVERY_S = 1.0
 NOTIFY_LIMIT = 7_800  # PostgreSQL refuses NOTIFY payloads of 8,000 bytes and more
 
 
@@ -57,6 +58,7 @@ class Store:
             self.db.close()
             raise
         self._lease: Any = None
+        self._touched: dict[str, float] = {}
 
     # --- plumbing -----------------------------------------------------------------
     @property
@@ -349,7 +351,15 @@ class Store:
             return previous, node
 
     def touch_node(self, node: str) -> None:
-        """Any message from a node shows it alive: refresh `last_seen` of a known node."""
+        """Any message from a node shows it alive: refresh `last_seen` of a known node.
+        At most once a second per node: a burst of updates costs one write, not one each
+        (a commit is a disk flush on PostgreSQL)."""
+        now = time.monotonic()
+        if now - self._touched.get(node, -TOUCH_EVERY_S) < TOUCH_EVERY_S:
+            return
+        if len(self._touched) > 100_000:
+            self._touched.clear()
+        self._touched[node] = now
         with self._write() as db:
             db.execute("UPDATE nodes SET last_seen=? WHERE node=?", (format_time(), node))
 
