@@ -31,8 +31,11 @@ class Backoff:
     def reset(self) -> None:
         self.attempt = 0
 
-    def wait(self) -> bool:
-        """Sleep the next delay; True when the stop event ended the wait."""
+    def wait(self, grow: bool = True) -> bool:
+        """Sleep the next delay; True when the stop event ended the wait. `grow=False`
+        waits the current step again (a client going round a cluster's nodes grows its
+        back-off once per round, not once per node)."""
         delay = backoff_delay(self.attempt, base=self.base, cap=self.cap)
-        self.attempt += 1
+        if grow:
+            self.attempt += 1
         return self.stop.wait(delay)

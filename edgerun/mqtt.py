@@ -9,7 +9,8 @@ every socket (paho does not; QoS 1 then waits ~40 ms per message on Nagle).
 
 Given several addresses of one clustered broker, it fails over: after a failed
 attempt or a lost connection it waits its back-off and tries the next address,
-round robin (a connection that was up resets the back-off). `url` is the
+round robin; the back-off grows once per round of the addresses, and a
+connection that was up resets it. `url` is the
 address in use, `node` the one it is connected to (None while down).
 """
 
@@ -297,7 +298,9 @@ class MqttConnection:
                         backoff.reset()
                 if len(self.urls) > 1:  # round robin over a cluster's nodes
                     self._index = (self._index + 1) % len(self.urls)
-                if backoff.wait():
+                # a cluster's nodes may refuse while it elects new leaders after a loss:
+                # the back-off grows once per round of the nodes, not at every node
+                if backoff.wait(grow=self._index == 0):
                     break
         finally:
             self._shutdown()

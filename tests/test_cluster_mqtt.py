@@ -6,6 +6,7 @@ from __future__ import annotations
 import threading
 from pathlib import Path
 
+from edgerun.backoff import Backoff
 from edgerun.mqtt import Inbound, MqttConnection
 from edgerun.settings import parse_broker_urls
 
@@ -61,3 +62,11 @@ def test_a_dead_first_address_is_skipped(tmp_path: Path) -> None:
     finally:
         conn.stop()
         b.stop()
+
+
+def test_backoff_grows_once_per_round_when_asked() -> None:
+    stop = threading.Event()
+    stop.set()  # every wait ends at once
+    backoff = Backoff(stop)
+    assert backoff.wait(grow=False) and backoff.attempt == 0
+    assert backoff.wait() and backoff.attempt == 1
