@@ -13,6 +13,7 @@ import collections
 import subprocess
 import sys
 import threading
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -35,13 +36,13 @@ NODES = [f"mi{i:03d}" for i in range(100)]
 
 
 class AgentPool:
-    """100 real agents in one process."""
+    """`count` real agents in one process, named mi000, mi001, ..."""
 
-    def __init__(self, broker: str, workdir: Path) -> None:
+    def __init__(self, broker: str, workdir: Path, count: int = len(NODES)) -> None:
         workdir.mkdir(parents=True, exist_ok=True)
         self.log = open(workdir / "pool.log", "wb")  # noqa: SIM115 - the process keeps it
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "tests.agent_pool", broker, "mi", "0", str(len(NODES)),
+            [sys.executable, "-m", "tests.agent_pool", broker, "mi", "0", str(count),
              str(workdir)], stdout=self.log, stderr=self.log, cwd=ROOT)
 
     def stop(self) -> None:
@@ -195,3 +196,54 @@ def _seen_finals(reader: EventReader) -> int:
     return len({(e["node"], e["id"]) for e in reader.snapshot()
                 if e.get("kind") == "task_event" and e.get("state") == "succeeded"})
 
+
+
+def _updates_received(serve: ServeProcess) -> float:
+    request = urllib.request.Request(f"{serve.url}/v1/metrics", headers={
+        "Authorization": f"Bearer {serve.token_file.read_text().strip()}"})
+    with urllib.request.urlopen(request, timeout=10) as reply:
+        text = reply.read().decode()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith("edgerun_scheduler_messages_total{")
+               and 'channel="updates"' in line)
+
+
+def test_mqtt_instances_split_updates_through_a_share_group(tmp_path: Path,
+                                                            pg_database: str) -> None:  # noqa: F811
+    """Direct mode: two instances in one `$share/` group on Mosquitto take turns with the
+    updates (each one handles some), and each update is recorded once."""
+    mosquitto = Mosquitto(tmp_path / "mosquitto").start()
+    db = fresh_database(pg_database)
+    token = tmp_path / "admin-token"
+    serves = [ServeProcess(f"m{i}", mosquitto.url, db, tmp_path / f"m{i}", token,
+                           "--share-group", "schedulers", "--client-id", f"sched-m{i}",
+                           "--tick", "0.2") for i in (1, 2)]
+    pool: AgentPool | None = None
+    store = Store(db)
+    nodes = NODES[:20]
+    try:
+        serves[0].start().wait_ready()
+        serves[1].start().wait_ready()
+        pool = AgentPool(mosquitto.url, tmp_path / "agents", len(nodes))
+        assert wait_until(lambda: len(store.online_nodes()) == len(nodes), 60, 0.2)
+        for r in range(6):
+            serves[r % 2].client().post("/tasks", {
+                "targets": nodes, "task": {"id": f"s{r}", "type": "shell", "command": "true",
+                                           "timeout": 60}})
+        tasks = [t for r in range(6) for t in store.find(f"s{r}")]
+        assert len(tasks) == 6 * len(nodes)
+        assert wait_until(lambda: all(store.get(t["node"], t["id"])["state"] == "succeeded"
+                                      for t in tasks), 120, 0.5)
+        for task in tasks:
+            states = sorted(u["state"] for u in store.updates(task["node"], task["id"]))
+            assert states == ["accepted", "running", "succeeded"], (task["id"], states)
+        received = [_updates_received(s) for s in serves]
+        assert all(n > 0 for n in received), f"updates handled per instance: {received}"
+        assert sum(received) < 2 * len(tasks) * 3, f"both received everything: {received}"
+    finally:
+        store.close()
+        if pool is not None:
+            pool.stop()
+        for serve in serves:
+            serve.stop()
+        mosquitto.stop()
