@@ -375,3 +375,76 @@ def test_a_late_update_is_recorded_once_but_never_moves_the_task_back(store: Sto
     assert apply(store, "t", "accepted") is None  # and its redelivery adds nothing
     assert store.get("n1", "t")["state"] == "running"
     assert sorted(u["state"] for u in store.updates("n1", "t")) == ["accepted", "running"]
+
+
+# --- several instances: the duties lock, the listener, the tracker's duties ---------------
+def test_the_duties_lock_is_held_by_one_and_moves_when_its_holder_dies(
+        pg_url: str) -> None:  # noqa: F811
+    from edgerun.scheduler.cluster import Lease
+    one, two = Lease(pg_url), Lease(pg_url)
+    try:
+        assert one.check() is True
+        assert two.check() is False
+        assert one.check() is True  # still held: verified, not taken again
+        one._conn.close()  # the holder's session ends (as when its process is killed)
+        assert wait_for(two.check)  # taken over as soon as PostgreSQL ends that session
+        assert one.check() is False  # the old holder, connected again, does not get it
+        assert two.check() is True
+    finally:
+        one.release()
+        two.release()
+
+
+def wait_for(predicate: Any, timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_another_instances_events_reach_the_listener_with_their_log_ids(
+        pg_url: str) -> None:  # noqa: F811
+    import threading
+    one, two = Store(pg_url), Store(pg_url)
+    heard: list[dict] = []
+    got = threading.Event()
+
+    def deliver(message: dict) -> None:
+        heard.append(message)
+        got.set()
+    listener = two.listen(deliver)
+    try:
+        assert listener.ready.wait(10)
+        two.append_event("tasks", "n1", "mine", {"kind": "task_event", "id": "mine"}, keep=0)
+        big = {"kind": "task_event", "id": "big", "pad": "x" * 20_000}  # too big for NOTIFY
+        first = one.append_event("tasks", "n1", "t", {"kind": "task_event", "id": "t"}, keep=0)
+        second = one.append_event("tasks", "n1", "big", big, keep=0)
+        assert wait_for(lambda: len(heard) >= 2)
+        assert [m["e"] for m in heard] == [first, second]  # not its own event
+        assert heard[0]["body"]["id"] == "t" and "body" not in heard[1]
+        assert two.event(second) == big  # what the relay reads back instead
+    finally:
+        listener.stop()
+        one.close()
+        two.close()
+
+
+def test_the_tracker_runs_the_duties_and_retention_when_it_leads(tmp_path: Path) -> None:
+    import threading
+
+    from edgerun.scheduler.tracker import Tracker
+    store = Store(str(tmp_path / "s.db"))
+    calls: list[bool] = []
+    tracker = Tracker(store, store.online_nodes, lambda t, v: None, threading.Event(),
+                      duties=calls.append, keep_days=1.0, sweep_every=10.0)
+    store.add_task("n1", ShellTask(id="old", command="true"), source="api")
+    apply(store, "old", "succeeded", exit_code=0)
+    with store._write() as db:  # finished three days ago
+        db.execute("UPDATE tasks SET updated_at='2000-01-01T00:00:00.000Z'")
+    assert tracker.tick(now=100.0) is True
+    assert calls == [True] and store.tasks() == []  # took the lead: resume, then pruned
+    assert tracker.tick(now=105.0) is True and calls == [True]
+    assert tracker.tick(now=111.0) is True and calls == [True, False]  # the sweep
+    store.close()
