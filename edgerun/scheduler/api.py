@@ -35,6 +35,7 @@ from .auth import Forbidden, Principal, Unauthorized, authenticate, create_token
 from .errors import (
     BadRequest, BrokerUnreachable, Conflict, ListenError, NotFound, SchedulerError, UnknownNode,
 )
+from .fleetapi import rollout_routes
 from .events import audit_event, without_tails
 from .metrics import CONTENT_TYPE as METRICS_TYPE
 from .service import Service
@@ -158,8 +159,9 @@ class Handlers:
     # --- reads -------------------------------------------------------------------------
     def nodes(self, q: dict[str, list[str]]) -> JSONObject:
         nodes = self.store.nodes()
-        if q.get("match"):
-            chosen = set(self.service.resolve(q["match"], edge.boolean(q, "online")))
+        if q.get("match") or q.get("where"):
+            chosen = set(self.service.resolve(q.get("match", []), edge.boolean(q, "online"),
+                                              q.get("where")))
             nodes = [n for n in nodes if n["node"] in chosen]
         elif edge.boolean(q, "online"):
             nodes = [n for n in nodes if n["state"] == "online"]
@@ -261,7 +263,8 @@ class Handlers:
     def dispatch(self, who: Principal, body: JSONObject) -> JSONObject:
         targets, online, spec = edge.dispatch_body(body)
         self.check_spec(spec, "task")
-        created = self.service.dispatch(targets, online, spec)
+        created = self.service.dispatch(targets, online, spec, where=body.get("where"),
+                                        retry=body.get("retry"))
         self.audit(who, "dispatch", tasks=sorted({t["id"] for t in created}),
                    nodes=[t["node"] for t in created][:1000], count=len(created),
                    type=spec["type"], node=created[0]["node"] if len(created) == 1 else None)
@@ -271,7 +274,7 @@ class Handlers:
         job_id, targets, online, steps = edge.job_body(body)
         for i, step in enumerate(steps):
             self.check_spec({k: v for k, v in step.items() if k != "id"}, f"steps.{i}")
-        job = self.service.create_job(targets, online, steps, job_id)
+        job = self.service.create_job(targets, online, steps, job_id, where=body.get("where"))
         self.audit(who, "job", job=job["id"], nodes=job["nodes"][:1000],
                    count=len(job["nodes"]), steps=len(steps), tasks=[])
         return {**self.job(job["id"]), "tasks": [without_tails(t) for t in job["tasks"]]}
@@ -438,14 +441,14 @@ def build_app(service: Service, config: ApiConfig, on_stream: Any = None) -> Any
         return response
 
     tasks_q = ("node", "state", "job", "limit", "cursor")
-    nodes_q = ("online", "match", "state", "q", "fact", "limit", "cursor")
+    nodes_q = ("online", "match", "where", "state", "q", "fact", "limit", "cursor")
     Handler = Callable[[Request], Awaitable[Response]]
     table: dict[str, dict[str, Handler]] = {
         "/v1/whoami": {"GET": endpoint("viewer", "reading", whoami, with_who=True)},
         "/v1/health": {"GET": endpoint("viewer", "reading", service.health)},
         "/v1/metrics": {"GET": endpoint("viewer", "reading", metrics)},
         "/v1/nodes": {"GET": endpoint("viewer", "reading", h.nodes, query=nodes_q,
-                                      repeatable=("match", "fact"))},
+                                      repeatable=("match", "fact", "where"))},
         "/v1/nodes/{node}": {"GET": endpoint("viewer", "reading", h.node)},
         "/v1/tasks": {
             "GET": endpoint("viewer", "reading", h.tasks, query=tasks_q),
@@ -472,6 +475,8 @@ def build_app(service: Service, config: ApiConfig, on_stream: Any = None) -> Any
                                                  with_who=True)},
         "/v1/events": {"GET": streams.sse_endpoint(h, on_stream)},
     }
+
+    table.update(rollout_routes(h, endpoint))
 
     def by_method(handlers: dict[str, Handler]) -> Handler:
         """One route per path, so a wrong method gets 405 with every allowed one."""

@@ -24,10 +24,10 @@ from edgerun.cmdline import closed_stdout, missing_module, require_extra
 from edgerun.errors import EXIT_FAILED, EXIT_OK, ConfigError, EdgerunError, exit_with
 from edgerun.settings import Option, Parser, add_options, config_path, resolve
 
-from . import cli_console, render
+from . import cli_console, cli_fleet, render
 from .client import Client, quoted
 from .follow import dispatch_and_follow, exit_code, explain
-from .jobs import load_job
+from .jobs import is_graph, load_job_file, step_ids
 from .settings import SERVE_OPTIONS, ServeSettings, config_table
 from .settings import load as load_serve_settings
 
@@ -74,6 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
     run = command("run", "Run a command on nodes: edgerun run NODE... -- CMD...")
     run.add_argument("nodes", nargs="*", metavar="NODE", help="node id or glob ('rack1-*')")
     targets(run)
+    cli_fleet.add_dispatch_options(run)
+    cli_fleet.add_stdin(run)
     run.add_argument("--env", action="append", default=[], metavar="K=V")
     run.add_argument("--cwd", metavar="DIR")
     run.add_argument("--ok-codes", metavar="N,N", help="exit codes that count as success")
@@ -82,12 +84,14 @@ def build_parser() -> argparse.ArgumentParser:
                              "edgerun download NODE... URL DEST")
     dl.add_argument("args", nargs="+", metavar="NODE... URL DEST")
     targets(dl)
+    cli_fleet.add_dispatch_options(dl)
     dl.add_argument("--sha256", metavar="HEX", help="expected SHA-256 of the file")
     dl.add_argument("--mode", metavar="MODE", help="file mode, octal such as 0755")
 
     nodes = command("nodes", "List the nodes the scheduler knows")
     nodes.add_argument("patterns", nargs="*", metavar="PATTERN")
     nodes.add_argument("--online", action="store_true")
+    cli_fleet.add_where(nodes)
 
     tasks = command("tasks", "List tasks, newest first")
     tasks.add_argument("--node", metavar="NODE")
@@ -109,7 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
     job.add_argument("nodes", nargs="*", metavar="NODE")
     job.add_argument("--online", action="store_true")
     job.add_argument("--detach", action="store_true")
+    cli_fleet.add_where(job)
     cli_console.add_commands(command)
+    cli_fleet.add_commands(command)
 
     keygen = sub.add_parser("keygen", help="Make an Ed25519 key pair for signed tasks",
                             description="Write PREFIX.key (private, for `edgerun serve "
@@ -168,7 +174,8 @@ def _main(argv: list[str], environ: Mapping[str, str]) -> int:
     client = cli_console.client_from(values)
     handler = {"run": cmd_run, "download": cmd_download, "nodes": cmd_nodes,
                "tasks": cmd_tasks, "show": cmd_show, "cancel": cmd_cancel, "job": cmd_job,
-               "token": cli_console.cmd_token, "logs": cli_console.cmd_logs}
+               "token": cli_console.cmd_token, "logs": cli_console.cmd_logs,
+               "rollout": cli_fleet.cmd_rollout}
     if args.command == "run":
         if not command:
             raise ConfigError("run: give the command after --, as in: "
@@ -204,26 +211,33 @@ def keygen(prefix: str) -> int:
 # --- dispatching commands -------------------------------------------------------------
 def _send(client: Client, args: argparse.Namespace, targets: list[str],
           task: dict[str, Any]) -> int:
-    if not targets and not args.online:
-        raise ConfigError("no target: name node ids, a glob such as 'rack1-*', or --online")
+    if not targets and not args.online and not args.where:
+        raise ConfigError("no target: name node ids, a glob such as 'rack1-*', --where "
+                          "FACT=VALUE, or --online")
     if args.timeout is not None:
         if args.timeout <= 0:
             raise ConfigError("--timeout must be greater than 0")
         task["timeout"] = args.timeout
     task["id"] = str(uuid.uuid4())
     body = {"targets": targets, "online": args.online, "task": task}
+    cli_fleet.extend_body(args, body)
+    rollout = cli_fleet.is_rollout(args)
     if args.detach:
-        created = client.post("/tasks", body)["tasks"]
+        created = client.post("/rollouts" if rollout else "/tasks", body)["tasks"]
         _print_tasks(created, args.json)
         return EXIT_OK
     prefixer = None if args.json else render.Prefixer()
 
     def send() -> list[dict[str, Any]]:
+        if rollout:
+            return cli_fleet.post_rollout(client, body)
         created: list[dict[str, Any]] = client.post("/tasks", body)["tasks"]
         _note_offline(client, created)
         return created
-    done = dispatch_and_follow(client, [task["id"]], send, prefixer)
+    done = dispatch_and_follow(client, cli_fleet.follow_ids(task["id"], args), send, prefixer)
     _finish(done, args.json)
+    if rollout:
+        return cli_fleet.report_rollout(client, done, args.json) or exit_code(done)
     return exit_code(done)
 
 
@@ -268,6 +282,8 @@ def cmd_run(client: Client, args: argparse.Namespace) -> int:
             task["ok_codes"] = [int(c) for c in args.ok_codes.split(",")]
         except ValueError:
             raise ConfigError("--ok-codes must be whole numbers separated by commas") from None
+    if args.stdin:
+        task["stdin"] = cli_fleet.read_stdin()
     return _send(client, args, list(args.nodes), task)
 
 
@@ -290,18 +306,22 @@ def cmd_job(client: Client, args: argparse.Namespace) -> int:
         action = cli_console.cmd_job_show if args.file == "show" else \
             cli_console.cmd_job_cancel
         return action(client, args.nodes[0], args.json)
-    targets, steps = load_job(args.file)
-    targets = list(args.nodes) or targets
-    if not targets and not args.online:
-        raise ConfigError("no target: name nodes, give `targets` in the job file, or --online")
+    job_file = load_job_file(args.file)
+    steps, where = job_file.steps, list(args.where) or job_file.where
+    targets = list(args.nodes) or job_file.targets
+    if not targets and not args.online and not where and not is_graph(steps):
+        raise ConfigError("no target: name nodes, give `targets` or `where` in the job file, "
+                          "--where, or --online")
     job_id = str(uuid.uuid4())
     body = {"id": job_id, "targets": targets, "online": args.online, "steps": steps}
+    if where:
+        body["where"] = where
     if args.detach:
         job = client.post("/jobs", body)
         _print_tasks(job["tasks"], args.json)
         return EXIT_OK
     prefixer = None if args.json else render.Prefixer()
-    ids = [f"{job_id}.{i}" for i in range(len(steps))]
+    ids = step_ids(job_id, steps)
     done = dispatch_and_follow(client, ids, lambda: client.post("/jobs", body)["tasks"],
                                prefixer)
     if args.json:
@@ -325,7 +345,7 @@ def _print_tasks(tasks: list[dict[str, Any]], as_json: bool) -> None:
 def cmd_nodes(client: Client, args: argparse.Namespace) -> int:
     if args.patterns[:1] == ["forget"]:  # `edgerun nodes forget ID...`
         return _forget_nodes(client, args.patterns[1:], args.json)
-    nodes = client.get("/nodes", match=args.patterns or None,
+    nodes = client.get("/nodes", match=args.patterns or None, where=args.where or None,
                        online=1 if args.online else None)["nodes"]
     if args.json:
         print(json.dumps({"nodes": nodes}, indent=2))

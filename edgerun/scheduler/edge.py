@@ -76,7 +76,7 @@ def flag(body: Mapping[str, Any], key: str) -> bool:
 
 
 def dispatch_body(body: Mapping[str, Any]) -> tuple[list[str], bool, dict[str, Any]]:
-    check_keys(body, ("targets", "online", "task"), "a dispatch request")
+    check_keys(body, ("targets", "online", "task", "where", "retry"), "a dispatch request")
     if "task" not in body:
         raise Invalid("task", "`task` is missing: the task to run")
     return targets(body), flag(body, "online"), task_spec(body["task"])
@@ -84,14 +84,18 @@ def dispatch_body(body: Mapping[str, Any]) -> tuple[list[str], bool, dict[str, A
 
 def job_body(body: Mapping[str, Any]) -> tuple[str | None, list[str], bool,
                                                   list[dict[str, Any]]]:
-    check_keys(body, ("id", "targets", "online", "steps"), "a job")
+    check_keys(body, ("id", "targets", "online", "steps", "where"), "a job")
     job_id = body.get("id")
     if job_id is not None and not isinstance(job_id, str):
         raise Invalid("id", "`id` must be a string")
     steps = body.get("steps")
     if not isinstance(steps, list) or not steps:
         raise Invalid("steps", "`steps` must be a non-empty list of tasks")
-    checked = [task_spec(step, f"steps.{i}") for i, step in enumerate(steps)]
+    # a graph step's own keys (jobs.py: name, needs, targets, where, online) beside its task
+    graph = ("name", "needs", "targets", "where", "online")
+    checked = [{**task_spec({k: v for k, v in step.items() if k not in graph}, f"steps.{i}"),
+                **{k: step[k] for k in graph if k in step}} if isinstance(step, dict)
+               else task_spec(step, f"steps.{i}") for i, step in enumerate(steps)]
     return job_id, targets(body), flag(body, "online"), checked
 
 

@@ -13,6 +13,7 @@ from edgerun.protocol import State, is_final
 from .client import Client, ServiceUnreachable
 from .errors import SchedulerError
 from .render import Prefixer
+from .retries import will_retry
 
 # What `edgerun run` on one node exits with when the task has no exit code of its own.
 STATE_EXIT = {State.TIMED_OUT: 124, State.LOST: 125, State.REJECTED: 126, State.CANCELED: 130}
@@ -21,6 +22,10 @@ FAILED = 1
 
 def _final(task: dict[str, Any]) -> bool:
     return is_final(State(task["state"]))
+
+
+def attempt(task: dict[str, Any]) -> int:
+    return int(task.get("attempt") or 1)
 
 
 class Progress:
@@ -73,11 +78,15 @@ def dispatch_and_follow(client: Client, ids: Sequence[str], send: Callable[[], l
                 prefixer.write(event["node"], event["stream"], event["data"])
             elif event.get("kind") == "task_event":
                 task = event["task"]
-                key = (task["node"], task["id"])
-                if key not in latest:
+                # a retry attempt (retries.py) carries on its first attempt's place
+                key = (task["node"], task.get("root") or task["id"])
+                if key not in latest or attempt(task) < attempt(latest[key]):
                     continue
+                if event.get("alert") and prefixer is not None:
+                    sys.stderr.write(f"edgerun: {task['node']}: {event['alert']['message']}\n")
+                    sys.stderr.flush()
                 latest[key] = task
-                if _final(task):
+                if _final(task) and not will_retry(task):
                     pending.discard(key)
                     progress.show(len(latest) - len(pending), failed(), not pending)
                     if prefixer is not None and not any(

@@ -318,3 +318,10 @@ class JobRunner:
                     if row["state"] == "queued" and row.get("hold") == "job":
                         self.db.release(row["node"], row["id"])
                         self.fleet.pump(row["node"])
+
+
+def step_ids(job_id: str, steps: Sequence[Any]) -> list[str]:
+    """The task id of each step: `{job}.{name}` in a graph, `{job}.{i}` in a list."""
+    if is_graph(steps):
+        return [f"{job_id}.{step['name']}" for step in steps]
+    return [f"{job_id}.{i}" for i in range(len(steps))]

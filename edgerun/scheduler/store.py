@@ -625,8 +625,17 @@ def task_dict(row: Row) -> JSONObject:
         "deadline": row["deadline"], "exit_code": row["exit_code"], "error": error,
         "result": json.loads(row["result"]) if row["result"] else None,
         "spec": json.loads(row["spec"]) if row["spec"] else None,
-        "job": row["job_id"], "step": row["step"],
+        "job": row["job_id"], "step": row["step"], **_fleet_fields(row),
     }
+
+
+def _fleet_fields(row: Row) -> JSONObject:
+    """Retry attempts and rollouts (schema 3; fleet.py): which attempt, whose retry."""
+    if "attempt" not in row.keys():  # noqa: SIM118 (`in` on a sqlite3.Row looks at values)
+        return {}
+    return {"attempt": row["attempt"] or 1, "parent": row["parent_id"], "root": row["root_id"],
+            "retry": json.loads(row["retry"]) if row["retry"] else None,
+            "rollout": row["rollout_id"], "hold": row["hold"]}
 
 
 def node_dict(row: Row) -> JSONObject:
