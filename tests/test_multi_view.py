@@ -198,3 +198,25 @@ def test_amqp_scheduler_started_after_the_agents_knows_them(tmp_path: Path) -> N
             bridge.terminate()
         mosquitto.stop()
         rabbit.stop()
+
+
+# --- forgetting a node ---------------------------------------------------------------------
+def test_nodes_forget_removes_a_node_and_says_so(tmp_path: Path) -> None:
+    from .scheduler_kit import cli
+    mosquitto = Mosquitto(tmp_path / "mosquitto").start()
+    try:
+        with running_app(mosquitto.url, tmp_path) as app:
+            store = app.service.store  # type: ignore[union-attr]
+            for node in ("fg-1", "fg-2"):
+                agent = start_agent(mosquitto.url, node, tmp_path)
+                assert wait_until(lambda n=node: _node_state(app, n) == "online", 30)
+                agent.terminate()
+            assert wait_until(lambda: _node_state(app, "fg-1") == "offline", 30)
+            done = cli(app.api_url, "nodes", "forget", "fg-1")
+            assert done.code == 0 and "forgot node fg-1" in done.out, done
+            assert store.node("fg-1") is None and store.node("fg-2") is not None
+            again = cli(app.api_url, "nodes", "forget", "fg-1")
+            assert again.code == 3 and "fg-1" in again.err, again  # unknown node: exit 3
+            assert cli(app.api_url, "nodes", "forget").code == 2  # no id: a usage error
+    finally:
+        mosquitto.stop()

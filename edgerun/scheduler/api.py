@@ -449,7 +449,9 @@ def build_app(service: Service, config: ApiConfig, on_stream: Any = None) -> Any
         "/v1/metrics": {"GET": endpoint("viewer", "reading", metrics)},
         "/v1/nodes": {"GET": endpoint("viewer", "reading", h.nodes, query=nodes_q,
                                       repeatable=("match", "fact", "where"))},
-        "/v1/nodes/{node}": {"GET": endpoint("viewer", "reading", h.node)},
+        "/v1/nodes/{node}": {
+            "GET": endpoint("viewer", "reading", h.node),
+            "DELETE": endpoint("operator", "forgetting nodes", h.forget_node, with_who=True)},
         "/v1/tasks": {
             "GET": endpoint("viewer", "reading", h.tasks, query=tasks_q),
             "POST": endpoint("operator", "dispatching", h.dispatch, status=201, body=True,

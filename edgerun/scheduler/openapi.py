@@ -73,7 +73,12 @@ def document(version: str) -> dict[str, Any]:
             "responses": {**_ok("{nodes, total, next}"), **COMMON}}},
         "/v1/nodes/{node}": {"get": {"summary": "a node and its 20 latest tasks",
                                      "parameters": [_p("node", "id or unique prefix")],
-                                     "responses": {**_ok("node"), "404": ERR, **COMMON}}},
+                                     "responses": {**_ok("node"), "404": ERR, **COMMON}},
+                             "delete": {"summary": "forget a node (operator): out of the "
+                                                   "registry; its tasks stay",
+                                        "parameters": [_p("node", "node id")],
+                                        "responses": {**_ok("{node, forgotten}"),
+                                                      "404": ERR, **COMMON}}},
         "/v1/tasks": {
             "get": {"summary": "tasks, newest first, paged; no output tails", "parameters": [
                 _q("node", "node id"), _q("state", "task state"), _q("job", "job id"),
