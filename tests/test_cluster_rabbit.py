@@ -112,6 +112,9 @@ def test_tasks_survive_the_loss_of_the_queue_leaders_node(
             assert wait_until(lambda: service.health()["broker_node"] not in
                               (None, f"127.0.0.1:{victim.port}"), 120)
             scheduler_back = time.monotonic() - killed_at
+            now_on = service.health()["broker_node"]
+            assert f'edgerun_scheduler_broker_node_info{{node="{now_on}"}} 1.0' in \
+                service.metrics.render().decode()
             assert wait_until(lambda: (bridge.health() or {}).get("status") == "ok", 120)
             bridge_back = time.monotonic() - killed_at
             assert wait_until(lambda: finished() >= min(TASKS, done_at_kill + TASKS // 4),
