@@ -448,3 +448,17 @@ def test_the_tracker_runs_the_duties_and_retention_when_it_leads(tmp_path: Path)
     assert tracker.tick(now=105.0) is True and calls == [True]
     assert tracker.tick(now=111.0) is True and calls == [True, False]  # the sweep
     store.close()
+
+
+def test_the_dialect_layer_translates_the_few_differences() -> None:
+    from edgerun.scheduler.db import postgres_ddl, redact, to_postgres, to_sqlite
+    assert to_postgres("SELECT * FROM t WHERE a=? AND b LIKE 'x%'") == \
+        "SELECT * FROM t WHERE a=%s AND b LIKE 'x%%'"
+    assert to_postgres("INSERT OR IGNORE INTO t (a) VALUES (?)") == \
+        "INSERT INTO t (a) VALUES (%s) ON CONFLICT DO NOTHING"
+    assert to_sqlite("SELECT * FROM t WHERE a=? FOR UPDATE") == "SELECT * FROM t WHERE a=?"
+    assert to_sqlite("SELECT 1 FOR UPDATE SKIP LOCKED") == "SELECT 1"
+    assert postgres_ddl("id INTEGER PRIMARY KEY AUTOINCREMENT, t REAL, realm TEXT") == \
+        "id BIGSERIAL PRIMARY KEY, t DOUBLE PRECISION, realm TEXT"
+    assert redact("postgresql://u:secret@h/db") == "postgresql://u:***@h/db"
+    assert redact("/var/lib/edgerun/s.db") == "/var/lib/edgerun/s.db"

@@ -9,8 +9,11 @@ differences, so that the store and every migration stay portable:
 - DDL: `INTEGER PRIMARY KEY AUTOINCREMENT` is `BIGSERIAL PRIMARY KEY` and `REAL`
   is `DOUBLE PRECISION` on PostgreSQL (its REAL is 4 bytes: seconds since 1970
   would lose their minutes);
-- `FOR UPDATE` (row locks, so that two `serve` instances never apply the same
-  change twice) is dropped on SQLite, whose writers are serialised anyway;
+- a trailing `FOR UPDATE` (row locks, so that two `serve` instances never apply
+  the same change twice; also `... SKIP LOCKED`, `... NOWAIT`) is dropped on
+  SQLite, whose writers are serialised anyway;
+- a `?` inside a string literal would be taken for a placeholder: pass values
+  as parameters;
 - the schema version: `PRAGMA user_version` on SQLite, a `meta` row on PostgreSQL.
 
 psycopg is imported only for a postgresql:// URL, so the small mode never pays
@@ -34,7 +37,7 @@ PG_SCHEMES = ("postgresql://", "postgres://")
 _DDL = [(re.compile(r"\bINTEGER PRIMARY KEY AUTOINCREMENT\b", re.I), "BIGSERIAL PRIMARY KEY"),
         (re.compile(r"\bREAL\b", re.I), "DOUBLE PRECISION")]
 _IGNORE = re.compile(r"^\s*INSERT\s+OR\s+IGNORE\s+INTO\b", re.I)
-_FOR_UPDATE = re.compile(r"\s+FOR\s+UPDATE\s*$", re.I)
+_FOR_UPDATE = re.compile(r"\s+FOR\s+UPDATE(\s+(SKIP\s+LOCKED|NOWAIT))?\s*$", re.I)
 MIGRATION_LOCK = 0x6564_6765_7275_6E00  # "edgerun\0": serialises migrations across instances
 
 
@@ -187,9 +190,7 @@ class SqliteDatabase(Database):
         return (sqlite3.Error,)
 
     def execute(self, sql: str, args: Sequence[Any] = ()) -> Cursor:
-        if _FOR_UPDATE.search(sql):
-            sql = _FOR_UPDATE.sub("", sql)
-        return self._db.execute(sql, tuple(args))
+        return self._db.execute(to_sqlite(sql), tuple(args))
 
     def _begin(self) -> None:
         self._db.execute("BEGIN IMMEDIATE")
@@ -258,10 +259,7 @@ class PostgresDatabase(Database):
     def translate(self, sql: str) -> str:
         out = self._sql.get(sql)
         if out is None:
-            out = sql.replace("%", "%%").replace("?", "%s")
-            if _IGNORE.match(out):
-                out = _IGNORE.sub("INSERT INTO", out) + " ON CONFLICT DO NOTHING"
-            self._sql[sql] = out
+            out = self._sql[sql] = to_postgres(sql)
         return out
 
     def execute(self, sql: str, args: Sequence[Any] = ()) -> Cursor:
@@ -280,9 +278,7 @@ class PostgresDatabase(Database):
         self._conn.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK,))
 
     def ddl(self, statement: str) -> str:
-        for pattern, replacement in _DDL:
-            statement = pattern.sub(replacement, statement)
-        return statement
+        return postgres_ddl(statement)
 
     def schema_version(self) -> int:
         exists = self._conn.execute("SELECT to_regclass('meta') IS NOT NULL").fetchone()[0]
@@ -305,6 +301,26 @@ class PostgresDatabase(Database):
                 self._conn.close()
             except self._psycopg.Error:
                 pass
+
+
+def to_postgres(sql: str) -> str:
+    """A statement of the store's SQL as psycopg wants it (placeholders, upsert)."""
+    out = sql.replace("%", "%%").replace("?", "%s")
+    if _IGNORE.match(out):
+        out = _IGNORE.sub("INSERT INTO", out) + " ON CONFLICT DO NOTHING"
+    return out
+
+
+def to_sqlite(sql: str) -> str:
+    """A statement of the store's SQL as sqlite3 wants it (no row locks)."""
+    return _FOR_UPDATE.sub("", sql)
+
+
+def postgres_ddl(statement: str) -> str:
+    """A migration statement for PostgreSQL: BIGSERIAL keys, 8-byte floats."""
+    for pattern, replacement in _DDL:
+        statement = pattern.sub(replacement, statement)
+    return statement
 
 
 def open_database(target: str) -> Database:
