@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import threading
 import time
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+from edgerun.protocol import format_time
 from edgerun.scheduler.fleetdb import FleetDB
 
 from .brokers import Mosquitto, wait_until
@@ -71,3 +73,19 @@ def test_a_held_task_can_be_canceled_before_it_is_sent(mosquitto: Mosquitto,
         assert "before it was sent" in canceled["error"]["message"]
         svc.cancel(first["id"], "pace-b")
         api.wait_state(first["id"], "pace-b", "canceled")
+
+
+def test_a_task_held_past_its_expiry_ends_expired(mosquitto: Mosquitto,
+                                                  tmp_path: Path) -> None:
+    with running_app(mosquitto.url, tmp_path, pace=1) as app:
+        api, svc = Api(app.api_url), app.service
+        assert svc is not None
+        start_agent(mosquitto.url, "pace-c", tmp_path)
+        api.wait_node("pace-c")
+        [first] = svc.dispatch(["pace-c"], False, {"type": "shell", "command": "sleep 30"})
+        expires = format_time(datetime.now(UTC) + timedelta(seconds=1))
+        [held] = svc.dispatch(["pace-c"], False, {"type": "shell", "command": "true",
+                                                  "expires_at": expires})
+        lost = api.wait_state(held["id"], "pace-c", "lost")
+        assert lost["error"]["code"] == "expired" and lost["dispatched_at"] is None
+        svc.cancel(first["id"], "pace-c")

@@ -98,3 +98,25 @@ def test_a_lost_attempt_is_canceled_before_the_next_one_runs(
         assert "lost" in [u["state"] for u in first["updates"]]  # history keeps it all
         assert ran.read_text().split() == ["run", "run"]  # each attempt ran once
         assert FleetDB(svc.store).task("retry-b", f"{task['id']}.a3") is None
+
+
+def test_busy_rejections_are_retried_until_the_agent_has_room(
+        mosquitto: Mosquitto, tmp_path: Path) -> None:
+    # pace 8 above an agent queue of 1: the agent refuses some as busy; retried, all succeed
+    with running_app(mosquitto.url, tmp_path, pace=8) as app:
+        api, svc = Api(app.api_url), app.service
+        assert svc is not None
+        start_agent(mosquitto.url, "retry-c", tmp_path, "--queue-size", "1")
+        api.wait_node("retry-c")
+        ids = [svc.dispatch(["retry-c"], False, {"type": "shell", "command": "sleep 0.2"},
+                            retry={"retries": 10, "on": ["busy"], "delay": 0.5})[0]["id"]
+               for _ in range(4)]
+        db = FleetDB(svc.store)
+
+        def chains_done() -> bool:
+            return all(db.attempts("retry-c", i)[-1]["state"] == "succeeded" for i in ids)
+        assert wait_until(chains_done, 90, 0.2), [
+            [(a["id"], a["state"]) for a in db.attempts("retry-c", i)] for i in ids]
+        tried = [a for i in ids for a in db.attempts("retry-c", i)]
+        busy = [a for a in tried if a["state"] == "rejected"]
+        assert busy and all(a["error"]["code"] == "busy" for a in busy)
