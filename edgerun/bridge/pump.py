@@ -49,6 +49,7 @@ log = logging.getLogger(__name__)
 NACK_PAUSE = 1.0  # seconds
 QOS0_PER_TOPIC = 1 << 20  # bytes of QoS 0 messages held per topic (one node's route)
 QOS0_TOTAL = 32 << 20  # bytes of QoS 0 messages held in all
+TRANSLATIONS = 20_000  # topics whose route matches are remembered (then forgotten at once)
 QOS0_IN_FLIGHT = 1 << 20  # bytes of QoS 0 publishes awaiting a confirm: QoS 1 never waits long
 
 
@@ -136,6 +137,8 @@ class Pump:
         # deliveries of the current channel, in tag order -> PUBACKed yet; acked in runs
         self._outstanding: OrderedDict[int, bool] = OrderedDict()
         self._done_behind: list[int] = []  # PUBACKed while an older delivery still waits
+        self._translations: dict[str, list[Translation]] = {}  # topic -> routes, bounded
+        self._back: dict[tuple[str, str], Translation] = {}  # (route, key) -> topic, bounded
         self._to_mqtt: list[tuple[str, bytes, int, bool, partial[None]]] = []
         self.to_mqtt_in_flight = 0
         self.draining = False
@@ -257,7 +260,12 @@ class Pump:
         route = self.routes.route_for_queue(queue.name)
         if route is None:  # not a queue of ours: cannot happen, but never lose the delivery
             return
-        found = self.routes.from_amqp(route, routing_key)
+        key = (route.name, routing_key)
+        found = self._back.get(key)
+        if found is None:
+            if len(self._back) >= TRANSLATIONS:
+                self._back.clear()
+            found = self._back[key] = self.routes.from_amqp(route, routing_key)
         if found.destination is None:
             self._dropped(found, routing_key)
             self.link.reject(tag)
@@ -282,7 +290,11 @@ class Pump:
         if self.draining:
             self._release(message)
             return  # not acked: the broker redelivers it to the next run
-        found = self.routes.from_mqtt(message.topic)
+        found = self._translations.get(message.topic)
+        if found is None:  # a topic seen before (one per node and route) skips the matching
+            if len(self._translations) >= TRANSLATIONS:
+                self._translations.clear()
+            found = self._translations[message.topic] = self.routes.from_mqtt(message.topic)
         good = [t for t in found if t.destination is not None]
         for bad in (t for t in found if t.destination is None):
             self._dropped(bad, message.topic)
