@@ -21,8 +21,6 @@ import urllib.request
 import uuid
 from pathlib import Path
 
-import psutil
-
 from edgerun.mqtt import MqttConnection
 from edgerun.settings import parse_broker_url
 
@@ -34,19 +32,27 @@ DEPLOY = ROOT / "deploy"
 
 
 def tree_rss(pid: int) -> int:
-    """Resident bytes of a process and all its descendants."""
-    try:
-        root = psutil.Process(pid)
-        procs = [root, *root.children(recursive=True)]
-    except psutil.NoSuchProcess:
-        return 0
-    total = 0
-    for proc in procs:
+    """Resident bytes of a process and all its descendants (from /proc; epmd, which the
+    first Erlang node starts for every node of the machine, is not among them: it
+    detaches)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            children.setdefault(int(stat.rsplit(")", 1)[1].split()[1]), []).append(int(entry))
+    total, todo = 0, [pid]
+    while todo:
+        current = todo.pop()
         try:
-            if proc.name() != "epmd":  # shared by every Erlang node of the machine
-                total += proc.memory_info().rss
-        except psutil.NoSuchProcess:
+            for line in Path(f"/proc/{current}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1]) * 1024
+        except OSError:
             pass
+        todo.extend(children.get(current, []))
     return total
 
 
