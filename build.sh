@@ -3,7 +3,8 @@
 #   ./build.sh setup   create .venv and install edgerun with its test and dev extras
 #   ./build.sh test    lint (ruff, mypy) and run every test
 #   ./build.sh lint    ruff and mypy only
-#   ./build.sh demo    embedded broker, scheduler and one agent: run example tasks
+#   ./build.sh demo    embedded broker, scheduler and one agent: run example tasks; prints
+#                      the console's URL and token (demo --keep: leave it running)
 #   ./build.sh binary  the agent as one static file: images/out/edgerun-agent
 #   ./build.sh image   the discovery image: images/out/vmlinuz and initramfs.img
 #   ./build.sh bench   benchmarks against the alternatives (--quick, or items: bench 1 3)
@@ -35,6 +36,20 @@ setup() {
     fi
 }
 
+browser() {
+    # the console's browser tests drive Debian's chromium through Playwright (never
+    # `playwright install`, which downloads a browser); CI runs as root and gets it here
+    command -v chromium >/dev/null 2>&1 && return
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+        echo "build.sh: installing chromium for the console's browser tests" >&2
+        apt-get install -y -q chromium >/dev/null 2>&1 ||
+            { apt-get update -q >/dev/null && apt-get install -y -q chromium >/dev/null; } ||
+            echo "build.sh: could not install chromium; the browser tests are skipped" >&2
+    else
+        echo "build.sh: chromium not found; the browser tests are skipped (apt-get install chromium)" >&2
+    fi
+}
+
 brokers_hint() {
     command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] ||
         echo "build.sh: mosquitto not found; tests fall back to 127.0.0.1:1883 (apt-get install mosquitto)" >&2
@@ -62,6 +77,7 @@ case "$cmd" in
     test)
         setup
         brokers_hint
+        browser
         lint
         "$PY" -m pytest "$@"
         ;;

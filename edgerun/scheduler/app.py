@@ -36,6 +36,7 @@ class App:
     api: ApiServer | None = None
     admin_token: str | None = None
     """The admin token this start created (first start only; also in its 0600 file)."""
+    token_copy: Path | None = None
     stopped: threading.Event = field(default_factory=threading.Event)
 
     @property
@@ -71,7 +72,7 @@ class App:
             if self.admin_token is not None:
                 log.warning("first start: wrote an admin token to %s (readable by this user "
                             "only); `edgerun token create` makes more", token_file)
-            publish_local(token_file, self.api.port)
+            self.token_copy = publish_local(token_file, self.api.port)
             self.service.start()
             self.api.start()
             if not messenger.connected.wait(s.connect_timeout):
@@ -100,6 +101,9 @@ class App:
                              tls=tls, share_group=s.share_group)
 
     def stop(self) -> None:
+        if self.token_copy is not None:  # only a way to find a running service
+            self.token_copy.unlink(missing_ok=True)
+            self.token_copy = None
         if self.api is not None:
             self.api.stop()
         if self.service is not None:

@@ -15,6 +15,7 @@ import http.server
 import logging
 import os
 import shlex
+import signal
 import subprocess
 import sys
 import tempfile
@@ -94,7 +95,23 @@ def wait_online(app: App, timeout: float) -> bool:
     return False
 
 
-def main() -> int:
+def wait_for_interrupt() -> None:
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        while not stop.wait(1.0):
+            pass
+    except KeyboardInterrupt:
+        pass
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    unknown = [a for a in args if a != "--keep"]
+    if unknown:
+        print(f"demo: unknown argument {unknown[0]!r} (only --keep)", file=sys.stderr)
+        return 2
+    keep = "--keep" in args
     logging.basicConfig(level=logging.WARNING, format="  [service] %(levelname)s %(message)s")
     for noisy in ("amqtt", "transitions"):
         logging.getLogger(noisy).setLevel(logging.CRITICAL)
@@ -115,6 +132,7 @@ def main() -> int:
         try:
             assert app.embedded is not None
             print(f"broker {app.embedded.url}, API {app.api_url}, store {work / 'scheduler.db'}")
+            print(f"console: {app.api_url}/   token: {app.admin_token}", flush=True)
             with agent(app.embedded.url, work / "agent", work / "agent.log") as proc, \
                     file_server(work / "www") as www:
                 if not wait_online(app, 20):
@@ -122,6 +140,12 @@ def main() -> int:
                           + (work / "agent.log").read_text(errors="replace")[-2000:])
                     return 1
                 outcomes = steps(app.api_url, www, digest, dest)
+                if keep:
+                    say("--keep: the console stays up until Ctrl-C")
+                    print(f"console: {app.api_url}/\ntoken:   {app.admin_token}\n"
+                          f"CLI:     edgerun --api {app.api_url} nodes  (this user finds "
+                          f"the token by itself)", flush=True)
+                    wait_for_interrupt()
         finally:
             app.stop()
         say("outcomes")

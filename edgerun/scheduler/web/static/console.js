@@ -131,6 +131,7 @@ async function loadNodes(more) {
   for (const n of data.nodes) $("nodes").append(nodeRow(n));
   state.nodesNext = data.next;
   $("nodes-more").hidden = !data.next;
+  state.nodesTotal = data.total;
   $("fleet-count").textContent = `${data.total} nodes`;
 }
 
@@ -152,9 +153,14 @@ function nodeVisible(n) {
 function onNode(n) {
   if (!n) return;
   const existing = document.querySelector(`#nodes tr[data-node="${CSS.escape(n.node)}"]`);
-  if (!nodeVisible(n)) { if (existing) existing.remove(); return; }
+  if (!nodeVisible(n)) {
+    if (existing) { existing.remove(); state.nodesTotal -= 1; $("fleet-count").textContent = `${state.nodesTotal} nodes`; }
+    return;
+  }
   const row = nodeRow(n);
   if (existing) { existing.replaceWith(row); return; }
+  state.nodesTotal = (state.nodesTotal || 0) + 1;
+  $("fleet-count").textContent = `${state.nodesTotal} nodes`;
   const rows = [...$("nodes").children];
   const after = rows.find((r) => r.dataset.node > n.node);
   if (after) $("nodes").insertBefore(row, after);
@@ -251,7 +257,7 @@ async function showTask(id, node) {
   source.addEventListener("task_event", async (ev) => {
     const t = JSON.parse(ev.data).task;
     showTaskState(t);
-    if (FINAL.has(t.state) && !live) await fillTails(id, node);
+    if (FINAL.has(t.state)) await refreshDetail(id, node, !live);
   });
   await new Promise((resolve) => {
     source.addEventListener("hello", resolve, { once: true });
@@ -264,9 +270,11 @@ async function showTask(id, node) {
   if (FINAL.has(t.state) && !live) showTails(t);
 }
 
-async function fillTails(id, node) {
+async function refreshDetail(id, node, tails) {
   const data = await api("GET", `/tasks/${encodeURIComponent(id)}` + query({ node }));
-  showTails(data.tasks[0]);
+  const t = data.tasks[0];
+  $("task-updates").replaceChildren(...(t.updates || []).map((u) => el("li", {}, `${time(u.at)} ${u.state}`)));
+  if (tails) showTails(t);
 }
 
 function showTails(t) {
