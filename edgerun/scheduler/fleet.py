@@ -108,7 +108,7 @@ class Fleet:
             self.pump(node)
 
     def pump_all(self) -> None:
-        for node in self.db.nodes_with_ready(time.time()):
+        for node in self.db.nodes_with_ready(time.time(), self.pace):
             self.pump(node)
 
     def is_sending(self, task: JSONObject) -> bool:
