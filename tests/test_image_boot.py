@@ -152,6 +152,16 @@ def test_shell_task_runs_on_the_image_kernel(booted: Booted) -> None:
     assert states == ["accepted", "running", "succeeded"]
 
 
+def test_tasks_get_a_cgroup_and_leave_nothing_behind(booted: Booted) -> None:
+    final = booted.run("contained", "cat /proc/self/cgroup; "
+                       "setsid sleep 1234.5 >/dev/null 2>&1 & sleep 0.3")
+    assert "/t-contained" in final["stdout"], final["stdout"]  # its own cgroup v2
+    # [.] keeps the pattern from matching the command line of the shell running it
+    left = booted.run("contained-check", "for p in /proc/[0-9]*; do tr '\\0' ' ' "
+                      "<$p/cmdline 2>/dev/null; echo; done | grep -c 'sleep 1234[.]5' || true")
+    assert left["stdout"].strip() == "0", "a process of a finished task lives on"
+
+
 def test_download_from_the_host_with_its_sha256(booted: Booted) -> None:
     task = {"v": 1, "kind": "task", "id": "fetch", "type": "download",
             "url": f"{booted.http}/file", "dest": "/var/tmp/edgerun/payload.bin",
