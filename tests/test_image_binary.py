@@ -186,6 +186,8 @@ def test_tasks_get_the_environment_the_agent_was_started_with(
         final = observer.final(f"{node}-env", 60)
         assert final["state"] == "succeeded", (final, agent.log()[-2000:])
         outputs[node] = dict(line.split("=", 1) for line in final["stdout"].splitlines())
+        # the task's own marker, by which the agent finds its processes (contain.py)
+        assert outputs[node].pop("EDGERUN_TASK").endswith(f"/{node}-env")
         assert agent.terminate() == 0
     assert outputs["env-frozen"] == outputs["env-installed"] == {**BASE_ENV, **extra}
 

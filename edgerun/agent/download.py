@@ -131,8 +131,19 @@ def _session(watch: _Watch) -> requests.Session:
     return session
 
 
+def _import_requests() -> None:
+    """requests, on the first download only (it keeps the idle agent small). The frozen
+    agent leaves out charset_normalizer, which only guesses text encodings; requests
+    warns about that on import."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Unable to find acceptable character")
+        import requests  # noqa: F401
+
+
 def run_download(task: DownloadTask, control: Control) -> Outcome:
-    import requests  # noqa: F401 - first use only: keeps the idle agent small
+    _import_requests()
 
     started = time.monotonic()
     watch = _Watch(control)
