@@ -155,6 +155,7 @@ class Containment:
         self.me = os.getpid()
         self._lock = _LOCK
         self._known = _KNOWN
+        self._empty: list[str] = []  # cgroups of ended tasks, to remove
         self.subreaper = set_subreaper() if subreaper else False
         self.cgroup_dir: str | None = None
         self._home: str | None = None
@@ -302,9 +303,20 @@ class Containment:
             self._known.pop(jail.pid, None)
         if killed:
             self.reap()
-        if jail.cgroup is not None:
-            _rmdir_soon(jail.cgroup)
+        if jail.cgroup is not None:  # removed by tidy(), off the path to the final update
+            with self._lock:
+                self._empty.append(jail.cgroup)
         return killed
+
+    def tidy(self) -> None:
+        """Remove the cgroups of ended tasks; one that the kernel still holds for a moment
+        is tried again next time."""
+        with self._lock:
+            empty, self._empty = self._empty, []
+        for path in empty:
+            if not _rmdir_now(path):
+                with self._lock:
+                    self._empty.append(path)
 
     def _kill_all(self, jail: Jail) -> int:
         total = 0
@@ -394,6 +406,19 @@ def _killpg(pid: int, sig: int) -> None:
             os.killpg(pid, sig)
         except (ProcessLookupError, PermissionError):
             pass
+
+
+def _rmdir_now(path: str) -> bool:
+    """One attempt to remove an empty cgroup; False when the kernel still holds it."""
+    try:
+        os.rmdir(path)
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        if exc.errno == errno.EBUSY:
+            return False
+        log.warning("cannot remove the cgroup %s: %s", path, exc.strerror)
+    return True
 
 
 def _rmdir_soon(path: str) -> None:

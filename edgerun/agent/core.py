@@ -254,6 +254,8 @@ class Agent:
                 with self._lock:
                     del self._running[task_id]
                     self._lock.notify_all()
+                if self.jail is not None:
+                    self.jail.tidy()  # after the final update: not on its path
 
     def _execute(self, task: Task, control: Control) -> None:
         from .download import run_download
