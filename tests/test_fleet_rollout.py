@@ -65,7 +65,10 @@ def test_batch_5_aborts_after_3_failures_and_leaves_the_rest_untouched(
     assert started["counts"]["total"] == NODES
     assert started["counts"]["active"] <= 5
     rollout = wait_rollout(svc, started["id"], {"aborted"})
-    assert "3 targets failed" in rollout["reason"] and "--abort-after 3" in rollout["reason"]
+    # the rule fires at the 3rd failure it sees; targets of the window that ended at the
+    # same moment are counted too
+    failed = int(rollout["reason"].split(" targets failed", 1)[0])
+    assert 3 <= failed <= 5 and "the limit is 3 (--abort-after 3)" in rollout["reason"]
     rollout = settle(svc, started["id"])
     touched = [t for t in rollout["targets"] if t["phase"] != "skipped"]
     untouched = [t for t in rollout["targets"] if t["phase"] == "skipped"]

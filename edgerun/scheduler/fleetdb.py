@@ -166,6 +166,33 @@ class FleetDB:
                        "AND hold IN ('job', 'rollout')", (node, task_id))
 
     # --- rollouts --------------------------------------------------------------------------
+    def release_in_window(self, rollout_id: str, node: str, task_id: str,
+                          batch: int | None, interval: float | None, now: float) -> bool:
+        """Start one target of a rollout if the window and the rate allow it now: one
+        transaction with the rollout's row locked, so that several instances never start
+        more than `batch` at once nor two within `interval` seconds."""
+        with self.store._write() as db:
+            row = db.execute("SELECT state, released_at FROM rollouts WHERE id=? FOR UPDATE",
+                             (rollout_id,)).fetchone()
+            if row is None or row["state"] != "running":
+                return False
+            if interval is not None and row["released_at"] is not None and \
+                    now < float(row["released_at"]) + interval:
+                return False
+            if batch is not None:
+                active = db.execute(
+                    f"SELECT COUNT(*) FROM tasks WHERE rollout_id=? AND state NOT IN "  # noqa: S608
+                    f"({','.join('?' * len(FINAL))}) AND (hold IS NULL OR hold <> 'rollout')",
+                    (rollout_id, *FINAL)).fetchone()
+                if int(active[0]) >= batch:
+                    return False
+            cur = db.execute("UPDATE tasks SET hold=NULL WHERE node=? AND id=? AND "
+                             "state='queued' AND hold='rollout'", (node, task_id))
+            if cur.rowcount != 1:
+                return False
+            db.execute("UPDATE rollouts SET released_at=? WHERE id=?", (now, rollout_id))
+            return True
+
     def add_rollout(self, rollout_id: str, task_id: str, options: JSONObject,
                     nodes: list[str]) -> None:
         now = format_time()

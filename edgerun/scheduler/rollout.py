@@ -323,24 +323,20 @@ class RolloutEngine:
                      counts["succeeded"], counts["failed"])
             return
         room = opts.batch - counts["active"] if opts.batch else counts["pending"]
-        now = time.time()
-        if opts.rate:
-            last = rollout["released_at"]
-            if last is not None and now < float(last) + 60.0 / opts.rate:
-                return
-            room = min(room, 1)
         if room <= 0:
             return
+        interval = 60.0 / opts.rate if opts.rate else None
         online = self.svc.store.online_nodes()
         for target in targets:
             if room <= 0:
                 break
             if target.phase != "pending":
                 continue
-            room -= 1
-            if opts.rate:
-                self.db.set_rollout(rollout_id, released_at=now)
             task = target.task
+            if not self.db.release_in_window(rollout_id, target.node, task["id"], opts.batch,
+                                             interval, time.time()):
+                return  # the window or the rate is full (perhaps by another instance)
+            room -= 1
             if target.node not in online:
                 change = self.svc.store.mark_lost(
                     target.node, task["id"], "queued", UNREACHABLE,
@@ -349,7 +345,6 @@ class RolloutEngine:
                 if change is not None:
                     self.svc._emit(change)
                 return  # its end comes back through touch(): the abort rule first
-            self.db.release(target.node, task["id"])
             self.fleet.pump(target.node)
 
     def _abort(self, rollout_id: str, reason: str,
