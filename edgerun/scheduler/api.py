@@ -45,6 +45,7 @@ log = logging.getLogger(__name__)
 MAX_BODY = 1024 * 1024
 STATIC = Path(__file__).resolve().parent / "web" / "static"
 TOUCH_EVERY_S = 60.0
+THREADS = 6  # the thread pool that runs handlers' blocking work
 
 
 @dataclass(frozen=True)
@@ -529,6 +530,7 @@ class ApiServer:
             access_log=False, server_header=False, timeout_graceful_shutdown=2,
             ws_ping_interval=20.0, ssl_certfile=self.config.tls_cert,
             ssl_keyfile=self.config.tls_key))
+        self._server.config.load()  # imports the protocol classes here, not on the api thread
         self._thread: threading.Thread | None = None
 
     @property
@@ -551,9 +553,17 @@ class ApiServer:
 
     def _run(self) -> None:
         try:
-            asyncio.run(self._server.serve(sockets=[self._sock]))
+            asyncio.run(self._serve())
         except Exception:
             log.exception("the API server stopped")
+
+    async def _serve(self) -> None:
+        import anyio.to_thread
+
+        # the store is one connection behind a lock: more threads would only wait, and
+        # each costs memory (small mode counts every MiB)
+        anyio.to_thread.current_default_thread_limiter().total_tokens = THREADS
+        await self._server.serve(sockets=[self._sock])
 
     def stop(self) -> None:
         for close in list(self.streams):

@@ -58,7 +58,13 @@ class Client:
             token = read_token_file(token_file)
             if token is None:
                 raise ConfigError(f"cannot read a token from {token_file}")
-        self.token = token or find_token(self.host, self.port)
+        self._token = token
+
+    @property
+    def token(self) -> str | None:
+        """The token given, else the local serve's (read at each request: a client made
+        before the service started finds it once it has)."""
+        return self._token or find_token(self.host, self.port)
 
     def _connect(self, timeout: float | None) -> http.client.HTTPConnection:
         if self.tls is not None:

@@ -7,7 +7,6 @@ silently ignored setting. Every failure is `Invalid`: HTTP 422 with `field`.
 
 from __future__ import annotations
 
-import difflib
 import re
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -34,6 +33,8 @@ class Invalid(BadRequest):
 
 
 def unknown_key(where: str, key: str, allowed: Iterable[str], prefix: str = "") -> Invalid:
+    import difflib  # only when someone typed a key wrong
+
     close = difflib.get_close_matches(key, sorted(allowed), n=1)
     hint = f"; did you mean `{close[0]}`?" if close else \
         f" (known: {', '.join(sorted(allowed))})"
