@@ -157,3 +157,13 @@ def test_run_i_forwards_stdin(fleet: Api) -> None:
     big = run_with_stdin(fleet.url, b"x" * (200 * 1024), "run", "cli-dell-1", "-i", "--",
                          "cat")
     assert big.code == 2 and "192 KiB" in one_line_error(big)
+
+
+def test_the_openapi_document_describes_rollouts_and_where(fleet: Api) -> None:
+    doc = fleet.get("/openapi.json")
+    for path in ("/v1/rollouts", "/v1/rollouts/{id}", "/v1/rollouts/{id}/abort"):
+        assert path in doc["paths"]
+    schemas = doc["components"]["schemas"]
+    assert "where" in schemas["Dispatch"]["properties"]
+    assert "retry" in schemas["Dispatch"]["properties"]
+    assert schemas["Rollout"]["required"] == ["task"]

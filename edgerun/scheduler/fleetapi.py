@@ -78,3 +78,55 @@ def rollout_routes(h: Handlers, endpoint: Callable[..., Any]) -> dict[str, dict[
             "POST": endpoint("operator", "dispatching", r.action(name), body=True,
                              with_who=True)}
     return routes
+
+
+# --- the OpenAPI document's part (openapi.py merges it) -------------------------------------
+WHERE = {"type": "array", "items": {"type": "string"},
+         "description": "fact expressions that must all hold: arch=x86_64, "
+                        "'dmi.sys_vendor=Dell*', 'cpus>=32', 'macs=52:54:00:*'"}
+RETRY = {"type": "object", "additionalProperties": False, "required": ["retries"],
+         "properties": {"retries": {"type": "integer", "minimum": 0, "maximum": 20},
+                        "on": {"type": "array", "items": {
+                            "enum": ["failed", "timed_out", "lost", "busy"]}},
+                        "delay": {"type": "number", "minimum": 0, "maximum": 600}}}
+GRAPH_STEP_KEYS = {"name": {"type": "string"},
+                   "needs": {"type": "array", "items": {"type": "string"}},
+                   "targets": {"type": "array", "items": {"type": "string"}},
+                   "where": WHERE, "online": {"type": "boolean"}}
+
+
+def openapi_paths(ok: Callable[..., Any], err: Any, common: dict[str, Any],
+                  body: Callable[[str], Any]) -> dict[str, Any]:
+    one = {"name": "id", "in": "path", "required": True, "schema": {"type": "string"},
+           "description": "rollout id"}
+    paths: dict[str, Any] = {
+        "/v1/rollouts": {
+            "get": {"summary": "rollouts, newest first", "parameters": [
+                {"name": "state", "in": "query", "schema": {"enum": list(STATES)}},
+                {"name": "limit", "in": "query", "schema": {"type": "integer"}}],
+                "responses": {**ok("{rollouts}"), **common}},
+            "post": {"summary": "roll a task out in a sliding window and/or at a rate, with "
+                                "an abort rule (operator)", "requestBody": body("Rollout"),
+                     "responses": {**ok("the rollout with its tasks", "201"), "404": err,
+                                   "409": err, "503": err, **common}}},
+        "/v1/rollouts/{id}": {"get": {
+            "summary": "state, abort reason, counts and every target's phase",
+            "parameters": [one], "responses": {**ok("rollout"), "404": err, **common}}},
+    }
+    for action in ("pause", "resume", "abort"):
+        paths[f"/v1/rollouts/{{id}}/{action}"] = {"post": {
+            "summary": f"{action} the rollout (operator); 409 when its state does not allow "
+                       f"it", "parameters": [one],
+            "responses": {**ok("rollout"), "404": err, "409": err, **common}}}
+    return paths
+
+
+ROLLOUT_SCHEMA = {
+    "type": "object", "required": ["task"], "additionalProperties": False,
+    "properties": {"targets": {"type": "array", "items": {"type": "string"}},
+                   "where": WHERE, "online": {"type": "boolean"},
+                   "task": {"$ref": "#/components/schemas/TaskSpec"},
+                   "batch": {"type": "integer", "minimum": 1},
+                   "rate": {"type": "string", "description": "N/min, N/s or N/h"},
+                   "abort_after": {"type": "string", "description": "N failures or P%"},
+                   "abort_min": {"type": "integer", "minimum": 1}, "retry": RETRY}}

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from . import fleetapi
+
 ERR = {"$ref": "#/components/responses/Error"}
 COMMON = {"401": ERR, "403": ERR, "422": ERR}
 
@@ -69,7 +71,9 @@ def document(version: str) -> dict[str, Any]:
             _q("online", "only online nodes", {"type": "boolean"}),
             _q("match", "node id or glob", many=True),
             _q("state", "online or offline"), _q("q", "substring of id or facts"),
-            _q("fact", "KEY=VALUE of a top-level fact", many=True), LIMIT, CURSOR],
+            _q("fact", "KEY=VALUE of a top-level fact", many=True),
+            _q("where", "fact expression, such as cpus>=32 (all must hold)", many=True),
+            LIMIT, CURSOR],
             "responses": {**_ok("{nodes, total, next}"), **COMMON}}},
         "/v1/nodes/{node}": {"get": {"summary": "a node and its 20 latest tasks",
                                      "parameters": [_p("node", "id or unique prefix")],
@@ -136,6 +140,7 @@ def document(version: str) -> dict[str, Any]:
                            "responses": {"101": {"description": "switching protocols"},
                                          **COMMON}}},
     }
+    paths.update(fleetapi.openapi_paths(_ok, ERR, COMMON, _body))
     for path, item in paths.items():
         for method, op in item.items():
             op.setdefault("security", [{"bearer": operate if method in ("post",) and
@@ -161,13 +166,19 @@ def document(version: str) -> dict[str, Any]:
                              "additionalProperties": False, "properties": {
                                  "targets": {"type": "array", "items": {"type": "string"}},
                                  "online": {"type": "boolean"},
+                                 "where": fleetapi.WHERE, "retry": fleetapi.RETRY,
                                  "task": {"$ref": "#/components/schemas/TaskSpec"}}},
+                "Rollout": fleetapi.ROLLOUT_SCHEMA,
                 "Job": {"type": "object", "required": ["steps"], "additionalProperties": False,
                         "properties": {
                             "id": {"type": "string"}, "online": {"type": "boolean"},
                             "targets": {"type": "array", "items": {"type": "string"}},
+                            "where": fleetapi.WHERE,
                             "steps": {"type": "array", "minItems": 1, "items": {
-                                "$ref": "#/components/schemas/TaskSpec"}}}},
+                                "$ref": "#/components/schemas/TaskSpec"},
+                                "description": "an ordered list; or a graph whose steps "
+                                               "also have name, needs, targets, where, "
+                                               "online (scheduler/README.md, Jobs)"}}},
                 "NewToken": {"type": "object", "required": ["name"],
                              "additionalProperties": False, "properties": {
                                  "name": {"type": "string"},
