@@ -256,3 +256,24 @@ def test_ws_heartbeat(s: Stack, monkeypatch: pytest.MonkeyPatch) -> None:
         ws.send(json.dumps({"op": "subscribe", "channels": ["tasks"], "tasks": ["quiet"]}))
         recv(ws, "subscribed")
         assert "last_id" in recv(ws, "heartbeat")
+
+
+def test_hub_delivers_another_instances_logged_event_without_logging_it() -> None:
+    class Log:
+        appended = 0
+
+        def append_event(self, *args: Any, **kw: Any) -> int:
+            self.appended += 1
+            return 7
+
+        def event_horizon(self) -> tuple[int, int]:
+            return 0, 6
+
+    log = Log()
+    hub = EventHub(log)
+    sub = hub.subscribe(kinds=["task_event"])
+    hub.deliver(42, {"kind": "task_event", "id": "t", "node": "n"})
+    assert sub.queue.get_nowait() == (42, {"kind": "task_event", "id": "t", "node": "n"})
+    assert hub.last_id == 42 and log.appended == 0
+    assert hub.publish({"kind": "task_event", "id": "u", "node": "n"}) == 7
+    assert log.appended == 1 and sub.queue.get_nowait()[0] == 7

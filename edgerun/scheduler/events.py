@@ -149,18 +149,29 @@ class EventHub:
                 except Exception as exc:  # the live stream goes on; resuming may then miss it
                     log.error("event log: %s", exc)
             event_id = self.last_id
-            with self._lock:
-                subs = list(self._subs)
-            for sub in subs:
-                if sub.closed or not sub.wants(event):
-                    continue
-                if not sub._put((event_id, event)):
-                    sub.closed = (f"this reader fell {QUEUE_LIMIT} events behind and was cut "
-                                  f"off; read the current state again, then reconnect")
-                    self.unsubscribe(sub)
-                    if sub.wake is not None:
-                        sub.wake()
+            self._fan_out(event_id, event)
         return event_id
+
+    def deliver(self, event_id: int, event: JSONObject) -> None:
+        """An event another instance logged (id `event_id`): to this hub's readers, without
+        logging it again (cluster.py's relay of PostgreSQL notifications)."""
+        with self._publish_lock:
+            self.last_id = max(self.last_id, event_id)
+            self._fan_out(event_id, event)
+
+    def _fan_out(self, event_id: int, event: JSONObject) -> None:
+        with self._lock:
+            subs = list(self._subs)
+        for sub in subs:
+            if sub.closed or not sub.wants(event):
+                continue
+            if not sub._put((event_id, event)):
+                sub.closed = (f"this reader fell {QUEUE_LIMIT} events behind and was cut "
+                              f"off; resume from the last event id it read (the log keeps "
+                              f"the newest {self._keep}), or read the current state again")
+                self.unsubscribe(sub)
+                if sub.wake is not None:
+                    sub.wake()
 
     def close(self) -> None:
         with self._lock:
