@@ -247,3 +247,45 @@ def test_mqtt_instances_split_updates_through_a_share_group(tmp_path: Path,
         for serve in serves:
             serve.stop()
         mosquitto.stop()
+
+
+def test_mqtt_instance_killed_for_good_its_session_is_adopted(tmp_path: Path,
+                                                              pg_database: str) -> None:  # noqa: F811
+    """Mosquitto keeps a dead member's share of the group's messages in its session: the
+    survivor adopts that session (messaging/adopt.py), so every update is recorded even
+    though the killed instance never comes back."""
+    mosquitto = Mosquitto(tmp_path / "mosquitto").start()
+    db = fresh_database(pg_database)
+    token = tmp_path / "admin-token"
+    serves = [ServeProcess(f"k{i}", mosquitto.url, db, tmp_path / f"k{i}", token,
+                           "--share-group", "schedulers", "--client-id", f"sched-k{i}",
+                           "--tick", "0.2", "--grace", "30") for i in (1, 2)]
+    pool: AgentPool | None = None
+    store = Store(db)
+    nodes = NODES[:20]
+    try:
+        serves[0].start().wait_ready()
+        serves[1].start().wait_ready()
+        pool = AgentPool(mosquitto.url, tmp_path / "agents", len(nodes))
+        assert wait_until(lambda: len(store.online_nodes()) == len(nodes), 60, 0.2)
+        for r in range(5):
+            serves[0].client().post("/tasks", {
+                "targets": nodes, "task": {"id": f"k{r}", "type": "shell",
+                                           "command": "sleep 0.3", "timeout": 60}})
+        tasks = [t for r in range(5) for t in store.find(f"k{r}")]
+        assert len(tasks) == 5 * len(nodes)
+        assert wait_until(lambda: store.count_by_state().get("succeeded", 0) >= 20, 60, 0.05)
+        serves[1].kill()  # mid-way, for good
+        assert wait_until(lambda: all(store.get(t["node"], t["id"])["state"] == "succeeded"
+                                      for t in tasks), 120, 0.5), store.count_by_state()
+        for task in tasks:
+            states = sorted(u["state"] for u in store.updates(task["node"], task["id"]))
+            assert states == ["accepted", "running", "succeeded"], (task["id"], states)
+        assert "adopted and closed the MQTT session of sched-k2" in serves[0].log()
+    finally:
+        store.close()
+        if pool is not None:
+            pool.stop()
+        for serve in serves:
+            serve.stop()
+        mosquitto.stop()

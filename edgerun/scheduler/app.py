@@ -17,6 +17,7 @@ from edgerun.signing import Signer
 from .api import ApiConfig, ApiServer
 from .auth import bootstrap, publish_local, store_token_file
 from .broker import EmbeddedBroker
+from .db import is_postgres
 from .errors import BrokerUnreachable
 from .messaging import Messenger
 from .service import Service, ServiceConfig
@@ -98,7 +99,8 @@ class App:
         from .messaging.mqtt import MqttMessenger
         return MqttMessenger(brokers, prefix=s.prefix, client_id=s.client_id,
                              events_topic=s.events_topic, record_external=s.record_external,
-                             tls=tls, share_group=s.share_group)
+                             tls=tls, share_group=s.share_group,
+                             members_db=s.db if is_postgres(s.db) else None)
 
     def stop(self) -> None:
         if self.token_copy is not None:  # only a way to find a running service

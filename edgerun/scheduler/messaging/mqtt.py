@@ -25,12 +25,14 @@ from __future__ import annotations
 import logging
 import threading
 import uuid
+from dataclasses import dataclass
 from collections.abc import Callable, Iterable, Sequence
 
 from edgerun.mqtt import Inbound, MqttConnection, TLSFiles
 from edgerun.protocol import Channel, Topics
 from edgerun.settings import BrokerURL
 
+from .adopt import Adopter, Members
 from .base import Incoming, Messenger, OnDone
 
 log = logging.getLogger(__name__)
@@ -42,8 +44,9 @@ class MqttMessenger(Messenger):
     def __init__(self, url: BrokerURL | Sequence[BrokerURL], *, prefix: str = "edgerun",
                  client_id: str | None = None, events_topic: str | None = None,
                  record_external: bool = True, tls: TLSFiles | None = None,
-                 share_group: str | None = None) -> None:
+                 share_group: str | None = None, members_db: str | None = None) -> None:
         urls = (url,) if isinstance(url, BrokerURL) else tuple(url)
+        self.urls, self.tls = urls, tls
         super().__init__(urls[0])
         self.topics = Topics(prefix)
         self.events_topic = events_topic if events_topic is not None else f"{prefix}/events"
@@ -63,6 +66,12 @@ class MqttMessenger(Messenger):
                                    tls=tls, name="scheduler-mqtt", max_inflight=1000,
                                    on_connected=self._on_connected)
         self.connected = self.conn.connected
+        self._filters = [topic for topic, _qos in subs]
+        self._stopping = threading.Event()
+        # several instances in a share group on PostgreSQL: adopt the sessions of dead ones
+        self.members = Members(members_db, share_group, self.client_id) \
+            if share_group and members_db else None
+        self.adopter: Adopter | None = None
 
     def seed(self, nodes: Iterable[str]) -> None:
         with self._known_lock:
@@ -70,9 +79,17 @@ class MqttMessenger(Messenger):
 
     def start(self, deliver: Callable[[Incoming], None]) -> None:
         self._deliver = deliver
+        if self.members is not None and self.members.claim(self._stopping):
+            self.adopter = Adopter(self.members, self.urls, self.tls,
+                                   lambda: list(self._filters), self._on_adopted).start()
         self.conn.start()
 
     def stop(self) -> None:
+        self._stopping.set()
+        if self.adopter is not None:
+            self.adopter.stop()
+        elif self.members is not None:
+            self.members.close()
         self.conn.flush(2.0)
         self.conn.stop()
 
@@ -84,8 +101,13 @@ class MqttMessenger(Messenger):
             self.conn.publish(f"{self.events_topic}/{subject}/{node}", payload, 1)
 
     def ack(self, message: Incoming) -> None:
-        if isinstance(message.token, Inbound) and message.token.qos > 0:
-            self.conn.ack(message.token)
+        token = message.token
+        if isinstance(token, Inbound) and token.qos > 0:
+            self.conn.ack(token)
+        elif isinstance(token, _Adopted):
+            if token.msg.qos > 0:
+                token.conn.ack(token.msg)
+            token.acked()
 
     @property
     def last_error(self) -> str | None:
@@ -108,6 +130,17 @@ class MqttMessenger(Messenger):
             self.conn.subscribe(topic, 1)
             self.conn.unsubscribe(topic)
 
+    def _on_adopted(self, msg: Inbound, conn: MqttConnection,
+                    acked: Callable[[], None]) -> None:  # an adopted session's thread
+        parsed = self.topics.parse(msg.topic)
+        if parsed is None or self._deliver is None:
+            if msg.qos > 0:
+                conn.ack(msg)
+            acked()
+            return
+        node, channel = parsed
+        self._deliver(Incoming(node, channel, msg.payload, _Adopted(conn, msg, acked)))
+
     def _on_message(self, msg: Inbound) -> None:  # network thread: never block
         parsed = self.topics.parse(msg.topic)
         if parsed is None or self._deliver is None:
@@ -119,3 +152,12 @@ class MqttMessenger(Messenger):
             with self._known_lock:
                 self._known.add(node)
         self._deliver(Incoming(node, channel, msg.payload, msg))
+
+
+@dataclass(frozen=True)
+class _Adopted:
+    """The ack token of a message from an adopted session (messaging/adopt.py)."""
+
+    conn: MqttConnection
+    msg: Inbound
+    acked: Callable[[], None]
