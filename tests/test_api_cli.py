@@ -109,3 +109,15 @@ def test_unknown_token_is_a_clear_error(s: Stack) -> None:
     parsed = cli(s.url, "tasks", "--state", "bogus")
     assert parsed.code == 2 and "`state`" in parsed.err
     assert json.loads(cli(s.url, "tasks", "--json").out)["tasks"]
+
+
+def test_serve_refuses_plain_http_beyond_loopback_in_one_line(tmp_path: Path) -> None:
+    result = cli("http://127.0.0.1:9", "serve", "--embedded-broker", "127.0.0.1:0",
+                 "--db", str(tmp_path / "s.db"), "--listen", "0.0.0.0:0")
+    assert result.code == 2
+    assert result.err.strip().count("\n") == 0, result.err
+    assert "--insecure-http" in result.err and "without TLS" in result.err
+    (tmp_path / "cert.pem").write_text("not checked before the pair is complete\n")
+    half = cli("http://127.0.0.1:9", "serve", "--embedded-broker", "127.0.0.1:0",
+               "--db", str(tmp_path / "s.db"), "--tls-cert", str(tmp_path / "cert.pem"))
+    assert half.code == 2 and "together" in half.err

@@ -47,6 +47,10 @@ class App:
 
     def start(self) -> App:
         s = self.settings
+        host, port = split_hostport(s.listen)
+        api_config = ApiConfig(host, port, tls_cert=s.tls_cert, tls_key=s.tls_key,
+                               insecure_http=s.insecure_http)
+        api_config.check()  # a listen address that needs TLS: say so before starting anything
         try:
             if s.embedded_broker:
                 host, port = split_hostport(s.embedded_broker)
@@ -65,9 +69,7 @@ class App:
                 record_external=s.record_external),
                 signer=signer)
             host, port = split_hostport(s.listen)
-            self.api = ApiServer(self.service, ApiConfig(
-                host, port, tls_cert=s.tls_cert, tls_key=s.tls_key,
-                insecure_http=s.insecure_http))
+            self.api = ApiServer(self.service, api_config)
             token_file = Path(s.admin_token_file or store_token_file(s.db))
             self.admin_token = bootstrap(store, token_file)
             if self.admin_token is not None:
