@@ -200,7 +200,7 @@ class Containment:
             except BaseException:
                 if jail.cgroup is not None:
                     self._go_home()
-                    _rmdir_soon(jail.cgroup)
+                    self._empty.append(jail.cgroup)  # removed by tidy()
                 raise
             if jail.cgroup is not None:
                 self._go_home()
