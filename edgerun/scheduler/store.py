@@ -635,7 +635,8 @@ def _fleet_fields(row: Row) -> JSONObject:
         return {}
     return {"attempt": row["attempt"] or 1, "parent": row["parent_id"], "root": row["root_id"],
             "retry": json.loads(row["retry"]) if row["retry"] else None,
-            "rollout": row["rollout_id"], "hold": row["hold"]}
+            "rollout": row["rollout_id"],
+            "hold": row["hold"] if row["state"] == "queued" else None}
 
 
 def node_dict(row: Row) -> JSONObject:
