@@ -190,8 +190,8 @@ class TaskLog:
             try:
                 self._fh.write(canonical_json(_slim(update)) + b"\n")
                 self._fh.flush()
-                if durable:
-                    os.fsync(self._fh.fileno())
+                if durable:  # fdatasync: the data and the size it needs, not the mtime
+                    os.fdatasync(self._fh.fileno())
                 self._lines += 1
                 if self._lines > 2 * self.remember:
                     self._compact()
