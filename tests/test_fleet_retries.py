@@ -39,6 +39,8 @@ def test_which_outcomes_are_retried() -> None:
     assert not will_retry({"state": "failed", "retry": policy, "attempt": 1})
     assert will_retry({"state": "lost", "retry": policy, "attempt": 2})
     assert not will_retry({"state": "lost", "retry": policy, "attempt": 3})  # 1 + 2 retries
+    assert not will_retry({"state": "lost", "error": {"code": "unreachable"}, "retry": policy,
+                           "attempt": 1})
     assert parse_retry({"retries": 2, "on": "failed,lost"}) == RetryPolicy(2, ("failed",
                                                                                 "lost"))
 

@@ -9,7 +9,9 @@ topic ahead of the new one: an agent that was only cut off kills it before it
 takes the next, so two attempts never run at once.
 
 The outcomes: `failed`, `timed_out`, `lost`, and `busy` (`rejected` with
-code busy, the agent's queue was full). Everything else is final.
+code busy, the agent's queue was full). Everything else is final, and so is a
+rollout target that was `lost` as `unreachable` (its node was offline when its
+turn came: a retry would only hold the rollout's window).
 """
 
 from __future__ import annotations
@@ -87,9 +89,11 @@ def policy_of(task: JSONObject) -> RetryPolicy | None:
 def outcome(task: JSONObject) -> str | None:
     """Which retryable outcome a final task had, if any."""
     state = task["state"]
+    error = task.get("error") or {}
+    if state == "lost" and error.get("code") == "unreachable":
+        return None  # a rollout's node offline at its turn: the rollout goes on without it
     if state in ("failed", "timed_out", "lost"):
         return str(state)
-    error = task.get("error") or {}
     if state == "rejected" and error.get("code") == "busy":
         return "busy"
     return None
