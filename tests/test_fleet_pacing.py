@@ -8,8 +8,9 @@ import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from edgerun.protocol import format_time
+from edgerun.protocol import Cancel, format_time, parse_command
 from edgerun.scheduler.fleetdb import FleetDB
+from edgerun.scheduler.store import Store
 
 from .brokers import Mosquitto, wait_until
 from .scheduler_kit import Api, running_app, start_agent
@@ -89,3 +90,26 @@ def test_a_task_held_past_its_expiry_ends_expired(mosquitto: Mosquitto,
         lost = api.wait_state(held["id"], "pace-c", "lost")
         assert lost["error"]["code"] == "expired" and lost["dispatched_at"] is None
         svc.cancel(first["id"], "pace-c")
+
+
+def test_claims_count_against_the_pace_lapse_and_are_dropped(tmp_path: Path) -> None:
+    store = Store(str(tmp_path / "claims.db"))
+    try:
+        for i in range(5):
+            task = parse_command({"v": 1, "kind": "task", "id": f"t{i}", "type": "shell",
+                                  "command": "true"})
+            assert not isinstance(task, Cancel)
+            store.add_task("n1", task, source="api")
+        db = FleetDB(store)
+        first = db.claim("n1", 3, now=100.0, ttl=10.0)
+        assert [t["id"] for t in first] == ["t0", "t1", "t2"]  # oldest first
+        assert db.claim("n1", 3, now=105.0, ttl=10.0) == []  # claimed ones count
+        assert db.outstanding("n1", 105.0) == 3
+        assert db.nodes_with_ready(105.0, 3) == [] and db.nodes_with_ready(105.0, 4) == ["n1"]
+        again = db.claim("n1", 3, now=111.0, ttl=10.0)  # the claims lapsed
+        assert [t["id"] for t in again] == ["t0", "t1", "t2"]
+        db.drop_claims()
+        assert [t["id"] for t in db.claim("n1", 8, now=112.0, ttl=10.0)] == [
+            "t0", "t1", "t2", "t3", "t4"]
+    finally:
+        store.close()

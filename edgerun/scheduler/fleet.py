@@ -90,7 +90,10 @@ class Fleet:
         return future.result(CALL_TIMEOUT_S)
 
     def resume(self) -> None:
-        """After a start: send what is free to go, pick rollouts up where they were."""
+        """After a start: send what is free to go, pick rollouts up where they were.
+        Alone on its store, claims left by this service's previous run lapse at once."""
+        if not getattr(self.svc.store, "shared", False):
+            self.db.drop_claims()
         self.pump_all()
         for rollout in self.db.rollouts(state="running", limit=1_000_000):
             self.rollouts.advance(rollout["id"])

@@ -159,6 +159,13 @@ class FleetDB:
             db.execute(f"UPDATE tasks SET {', '.join(f'{n}=?' for n in names)} "  # noqa: S608
                        f"WHERE node=? AND id=?", (*values, node, task_id))  # names: allowed
 
+    def drop_claims(self) -> None:
+        """Free every task claimed for sending and still queued (a single service's start:
+        nothing else can be sending them)."""
+        with self.store._write() as db:
+            db.execute("UPDATE tasks SET hold=NULL, not_before=NULL WHERE state='queued' AND "
+                       "hold=?", (SENDING,))
+
     def release(self, node: str, task_id: str) -> None:
         """Lift a queued task's hold: it may go (subject to pacing)."""
         with self.store._write() as db:
