@@ -23,10 +23,10 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import mosquitto  # noqa: E402
-from tests.brokers import wait_until  # noqa: E402
-from tests.fleet_kit import AgentSpec, pool  # noqa: E402
-from tests.scheduler_kit import Api, running_app, start_agent  # noqa: E402
+from bench.common import mosquitto
+from tests.brokers import wait_until
+from tests.fleet_kit import AgentSpec, pool
+from tests.scheduler_kit import Api, running_app, start_agent
 
 FINAL = ("succeeded", "failed", "timed_out", "canceled", "rejected", "lost")
 
@@ -69,10 +69,11 @@ def rollout(url: str, tmp: Path, nodes: int) -> list[dict[str, Any]]:
                 made = svc.fleet.rollouts.create(["ro-*"], False,
                                                  {"type": "shell", "command": "true"},
                                                  {"batch": batch})
-                wait_until(lambda: svc.fleet.rollouts.show(made["id"])["state"] == "finished",
-                           600, 0.05)
+                rollout_id = str(made["id"])
+                wait_until(lambda rid=rollout_id: svc.fleet.rollouts.show(rid)["state"]
+                           == "finished", 600, 0.05)
                 seconds = time.monotonic() - start
-                counts = svc.fleet.rollouts.show(made["id"])["counts"]
+                counts = svc.fleet.rollouts.show(rollout_id)["counts"]
                 out.append({"nodes": nodes, "batch": batch, "seconds": round(seconds, 2),
                             "succeeded": counts["succeeded"]})
     return out
