@@ -281,7 +281,8 @@ def test_mqtt_instance_killed_for_good_its_session_is_adopted(tmp_path: Path,
         for task in tasks:
             states = sorted(u["state"] for u in store.updates(task["node"], task["id"]))
             assert states == ["accepted", "running", "succeeded"], (task["id"], states)
-        assert "adopted and closed the MQTT session of sched-k2" in serves[0].log()
+        assert wait_until(lambda: "adopted and closed the MQTT session of sched-k2"
+                          in serves[0].log(), 60, 0.2), serves[0].log()[-2000:]
     finally:
         store.close()
         if pool is not None:
