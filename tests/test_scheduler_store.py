@@ -462,3 +462,37 @@ def test_the_dialect_layer_translates_the_few_differences() -> None:
         "id BIGSERIAL PRIMARY KEY, t DOUBLE PRECISION, realm TEXT"
     assert redact("postgresql://u:secret@h/db") == "postgresql://u:***@h/db"
     assert redact("/var/lib/edgerun/s.db") == "/var/lib/edgerun/s.db"
+
+
+def _terminate_backends(url: str, application: str = "edgerun-scheduler") -> int:
+    """What a PostgreSQL restart does to our sessions: end them all."""
+    import psycopg
+    with psycopg.connect(url, autocommit=True) as conn:
+        rows = conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE "
+                            "application_name=%s AND pid <> pg_backend_pid()",
+                            (application,)).fetchall()
+        return len(rows)
+
+
+def test_store_and_listener_come_back_after_their_sessions_are_killed(
+        pg_url: str, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: F811
+    from edgerun.scheduler import db as dbmod
+    monkeypatch.setattr(dbmod, "PROBE_AFTER_IDLE_S", 0.0)  # "idle": probe before each use
+    one, two = Store(pg_url), Store(pg_url)
+    heard: list[int] = []
+    listener = two.listen(lambda m: heard.append(m["e"]))
+    try:
+        assert listener.ready.wait(10)
+        assert _terminate_backends(pg_url) >= 3  # both stores' and the listener's
+        # a write finds its session gone at BEGIN, before anything ran: it starts again
+        # on a new connection; a read after an idle spell probes first; the listener
+        # listens again (what was notified while it was away is lost: the log has it)
+        event_id = one.append_event("tasks", "n1", "t", {"kind": "task_event"}, keep=0)
+        assert two.event(event_id) == {"kind": "task_event"}
+        assert wait_for(lambda: listener.connections == 2 and listener.ready.is_set(), 20)
+        later = one.append_event("tasks", "n1", "t", {"kind": "task_event"}, keep=0)
+        assert wait_for(lambda: later in heard)
+    finally:
+        listener.stop()
+        one.close()
+        two.close()

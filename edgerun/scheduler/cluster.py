@@ -89,6 +89,7 @@ class Listener:
         self.url, self.origin, self.deliver = url, origin, deliver
         self._stop = threading.Event()
         self.ready = threading.Event()
+        self.connections = 0  # LISTENs so far: more than one means it came back
         self._thread = threading.Thread(target=self._run, name="store-listener", daemon=True)
 
     def start(self) -> Listener:
@@ -106,6 +107,7 @@ class Listener:
             try:
                 conn = pg_connect(self.url)
                 conn.execute(f"LISTEN {PostgresDatabase.CHANNEL}")
+                self.connections += 1
                 self.ready.set()
                 backoff.reset()
                 while not self._stop.is_set():

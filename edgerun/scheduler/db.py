@@ -25,6 +25,7 @@ from __future__ import annotations
 import re
 import sqlite3
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -38,6 +39,7 @@ _DDL = [(re.compile(r"\bINTEGER PRIMARY KEY AUTOINCREMENT\b", re.I), "BIGSERIAL 
         (re.compile(r"\bREAL\b", re.I), "DOUBLE PRECISION")]
 _IGNORE = re.compile(r"^\s*INSERT\s+OR\s+IGNORE\s+INTO\b", re.I)
 _FOR_UPDATE = re.compile(r"\s+FOR\s+UPDATE(\s+(SKIP\s+LOCKED|NOWAIT))?\s*$", re.I)
+PROBE_AFTER_IDLE_S = 5.0
 MIGRATION_LOCK = 0x6564_6765_7275_6E00  # "edgerun\0": serialises migrations across instances
 
 
@@ -246,6 +248,7 @@ class PostgresDatabase(Database):
         super().__init__(url)
         self._psycopg = _psycopg()
         self._conn = pg_connect(url)
+        self._used = time.monotonic()
         self._sql: dict[str, str] = {}
 
     @property
@@ -253,8 +256,27 @@ class PostgresDatabase(Database):
         return (self._psycopg.Error,)
 
     def _healthy(self) -> None:
+        """A connection that broke, or idled long enough for the server to have gone
+        away meanwhile (a restart), is checked and replaced before it is used, so the
+        first statement after a PostgreSQL restart does not fail."""
+        now = time.monotonic()
+        idle, self._used = now - self._used, now
+        if not (self._conn.closed or self._conn.broken) and idle > PROBE_AFTER_IDLE_S:
+            try:
+                self._conn.execute("SELECT 1")
+            except self._psycopg.Error:
+                pass  # broken now: replaced below
         if self._conn.closed or self._conn.broken:
             self._conn = pg_connect(self.target)
+
+    def _begin(self) -> None:
+        try:
+            self._conn.execute("BEGIN")
+        except self._psycopg.OperationalError:
+            if not self._conn.broken:
+                raise
+            self._conn = pg_connect(self.target)  # nothing ran yet: safe to start again
+            self._conn.execute("BEGIN")
 
     def translate(self, sql: str) -> str:
         out = self._sql.get(sql)
@@ -265,9 +287,6 @@ class PostgresDatabase(Database):
     def execute(self, sql: str, args: Sequence[Any] = ()) -> Cursor:
         cursor: Cursor = self._conn.execute(self.translate(sql), tuple(args))
         return cursor
-
-    def _begin(self) -> None:
-        self._conn.execute("BEGIN")
 
     def _end(self, commit: bool) -> None:
         if self._conn.broken or self._conn.closed:
