@@ -17,7 +17,7 @@ import pytest
 
 from edgerun.scheduler.errors import SchedulerError
 
-from .brokers import Mosquitto
+from .brokers import Mosquitto, wait_until
 from .fleet_kit import AgentSpec, make_sys_root, pool
 from .mqttkit import ROOT
 from .scheduler_kit import Api, Result, cli, cli_json, running_app
@@ -167,3 +167,23 @@ def test_the_openapi_document_describes_rollouts_and_where(fleet: Api) -> None:
     assert "where" in schemas["Dispatch"]["properties"]
     assert "retry" in schemas["Dispatch"]["properties"]
     assert schemas["Rollout"]["required"] == ["task"]
+
+
+def test_a_detached_rollout_is_paused_shown_and_resumed(fleet: Api) -> None:
+    started = cli(fleet.url, "run", "cli-*", "--detach", "--batch", "1", "--",
+                  "sleep 0.5")
+    assert started.code == 0, started
+    rollout_id = started.err.split("rollout ", 1)[1].split(":", 1)[0]
+    paused = cli(fleet.url, "rollout", "pause", rollout_id)
+    assert paused.code == 0 and f"rollout {rollout_id}: paused" in paused.out, paused
+    shown = cli_json(fleet.url, "rollout", "show", rollout_id)
+    assert shown["state"] == "paused" and shown["counts"]["pending"] >= 1
+    assert {t["phase"] for t in shown["targets"]} <= {"pending", "active", "succeeded"}
+    resumed = cli(fleet.url, "rollout", "resume", rollout_id)
+    assert resumed.code == 0, resumed
+
+    def finished() -> bool:
+        return bool(cli_json(fleet.url, "rollout", "show", rollout_id)["state"] == "finished")
+    assert wait_until(finished, 60, 0.3)
+    done = cli_json(fleet.url, "rollout", "show", rollout_id)
+    assert done["counts"]["succeeded"] == 3 and done["reason"] is None

@@ -223,7 +223,8 @@ def _send(client: Client, args: argparse.Namespace, targets: list[str],
     cli_fleet.extend_body(args, body)
     rollout = cli_fleet.is_rollout(args)
     if args.detach:
-        created = client.post("/rollouts" if rollout else "/tasks", body)["tasks"]
+        created = cli_fleet.post_rollout(client, body) if rollout else \
+            client.post("/tasks", body)["tasks"]
         _print_tasks(created, args.json)
         return EXIT_OK
     prefixer = None if args.json else render.Prefixer()
