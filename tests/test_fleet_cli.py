@@ -94,6 +94,10 @@ def test_retries_show_every_attempt(fleet: Api) -> None:
     first, second, third = attempts[-3:]
     assert second["parent"] == first["id"] and third["parent"] == second["id"]
     assert third["id"] == f"{first['id']}.a3"
+    shown = cli(fleet.url, "show", first["id"], "--node", "cli-dell-1")
+    assert shown.code == 0, shown
+    line = next(x for x in shown.out.splitlines() if x.startswith("attempts:"))
+    assert f"{first['id']} failed" in line and f"{first['id']}.a3 failed" in line
 
 
 def test_rollout_aborts_reports_why_and_is_shown(fleet: Api) -> None:

@@ -35,7 +35,7 @@ from .auth import Forbidden, Principal, Unauthorized, authenticate, create_token
 from .errors import (
     BadRequest, BrokerUnreachable, Conflict, ListenError, NotFound, SchedulerError, UnknownNode,
 )
-from .fleetapi import rollout_routes
+from .fleetapi import attempts_of, rollout_routes
 from .events import audit_event, without_tails
 from .metrics import CONTENT_TYPE as METRICS_TYPE
 from .service import Service
@@ -210,6 +210,9 @@ class Handlers:
             raise NotFound(f"no task {task_id!r}" + (f" on node {node}" if node else ""))
         for task in found:
             task["updates"] = self.store.updates(task["node"], task_id)
+            attempts = attempts_of(self.service, task)
+            if attempts is not None:
+                task["attempts"] = attempts
         return {"tasks": found}
 
     def jobs(self, q: dict[str, list[str]]) -> JSONObject:

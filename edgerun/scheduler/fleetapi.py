@@ -130,3 +130,13 @@ ROLLOUT_SCHEMA = {
                    "rate": {"type": "string", "description": "N/min, N/s or N/h"},
                    "abort_after": {"type": "string", "description": "N failures or P%"},
                    "abort_min": {"type": "integer", "minimum": 1}, "retry": RETRY}}
+
+
+def attempts_of(service: Any, task: JSONObject) -> list[JSONObject] | None:
+    """Every attempt of a retried task (oldest first), for its detail; None if it has none."""
+    if not task.get("retry") and (task.get("attempt") or 1) == 1:
+        return None
+    root = task.get("root") or task["id"]
+    return [{"id": a["id"], "attempt": a["attempt"], "state": a["state"],
+             "parent": a.get("parent"), "error": a.get("error")}
+            for a in service.fleet.db.attempts(task["node"], root)]

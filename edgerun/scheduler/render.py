@@ -93,6 +93,9 @@ def show_task(task: dict[str, Any], out: TextIO | None = None) -> None:
             out.write(f"{name + ':':12}{value}\n")
     for update in task.get("updates") or []:
         out.write(f"  {update.get('at', '?')}  {update['state']}\n")
+    if task.get("attempts"):
+        out.write(f"{'attempts:':12}" + ", ".join(
+            f"{a['id']} {a['state']}" for a in task["attempts"]) + "\n")
     result = task.get("result") or {}
     if result.get("output_dropped"):
         out.write(f"{'dropped:':12}{result['output_dropped']} bytes of live output were not "
