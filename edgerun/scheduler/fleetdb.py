@@ -132,6 +132,27 @@ class FleetDB:
                               "ORDER BY seq", (node, root, root))
             return [fleet_task(r) for r in rows]
 
+    def rollout_states(self, rollout_id: str) -> list[JSONObject]:
+        """Every attempt of a rollout's targets, only what its progress needs: light
+        enough to read after each end in a rollout of thousands of nodes."""
+        policies: dict[str, Any] = {}
+        with self.store._read() as db:
+            rows = db.execute("SELECT node, id, state, hold, not_before, attempt, error_code, "
+                              "error_message, retry FROM tasks WHERE rollout_id=? ORDER BY seq",
+                              (rollout_id,)).fetchall()
+        out = []
+        for r in rows:
+            raw = r["retry"]
+            if raw and raw not in policies:
+                policies[raw] = json.loads(raw)
+            out.append({"node": r["node"], "id": r["id"], "state": r["state"],
+                        "hold": r["hold"] if r["state"] == "queued" else None,
+                        "not_before": r["not_before"], "attempt": r["attempt"] or 1,
+                        "error": {"code": r["error_code"], "message": r["error_message"]}
+                        if r["error_code"] else None,
+                        "retry": policies.get(raw) if raw else None})
+        return out
+
     def rollout_tasks(self, rollout_id: str) -> list[JSONObject]:
         with self.store._read() as db:
             rows = db.execute("SELECT * FROM tasks WHERE rollout_id=? ORDER BY seq",

@@ -23,6 +23,7 @@ service carries on where it was.
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 import time
@@ -138,7 +139,7 @@ class Target:
     task: JSONObject
     attempts: int
 
-    @property
+    @functools.cached_property
     def phase(self) -> str:
         """pending (not started), active (started, not ended), or the final state."""
         state = self.task["state"]
@@ -254,7 +255,7 @@ class RolloutEngine:
         rollout = self.db.rollout(rollout_id)
         if rollout is None:
             raise NotFound(f"no rollout {rollout_id!r}")
-        return view(rollout, self.db.rollout_tasks(rollout_id))
+        return view(rollout, self.db.rollout_states(rollout_id))
 
     def pause(self, rollout_id: str) -> JSONObject:
         self._require(rollout_id)
@@ -311,7 +312,7 @@ class RolloutEngine:
         if rollout is None or rollout["state"] != "running":
             return
         opts = RolloutOptions.from_json(rollout["options"])
-        targets = targets_of(self.db.rollout_tasks(rollout_id), rollout["nodes"])
+        targets = targets_of(self.db.rollout_states(rollout_id), rollout["nodes"])
         reason = abort_reason(opts, targets)
         if reason is not None:
             self._abort(rollout_id, reason, targets)
@@ -356,7 +357,7 @@ class RolloutEngine:
         rollout = self.db.rollout(rollout_id)
         assert rollout is not None
         if targets is None:
-            targets = targets_of(self.db.rollout_tasks(rollout_id), rollout["nodes"])
+            targets = targets_of(self.db.rollout_states(rollout_id), rollout["nodes"])
         why = f"rollout {rollout_id} was aborted before this target started: {reason}"
         for target in targets:
             task, node = target.task, target.node
