@@ -13,6 +13,7 @@ import collections
 import subprocess
 import sys
 import threading
+import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,6 +23,7 @@ import pytest
 
 from edgerun.protocol import Channel, Topics
 from edgerun.scheduler.errors import SchedulerError
+from edgerun.scheduler.messaging.adopt import CHECK_EVERY_S, STALE_S
 from edgerun.scheduler.store import Store
 
 from .bridgekit import BridgeProcess
@@ -208,6 +210,13 @@ def _updates_received(serve: ServeProcess) -> float:
                and 'channel="updates"' in line)
 
 
+def _terminate_sessions(db: str) -> None:
+    import psycopg
+    with psycopg.connect(db, autocommit=True) as conn:
+        conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE "
+                     "application_name='edgerun-scheduler' AND pid <> pg_backend_pid()")
+
+
 def test_mqtt_instances_split_updates_through_a_share_group(tmp_path: Path,
                                                             pg_database: str) -> None:  # noqa: F811
     """Direct mode: two instances in one `$share/` group on Mosquitto take turns with the
@@ -240,6 +249,16 @@ def test_mqtt_instances_split_updates_through_a_share_group(tmp_path: Path,
         received = [_updates_received(s) for s in serves]
         assert all(n > 0 for n in received), f"updates handled per instance: {received}"
         assert sum(received) < 2 * len(tasks) * 3, f"both received everything: {received}"
+        # PostgreSQL loses every session (as in its restart): every liveness lock is
+        # free at once, yet no instance takes the other for dead and adopts its session
+        time.sleep(STALE_S + 2 * CHECK_EVERY_S)  # adoption armed on both
+        _terminate_sessions(db)
+        time.sleep(STALE_S + 3 * CHECK_EVERY_S)
+        assert not any("adopting" in s.log() for s in serves), [s.log()[-1500:] for s in serves]
+        serves[1].client().post("/tasks", {"targets": nodes, "task": {
+            "id": "after", "type": "shell", "command": "true", "timeout": 60}})
+        assert wait_until(lambda: all((store.get(n, "after") or {}).get("state") == "succeeded"
+                                      for n in nodes), 60, 0.5)
     finally:
         store.close()
         if pool is not None:

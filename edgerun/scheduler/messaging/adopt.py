@@ -3,11 +3,13 @@
 Mosquitto keeps a persistent session's share of a `$share/` group's messages, and the
 messages it had sent but not yet had acknowledged, until that client comes back. An
 instance killed for good would keep some updates forever. So each instance of a share
-group registers its client id in the store (`meta` rows `mqtt_member:{client id}`) and
-holds a PostgreSQL advisory lock named after it on a connection of its own for as long
-as it lives. Every few seconds each instance tries the locks of the other registered
-members: a lock it gets belongs to a dead one (PostgreSQL released it with its session).
-The winner then adopts that member's MQTT session: it connects with the dead client id
+group registers its client id in the store (`meta` rows `mqtt_member:{client id}`), holds
+a PostgreSQL advisory lock named after it on a connection of its own for as long as it
+lives, and writes a heartbeat there every few seconds (the database's clock, so no two
+clocks are compared). A member is dead when its heartbeat is older than `STALE_S` and
+its lock is free: the lock alone would not do, since a PostgreSQL restart frees every
+lock at once while their holders live on. The instance that takes a dead member's lock
+adopts that member's MQTT session: it connects with the dead client id
 (`clean_session=False`, so the broker delivers everything queued and in flight),
 unsubscribes every filter at once (nothing new is routed to it), hands each message to
 its own service like its own ones and acknowledges it once recorded, and when all are
@@ -21,6 +23,7 @@ races an adoption of its own old session.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import threading
 import time
@@ -33,6 +36,7 @@ from edgerun.settings import BrokerURL
 log = logging.getLogger(__name__)
 
 QUIET_S = 2.0
+STALE_S = 15.0
 ADOPT_TIMEOUT_S = 120.0
 CHECK_EVERY_S = 3.0
 PREFIX = "mqtt_member:"
@@ -50,11 +54,15 @@ class Members:
     def __init__(self, url: str, group: str, client_id: str) -> None:
         self.url, self.group, self.client_id = url, group, client_id
         self._conn: Any = None
+        self._own = False
+        self._since = time.monotonic()
 
     def _db(self) -> Any:
         if self._conn is None or self._conn.closed or self._conn.broken:
             from ..db import pg_connect
+            self._own = False
             self._conn = pg_connect(self.url)
+            self._since = time.monotonic()
         return self._conn
 
     def claim(self, stop: threading.Event) -> bool:
@@ -63,13 +71,7 @@ class Members:
         said = False
         while not stop.is_set():
             try:
-                row = self._db().execute("SELECT pg_try_advisory_lock(%s)",
-                                         (member_key(self.client_id),)).fetchone()
-                if row[0]:
-                    self._db().execute(
-                        "INSERT INTO meta (key, value) VALUES (%s, %s) ON CONFLICT (key) "
-                        "DO UPDATE SET value=excluded.value",
-                        (PREFIX + self.client_id, self.group))
+                if self.heartbeat():
                     return True
                 if not said:
                     log.warning("client id %s is held by another instance (adopting its "
@@ -81,17 +83,49 @@ class Members:
             stop.wait(0.5)
         return False
 
+    def heartbeat(self) -> bool:
+        """Hold our own lock (again, after a reconnection) and say we are alive; False
+        when another instance holds our lock."""
+        db = self._db()
+        if not self._own:
+            row = db.execute("SELECT pg_try_advisory_lock(%s)",
+                             (member_key(self.client_id),)).fetchone()
+            if not row[0]:
+                return False
+            self._own = True
+        db.execute("INSERT INTO meta (key, value) VALUES (%s, %s) ON CONFLICT (key) DO "
+                   "UPDATE SET value=excluded.value",
+                   (PREFIX + self.client_id, json.dumps({"group": self.group,
+                                                         "seen": self._now(db)})))
+        return True
+
+    @staticmethod
+    def _now(db: Any) -> float:
+        return float(db.execute("SELECT extract(epoch from clock_timestamp())").fetchone()[0])
+
     def dead(self) -> list[str]:
-        """Members whose lock this instance just took (they are gone); it holds them."""
+        """Members silent for STALE_S whose lock this instance just took; it holds them.
+        None in the first STALE_S after (re)connecting: after a PostgreSQL outage every
+        heartbeat is old, and the live members need a round to write theirs again."""
+        db = self._db()
+        if time.monotonic() - self._since < STALE_S + CHECK_EVERY_S:
+            return []
+        now = self._now(db)
         out = []
-        rows = self._db().execute("SELECT key, value FROM meta WHERE key LIKE %s",
-                                  (PREFIX + "%",)).fetchall()
+        rows = db.execute("SELECT key, value FROM meta WHERE key LIKE %s",
+                          (PREFIX + "%",)).fetchall()
         for row in rows:
             client_id = str(row[0])[len(PREFIX):]
-            if client_id == self.client_id or row[1] != self.group:
+            try:
+                info = json.loads(row[1])
+            except ValueError:
                 continue
-            got = self._db().execute("SELECT pg_try_advisory_lock(%s)",
-                                     (member_key(client_id),)).fetchone()[0]
+            if client_id == self.client_id or not isinstance(info, dict) \
+                    or info.get("group") != self.group \
+                    or now - float(info.get("seen") or 0) < STALE_S:
+                continue
+            got = db.execute("SELECT pg_try_advisory_lock(%s)",
+                             (member_key(client_id),)).fetchone()[0]
             if got:
                 out.append(client_id)
         return out
@@ -102,6 +136,7 @@ class Members:
         self._db().execute("SELECT pg_advisory_unlock(%s)", (member_key(client_id),))
 
     def _drop(self) -> None:
+        self._own = False  # the locks went with the session
         conn, self._conn = self._conn, None
         if conn is not None:
             try:
@@ -137,6 +172,9 @@ class Adopter:
     def _run(self) -> None:
         while not self._stop.wait(CHECK_EVERY_S):
             try:
+                if not self.members.heartbeat():
+                    log.error("another instance holds the lock of client id %s: is the "
+                              "same --client-id used twice?", self.members.client_id)
                 dead = self.members.dead()
             except Exception as exc:  # the store is away: next round
                 log.warning("share group registry: %s", exc)
