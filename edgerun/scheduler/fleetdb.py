@@ -159,10 +159,32 @@ class FleetDB:
                               (rollout_id,))
             return [fleet_task(r) for r in rows]
 
-    def job_tasks(self, job_id: str) -> list[JSONObject]:
+    def job_unsucceeded(self, job_id: str, task_ids: list[str]) -> int:
+        """How many tasks of these steps of a job have not (yet) succeeded."""
+        if not task_ids:
+            return 0
+        marks = ",".join("?" * len(task_ids))
         with self.store._read() as db:
-            rows = db.execute("SELECT * FROM tasks WHERE job_id=? ORDER BY seq", (job_id,))
-            return [fleet_task(r) for r in rows]
+            row = db.execute(f"SELECT COUNT(*) FROM tasks WHERE job_id=? AND id IN ({marks}) "  # noqa: S608
+                             f"AND state <> 'succeeded'", (job_id, *task_ids)).fetchone()
+            return int(row[0])
+
+    def job_release(self, job_id: str, task_id: str) -> list[str]:
+        """Lift the hold of one step of a job on all its nodes; the nodes it was lifted on."""
+        with self.store._write() as db:
+            rows = db.execute("SELECT node FROM tasks WHERE job_id=? AND id=? AND "
+                              "state='queued' AND hold='job'", (job_id, task_id)).fetchall()
+            db.execute("UPDATE tasks SET hold=NULL WHERE job_id=? AND id=? AND state='queued' "
+                       "AND hold='job'", (job_id, task_id))
+            return [r[0] for r in rows]
+
+    def job_queued(self, job_id: str, task_id: str) -> list[JSONObject]:
+        """One step's tasks still queued, with what a cancel needs."""
+        with self.store._read() as db:
+            rows = db.execute("SELECT node, id, state, hold, not_before FROM tasks WHERE "
+                              "job_id=? AND id=? AND state='queued'", (job_id, task_id))
+            return [{"node": r["node"], "id": r["id"], "state": r["state"], "hold": r["hold"],
+                     "not_before": r["not_before"]} for r in rows]
 
     # --- writes ----------------------------------------------------------------------------
     def set_fleet(self, node: str, task_id: str, **columns: Any) -> None:

@@ -297,28 +297,21 @@ class JobRunner:
             self.fleet.cancel_queued(step, why)
 
     def _advance_graph(self, task: JSONObject, graph: dict[str, list[str]]) -> None:
-        name = task["id"][len(task["job"]) + 1:]
-        rows = self.db.job_tasks(task["job"])
-        by_step: dict[str, list[JSONObject]] = {}
-        for row in rows:
-            by_step.setdefault(row["id"][len(task["job"]) + 1:], []).append(row)
+        job = task["job"]
+        name = task["id"][len(job) + 1:]
         if task["state"] != "succeeded":
-            why = (f"step {name!r} of job {task['job']} ended {task['state']} on node "
+            why = (f"step {name!r} of job {job} ended {task['state']} on node "
                    f"{task['node']}, so the steps that need it are not run")
-            for step in dependents(graph, name):
-                for row in by_step.get(step, []):
-                    if row["state"] == "queued":
-                        self.fleet.cancel_queued(row, why)
+            for step in sorted(dependents(graph, name)):
+                for row in self.db.job_queued(job, f"{job}.{step}"):
+                    self.fleet.cancel_queued(row, why)
             return
         for step, wanted in graph.items():
             if name not in wanted:
                 continue
-            if all(r["state"] == "succeeded" for w in wanted for r in by_step.get(w, [])):
-                for row in by_step.get(step, []):
-                    if row["state"] == "queued" and row.get("hold") == "job":
-                        self.db.release(row["node"], row["id"])
-                        self.fleet.pump(row["node"])
-
+            if self.db.job_unsucceeded(job, [f"{job}.{w}" for w in wanted]) == 0:
+                for node in self.db.job_release(job, f"{job}.{step}"):
+                    self.fleet.pump(node)
 
 def step_ids(job_id: str, steps: Sequence[Any]) -> list[str]:
     """The task id of each step: `{job}.{name}` in a graph, `{job}.{i}` in a list."""
