@@ -46,7 +46,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-CALL_TIMEOUT_S = 60.0
+CALL_TIMEOUT_S = 600.0  # a rollout or job over tens of thousands of nodes is stored here
 
 
 class Fleet:
