@@ -33,6 +33,7 @@ from edgerun.protocol import JSONObject
 
 from .db import PostgresDatabase, pg_connect, redact
 from .errors import StoreError
+from .events import EventHub
 
 log = logging.getLogger(__name__)
 
@@ -142,7 +143,8 @@ class Listener:
             log.exception("store listener: cannot deliver a notification")
 
 
-def relay(hub: Any, message: JSONObject, read_event: Callable[[int], JSONObject | None]) -> None:
+def relay(hub: EventHub, message: JSONObject,
+          read_event: Callable[[int], JSONObject | None]) -> None:
     """Hand another instance's logged event to this hub's readers, with its log id and
     without logging it again. A body too big for NOTIFY is read back from the log."""
     event_id = message.get("e")
@@ -153,16 +155,4 @@ def relay(hub: Any, message: JSONObject, read_event: Callable[[int], JSONObject 
         event = read_event(event_id)
         if event is None:  # already dropped by retention
             return
-    with hub._publish_lock:
-        hub.last_id = max(hub.last_id, event_id)
-        with hub._lock:
-            subs = list(hub._subs)
-        for sub in subs:
-            if sub.closed or not sub.wants(event):
-                continue
-            if not sub._put((event_id, event)):
-                sub.closed = ("this reader fell behind and was cut off; read the current "
-                              "state again, then reconnect")
-                hub.unsubscribe(sub)
-                if sub.wake is not None:
-                    sub.wake()
+    hub.deliver(event_id, event)
