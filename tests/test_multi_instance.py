@@ -214,7 +214,8 @@ def _terminate_sessions(db: str) -> None:
     import psycopg
     with psycopg.connect(db, autocommit=True) as conn:
         conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE "
-                     "application_name='edgerun-scheduler' AND pid <> pg_backend_pid()")
+                     "application_name='edgerun-scheduler' AND datname=current_database() "
+                     "AND pid <> pg_backend_pid()")  # this test run's database only
 
 
 def test_mqtt_instances_split_updates_through_a_share_group(tmp_path: Path,

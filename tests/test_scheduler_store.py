@@ -469,8 +469,8 @@ def _terminate_backends(url: str, application: str = "edgerun-scheduler") -> int
     import psycopg
     with psycopg.connect(url, autocommit=True) as conn:
         rows = conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE "
-                            "application_name=%s AND pid <> pg_backend_pid()",
-                            (application,)).fetchall()
+                            "application_name=%s AND datname=current_database() AND "
+                            "pid <> pg_backend_pid()", (application,)).fetchall()
         return len(rows)
 
 

@@ -261,21 +261,27 @@ class PostgresDatabase(Database):
         first statement after a PostgreSQL restart does not fail."""
         now = time.monotonic()
         idle, self._used = now - self._used, now
-        if not (self._conn.closed or self._conn.broken) and idle > PROBE_AFTER_IDLE_S:
+        stale = self._conn.closed or self._conn.broken
+        if not stale and idle > PROBE_AFTER_IDLE_S:
             try:
                 self._conn.execute("SELECT 1")
             except self._psycopg.Error:
-                pass  # broken now: replaced below
-        if self._conn.closed or self._conn.broken:
-            self._conn = pg_connect(self.target)
+                stale = True  # e.g. "terminating connection due to administrator command"
+        if stale:
+            self._replace()
+
+    def _replace(self) -> None:
+        old, self._conn = self._conn, pg_connect(self.target)
+        try:
+            old.close()
+        except self._psycopg.Error:
+            pass
 
     def _begin(self) -> None:
         try:
             self._conn.execute("BEGIN")
         except self._psycopg.OperationalError:
-            if not self._conn.broken:
-                raise
-            self._conn = pg_connect(self.target)  # nothing ran yet: safe to start again
+            self._replace()  # the session is gone; nothing ran yet: safe to start again
             self._conn.execute("BEGIN")
 
     def translate(self, sql: str) -> str:
