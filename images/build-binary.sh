@@ -72,7 +72,7 @@ size_note() {
     bytes=$(stat -c %s "$BIN")
     say "$BIN: $(awk -v b="$bytes" 'BEGIN { printf "%.1f MiB", b / 1048576 }') ($bytes bytes)"
 }
-if [ -x "$BIN" ] && [ "$(cat "$BIN.inputs" 2>/dev/null)" = "$hash" ]; then
+if [ -x "$BIN" ] && [ -x "$BIN.image" ] && [ "$(cat "$BIN.inputs" 2>/dev/null)" = "$hash" ]; then
     say "up to date"
     size_note
     exit 0
@@ -102,12 +102,18 @@ say "freezing the agent $version with PyInstaller ($("$BUILD_VENV/bin/python" -V
 say "making it static with staticx"
 "$BUILD_VENV/bin/staticx" --strip "$work/dist/edgerun-agent" "$work/edgerun-agent"
 chmod 0755 "$work/edgerun-agent"
+# The discovery image's copy: staticx without its own xz (the initramfs is compressed
+# already), so the agent does not decompress its libraries at every start; 2.3 MiB
+# larger as a file, ~0.25 s faster from exec to running natively, seconds under TCG.
+"$BUILD_VENV/bin/staticx" --strip --no-compress "$work/dist/edgerun-agent" "$work/edgerun-agent.image"
+chmod 0755 "$work/edgerun-agent.image"
 
 got=$("$work/edgerun-agent" --version)
 if [ "$got" != "edgerun-agent $version" ]; then
     say "the frozen binary says '$got' to --version, expected 'edgerun-agent $version'"
     exit 1
 fi
+mv -f "$work/edgerun-agent.image" "$BIN.image"
 mv -f "$work/edgerun-agent" "$BIN"
 echo "$hash" >"$BIN.inputs"
 rm -rf "$work"

@@ -7,7 +7,8 @@
 # EDGERUN_KERNEL_PACKAGE), busybox comes from busybox-static and the CA bundle
 # from ca-certificates: their .deb files are fetched with `apt-get download`
 # into images/out/cache and unpacked there, never installed, so this needs no
-# root. The agent is images/out/edgerun-agent (built first when out of date).
+# root. The agent is images/out/edgerun-agent.image (built first when out of date): the
+# same frozen agent as images/out/edgerun-agent, its libraries not compressed twice.
 # An --overlay directory is copied over the image's root last: an agent.toml in
 # etc/edgerun/, a site CA, firmware in lib/firmware/.
 #
@@ -87,12 +88,12 @@ fetch() {  # fetch PACKAGE: print the path of its candidate .deb, downloading it
 kernel_deb=$(fetch "$kernel_pkg")
 busybox_deb=$(fetch busybox-static)
 ca_deb=$(fetch ca-certificates)
-agent_version=$("$OUT/edgerun-agent" --version | awk '{print $2}')
+agent_version=$("$OUT/edgerun-agent.image" --version | awk '{print $2}')
 
 # --- up to date? ---------------------------------------------------------------------------
 hash=$(
     {
-        sha256sum "$kernel_deb" "$busybox_deb" "$ca_deb" "$OUT/edgerun-agent" \
+        sha256sum "$kernel_deb" "$busybox_deb" "$ca_deb" "$OUT/edgerun-agent.image" \
             images/build-image.sh images/mkinitramfs.py images/modules.txt | cut -d' ' -f1
         (cd images/rootfs && find . \( -type f -o -type l \) | LC_ALL=C sort |
             while read -r f; do echo "$f $(stat -c %A "$f") $(sha256sum <"$f")"; done)
@@ -137,7 +138,7 @@ for dir in "${overlays[@]}"; do
 done
 say "assembling the initramfs (kernel $kernel_pkg, agent $agent_version)"
 "$PY" images/mkinitramfs.py --kernel-root "$kernel_tree" --busybox-root "$work/busybox" \
-    --ca-root "$work/ca" --agent "$OUT/edgerun-agent" --agent-version "$agent_version" \
+    --ca-root "$work/ca" --agent "$OUT/edgerun-agent.image" --agent-version "$agent_version" \
     --note "kernel_package=$kernel_pkg $(dpkg-deb -f "$kernel_deb" Version)" \
     --note "busybox=$(dpkg-deb -f "$busybox_deb" Version)" \
     --note "ca_certificates_package=$(dpkg-deb -f "$ca_deb" Version)" \

@@ -85,7 +85,7 @@ def booted(image: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) -> I
             port = http.rsplit(":", 1)[1]
             report = {"accel": vm.accel, "boot_to_online_s": round(online_after, 1),
                       "initramfs_bytes": (OUT / "initramfs.img").stat().st_size,
-                      "binary_bytes": (OUT / "edgerun-agent").stat().st_size,
+                      "binary_bytes": (OUT / "edgerun-agent.image").stat().st_size,
                       "kernel": image["kernel"]}
             yield Booted(vm, observer, node, smbios, macs, f"http://{GUEST_HOST}:{port}",
                          image, online_after, report)
@@ -103,7 +103,7 @@ def test_image_holds_what_the_boot_needs(image: dict[str, Any]) -> None:
     assert entries["bin/sh"].data == b"/bin/busybox"
     links = {name.rsplit("/", 1)[-1] for name, e in entries.items() if e.data == b"/bin/busybox"}
     assert {"init", "modprobe", "udhcpc", "uevent", "ip", "setsid", "awk"} <= links
-    assert entries["usr/bin/edgerun-agent"].data == (OUT / "edgerun-agent").read_bytes()
+    assert entries["usr/bin/edgerun-agent"].data == (OUT / "edgerun-agent.image").read_bytes()
     assert entries["etc/ssl/certs/ca-certificates.crt"].data.count(b"BEGIN CERTIFICATE") > 100
     moddir = f"lib/modules/{image['kernel']}"
     dep = entries[f"{moddir}/modules.dep"].data.decode().splitlines()
