@@ -112,3 +112,25 @@ def test_state_directory_removed_while_running(mosquitto: Mosquitto, observer: O
         observer.send("node-s", shell(task_id, f"echo x >> {marker}"))
         assert observer.wait("update", count=2, id=task_id, state="succeeded")
     assert marker.read_text() == "x\nx\n", "the at-most-once memory was lost"
+
+
+def test_state_directory_unwritable_for_a_while(mosquitto: Mosquitto, observer: Observer,
+                                                tmp_path: Path) -> None:
+    """A file where the directory was: the agent keeps serving from memory, says so once,
+    and writes the whole memory out as soon as the directory can be made again."""
+    agent = _start(mosquitto, observer, tmp_path / "a")
+    marker = tmp_path / "ran"
+    state = tmp_path / "a" / "state"
+    _runs_once_more(observer, marker, "u-1")
+    shutil.rmtree(state)
+    state.write_text("in the way\n")  # root ignores modes; a file blocks mkdir for anyone
+    _runs_once_more(observer, marker, "u-2")
+    assert "cannot be written again" in agent.log()
+    state.unlink()
+    _runs_once_more(observer, marker, "u-3")
+    agent.kill()
+    _start(mosquitto, observer, tmp_path / "a")
+    for task_id in ("u-1", "u-2", "u-3"):
+        observer.send("node-s", shell(task_id, f"echo x >> {marker}"))
+        assert observer.wait("update", count=2, id=task_id, state="succeeded")
+    assert marker.read_text() == "x\n" * 3, "the at-most-once memory was lost"
