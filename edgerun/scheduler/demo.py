@@ -97,12 +97,11 @@ def wait_online(app: App, timeout: float) -> bool:
 
 def wait_for_interrupt() -> None:
     stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    try:
-        while not stop.wait(1.0):
-            pass
-    except KeyboardInterrupt:
-        pass
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    stop.wait()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not break the clean-up
+    print("stopping the agent, the scheduler and the broker", flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
