@@ -121,3 +121,15 @@ def test_serve_refuses_plain_http_beyond_loopback_in_one_line(tmp_path: Path) ->
     half = cli("http://127.0.0.1:9", "serve", "--embedded-broker", "127.0.0.1:0",
                "--db", str(tmp_path / "s.db"), "--tls-cert", str(tmp_path / "cert.pem"))
     assert half.code == 2 and "together" in half.err
+
+
+def test_nodes_lists_every_page(s: Stack) -> None:
+    from .apikit import FakeFleet, wait_for
+    fleet = FakeFleet(s.mosquitto.url)
+    try:
+        fleet.online([f"many-{i:04d}" for i in range(1100)])
+    finally:
+        fleet.close()
+    wait_for(lambda: s.api().get("/nodes", match="many-*", limit=1)["total"] == 1100, 120)
+    listed = cli_json(s.url, "nodes", "many-*")["nodes"]
+    assert len(listed) == 1100 and listed[-1]["node"] == "many-1099"

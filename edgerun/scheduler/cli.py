@@ -244,7 +244,7 @@ def _send(client: Client, args: argparse.Namespace, targets: list[str],
 
 def _note_offline(client: Client, created: list[dict[str, Any]]) -> None:
     """Say so when a task will wait for an offline node, rather than hang silently."""
-    online = {n["node"] for n in client.get("/nodes", online=1)["nodes"]}
+    online = {n["node"] for n in client.nodes(online=1)}
     for task in created:
         if task["node"] not in online:
             until = f" until it expires at {task['expires_at']}" if task["expires_at"] else ""
@@ -346,8 +346,8 @@ def _print_tasks(tasks: list[dict[str, Any]], as_json: bool) -> None:
 def cmd_nodes(client: Client, args: argparse.Namespace) -> int:
     if args.patterns[:1] == ["forget"]:  # `edgerun nodes forget ID...`
         return _forget_nodes(client, args.patterns[1:], args.json)
-    nodes = client.get("/nodes", match=args.patterns or None, where=args.where or None,
-                       online=1 if args.online else None)["nodes"]
+    nodes = client.nodes(match=args.patterns or None, where=args.where or None,
+                         online=1 if args.online else None)  # every page
     if args.json:
         print(json.dumps({"nodes": nodes}, indent=2))
     else:

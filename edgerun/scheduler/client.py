@@ -122,6 +122,17 @@ class Client:
     def delete(self, path: str) -> Any:
         return self.request("DELETE", path)
 
+    def nodes(self, **query: Any) -> list[dict[str, Any]]:
+        """Every node the query matches, following the pages' cursors."""
+        out: list[dict[str, Any]] = []
+        cursor = None
+        while True:
+            page = self.get("/nodes", **query, limit=1000, cursor=cursor)
+            out.extend(page["nodes"])
+            cursor = page.get("next")
+            if not cursor:
+                return out
+
     def events(self, **query: Any) -> EventStream:
         return EventStream(self, query)
 
