@@ -415,17 +415,10 @@ class Pump:
     def _session(self, item: _Session) -> None:
         if not item.present:
             return  # the broker forgot what it sent: keep every copy we hold
-        dropped = 0
-        for name in ("_backlog", "_backlog0"):
-            kept: deque[_Publish] = deque()
-            for p in getattr(self, name):
-                if p.job.message.generation >= item.generation:
-                    kept.append(p)
-                else:
-                    dropped += 1
-                    if not p.job.message.qos:
-                        self._finish(p.job)
-            setattr(self, name, kept)
+        before = len(self._backlog)  # QoS 0 comes on a connection of its own: kept
+        self._backlog = deque(p for p in self._backlog
+                              if p.job.message.generation >= item.generation)
+        dropped = before - len(self._backlog)
         if dropped:
             log.info("MQTT session resumed: %d unsent message(s) will be redelivered", dropped)
 
