@@ -100,7 +100,8 @@ def main() -> int:
         flood: subprocess.Popen[bytes] | None = None
         try:
             bridge.wait_ready()
-            with TimedSink(rabbit.url, "edgerun.events", "node.*.updates") as sink:
+            sink = TimedSink(rabbit.url, "edgerun.events", "node.*.updates")
+            with sink:
                 quiet = phase(mosquitto.url, sink, args.rate, args.seconds, "alone")
                 line = b"x" * (CHUNK - 1) + b"\n"
                 stop = threading.Event()
