@@ -381,7 +381,11 @@ class Containment:
             time.sleep(0.01)
         self.reap()
         if self.cgroup_dir is not None:
-            for name in os.listdir(self.cgroup_dir):
+            try:
+                names = os.listdir(self.cgroup_dir)
+            except OSError:
+                names = []
+            for name in names:
                 if name.startswith("t-"):
                     _rmdir_soon(os.path.join(self.cgroup_dir, name))
         return {task: n for task, n in counts.items() if n}
