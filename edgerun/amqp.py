@@ -15,6 +15,14 @@ next of its broker URLs (the nodes of one cluster), in turn.
 
 The frames one pass of the I/O loop produces (a window of publishes, a run of
 acks) leave in one `send`, not one per frame: pika writes each frame on its own.
+
+Nacks that go on renew the connection (`NACK_RENEW`): a full queue refuses for a
+while, but a channel opened on a surviving node while a quorum queue was still
+electing its new leader can refuse every publish to that queue for as long as
+it lives (seen on RabbitMQ 3.10: the channel's client for the queue never
+learns the new leader), while a new channel is accepted at once. The renewal
+goes through the ordinary loss path, so what was not confirmed is published
+again on the new connection (the handler's on_lost), never dropped.
 """
 
 from __future__ import annotations
@@ -22,6 +30,7 @@ from __future__ import annotations
 import logging
 import ssl
 import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -38,6 +47,9 @@ from .errors import ConfigError, EdgerunError
 from .settings import BrokerURL, TLSFiles
 
 log = logging.getLogger(__name__)
+
+NACK_RENEW = 5.0  # seconds of nacks (no gap of NACK_GAP) before the connection is renewed
+NACK_GAP = 2.0  # seconds without a nack that end a run of them (handlers retry after 1 s)
 
 
 class AmqpError(EdgerunError):
@@ -148,6 +160,11 @@ class AmqpLink:
         self.generation = 0  # counts channels that became ready
         self.reconnects = 0
         self.last_error: str | None = None
+        self.nack_renew = NACK_RENEW
+        self.renewals = 0  # connections renewed because RabbitMQ kept refusing publishes
+        self._renewing = False  # this connection is being closed to open a fresh one
+        self._nacks_since: float | None = None  # start of the current run of nacks
+        self._last_nack = 0.0
 
     @property
     def url(self) -> BrokerURL:
@@ -249,7 +266,8 @@ class AmqpLink:
                 break
             if self._was_up:
                 backoff.reset()
-            if len(self.urls) > 1:
+            renewed, self._renewing = self._renewing, False
+            if len(self.urls) > 1 and not renewed:  # a renewal stays on its node
                 self._index = (self._index + 1) % len(self.urls)
                 log.info("%s: next broker node: %s", self.name, self.url)
             if backoff.wait():
@@ -310,7 +328,7 @@ class AmqpLink:
         conn.ioloop.stop()
 
     def _on_closed(self, conn: Any, reason: BaseException) -> None:
-        if self.ready and not self._stop.is_set():
+        if self.ready and not self._stop.is_set() and not self._renewing:
             self._note_error(f"lost the connection to {self.url}: {reason!r}")
         conn.ioloop.stop()
 
@@ -321,7 +339,7 @@ class AmqpLink:
         channel.confirm_delivery(self._on_confirm, callback=self._on_confirm_mode)
 
     def _on_channel_closed(self, _channel: Any, reason: BaseException) -> None:
-        if not self._stop.is_set():
+        if not self._stop.is_set() and not self._renewing:
             self._note_error(f"channel closed by {self.url}: {reason!r}")
         self._close()
 
@@ -351,6 +369,7 @@ class AmqpLink:
         if self.generation > 1:
             self.reconnects += 1
         self.ready = self._was_up = True
+        self._nacks_since = None
         self.node = self.url
         self.connected.set()
         log.info("%s: connected to %s%s; exchanges and %d queue(s) declared", self.name,
@@ -367,6 +386,28 @@ class AmqpLink:
         method = frame.method
         ok = isinstance(method, pika.spec.Basic.Ack)
         self.handler.on_confirm(method.delivery_tag, bool(method.multiple), ok)
+        if not ok:
+            self._nacked()
+
+    def _nacked(self) -> None:
+        """RabbitMQ refused a publish; after NACK_RENEW seconds of refusals, renew the
+        connection (see the module's docstring: a channel whose quorum-queue client was
+        made during a leader election may refuse for ever; a new one is accepted)."""
+        now = time.monotonic()
+        if self._nacks_since is None or now - self._last_nack > NACK_GAP:
+            self._nacks_since = now
+        self._last_nack = now
+        if self._renewing or now - self._nacks_since < self.nack_renew:
+            return
+        self._nacks_since = None
+        self.renewals += 1
+        self._note_error(f"{self.url} has refused publishes for {self.nack_renew:g} s; "
+                         "renewing the connection (what it did not confirm is sent again)")
+        self._renewing = True
+        try:  # the channel first, so that the connection's close is an orderly one
+            self._channel.close()
+        except (pika.exceptions.AMQPError, OSError, AttributeError):
+            self._close()
 
     def _on_delivery(self, queue: QueueSpec, _channel: Any, method: Any, _props: Any,
                      body: bytes) -> None:
