@@ -11,10 +11,12 @@ node or rollout ever race.
   claimed for sending and not yet confirmed by the broker). Each task that
   ends lets the next queued one of that node go, oldest first. So a backlog
   never fills an agent's queue (`busy`), as long as `pace` is below the agents'
-  --queue-size. The claim is a row in the store (hold `sending`), taken with
-  the node's row locked, so several instances on one PostgreSQL never send a
-  task twice nor more than `pace` together; a claim whose instance died lapses
-  after `stale_after` seconds and the task goes again.
+  --queue-size. The claim is a row in the store (hold `sending:{instance}`),
+  taken with the node's row locked, so several instances on one PostgreSQL
+  never send a task twice nor more than `pace` together. A live instance
+  renews its claims every tick from the ticker's own thread (a worker busy for
+  a while never lets them lapse); those of an instance that died lapse after
+  `stale_after` seconds and the task goes again.
 - **Liveness**: when a node goes offline (its Last Will) or comes back, every
   follower of its tasks in flight is told at once: a `task_event` whose state
   did not change, with an `alert`. After `offline_grace` seconds offline, its
@@ -61,6 +63,7 @@ class Fleet:
         self.rollouts = RolloutEngine(self)
         self.jobs = JobRunner(self)
         self.claim_ttl = max(float(getattr(service.cfg, "stale_after", 15.0)), 5.0)
+        self.owner = str(getattr(service.store, "origin", "") or "local")
         self._thread: threading.Thread | None = None
 
     # --- life cycle -----------------------------------------------------------------------
@@ -75,6 +78,10 @@ class Fleet:
 
     def _tick_loop(self) -> None:
         while not self.svc._stop.wait(self.svc.cfg.tick):
+            try:
+                self.db.renew_claims(self.owner, time.time() + self.claim_ttl)
+            except SchedulerError as exc:
+                log.error("fleet ticker: %s", exc)
             self.svc._inbox.put(self.tick)
 
     def call(self, work: Callable[[], T]) -> T:
@@ -101,7 +108,7 @@ class Fleet:
     # --- pacing ---------------------------------------------------------------------------
     def pump(self, node: str) -> int:
         """Send the node's free queued tasks while it has room; returns how many."""
-        claimed = self.db.claim(node, self.pace, time.time(), self.claim_ttl)
+        claimed = self.db.claim(node, self.pace, time.time(), self.claim_ttl, self.owner)
         for row in claimed:
             self.svc._send(node, self.svc._task_of(row))
         return len(claimed)
@@ -116,7 +123,7 @@ class Fleet:
 
     def is_sending(self, task: JSONObject) -> bool:
         """Claimed for sending and not yet confirmed by the broker (the claim not lapsed)."""
-        return (task["state"] == State.QUEUED and task.get("hold") == SENDING
+        return (task["state"] == State.QUEUED and str(task.get("hold") or "").startswith(SENDING)
                 and float(task.get("not_before") or 0) > time.time())
 
     def on_dispatched(self, node: str, task_id: str) -> None:

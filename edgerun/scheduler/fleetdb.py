@@ -21,10 +21,13 @@ from .store import Store, task_dict
 Conflict: type[_errors.BadRequest] = getattr(_errors, "Conflict", _errors.BadRequest)
 
 OUTSTANDING = ("dispatched", "accepted", "running")
-SENDING = "sending"  # hold of a task claimed for sending; `not_before` is when the claim lapses
+# hold of a task claimed for sending: `sending:{instance}`; `not_before` is when the claim
+# lapses unless its instance, alive, keeps renewing it
+SENDING = "sending"
+SENDING_LIKE = "sending%"
 # queued tasks free to go: no hold (or a lapsed claim), back-off over
 READY = ("SELECT * FROM tasks WHERE state='queued' AND spec IS NOT NULL AND (hold IS NULL OR "
-         "(hold=? AND not_before <= ?)) AND (not_before IS NULL OR not_before <= ?)")
+         "(hold LIKE ? AND not_before <= ?)) AND (not_before IS NULL OR not_before <= ?)")
 FINAL = ("succeeded", "failed", "timed_out", "canceled", "rejected", "lost")
 
 
@@ -64,11 +67,12 @@ class FleetDB:
     @staticmethod
     def _outstanding(db: Any, node: str, now: float) -> int:
         row = db.execute("SELECT COUNT(*) FROM tasks WHERE node=? AND (state IN (?,?,?) OR "
-                         "(state='queued' AND hold=? AND not_before > ?))",
-                         (node, *OUTSTANDING, SENDING, now)).fetchone()
+                         "(state='queued' AND hold LIKE ? AND not_before > ?))",
+                         (node, *OUTSTANDING, SENDING_LIKE, now)).fetchone()
         return int(row[0])
 
-    def claim(self, node: str, pace: int, now: float, ttl: float) -> list[JSONObject]:
+    def claim(self, node: str, pace: int, now: float, ttl: float,
+              owner: str = "") -> list[JSONObject]:
         """Up to `pace` minus what is outstanding of the node's free queued tasks, oldest
         first, marked as being sent (hold `sending` until now + ttl: a claim whose
         instance died before the broker took the task lapses, and the task is free
@@ -80,10 +84,10 @@ class FleetDB:
             if room <= 0:
                 return []
             rows = db.execute(READY + " AND node=? ORDER BY seq LIMIT ?",
-                              (SENDING, now, now, node, room)).fetchall()
+                              (SENDING_LIKE, now, now, node, room)).fetchall()
             for row in rows:
                 db.execute("UPDATE tasks SET hold=?, not_before=? WHERE node=? AND id=?",
-                           (SENDING, now + ttl, node, row["id"]))
+                           (f"{SENDING}:{owner}", now + ttl, node, row["id"]))
             return [fleet_task(r) for r in rows]
 
     def nodes_with_ready(self, now: float, pace: int) -> list[str]:
@@ -91,9 +95,10 @@ class FleetDB:
         one read, so that a tick over thousands of paced nodes writes nothing."""
         sql = ("SELECT q.node FROM (" + READY.replace("SELECT *", "SELECT DISTINCT node", 1)  # noqa: S608
                + ") q WHERE (SELECT COUNT(*) FROM tasks t WHERE t.node=q.node AND (t.state IN "
-               "(?,?,?) OR (t.state='queued' AND t.hold=? AND t.not_before > ?))) < ?")
+               "(?,?,?) OR (t.state='queued' AND t.hold LIKE ? AND t.not_before > ?))) < ?")
         with self.store._read() as db:
-            rows = db.execute(sql, (SENDING, now, now, *OUTSTANDING, SENDING, now, pace))
+            rows = db.execute(sql, (SENDING_LIKE, now, now, *OUTSTANDING, SENDING_LIKE, now,
+                                    pace))
             return [r[0] for r in rows]
 
     def next_not_before(self) -> float | None:
@@ -207,7 +212,14 @@ class FleetDB:
         nothing else can be sending them)."""
         with self.store._write() as db:
             db.execute("UPDATE tasks SET hold=NULL, not_before=NULL WHERE state='queued' AND "
-                       "hold=?", (SENDING,))
+                       "hold LIKE ?", (SENDING_LIKE,))
+
+    def renew_claims(self, owner: str, until: float) -> None:
+        """This instance is alive: its claims hold until `until` (from the ticker's own
+        thread, so that a busy worker never lets them lapse)."""
+        with self.store._write() as db:
+            db.execute("UPDATE tasks SET not_before=? WHERE state='queued' AND hold=?",
+                       (until, f"{SENDING}:{owner}"))
 
     def release(self, node: str, task_id: str) -> None:
         """Lift a queued task's hold: it may go (subject to pacing)."""
