@@ -213,6 +213,14 @@ def test_every_dispatch_and_cancel_is_audited_with_the_token_name(s: Stack) -> N
     assert refused.status == 403
 
 
+def test_console_page_is_public_and_locked_to_its_own_files(s: Stack) -> None:
+    page = s.http("GET", "/")
+    assert page.status == 200 and b"<title>edgerun console</title>" in page.raw
+    policy = page.headers["content-security-policy"]
+    assert "default-src 'self'" in policy and "frame-ancestors 'none'" in policy
+    assert s.http("GET", "/static/console.js").status == 200
+
+
 def test_openapi_document_lists_the_routes(s: Stack) -> None:
     doc = s.http("GET", "/v1/openapi.json").body
     assert doc["openapi"].startswith("3.")

@@ -54,8 +54,12 @@ def page(browser: Any) -> Iterator[Any]:
     context = browser.new_context(viewport={"width": 1280, "height": 800})
     page = context.new_page()
     page.set_default_timeout(30_000)
+    errors: list[str] = []
+    page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
     yield page
     context.close()
+    # the page's Content-Security-Policy (no inline script or style) never got in its way
+    assert not [e for e in errors if "Content Security Policy" in e], errors
 
 
 def login(page: Any, s: Stack, token: str) -> None:
@@ -161,6 +165,8 @@ def test_a_job_on_1000_nodes_shows_one_aggregated_row_and_paged_targets(
         summary = page.inner_text("#job-summary")
         assert "1000 nodes" in summary and "1010/2000 done, 10 failed" in summary
         assert page.locator("#job-steps tr").count() == 2
+        width = page.evaluate("document.querySelector('#job-summary .bar .ok').style.width")
+        assert width == "50%"  # 1,000 of 2,000 succeeded
         page.screenshot(path=str(shots / "job-1000.png"), full_page=False)
         page.click("#job-next")
         page.wait_for_selector("#job-targets tr[data-node='sim-0100']")

@@ -45,6 +45,12 @@ log = logging.getLogger(__name__)
 MAX_BODY = 1024 * 1024
 STATIC = Path(__file__).resolve().parent / "web" / "static"
 TOUCH_EVERY_S = 60.0
+# the console runs only its own files: no inline script or style, no other origin, no frames
+CONSOLE_HEADERS = {
+    "Content-Security-Policy": "default-src 'self'; img-src 'self' data:; "
+                               "object-src 'none'; base-uri 'none'; frame-ancestors 'none'",
+    "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer",
+}
 THREADS = 6  # the thread pool that runs handlers' blocking work
 
 
@@ -303,11 +309,15 @@ class Handlers:
         if not open_tasks:
             raise Conflict(f"job {job_id} has already finished; nothing to cancel")
         sent = []
-        for task in open_tasks:
-            try:
-                sent.extend(self.service.cancel(task["id"], task["node"]))
-            except Conflict:
-                continue  # it finished meanwhile
+        for task_id in sorted({t["id"] for t in open_tasks}):  # one call per step, not per node
+            others = [t for t in self.store.find(task_id) if t["job"] != job_id]
+            nodes = [None] if not others else sorted(
+                {t["node"] for t in open_tasks if t["id"] == task_id})
+            for node in nodes:
+                try:
+                    sent.extend(self.service.cancel(task_id, node))
+                except Conflict:
+                    continue  # it finished meanwhile
         self.audit(who, "cancel", job=job_id, tasks=sorted({t["id"] for t in sent}),
                    nodes=sorted({t["node"] for t in sent})[:1000], count=len(sent))
         return {"job": job_id, "canceled": len(sent)}
@@ -425,7 +435,8 @@ def build_app(service: Service, config: ApiConfig, on_stream: Any = None) -> Any
         return answer(200, document(__version__))
 
     async def console(_request: Request) -> Response:
-        return FileResponse(STATIC / "index.html", headers={"Cache-Control": "no-store"})
+        return FileResponse(STATIC / "index.html", headers={"Cache-Control": "no-store",
+                                                            **CONSOLE_HEADERS})
 
     async def on_error(_request: Any, exc: Exception) -> Response:
         if isinstance(exc, HTTPException):
