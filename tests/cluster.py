@@ -221,8 +221,34 @@ class RabbitNode(Rabbit):
             cookie.write_text(self.cookie)
             cookie.chmod(0o400)
         self.extra_conf = self.conf
-        super().start()
+        for attempt in range(3):
+            seen = self._log_size()
+            try:
+                super().start()
+                return self
+            except RuntimeError:
+                # started again on its old ports, the node may find one taken: while it was
+                # down, another process of this busy machine got it (an outgoing
+                # connection's ephemeral port, another test's listener). The same node with
+                # the same data on new ports is still the node restarted.
+                if attempt == 2 or "eaddrinuse" not in self._log_since(seen):
+                    raise
+                self.port, self.dist_port = free_port(), free_port()
         return self
+
+    def _log_size(self) -> int:
+        try:
+            return (self.dir / "server.log").stat().st_size
+        except OSError:
+            return 0
+
+    def _log_since(self, offset: int) -> str:
+        try:
+            with open(self.dir / "server.log", "rb") as log:
+                log.seek(offset)
+                return log.read().decode(errors="replace")
+        except OSError:
+            return ""
 
     def rss(self) -> int:
         return tree_rss(self.proc.pid) if self.proc and self.proc.poll() is None else 0
