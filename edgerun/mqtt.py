@@ -327,6 +327,9 @@ class MqttConnection:
         sock_fd = sock.fileno()
         poller.register(sock_fd, select.POLLIN)
         want_write = False
+        # an SSLSocket's bytes already decrypted; not isinstance(sock, ssl.SSLSocket),
+        # which would load OpenSSL for a plain mqtt:// agent (edgerun/agent/_lean.py)
+        pending = getattr(sock, "pending", None)
         ok = MQTTErrorCode.MQTT_ERR_SUCCESS
         while not self._stop.is_set():
             if self.connected.is_set():
@@ -335,7 +338,7 @@ class MqttConnection:
                 want_write = not want_write
                 poller.modify(sock_fd, select.POLLIN | (select.POLLOUT if want_write else 0))
             tls_buffered = self._client.read_ahead() or \
-                (isinstance(sock, ssl.SSLSocket) and sock.pending() > 0)
+                (pending is not None and pending() > 0)
             if tls_buffered and (rc := self._client.loop_read()) != ok:
                 return paho.error_string(rc)
             for fd, events in poller.poll(0 if tls_buffered else 1000):

@@ -88,7 +88,7 @@ while read -r module; do
 done < <(sed -e 's/#.*//' -e '/^[[:space:]]*$/d' images/binary/excludes.txt)
 
 say "freezing the agent $version with PyInstaller ($("$BUILD_VENV/bin/python" -V))"
-"$BUILD_VENV/bin/pyinstaller" --onefile --strip --noconfirm --log-level WARN \
+"$BUILD_VENV/bin/pyinstaller" --onefile --strip --optimize 2 --noconfirm --log-level WARN \
     --name edgerun-agent --paths "$ROOT" \
     --runtime-hook "$ROOT/images/binary/rth_environ.py" \
     --collect-data certifi \

@@ -24,6 +24,43 @@ def private_state_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Non
         os.environ["XDG_STATE_HOME"] = old
 
 
+@pytest.fixture(autouse=True, scope="session")
+def tidy_agent_cgroups(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """An agent killed with SIGKILL leaves its empty `edgerun-<key>` cgroup behind. At the
+    end of the run remove those of this run's agents: the key ends in a hash of the state
+    directory (edgerun.agent.contain.make_key), so a cgroup is ours when the hash is that
+    of a directory under this run's temporary root. Only empty ones go (rmdir refuses a
+    cgroup with processes or children in it)."""
+    yield
+    from edgerun.agent._lean import sha256_hex
+    from edgerun.agent.contain import cgroup_base
+
+    base = cgroup_base()
+    if base is None:
+        return
+    import os
+
+    try:
+        ours = {name for name in os.listdir(base) if name.startswith("edgerun-")}
+    except OSError:
+        return
+    if not ours:
+        return
+    hashes: set[str] = set()
+    for here, _dirs, _files in os.walk(tmp_path_factory.getbasetemp()):
+        hashes.add(sha256_hex(os.path.abspath(here).encode())[:10])
+    for name in ours:
+        if name.rsplit("-", 1)[-1] not in hashes:
+            continue
+        path = os.path.join(base, name)
+        for here, dirs, _files in os.walk(path, topdown=False):
+            for child in [*dirs, ""]:
+                try:
+                    os.rmdir(os.path.join(here, child) if child else here)
+                except OSError:  # busy (a process still in it) or gone
+                    pass
+
+
 @pytest.fixture(autouse=True)
 def reap_agents() -> Iterator[None]:
     """Kill every agent process the test itself started and left running, pass or fail.

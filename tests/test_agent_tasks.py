@@ -222,4 +222,6 @@ print(json.dumps({{"idle": idle, "after": sorted(sys.modules)}}))
                        "prometheus_client"}
     # paho's urllib.request (http.client, email, ...) waits for the first download
     assert not set(mods["idle"]) & {"http.client", "email", "tempfile"}
+    # nor OpenSSL on a plain mqtt:// broker: paho's ssl and hashlib wait for first use
+    assert not set(mods["idle"]) & {"_ssl", "_hashlib"}
     assert "requests" in mods["after"] and "http.client" in mods["after"]

@@ -22,7 +22,6 @@ reports the task failed (`sweep`).
 from __future__ import annotations
 
 import errno
-import hashlib
 import logging
 import os
 import signal
@@ -31,6 +30,8 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TypeVar
+
+from ._lean import sha256_hex
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +48,7 @@ def make_key(node: str, state_dir: str | None) -> str:
     """Names this agent's cgroups and markers: the same after a restart, distinct per
     state directory (two agents for one node id on one host do not touch each other)."""
     place = os.path.abspath(state_dir) if state_dir else ""
-    return f"{node}-{hashlib.sha256(place.encode()).hexdigest()[:10]}"
+    return f"{node}-{sha256_hex(place.encode())[:10]}"
 
 
 def cgroup_base() -> str | None:
