@@ -312,7 +312,8 @@ class MqttConnection:
             self._client.forget_read_ahead()  # bytes of an old socket
             self._client.connect(self.url.host, self.url.port, self._keepalive)
             return True
-        except (OSError, ssl.SSLError, ValueError) as exc:
+        except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError: naming it here
+            # would load OpenSSL on every refused connect of a plain mqtt:// agent
             self._note_error(f"cannot connect to {self.url}: {exc}")
             return False
 
