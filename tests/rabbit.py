@@ -71,7 +71,8 @@ class Rabbit:
         assert self.scripts is not None
         with open(self.dir / "server.log", "ab") as log:
             self.proc = subprocess.Popen([str(self.scripts / "rabbitmq-server")], env=self.env(),
-                                         stdout=log, stderr=log, start_new_session=True)
+                                         stdout=log, stderr=log, start_new_session=True,
+                                         cwd=self.dir)  # a crashing node dumps MnesiaCore.* here
         # the CLI fails at once until the node has registered with epmd: poll it
         if not wait_until(self._started, timeout=90, interval=0.5):
             tail = (self.dir / "server.log").read_text(errors="replace")[-2000:]
@@ -92,7 +93,8 @@ class Rabbit:
     def ctl(self, *args: str) -> str:
         assert self.scripts is not None
         done = subprocess.run([str(self.scripts / "rabbitmqctl"), "-n", self.node, "-q", *args],
-                              env=self.env(), capture_output=True, text=True, timeout=90)
+                              env=self.env(), capture_output=True, text=True, timeout=90,
+                              cwd=self.dir)
         if done.returncode:
             raise RuntimeError(f"rabbitmqctl {' '.join(args)}: {done.stderr or done.stdout}")
         return done.stdout
