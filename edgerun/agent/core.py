@@ -36,6 +36,9 @@ from .store import TaskLog
 log = logging.getLogger(__name__)
 
 _ONLINE = "online"  # inbox marker: the connection is (back) up, publish the status
+# How often the idle agent looks whether its facts changed (a DHCP lease that came after
+# the agent started, a new address or host name); a change is published as a new status.
+FACTS_CHECK_S = 5.0
 # Live output waiting to be written to the broker, all tasks together. paho holds a
 # packet copy beside our payload, so memory grows by about twice this at most.
 OUTPUT_BUDGET = 8 * 1024 * 1024
@@ -64,6 +67,7 @@ class Agent:
         self._queued: OrderedDict[str, tuple[Task, Control]] = OrderedDict()
         self._running: dict[str, Control] = {}
         self._updates_topic = self.topics.updates(self.node)
+        self._facts_sent: dict[str, Any] | None = None  # in the last online status
         self.verifier = Verifier(cfg.public_key) if cfg.public_key else None
         self.conn = MqttConnection(
             cfg.broker_nodes, f"edgerun-agent-{self.node}", name="agent-mqtt",
@@ -90,7 +94,10 @@ class Agent:
                    for i in range(self.cfg.parallel)]
         for thread in (dispatcher, *workers):
             thread.start()
-        self.stopping.wait()
+        while not self.stopping.wait(FACTS_CHECK_S):
+            if self.conn.connected.is_set() and self._facts_sent is not None and \
+                    identity.facts(self.sys_root) != self._facts_sent:
+                self._inbox.put(_ONLINE)
         self._inbox.put(None)
         dispatcher.join()
         self._drain(workers)
@@ -338,6 +345,8 @@ class Agent:
         with self._lock:
             running = tuple(self._running)
         facts = identity.facts(self.sys_root) if state == "online" else None
+        if facts is not None:
+            self._facts_sent = facts
         return encode(Status(self.node, state, at=format_time(), agent=__version__,
                              facts=facts, running=running))
 
