@@ -209,3 +209,31 @@ def test_backoff_wait_ends_at_once_on_stop() -> None:
     started = time.monotonic()
     assert backoff.wait() is True
     assert time.monotonic() - started < 30
+
+
+def test_paho_socket_errors_do_not_load_openssl() -> None:
+    # paho evaluates `except ssl.SSLWantReadError` at every socket error (a would-block
+    # read here); a plain mqtt:// agent must not load OpenSSL for that, a TLS one must
+    # get the real classes once ssl is loaded
+    script = """
+import socket, sys
+import edgerun.agent
+import paho.mqtt.client as mqtt
+client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2)
+here, there = socket.socketpair()
+here.setblocking(False)
+client._sock = here
+try:
+    client._sock_recv(1)
+except BlockingIOError:
+    pass
+idle = "_ssl" in sys.modules or "_hashlib" in sys.modules
+import ssl
+context = ssl.create_default_context()
+real = mqtt.ssl.SSLWantReadError is ssl.SSLWantReadError
+print(idle, "_ssl" in sys.modules, real)
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          cwd=ROOT, timeout=60)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["False", "True", "True"]

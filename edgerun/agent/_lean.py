@@ -12,11 +12,13 @@ on a plain `mqtt://` broker never uses while idle:
   tasks, the downloader for sha256). It loads libcrypto too.
 
 A stand-in module takes the place of each and imports the real one on the first
-attribute asked of it: `ssl` when a TLS connection is set up (or paho's error
-handling names an ssl exception, which happens on a socket error), `hashlib`
-on the first signed task or download, `urllib.request` when requests needs it.
-Nothing changes for a TLS user but the moment OpenSSL is loaded. A module that
-is already imported is left alone.
+attribute asked of it: `ssl` when a TLS connection is set up, `hashlib` on the
+first signed task or download, `urllib.request` when requests needs it. paho's
+`except ssl.SSLWantReadError/SSLWantWriteError` clauses around recv and send,
+evaluated at every socket error, get an exception class nothing raises while
+`ssl` is not loaded (no SSL socket can exist before it is) and the real ones
+after. Nothing changes for a TLS user but the moment OpenSSL is loaded. A
+module that is already imported is left alone.
 """
 
 from __future__ import annotations
@@ -31,11 +33,24 @@ _DEFERRED = ("urllib.request", "ssl", "hashlib")
 _lock = threading.RLock()  # importing one real module may ask another stand-in
 
 
+class _NeverRaised(Exception):
+    """What paho's `except ssl.SSLWantReadError:` clauses catch while `ssl` is not loaded:
+    no SSL socket can exist then, so no SSL exception can be raised."""
+
+
+# paho names these in `except` clauses around every recv and send; evaluating one (on any
+# socket error, a would-block included) must not load OpenSSL for a plain mqtt:// agent.
+_PAHO_EXCEPT = {("ssl", "SSLWantReadError"), ("ssl", "SSLWantWriteError")}
+
+
 class _Deferred(types.ModuleType):
     """Stands in for a module until one of its attributes is used."""
 
     def __getattr__(self, attr: str) -> Any:  # only for attributes the stand-in lacks
         name = self.__name__
+        if (name, attr) in _PAHO_EXCEPT and sys.modules.get(name) is self and \
+                sys._getframe(1).f_globals.get("__name__") == "paho.mqtt.client":
+            return _NeverRaised
         with _lock:
             if sys.modules.get(name) is self:
                 del sys.modules[name]
