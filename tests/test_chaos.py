@@ -38,7 +38,8 @@ def latest_states(state_dir: Path) -> dict[str, str]:
             update = json.loads(line)
         except ValueError:
             continue
-        latest[update["id"]] = update["state"]
+        if isinstance(update, dict) and "state" in update:  # not a `delivered` mark
+            latest[update["id"]] = update["state"]
     return latest
 
 

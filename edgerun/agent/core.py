@@ -10,11 +10,13 @@ to the next run instead of lost.
 from __future__ import annotations
 
 import itertools
+import json
 import logging
 import queue
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from datetime import datetime, UTC
 from typing import Any, Literal
 
@@ -22,9 +24,9 @@ from edgerun import __version__
 from edgerun.mqtt import Inbound, MqttConnection, TLSFiles, Will
 from edgerun.signing import Verifier
 from edgerun.protocol import (
-    Cancel, ErrorCode, Output, ProtocolError, ShellTask, State, Status, Task, Topics, Update,
-    canonical_json, decode_bounded, encode, format_time, last_will, message_id, parse_command,
-    rejected,
+    FINAL_STATES, Cancel, ErrorCode, Output, ProtocolError, ShellTask, State, Status, Task,
+    Topics, Update, canonical_json, decode_bounded, encode, format_time, last_will, message_id,
+    parse_command, rejected,
 )
 
 from . import identity
@@ -87,6 +89,7 @@ class Agent:
                  "on disk" if self.tasks.persistent else "in memory",
                  "signed tasks only" if self.verifier else "unsigned tasks accepted",
                  self.jail.mode)
+        self._resend_undelivered()
         self._finish_leftovers()
         self.conn.start()
         dispatcher = threading.Thread(target=self._dispatch_loop, name="dispatch", daemon=True)
@@ -95,6 +98,7 @@ class Agent:
         for thread in (dispatcher, *workers):
             thread.start()
         while not self.stopping.wait(FACTS_CHECK_S):
+            self.tasks.flush_marks()  # acknowledged final updates: marked, lazily
             if self.conn.connected.is_set() and self._facts_sent is not None and \
                     identity.facts(self.sys_root) != self._facts_sent:
                 self._inbox.put(_ONLINE)
@@ -129,6 +133,22 @@ class Agent:
                                  f"within the {self.cfg.grace:g} s grace")
         for worker in workers:
             worker.join()
+
+    def _resend_undelivered(self) -> None:
+        """Final updates an earlier run published but the broker never acknowledged (it
+        was killed first): they exist only in the task log, so publish them again.
+        Delivery is at least once; the scheduler ignores a duplicate."""
+        resend = self.tasks.undelivered()
+        if resend:
+            log.warning("re-publishing %d final updates the broker had not acknowledged "
+                        "before the agent stopped", len(resend))
+        for data in resend:
+            task_id = json.loads(data)["id"]
+            self.conn.publish(self._updates_topic, data, 1, on_done=self._on_delivered(
+                task_id, data))
+
+    def _on_delivered(self, task_id: str, data: bytes) -> Callable[[], None]:
+        return lambda: self.tasks.delivered(task_id, data)
 
     def _finish_leftovers(self) -> None:
         """Tasks an earlier run never finished: end what they left running, then say so."""
@@ -191,7 +211,8 @@ class Agent:
                 previous = self.tasks.get(task_id)
                 if previous is not None:
                     log.info("task %s was seen before: re-publishing its latest update", task_id)
-                    self.conn.publish(self._updates_topic, previous, 1)
+                    self.conn.publish(self._updates_topic, previous, 1,
+                                      on_done=self._on_delivered(task_id, previous))
                     return
             command = parse_command(obj)
         except ProtocolError as exc:
@@ -328,8 +349,15 @@ class Agent:
     def _publish(self, update: dict[str, Any], *, durable: bool = False,
                  remember: bool = True) -> None:
         self._fit(update)
-        data = self.tasks.record(update, durable=durable) if remember else canonical_json(update)
-        self.conn.publish(self._updates_topic, data, 1)
+        if not remember:
+            self.conn.publish(self._updates_topic, canonical_json(update), 1)
+            return
+        data = self.tasks.record(update, durable=durable)
+        task_id = update.get("id")
+        # the PUBACK of a final update is noted (cheaply) so a restart need not re-send it
+        self.conn.publish(self._updates_topic, data, 1, on_done=self._on_delivered(
+            task_id, data) if isinstance(task_id, str) and update.get("state") in FINAL_STATES
+            else None)
 
     def _fit(self, update: dict[str, Any]) -> None:
         """Shorten output tails (keeping their ends) until the update fits the size limit."""

@@ -15,6 +15,14 @@ and state is skipped (counted in one warning); a task log that is not a
 regular file (symlink, FIFO, directory) is moved aside, never followed or read.
 If the state directory vanishes or the file is replaced while the agent runs,
 the next record notices it and writes the whole memory out again.
+
+Delivery is at least once: a final update lives only in the MQTT client's
+memory until the broker acknowledges it, and a kill -9 then loses it. So the
+log also holds `{"delivered": [ids]}` lines: ids whose latest (final) update
+the broker acknowledged. They are written lazily, batched into the next record
+or `flush_marks()`, never fsynced (a lost mark only costs a harmless re-send).
+At start-up `undelivered()` names the final updates without a mark, to be
+published again; it keeps at most the newest `RESEND` of them.
 """
 
 from __future__ import annotations
@@ -25,7 +33,7 @@ import os
 import stat
 import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from typing import Any
 
 from edgerun.protocol import AGENT_STATES, FINAL_STATES, canonical_json, is_task_id
@@ -34,6 +42,10 @@ log = logging.getLogger(__name__)
 
 KEEP_OUTPUT = 100
 FILE_NAME = "tasks.jsonl"
+RESEND = 1_000  # at most this many unacknowledged final updates are re-sent at start-up
+MARK = "delivered"
+MARKS_PER_LINE = 500
+_FINAL = frozenset(FINAL_STATES)
 
 
 def _slim(update: dict[str, Any]) -> dict[str, Any]:
@@ -55,6 +67,11 @@ class TaskLog:
         self._fh: Any = None
         self._lines = 0
         self._failing = False
+        # ids whose latest update is final and not known to be acknowledged by the broker
+        self._undelivered: set[str] = set()
+        # (id, wire bytes) the broker acknowledged, not yet marked; appended by the MQTT
+        # network thread without a lock (deque.append is atomic)
+        self._acked: deque[tuple[str, bytes]] = deque()
         if state_dir:
             self._open(state_dir)
 
@@ -95,6 +112,13 @@ class TaskLog:
                 return
             skipped = 0
             for line in fh:
+                if line.startswith(b'{"' + MARK.encode() + b'":'):
+                    ids = _marks(line)
+                    if ids is None:
+                        skipped += 1
+                    else:
+                        self._undelivered.difference_update(ids)
+                    continue
                 entry = _trusted(line)
                 if entry is None:
                     skipped += 1
@@ -104,10 +128,14 @@ class TaskLog:
             log.warning("task log %s: skipped %d records that could not be trusted (torn, "
                         "corrupted or not task updates)", path, skipped)
 
-    def _put(self, task_id: str, data: bytes) -> None:
+    def _put(self, task_id: str, data: bytes, final: bool) -> None:
         self._entries[task_id] = data
         self._entries.move_to_end(task_id)
         self._with_output.pop(task_id, None)
+        if final:
+            self._undelivered.add(task_id)
+        else:
+            self._undelivered.discard(task_id)
         if b'"stdout":' in data or b'"stderr":' in data:
             self._with_output[task_id] = None
             while len(self._with_output) > KEEP_OUTPUT:
@@ -116,6 +144,7 @@ class TaskLog:
         while len(self._entries) > self.remember:
             old_id, _ = self._entries.popitem(last=False)
             self._with_output.pop(old_id, None)
+            self._undelivered.discard(old_id)
 
     def _compact(self) -> None:
         """Write every entry to a fresh file and switch appends to it."""
@@ -125,10 +154,17 @@ class TaskLog:
             os.unlink(tmp)  # whatever is there, a symlink included, is not followed
         except FileNotFoundError:
             pass
+        self._take_marks()  # into the memory that is written out
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        delivered: list[str] = []
         with os.fdopen(fd, "wb") as out:
-            for data in self._entries.values():
-                out.write(canonical_json(_slim(json.loads(data))) + b"\n")
+            for task_id, data in self._entries.items():
+                update = json.loads(data)
+                out.write(canonical_json(_slim(update)) + b"\n")
+                if update.get("state") in _FINAL and task_id not in self._undelivered:
+                    delivered.append(task_id)
+            marks = _mark_lines(delivered)
+            out.write(marks)
             out.flush()
             os.fsync(out.fileno())
         os.replace(tmp, self._path)
@@ -137,7 +173,7 @@ class TaskLog:
             self._fh = None
         fd = os.open(self._path, os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW)
         self._fh = os.fdopen(fd, "ab")
-        self._lines = len(self._entries)
+        self._lines = len(self._entries) + marks.count(b"\n")
 
     def _still_there(self) -> bool:
         """Whether the open file is still the one at the path (not removed or replaced)."""
@@ -181,25 +217,67 @@ class TaskLog:
         if not isinstance(task_id, str):
             return data
         with self._lock:
-            self._put(task_id, data)
-            if self._path is None:
-                return data
-            if self._fh is None or not self._still_there():
-                self._rebuild()  # the rebuilt file holds this update already
-                return data
-            try:
-                self._fh.write(canonical_json(_slim(update)) + b"\n")
-                self._fh.flush()
-                if durable:  # fdatasync: the data and the size it needs, not the mtime
-                    os.fdatasync(self._fh.fileno())
-                self._lines += 1
-                if self._lines > 2 * self.remember:
-                    self._compact()
-            except OSError as exc:
-                log.error("cannot write the task log %s: %s", self._path, exc.strerror)
-                self._fh.close()
-                self._fh = None  # the next record tries to write the whole file again
+            self._put(task_id, data, update.get("state") in _FINAL)
+            self._write(canonical_json(_slim(update)) + b"\n", durable)
         return data
+
+    def delivered(self, task_id: str, data: bytes) -> None:
+        """The broker acknowledged `data`, an update of `task_id`. Cheap and lock-free
+        (the MQTT network thread calls it); marked in the log lazily."""
+        self._acked.append((task_id, data))
+
+    def flush_marks(self) -> None:
+        """Write the marks of acknowledged final updates that are still only in memory."""
+        if self._acked:
+            with self._lock:
+                self._write(b"", False)
+
+    def undelivered(self, limit: int = RESEND) -> list[bytes]:
+        """The final updates the broker never acknowledged, oldest first, at most the newest
+        `limit`; older ones are given up (forgotten as undelivered)."""
+        with self._lock:
+            self._take_marks()
+            kept: list[str] = []
+            for task_id in reversed(self._entries):
+                if len(kept) >= limit or len(kept) == len(self._undelivered):
+                    break
+                if task_id in self._undelivered:
+                    kept.append(task_id)
+            self._undelivered.intersection_update(kept)
+            return [self._entries[task_id] for task_id in reversed(kept)]
+
+    def _take_marks(self) -> bytes:
+        """Apply the acknowledgements noted so far; their mark lines (caller holds the lock)."""
+        ids: list[str] = []
+        while self._acked:
+            task_id, data = self._acked.popleft()
+            # only the latest update counts: an acknowledged `running` marks nothing
+            if task_id in self._undelivered and self._entries.get(task_id) == data:
+                self._undelivered.discard(task_id)
+                ids.append(task_id)
+        return _mark_lines(ids)
+
+    def _write(self, line: bytes, durable: bool) -> None:
+        """Append the pending marks and `line` (caller holds the lock)."""
+        if self._path is None:
+            self._take_marks()
+            return
+        if self._fh is None or not self._still_there():
+            self._rebuild()  # the rebuilt file holds the memory, marks and `line` included
+            return
+        marks = self._take_marks()
+        try:
+            self._fh.write(marks + line)
+            self._fh.flush()
+            if durable:  # fdatasync: the data and the size it needs, not the mtime
+                os.fdatasync(self._fh.fileno())
+            self._lines += marks.count(b"\n") + bool(line)
+            if self._lines > 2 * self.remember:
+                self._compact()
+        except OSError as exc:
+            log.error("cannot write the task log %s: %s", self._path, exc.strerror)
+            self._fh.close()
+            self._fh = None  # the next record tries to write the whole file again
 
     def unfinished(self) -> list[dict[str, Any]]:
         """Latest updates that are not final: tasks a previous run never finished."""
@@ -209,14 +287,17 @@ class TaskLog:
 
     def close(self) -> None:
         with self._lock:
+            if self._acked and self._fh is not None:
+                self._write(b"", False)
             self._path = None
             if self._fh is not None:
                 self._fh.close()
                 self._fh = None
 
 
-def _trusted(line: bytes) -> tuple[str, bytes] | None:
-    """(task id, stored bytes) of one task-log line, or None when it cannot be trusted."""
+def _trusted(line: bytes) -> tuple[str, bytes, bool] | None:
+    """(task id, stored bytes, final) of one task-log line, or None when it cannot be
+    trusted."""
     try:
         update = json.loads(line)
         if not isinstance(update, dict):
@@ -225,9 +306,25 @@ def _trusted(line: bytes) -> tuple[str, bytes] | None:
         if not isinstance(task_id, str) or not is_task_id(task_id) \
                 or not isinstance(state, str) or state not in AGENT_STATES:
             return None
-        return task_id, canonical_json(_slim(update))
+        return task_id, canonical_json(_slim(update)), state in _FINAL
     except (ValueError, RecursionError, TypeError):  # UnicodeError is a ValueError
         return None
+
+
+def _marks(line: bytes) -> list[str] | None:
+    """The task ids of one `{"delivered": [ids]}` line, or None when it cannot be trusted."""
+    try:
+        ids = json.loads(line).get(MARK)
+    except (ValueError, RecursionError, TypeError, AttributeError):
+        return None
+    if not isinstance(ids, list) or not all(isinstance(i, str) and is_task_id(i) for i in ids):
+        return None
+    return ids
+
+
+def _mark_lines(ids: list[str]) -> bytes:
+    return b"".join(canonical_json({MARK: ids[i:i + MARKS_PER_LINE]}) + b"\n"
+                    for i in range(0, len(ids), MARKS_PER_LINE))
 
 
 def _move_aside(path: str, why: str) -> None:
