@@ -22,6 +22,7 @@ for it (about 23 MiB of RSS and 115 ms here).
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 import re
 import sqlite3
 import threading
@@ -87,7 +88,7 @@ class PgRow:
         return list(self._names)
 
 
-class Database:
+class Database(ABC):
     """One connection guarded by a lock; `write()` is a transaction, `read()` is not."""
 
     kind = "?"
@@ -99,32 +100,39 @@ class Database:
         self._lock = threading.RLock()
 
     # --- what each back end provides --------------------------------------------------
+    @abstractmethod
     def execute(self, sql: str, args: Sequence[Any] = ()) -> Cursor:
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def _begin(self) -> None:
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def _end(self, commit: bool) -> None:
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def schema_version(self) -> int:
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def set_schema_version(self, version: int) -> None:
-        raise NotImplementedError
+        ...
 
-    def notify(self, payload: str) -> None:
+    def notify(self, payload: str) -> None:  # noqa: B027 - a no-op unless a back end needs it
         """Tell the other instances, when this transaction commits (PostgreSQL only)."""
 
+    @abstractmethod
     def close(self) -> None:
-        raise NotImplementedError
+        ...
 
     @property
+    @abstractmethod
     def errors(self) -> tuple[type[BaseException], ...]:
-        raise NotImplementedError
+        ...
 
-    def _healthy(self) -> None:
+    def _healthy(self) -> None:  # noqa: B027 - a no-op unless a back end needs it
         """Reconnect if the connection broke since the last use."""
 
     # --- shared -------------------------------------------------------------------------
@@ -165,7 +173,7 @@ class Database:
                         self.execute(self.ddl(statement))
                 self.set_schema_version(target)
 
-    def _lock_migrations(self) -> None:
+    def _lock_migrations(self) -> None:  # noqa: B027 - a no-op unless a back end needs it
         pass
 
     def ddl(self, statement: str) -> str:
