@@ -26,6 +26,11 @@ def main(argv: list[str]) -> int:
     agents = [Agent(AgentConfig(broker=broker, node=f"{prefix}{i:03d}", grace=5.0,
                                 state_dir=str(Path(directory) / f"{prefix}{i:03d}")))
               for i in range(int(first), int(first) + int(count))]
+    return serve(agents)
+
+
+def serve(agents: list[Agent]) -> int:
+    """Run `agents` on a thread each until SIGTERM, then stop each and let it drain."""
     threads = [threading.Thread(target=a.run, name=a.node, daemon=True) for a in agents]
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())

@@ -12,10 +12,8 @@ from __future__ import annotations
 import json
 import logging
 import os
-import signal
 import subprocess
 import sys
-import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -26,6 +24,7 @@ from edgerun.agent.config import AgentConfig
 from edgerun.agent.core import Agent
 from edgerun.settings import parse_broker_url
 
+from .agent_pool import serve
 from .brokers import ChildProcess, wait_until
 from .mqttkit import ROOT
 
@@ -113,18 +112,7 @@ def main(argv: list[str]) -> int:
                                 state_dir=s["state_dir"], queue_size=s["queue_size"],
                                 parallel=s["parallel"]), sys_root=s["sys_root"])
               for s in specs]
-    threads = [threading.Thread(target=a.run, name=a.node, daemon=True) for a in agents]
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    for thread in threads:
-        thread.start()
-    print("started", flush=True)
-    stop.wait()
-    for agent in agents:
-        agent.stop()
-    for thread in threads:
-        thread.join(30)
-    return 0
+    return serve(agents)
 
 
 if __name__ == "__main__":
