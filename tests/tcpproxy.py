@@ -22,6 +22,9 @@ class TcpProxy:
         self._open: list[socket.socket] = []
         self._closed = False
         self.cuts = 0
+        # while set, every byte is dropped in both directions and the connections stay
+        # open: a stalled broker or a dead link, rather than a cut one
+        self.swallowing = threading.Event()
         self._thread = threading.Thread(target=self._accept, name="tcpproxy", daemon=True)
 
     def __enter__(self) -> TcpProxy:
@@ -74,7 +77,8 @@ class TcpProxy:
     def _pipe(self, src: socket.socket, dst: socket.socket) -> None:
         try:
             while data := src.recv(65536):
-                dst.sendall(data)
+                if not self.swallowing.is_set():
+                    dst.sendall(data)
         except OSError:
             pass
         finally:

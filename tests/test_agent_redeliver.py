@@ -10,37 +10,11 @@ agent and lost on the way, as when a broker stalls right as a task ends.
 from __future__ import annotations
 
 import json
-import socket
-import threading
 from pathlib import Path
 
 from .brokers import Mosquitto, wait_until
 from .mqttkit import AgentProcess, Observer, shell
 from .tcpproxy import TcpProxy
-
-
-class BlackHoleProxy(TcpProxy):
-    """A TcpProxy that, while `swallowing` is set, drops every byte in both directions:
-    the connection stays open, nothing arrives (a stalled broker or a dead link)."""
-
-    def __init__(self, target_port: int) -> None:
-        super().__init__(target_port)
-        self.swallowing = threading.Event()
-
-    def _pipe(self, src: socket.socket, dst: socket.socket) -> None:
-        try:
-            while data := src.recv(65536):
-                if not self.swallowing.is_set():
-                    dst.sendall(data)
-        except OSError:
-            pass
-        finally:
-            for sock in (src, dst):
-                try:
-                    sock.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
-                sock.close()
 
 
 def _logged_state(state_dir: Path, task_id: str) -> str | None:
@@ -60,7 +34,7 @@ def _logged_state(state_dir: Path, task_id: str) -> str | None:
 def test_unacknowledged_final_update_is_sent_again_after_kill(
         mosquitto: Mosquitto, observer: Observer, tmp_path: Path) -> None:
     marker = tmp_path / "ran"
-    with BlackHoleProxy(mosquitto.port) as proxy:
+    with TcpProxy(mosquitto.port) as proxy:
         agent = AgentProcess(proxy.url("mqtt").rstrip("/"), "node-r", tmp_path / "a").start()
         agent.wait_online(observer)
         observer.send("node-r", shell("lost-1", f"sleep 1; echo x >> {marker}; echo done"))
