@@ -70,9 +70,25 @@ class Setup:
                 print(f"  (stopping: {exc})", flush=True)
 
 
+def _pids(setup: Setup, path: str) -> dict[str, list[int]]:
+    """The processes on a path: the load generators (this process: producer and consumer
+    threads), RabbitMQ's VM, and on the bridge path Mosquitto and the bridge."""
+    import os
+    assert setup.rabbit.proc is not None and setup.mosquitto.proc is not None
+    pids = {"load generators": [os.getpid()], "rabbitmq": _beam(setup.rabbit.proc.pid)}
+    if path == "bridge":
+        assert setup.bridge.proc is not None
+        pids["mosquitto"] = [setup.mosquitto.proc.pid]
+        pids["bridge"] = [setup.bridge.proc.pid]
+    return pids
+
+
 def one_run(setup: Setup, path: str, direction: str, count: int, size: int,
-            run: int) -> float:
-    """msg/s from the first publish to the last unique arrival."""
+            run: int, cpu: dict[str, float] | None = None) -> float:
+    """msg/s from the first publish to the last unique arrival; `cpu` gets each process's
+    CPU microseconds per message over the run (set-up and tear-down of clients included)."""
+    pids = _pids(setup, path)
+    before = {k: sum(cpu_s(p) for p in v) for k, v in pids.items()}
     nodes = [f"r{run}n{i}" for i in range(50)]
     amqp = setup.rabbit.url
     if direction == "up":
@@ -102,6 +118,9 @@ def one_run(setup: Setup, path: str, direction: str, count: int, size: int,
     if not ok:
         raise RuntimeError(f"{path} {direction} {size} B: only {sink.unique()}/{count} arrived")
     assert sink.last_at is not None
+    if cpu is not None:
+        for k, v in pids.items():
+            cpu[k] = 1e6 * (sum(cpu_s(p) for p in v) - before[k]) / count
     return count / max(1e-9, sink.last_at - started)
 
 
@@ -187,16 +206,22 @@ def item1(work: Path, runs: int, counts: dict[int, int]) -> dict[str, Any]:
         for size, count in counts.items():
             for direction in ("up", "down"):
                 per: dict[str, list[float]] = {"bridge": [], "plugin": []}
+                cpus: dict[str, list[dict[str, float]]] = {"bridge": [], "plugin": []}
                 for run in range(runs):
                     for path in ("bridge", "plugin"):  # alternate, so drift hits both
+                        used: dict[str, float] = {}
                         per[path].append(one_run(setup, path, direction, count, size,
-                                                 len(rows) * 100 + run))
+                                                 len(rows) * 100 + run, used))
+                        cpus[path].append(used)
                 b, p = median(per["bridge"]), median(per["plugin"])
+                cpu_us = {path: {k: round(median([c[k] for c in cs]), 1) for k in cs[0]}
+                          for path, cs in cpus.items()}
                 rows.append({"size": size, "direction": direction, "count": count,
                              "bridge_runs": per["bridge"], "plugin_runs": per["plugin"],
-                             "bridge_msg_s": b, "plugin_msg_s": p, "ratio": b / p})
+                             "bridge_msg_s": b, "plugin_msg_s": p, "ratio": b / p,
+                             "cpu_us_per_msg": cpu_us})
                 print(f"  item 1: {size} B {direction}: bridge {b:.0f}/s plugin {p:.0f}/s "
-                      f"ratio {b / p:.2f}", flush=True)
+                      f"ratio {b / p:.2f}; CPU us/msg {cpu_us}", flush=True)
         share = share_rows(setup, runs, counts[min(counts)])
     finally:
         setup.stop()
