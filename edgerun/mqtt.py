@@ -42,6 +42,9 @@ log = logging.getLogger(__name__)
 DoneCallback = Callable[[], None]
 READ_AHEAD = 65536  # bytes one recv may take for paho
 MAX_PENDING = 50_000  # QoS>0 publishes handed to paho at once, well under its 65,535 ids
+JOIN_PACKETS = 1000  # queued packets joined into one send at most
+READ_BURST = 1000  # packets handled from bytes already read before the loop polls again
+PUBACK, PUBLISH, DISCONNECT = 0x40, 0x30, 0xE0  # MQTT control packet types (high nibble)
 
 
 @dataclass(frozen=True)
@@ -72,7 +75,8 @@ class MqttConnection:
                  subscriptions: Sequence[tuple[str, int]] = (), clean_session: bool = False,
                  will: Will | None = None, manual_ack: bool = False,
                  tls: TLSFiles | None = None, keepalive: int = 30, max_inflight: int = 100,
-                 backoff_cap: float = 30.0, name: str = "mqtt") -> None:
+                 backoff_cap: float = 30.0, name: str = "mqtt",
+                 on_pass: Callable[[], None] | None = None) -> None:
         self.urls = (url,) if isinstance(url, BrokerURL) else tuple(url)
         if not self.urls:
             raise ConfigError(f"{name}: no broker address")
@@ -81,6 +85,7 @@ class MqttConnection:
         self.client_id, self.name = client_id, name
         self._on_message, self._on_connected = on_message, on_connected
         self._on_disconnected = on_disconnected
+        self._on_pass = on_pass  # after each pass of the loop: a consumer's batch ends there
         self._subscriptions = list(subscriptions)
         self._keepalive, self._backoff_cap = keepalive, backoff_cap
         self._commands: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
@@ -327,21 +332,35 @@ class MqttConnection:
             return "no socket"
         sock_fd = sock.fileno()
         poller.register(sock_fd, select.POLLIN)
-        want_write = False
         # an SSLSocket's bytes already decrypted; not isinstance(sock, ssl.SSLSocket),
         # which would load OpenSSL for a plain mqtt:// agent (edgerun/agent/_lean.py)
         pending = getattr(sock, "pending", None)
+        try:
+            return self._serve_loop(poller, sock_fd, pending)
+        finally:
+            if self._on_pass is not None:
+                self._on_pass()  # what the last pass received is handed on, whatever ended it
+
+    def _serve_loop(self, poller: select.poll, sock_fd: int,
+                    pending: Callable[[], int] | None) -> str:
+        want_write = False
         ok = MQTTErrorCode.MQTT_ERR_SUCCESS
+        on_pass = self._on_pass
         while not self._stop.is_set():
             if self.connected.is_set():
                 self._run_commands()
             if self._client.want_write() != want_write:
                 want_write = not want_write
                 poller.modify(sock_fd, select.POLLIN | (select.POLLOUT if want_write else 0))
-            tls_buffered = self._client.read_ahead() or \
-                (pending is not None and pending() > 0)
-            if tls_buffered and (rc := self._client.loop_read()) != ok:
-                return paho.error_string(rc)
+            for _ in range(READ_BURST):  # paho handles one packet per loop_read: drain
+                tls_buffered = self._client.read_ahead() or \
+                    (pending is not None and pending() > 0)
+                if not tls_buffered:
+                    break
+                if (rc := self._client.loop_read()) != ok:
+                    return paho.error_string(rc)
+            if on_pass is not None:
+                on_pass()  # before the loop may block: what this pass received goes on
             for fd, events in poller.poll(0 if tls_buffered else 1000):
                 if fd == self._wake_r:
                     _drain(self._wake_r)
@@ -451,9 +470,16 @@ class MqttConnection:
 
 
 class _ReadAhead(paho.Client):
-    """paho's Client with a read-ahead buffer: paho reads a packet in three recv calls
-    (its first byte, its length, the rest) and one packet per loop_read; this serves
-    them from one recv of up to READ_AHEAD bytes. The loop reads on while bytes wait."""
+    """paho's Client, cheaper per packet on the paths a busy connection takes:
+    - read-ahead: paho reads a packet in three recv calls (its first byte, its length,
+      the rest) and one packet per loop_read; this serves them from one recv of up to
+      READ_AHEAD bytes. The loop reads on while bytes wait.
+    - one send for what is queued: paho writes each packet with its own send; the
+      packets that need nothing after their write (PUBACKs, QoS>0 PUBLISHes, ...) are
+      joined first, so a window of PUBACKs or publishes leaves in one send.
+    - MQTT 3.1.1 PUBACKs are decoded without MQTT 5 reason-code and property objects,
+      and messages go to on_message without the topic-filter matcher (we add no
+      per-filter callbacks)."""
 
     _ahead = b""
     _at = 0
@@ -475,6 +501,41 @@ class _ReadAhead(paho.Client):
 
     def forget_read_ahead(self) -> None:
         self._ahead, self._at = b"", 0
+
+    def _packet_write(self) -> MQTTErrorCode:
+        out = self._out_packet
+        if len(out) > 1 and _plain(out[0]) and _plain(out[1]):
+            parts: list[bytes | bytearray] = []
+            while out and _plain(out[0]) and len(parts) < JOIN_PACKETS:
+                packet = out.popleft()
+                parts.append(packet["packet"][packet["pos"]:] if packet["pos"]
+                             else packet["packet"])
+            joined = b"".join(parts)
+            out.appendleft({"command": PUBACK, "mid": 0, "qos": 1, "pos": 0,
+                            "to_process": len(joined), "packet": joined, "info": None})
+        return super()._packet_write()
+
+    def _handle_pubackcomp(self, cmd: Any) -> MQTTErrorCode:
+        packet = self._in_packet["packet"]
+        if cmd != "PUBACK" or self._protocol != paho.MQTTv311 or len(packet) != 2:
+            return super()._handle_pubackcomp(cmd)
+        mid = (packet[0] << 8) | packet[1]
+        with self._out_message_mutex:
+            if mid in self._out_messages:  # our on_publish ignores reason and properties
+                return self._do_on_publish(mid, None, None)  # type: ignore[arg-type]
+        return MQTTErrorCode.MQTT_ERR_SUCCESS
+
+    def _handle_on_message(self, message: paho.MQTTMessage) -> None:
+        on_message = self.on_message
+        if on_message is not None:
+            on_message(self, self._userdata, message)
+
+
+def _plain(packet: Any) -> bool:
+    """A queued packet paho does nothing with once written (not a QoS 0 PUBLISH, whose
+    write is its on_publish, nor a DISCONNECT, whose write closes the socket)."""
+    command: int = packet["command"] & 0xF0
+    return command != DISCONNECT and (command != PUBLISH or packet["qos"] > 0)
 
 
 def _nodelay(_client: paho.Client, _userdata: Any, sock: Any) -> None:

@@ -163,14 +163,20 @@ class Pump:
                               f"{message.topic[:200]!r}: QoS 0 budget of this topic or of "
                               "the bridge is full")
             return
-        self._put(message)
+        self._inbox.put(message)  # the AMQP thread is woken once per pass: on_mqtt_pass
 
     def on_mqtt_connected(self, session_present: bool) -> None:
         assert self.mqtt is not None
         self._put(_Session(session_present, self.mqtt.generation))
 
     def _on_puback(self, generation: int, tag: int, route: Route) -> None:
-        self._put(_Puback(generation, tag, route))
+        self._inbox.put(_Puback(generation, tag, route))  # woken by on_mqtt_pass
+
+    def on_mqtt_pass(self) -> None:
+        """The end of a pass of an MQTT loop: one wake-up for what it queued."""
+        if not self._inbox.empty():
+            assert self.link is not None
+            self.link.wake()
 
     def _put(self, item: _Item) -> None:
         self._inbox.put(item)

@@ -58,13 +58,14 @@ class Bridge:
             cfg.mqtt_nodes or (cfg.mqtt,), cfg.client_id, on_message=self.pump.on_mqtt_message,
             on_connected=self.pump.on_mqtt_connected, subscriptions=subscriptions(cfg, False),
             clean_session=False, manual_ack=True, keepalive=cfg.keepalive,
-            max_inflight=cfg.mqtt_inflight, name="bridge-mqtt",
+            max_inflight=cfg.mqtt_inflight, name="bridge-mqtt", on_pass=self.pump.on_mqtt_pass,
             tls=TLSFiles(cfg.ca_file, cfg.cert_file, cfg.key_file))
         live = subscriptions(cfg, True)
         self.live = MqttConnection(
             cfg.mqtt_nodes or (cfg.mqtt,), f"{cfg.client_id}-live",
             on_message=self.pump.on_mqtt_message, subscriptions=live, clean_session=True,
             keepalive=cfg.keepalive, max_inflight=0, name="bridge-mqtt-live",
+            on_pass=self.pump.on_mqtt_pass,
             tls=TLSFiles(cfg.ca_file, cfg.cert_file, cfg.key_file)) if live else None
         self.link = AmqpLink(cfg.amqp_nodes or (cfg.amqp,), topology(cfg), self.pump,
                              heartbeat=cfg.keepalive, name="bridge-amqp",
