@@ -19,7 +19,8 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from bench.common import ROOT, median, mosquitto, percentile
+from bench.common import ROOT, cpu_s, median, mosquitto, percentile
+from bench.scale import _beam_pid
 from edgerun.protocol import Channel, ShellTask, encode
 from edgerun.settings import parse_broker_url
 from edgerun.scheduler.messaging import Incoming, Messenger
@@ -30,14 +31,21 @@ from tests.rabbit import Rabbit
 
 
 class Clock:
+    """Stamps each task at `send` and at the arrival of its final update (on the
+    messenger's thread, which it never blocks for long: the driver waits for a set of
+    tasks and is woken once, when the last of them is in, not at every arrival)."""
+
     def __init__(self, messenger: Messenger) -> None:
         self.messenger = messenger
         self.sent: dict[str, float] = {}
         self.latency: dict[str, float] = {}
         self.failed = 0
+        self.received = 0  # every message the messenger delivered
         self.cond = threading.Condition()
+        self._waiting: set[str] = set()
 
     def deliver(self, msg: Incoming) -> None:
+        self.received += 1
         if msg.channel == Channel.UPDATES:
             try:
                 update = json.loads(msg.payload)
@@ -50,7 +58,10 @@ class Clock:
                     if task_id in self.sent and task_id not in self.latency:
                         self.latency[task_id] = now - self.sent[task_id]
                         self.failed += state != "succeeded"
-                        self.cond.notify_all()
+                        if self._waiting:
+                            self._waiting.discard(task_id)
+                            if not self._waiting:
+                                self.cond.notify_all()
         self.messenger.ack(msg)
 
     def send(self, node: str) -> str:
@@ -63,7 +74,10 @@ class Clock:
 
     def wait(self, ids: list[str], timeout: float) -> bool:
         with self.cond:
-            return self.cond.wait_for(lambda: all(i in self.latency for i in ids), timeout)
+            self._waiting = {i for i in ids if i not in self.latency}
+            done = self.cond.wait_for(lambda: not self._waiting, timeout)
+            self._waiting = set()
+            return done
 
 
 def start_agents(url: str, work: Path, processes: int, per: int) -> list[subprocess.Popen[str]]:
@@ -90,6 +104,65 @@ def stop_agents(procs: list[subprocess.Popen[str]]) -> None:
             proc.kill()
 
 
+def _thread_cpu() -> dict[str, float]:
+    """CPU seconds of each thread of this process, by thread name (summed per name)."""
+    names = {t.native_id: t.name for t in threading.enumerate()}
+    out: dict[str, float] = {}
+    tick = os.sysconf("SC_CLK_TCK")
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{tid}/stat") as fh:
+                fields = fh.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        name = names.get(int(tid), "other")
+        if name.startswith(("Thread-", "rt")):
+            name = "other"
+        out[name] = out.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / tick
+    return out
+
+
+def cpu_with_children_s(pid: int) -> float:
+    """CPU seconds of a process and of its children it has waited for (an agent and the
+    `true` processes it ran)."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            fields = fh.read().rsplit(")", 1)[1].split()
+        return sum(int(f) for f in fields[11:15]) / os.sysconf("SC_CLK_TCK")
+    except OSError:
+        return 0.0
+
+
+class CpuMeter:
+    """CPU seconds used by each watched process (and each thread of this one) between
+    `start` and `stop`: what each part of the round trip costs per task."""
+
+    def __init__(self, watch: dict[str, list[int]]) -> None:
+        self.watch = watch
+        self._before: dict[str, float] = {}
+
+    def _now(self) -> dict[str, float]:
+        now = {name: sum(cpu_s(pid) for pid in pids) for name, pids in self.watch.items()}
+        if "agents" in self.watch:  # with the commands they ran
+            now["agents"] = sum(cpu_with_children_s(pid) for pid in self.watch["agents"])
+        now.update({f"bench:{name}": v for name, v in _thread_cpu().items()})
+        return now
+
+    def start(self) -> None:
+        self._before = self._now()
+        self._t0 = time.monotonic()
+
+    def stop(self, tasks: int) -> dict[str, Any]:
+        after, elapsed = self._now(), time.monotonic() - self._t0
+        used = {k: after.get(k, 0.0) - self._before.get(k, 0.0) for k in after}
+        used = {k: v for k, v in used.items() if v > 0}
+        total = sum(used.values())
+        return {"seconds": elapsed, "tasks": tasks, "cpu_s": used, "cpu_total_s": total,
+                "cores_used": total / max(1e-9, elapsed),
+                "cpu_ms_per_task": {k: 1000 * v / max(1, tasks) for k, v in used.items()},
+                "cpu_ms_per_task_total": 1000 * total / max(1, tasks)}
+
+
 def summary(values: list[float]) -> dict[str, float]:
     ms = [v * 1000 for v in values]
     return {"n": len(ms), "p50_ms": percentile(ms, 50), "p95_ms": percentile(ms, 95),
@@ -97,7 +170,7 @@ def summary(values: list[float]) -> dict[str, float]:
 
 
 def measure(clock: Clock, nodes: list[str], light: int, rate: float,
-            seconds: float) -> dict[str, Any]:
+            seconds: float, meter: CpuMeter | None = None) -> dict[str, Any]:
     # light load: one task at a time
     light_ids = []
     for i in range(light):
@@ -108,6 +181,9 @@ def measure(clock: Clock, nodes: list[str], light: int, rate: float,
     # steady rate, open loop
     total = int(rate * seconds)
     ids: list[str] = []
+    if meter is not None:
+        meter.start()
+    received = clock.received
     started = time.monotonic()
     for i in range(total):
         due = started + i / rate
@@ -117,6 +193,7 @@ def measure(clock: Clock, nodes: list[str], light: int, rate: float,
         ids.append(clock.send(nodes[i % len(nodes)]))
     send_s = time.monotonic() - started
     done = clock.wait(ids, 120)
+    cpu = meter.stop(len(ids)) if meter is not None else None
     loaded = [clock.latency[i] for i in ids if i in clock.latency]
     finished = max((clock.sent[i] + clock.latency[i] for i in ids if i in clock.latency),
                    default=started)
@@ -125,7 +202,9 @@ def measure(clock: Clock, nodes: list[str], light: int, rate: float,
             "loaded": {**summary(loaded), "target_rate": rate, "offered_rate": total / send_s,
                        "completed_rate": len(loaded) / max(1e-9, finished - started),
                        "all_done": done, "failed": clock.failed,
-                       "runs_ms_sample": [v * 1000 for v in loaded[:: max(1, len(loaded) // 500)]]}}
+                       "messages_per_task": (clock.received - received) / max(1, total),
+                       "runs_ms_sample": [v * 1000 for v in loaded[:: max(1, len(loaded) // 500)]],
+                       "cpu": cpu}}
 
 
 def item2(work: Path, light: int, rate: float, seconds: float, processes: int,
@@ -144,7 +223,9 @@ def item2(work: Path, light: int, rate: float, seconds: float, processes: int,
         clock = Clock(direct)
         direct.start(clock.deliver)
         assert direct.connected.wait(10)
-        out["direct"] = measure(clock, nodes, light, rate, seconds)
+        assert broker.proc is not None and rabbit.proc is not None
+        watch = {"agents": [p.pid for p in procs], "mosquitto": [broker.proc.pid]}
+        out["direct"] = measure(clock, nodes, light, rate, seconds, CpuMeter(watch))
         direct.stop()
         print(f"  item 2: direct {_line(out['direct'])}", flush=True)
         bridge = BridgeProcess(broker.url, rabbit.url, work / "bridge").start()
@@ -154,7 +235,9 @@ def item2(work: Path, light: int, rate: float, seconds: float, processes: int,
         clock = Clock(via)
         via.start(clock.deliver)
         assert via.connected.wait(10)
-        out["bridge"] = measure(clock, nodes, light, rate, seconds)
+        assert bridge.proc is not None
+        watch.update({"bridge": [bridge.proc.pid], "rabbitmq": [_beam_pid(rabbit.proc.pid)]})
+        out["bridge"] = measure(clock, nodes, light, rate, seconds, CpuMeter(watch))
         via.stop()
         print(f"  item 2: bridge {_line(out['bridge'])}", flush=True)
     finally:
@@ -168,9 +251,16 @@ def item2(work: Path, light: int, rate: float, seconds: float, processes: int,
 
 def _line(r: dict[str, Any]) -> str:
     light, loaded = r["light"], r["loaded"]
-    return (f"light p50 {light['p50_ms']:.1f} p99 {light['p99_ms']:.1f} ms; "
+    line = (f"light p50 {light['p50_ms']:.1f} p99 {light['p99_ms']:.1f} ms; "
             f"{loaded['target_rate']:.0f}/s: p50 {loaded['p50_ms']:.1f} p99 "
             f"{loaded['p99_ms']:.1f} ms, completed {loaded['completed_rate']:.0f}/s")
+    cpu = loaded.get("cpu")
+    if cpu:
+        parts = ", ".join(f"{k} {v:.2f}" for k, v in sorted(
+            cpu["cpu_ms_per_task"].items(), key=lambda kv: -kv[1]) if v >= 0.01)
+        line += (f"\n    CPU ms per task {cpu['cpu_ms_per_task_total']:.2f} "
+                 f"({cpu['cores_used']:.2f} cores): {parts}")
+    return line
 
 
 __all__ = ["item2", "median"]
