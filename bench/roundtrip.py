@@ -1,6 +1,9 @@
 """Item 2: task round trip, dispatch -> `succeeded`, for `true` on real agents.
 
-Real `edgerun.agent.core.Agent`s (tests/agent_pool.py, several processes) run `true`.
+Real `edgerun.agent.core.Agent`s (tests/agent_pool.py) run `true`, one agent per
+process as on real nodes (bench/run.py): 25 agents sharing one interpreter contend
+for its GIL, which cost the agents about 1.3x the CPU per task, and the brokers, the
+bridge and the messenger up to 2x (messages trickle in one at a time).
 Tasks go out through the scheduler's own messaging layer (MqttMessenger in
 direct mode, AmqpMessenger through the bridge); the clock runs from `send()` to
 the arrival of the `succeeded` update at the messenger's callback.
