@@ -43,6 +43,9 @@ for group in "$@"; do
                 problems+=("/usr/bin/python3 cannot create a venv: apt-get install python3-venv")
             fi
             need_cmd patchelf patchelf
+            # images/binary/unpack.c, linked against zlib
+            need_cmd gcc gcc
+            need_file /usr/include/zlib.h zlib1g-dev
             need_cmd objcopy binutils
             need_cmd strip binutils
             need_cmd ldd libc-bin

@@ -1,0 +1,81 @@
+"""PyInstaller runtime hook: unpack OpenSSL when `_ssl` or `_hashlib` is first imported.
+
+The static agent (images/binary/staticx_onedir.py) keeps what only TLS and
+hashing need (libssl, libcrypto, `_ssl`, `_hashlib`, certifi's CA bundle: 6 MB)
+in `edgerun-agent.xpack`, xz-compressed, instead of unpacking it at every start:
+a plain mqtt:// agent loads none of it until its first download or signed task,
+and xz would spend 0.09 s on it. This finder unpacks the pack into the folder
+the first time either module is looked for, then lets the ordinary finders load
+it. A folder without the pack (the discovery image's copy) is left alone.
+"""
+
+import os
+import struct
+import sys
+import threading
+
+_PACK = "edgerun-agent.xpack"
+_MAGIC = b"ERXPACK1"
+_TRIGGERS = frozenset({"_ssl", "_hashlib"})
+
+
+def _unpack(folder: str, pack: str) -> None:
+    import importlib
+
+    # the C part only: the agent leaves `lzma` out, or shutil would load liblzma at start
+    import _lzma
+
+    decompressor = _lzma.LZMADecompressor(_lzma.FORMAT_XZ)
+    with open(pack, "rb") as fh:
+        data = decompressor.decompress(fh.read())
+    if not decompressor.eof:
+        raise ImportError(f"{pack}: truncated")
+    if not data.startswith(_MAGIC):
+        raise ImportError(f"{pack}: not a pack")
+    at = len(_MAGIC)
+    while True:
+        name_len, mode, size, stored = struct.unpack_from("<IIQQ", data, at)
+        at += 24
+        if name_len == 0:
+            break
+        name = data[at:at + name_len].decode()
+        at += name_len
+        if size != stored or name.startswith("/") or ".." in name or at + size > len(data):
+            raise ImportError(f"{pack}: corrupt member {name!r}")
+        path = os.path.join(folder, name)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        part = f"{path}.part"
+        fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
+        with os.fdopen(fd, "wb") as out:
+            out.write(data[at:at + size])
+        os.replace(part, path)
+        at += size
+    os.unlink(pack)
+    importlib.invalidate_caches()  # the lib-dynload directory has new files
+
+
+def _install() -> None:
+    meipass = getattr(sys, "_MEIPASS", None)
+    if not isinstance(meipass, str) or not os.path.exists(os.path.join(meipass, _PACK)):
+        return
+    folder, pack = meipass, os.path.join(meipass, _PACK)
+    lock = threading.Lock()
+
+    class _UnpackFirst:
+        @staticmethod
+        def find_spec(name: str, path: object = None, target: object = None) -> None:
+            if name in _TRIGGERS:
+                with lock:
+                    if os.path.exists(pack):
+                        try:
+                            _unpack(folder, pack)
+                        except ImportError:
+                            raise
+                        except Exception as exc:  # a disk full, a bad pack
+                            raise ImportError(f"cannot unpack {pack}: {exc}") from exc
+            return None  # the ordinary finders load it (it stays: meta_path is being iterated)
+
+    sys.meta_path.insert(0, _UnpackFirst)
+
+
+_install()
