@@ -349,9 +349,6 @@ class MqttConnection:
         while not self._stop.is_set():
             if self.connected.is_set():
                 self._run_commands()
-            if self._client.want_write() != want_write:
-                want_write = not want_write
-                poller.modify(sock_fd, select.POLLIN | (select.POLLOUT if want_write else 0))
             for _ in range(READ_BURST):  # paho handles one packet per loop_read: drain
                 tls_buffered = self._client.read_ahead() or \
                     (pending is not None and pending() > 0)
@@ -361,6 +358,10 @@ class MqttConnection:
                     return paho.error_string(rc)
             if on_pass is not None:
                 on_pass()  # before the loop may block: what this pass received goes on
+            # after the reads: a PUBACK read may have released publishes to write
+            if self._client.want_write() != want_write:
+                want_write = not want_write
+                poller.modify(sock_fd, select.POLLIN | (select.POLLOUT if want_write else 0))
             for fd, events in poller.poll(0 if tls_buffered else 1000):
                 if fd == self._wake_r:
                     _drain(self._wake_r)

@@ -143,6 +143,7 @@ class Pump:
         self.to_mqtt_in_flight = 0
         self.draining = False
         self._paused = False  # after a nack, publishing waits a moment instead of spinning
+        self._after_confirms = False  # _confirmed is due at the end of this loop pass
         self.progress = threading.Event()  # set whenever something in flight settles
         self._props = {r.name: pika.BasicProperties(
             content_type=r.content_type, delivery_mode=2 if r.persistent else None)
@@ -215,6 +216,7 @@ class Pump:
         self._outstanding.clear()  # RabbitMQ requeued them; the PUBACKs are just counted
         self._done_behind.clear()
         self._paused = False  # its timer died with the connection
+        self._after_confirms = False  # so did the call of _confirmed
         self.progress.set()
 
     def on_wake(self) -> None:
@@ -257,8 +259,15 @@ class Pump:
                 item.job.remaining -= 1
                 if item.job.remaining == 0:
                     self._finish(item.job)
-            self._send_pubacks()
         self.progress.set()
+        if not self._after_confirms:  # once after this read's confirms, not at each one
+            self._after_confirms = True
+            assert self.link is not None
+            self.link.soon(self._confirmed)
+
+    def _confirmed(self) -> None:
+        self._after_confirms = False
+        self._send_pubacks()
         self._publish_backlog()
 
     def on_delivery(self, queue: QueueSpec, tag: int, routing_key: str, body: bytes) -> None:
