@@ -54,28 +54,33 @@ def _unpack(folder: str, pack: str) -> None:
     importlib.invalidate_caches()  # the lib-dynload directory has new files
 
 
+class UnpackFirst:
+    """A meta path finder that unpacks the folder's pack when a trigger module is first
+    looked for, then lets the ordinary finders load it (it finds nothing itself)."""
+
+    def __init__(self, folder: str) -> None:
+        self.folder = folder
+        self.pack = os.path.join(folder, _PACK)
+        self.lock = threading.Lock()
+
+    def find_spec(self, name: str, path: object = None, target: object = None) -> None:
+        if name in _TRIGGERS:
+            with self.lock:
+                if os.path.exists(self.pack):
+                    try:
+                        _unpack(self.folder, self.pack)
+                    except ImportError:
+                        raise
+                    except Exception as exc:  # a disk full, a bad pack
+                        raise ImportError(f"cannot unpack {self.pack}: {exc}") from exc
+        # It stays in sys.meta_path: removing it while the import system iterates that
+        # list would skip the next finder.
+
+
 def _install() -> None:
     meipass = getattr(sys, "_MEIPASS", None)
-    if not isinstance(meipass, str) or not os.path.exists(os.path.join(meipass, _PACK)):
-        return
-    folder, pack = meipass, os.path.join(meipass, _PACK)
-    lock = threading.Lock()
-
-    class _UnpackFirst:
-        @staticmethod
-        def find_spec(name: str, path: object = None, target: object = None) -> None:
-            if name in _TRIGGERS:
-                with lock:
-                    if os.path.exists(pack):
-                        try:
-                            _unpack(folder, pack)
-                        except ImportError:
-                            raise
-                        except Exception as exc:  # a disk full, a bad pack
-                            raise ImportError(f"cannot unpack {pack}: {exc}") from exc
-            return None  # the ordinary finders load it (it stays: meta_path is being iterated)
-
-    sys.meta_path.insert(0, _UnpackFirst)
+    if isinstance(meipass, str) and os.path.exists(os.path.join(meipass, _PACK)):
+        sys.meta_path.insert(0, UnpackFirst(meipass))
 
 
 _install()

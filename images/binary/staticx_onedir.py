@@ -43,8 +43,7 @@ import sys
 import tempfile
 import zlib
 
-from staticx.api import StaticxGenerator  # type: ignore[import-untyped,import-not-found,unused-ignore]
-from staticx.elf import get_shobj_deps, is_dynamic_elf  # type: ignore[import-untyped,import-not-found,unused-ignore]
+from typing import Any
 
 PROGRAM = "edgerun-agent"
 ZPACK = "edgerun-agent.zpack"  # the names unpack.c and rth_tls.py look for
@@ -52,6 +51,15 @@ XPACK = "edgerun-agent.xpack"
 # Loaded only by `import _ssl` / `import _hashlib` (rth_tls.py unpacks them then).
 DEFERRED = ("libssl.so*", "libcrypto.so*", "python3.*/lib-dynload/_ssl.*",
             "python3.*/lib-dynload/_hashlib.*", "certifi/cacert.pem")
+
+
+def _staticx() -> Any:
+    """staticx's API and ELF helpers (imported here: the tests load this module for
+    write_packs from a venv without staticx)."""
+    import staticx.api  # type: ignore[import-untyped,import-not-found,unused-ignore]
+    import staticx.elf  # type: ignore[import-untyped,import-not-found,unused-ignore]
+
+    return staticx
 
 
 def deferred(name: str) -> bool:
@@ -104,11 +112,12 @@ def write_packs(folder: str, names: list[str], zpack: str, xpack: str) -> None:
 
 def check_deferred_unused_at_start(folder: str, names: list[str]) -> None:
     """No library needed at start may need a deferred one (it would not load)."""
+    elf = _staticx().elf
     for name in names:
         path = os.path.join(folder, name)
-        if deferred(name) or not is_dynamic_elf(path):
+        if deferred(name) or not elf.is_dynamic_elf(path):
             continue
-        for dep in get_shobj_deps(path):
+        for dep in elf.get_shobj_deps(path):
             if deferred(os.path.basename(dep)):
                 raise SystemExit(f"staticx_onedir.py: {name} needs {dep}, which is deferred")
 
@@ -124,6 +133,8 @@ def files_of(folder: str) -> list[str]:
 
 
 def build(folder: str, output: str, unpacker: str | None) -> None:
+    staticx = _staticx()
+    get_shobj_deps, is_dynamic_elf = staticx.elf.get_shobj_deps, staticx.elf.is_dynamic_elf
     program = os.path.join(folder, PROGRAM)
     bundled = set(os.listdir(folder))
     names = files_of(folder)
@@ -142,7 +153,7 @@ def build(folder: str, output: str, unpacker: str | None) -> None:
             os.environ["LD_LIBRARY_PATH"] = work
         # staticx adds the bootloader's own libraries (libz.so.1, say) itself
         own = {os.path.basename(dep) for dep in get_shobj_deps(program)}
-        with StaticxGenerator(prog=program, strip=unpacker is None,
+        with staticx.api.StaticxGenerator(prog=program, strip=unpacker is None,
                               compress=unpacker is not None) as gen:
             if unpacker:
                 packed = [n for n in names if n not in own]  # staticx adds those
