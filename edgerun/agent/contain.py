@@ -2,11 +2,22 @@
 
 The agent makes itself a child subreaper (prctl), so a process that leaves its
 task's session or double-forks is reparented to the agent, not to init. Where
-a cgroup v2 hierarchy is writable, every task gets a cgroup of its own under
-`<agent's cgroup>/edgerun-<key>/t-<task id>`: the agent moves itself into that
-cgroup for the instant of the fork, so the command is born inside it (no window
-in which it could fork before being moved), then moves itself back. Killing a
-task is then `cgroup.kill`, which no fork can outrun.
+a cgroup v2 hierarchy is writable, every task gets a cgroup of its own, and the
+command is born inside it (no window in which it could fork before being moved):
+
+- threaded (the usual case): at start the agent's process moves once into
+  `<agent's cgroup>/edgerun`, the root of a threaded subtree; each task's cgroup
+  `edgerun/edgerun-<key>/t-<task id>` is a threaded cgroup in it. For the instant
+  of the fork the spawning *thread* moves itself there (writing 0 to
+  `cgroup.threads`) and back. A thread moving itself skips the kernel's
+  cgroup_threadgroup_rwsem, whose write side waits for an RCU grace period
+  whenever no migration happened lately (measured: 11 ms for a process moving
+  after a pause, 0.04 ms for a thread moving itself), and no other thread of the
+  agent is held up. Threaded cgroups have no `cgroup.kill`: a task is frozen
+  (`cgroup.freeze`, so nothing in it forks any more) and each process killed.
+- whole process (kernels or hierarchies without threaded cgroups): the task's
+  cgroup is `<agent's cgroup>/edgerun-<key>/t-<task id>`; the whole agent process
+  moves into it for the fork and back; a task is killed with `cgroup.kill`.
 
 Without cgroups (or as a second net) every process of a task carries
 `EDGERUN_TASK=<key>/<task id>` in its environment; the agent finds the task's
@@ -42,6 +53,9 @@ _T = TypeVar("_T")
 # may hold several agents (tests/agent_pool.py) whose reaps must spare each other's children.
 _LOCK = threading.Lock()
 _KNOWN: dict[int, str] = {}  # pids of commands a worker waits for -> marker
+_SPAWNING = [0]  # forks under way whose pid is not in _KNOWN yet (reap() waits for them)
+THREAD_ROOT = "edgerun"  # the threaded subtree's root, in the agent's own cgroup
+_ROOT: list[str | None] = []  # this process's thread root, once tried (empty: not yet)
 
 
 def make_key(node: str, state_dir: str | None) -> str:
@@ -112,6 +126,56 @@ def _read(path: str) -> bytes:
         return fh.read()
 
 
+def _make_threaded(path: str) -> None:
+    """Create `path` as a threaded cgroup (a new child in a threaded subtree starts as
+    `domain invalid`)."""
+    os.makedirs(path, exist_ok=True)
+    if _read(os.path.join(path, "cgroup.type")).strip() != b"threaded":
+        _write(os.path.join(path, "cgroup.type"), b"threaded")
+
+
+def _thread_root(base: str, key_dir: str) -> str | None:
+    """Make `key_dir` (under `base`/edgerun) a threaded cgroup and move this process into
+    that thread root, once per process (agents sharing a process share it); None where
+    the hierarchy has no threaded cgroups or refuses them."""
+    with _LOCK:
+        if not _ROOT:
+            root = base if os.path.basename(base) == THREAD_ROOT else \
+                os.path.join(base, THREAD_ROOT)
+            made = not os.path.isdir(root)
+            try:
+                os.makedirs(root, exist_ok=True)
+                _make_threaded(key_dir)  # before the move: a refusal leaves nothing behind
+                if root != base:
+                    _write(os.path.join(root, "cgroup.procs"), str(os.getpid()).encode())
+                _ROOT.append(root)
+            except OSError as exc:
+                log.info("no threaded cgroups in %s (%s); the agent moves as a whole for "
+                         "each fork", base, exc.strerror)
+                _ROOT.append(None)
+                for path in (key_dir, root) if made else (key_dir,):
+                    try:
+                        os.rmdir(path)
+                    except OSError:
+                        pass
+        found = _ROOT[0]
+    if found is not None and os.path.dirname(key_dir) == found:
+        _make_threaded(key_dir)
+        return found
+    return None
+
+
+def _tgid(tid: int) -> int:
+    """The process of a thread (threaded cgroups list threads); the tid when it is gone."""
+    try:
+        for line in _read(f"/proc/{tid}/status").splitlines():
+            if line.startswith(b"Tgid:"):
+                return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return tid
+
+
 def _stat(pid: int) -> tuple[int, bytes] | None:
     """(parent pid, state letter) of a process, or None when it is gone."""
     try:
@@ -160,22 +224,41 @@ class Containment:
         self.subreaper = set_subreaper() if subreaper else False
         self.cgroup_dir: str | None = None
         self._home: str | None = None
+        self.threaded = False  # the spawning thread, not the process, moves for a fork
+        self._legacy: str | None = None  # where a whole-process agent kept its task cgroups
         base = cgroup_base() if cgroups else None
         if base is not None:
-            path = os.path.join(base, f"edgerun-{key}")
-            try:
-                os.makedirs(path, exist_ok=True)
-                self.cgroup_dir, self._home = path, base
-            except OSError as exc:
-                log.info("cannot create the cgroup %s (%s); tasks are tracked through /proc",
-                         path, exc.strerror)
-        self._can_kill = bool(self.cgroup_dir) and os.path.exists(
+            self._setup(base, key)
+        self._can_kill = bool(self.cgroup_dir) and not self.threaded and os.path.exists(
             os.path.join(self.cgroup_dir or "", "cgroup.kill"))
+
+    def _setup(self, base: str, key: str) -> None:
+        name = f"edgerun-{key}"
+        top = os.path.dirname(base) if os.path.basename(base) == THREAD_ROOT else base
+        threaded = os.path.join(top, THREAD_ROOT, name)
+        try:
+            root = _thread_root(base, threaded)
+        except OSError as exc:
+            log.info("cannot create the cgroup %s (%s)", threaded, exc.strerror)
+            root = None
+        if root is not None:
+            self.cgroup_dir, self._home, self.threaded = threaded, root, True
+            legacy = os.path.join(top, name)
+            self._legacy = legacy if os.path.isdir(legacy) else None
+            return
+        path = os.path.join(base, name)
+        try:
+            os.makedirs(path, exist_ok=True)
+            self.cgroup_dir, self._home = path, base
+        except OSError as exc:
+            log.info("cannot create the cgroup %s (%s); tasks are tracked through /proc",
+                     path, exc.strerror)
 
     @property
     def mode(self) -> str:
-        return "cgroup v2" if self.cgroup_dir else \
-            ("subreaper + /proc" if self.subreaper else "/proc")
+        if self.cgroup_dir:
+            return "cgroup v2 (threaded)" if self.threaded else "cgroup v2"
+        return "subreaper + /proc" if self.subreaper else "/proc"
 
     def env(self, task_id: str) -> dict[str, str]:
         return {MARKER: f"{self.key}/{task_id}"}
@@ -185,6 +268,8 @@ class Containment:
             tuple[_T, Jail]:
         """Run `start` (which forks the command) so that the child is born in the task's
         cgroup; returns what it returned and the task's Jail."""
+        if self.threaded:
+            return self._spawn_threaded(task_id, start, pid_of)
         jail = Jail(task_id)
         with self._lock:
             if self.cgroup_dir is not None and self._home is not None:
@@ -209,14 +294,52 @@ class Containment:
             self._known[jail.pid] = f"{self.key}/{task_id}"
         return result, jail
 
+    def _spawn_threaded(self, task_id: str, start: Callable[[], _T],
+                        pid_of: Callable[[_T], int]) -> tuple[_T, Jail]:
+        """The calling thread alone moves into the task's cgroup for the fork: no lock
+        shared with other workers, no wait for the kernel's threadgroup rwsem."""
+        jail = Jail(task_id)
+        if self.cgroup_dir is not None:
+            path = os.path.join(self.cgroup_dir, f"t-{task_id}")
+            try:
+                _make_threaded(path)
+                _write(os.path.join(path, "cgroup.threads"), b"0")
+                jail.cgroup = path
+            except OSError as exc:
+                log.warning("task %s: cannot use the cgroup %s (%s); tracking it "
+                            "through /proc", task_id, path, exc.strerror)
+        with self._lock:
+            _SPAWNING[0] += 1
+        try:
+            try:
+                result = start()
+            finally:
+                if jail.cgroup is not None:
+                    self._go_home()
+        except BaseException:
+            with self._lock:
+                _SPAWNING[0] -= 1
+                if jail.cgroup is not None:
+                    self._empty.append(jail.cgroup)  # removed by tidy()
+            raise
+        jail.pid = pid_of(result)
+        with self._lock:
+            self._known[jail.pid] = f"{self.key}/{task_id}"
+            _SPAWNING[0] -= 1
+        return result, jail
+
     def _go_home(self) -> None:
         assert self._home is not None
         try:
-            _write(os.path.join(self._home, "cgroup.procs"), str(self.me).encode())
+            if self.threaded:
+                _write(os.path.join(self._home, "cgroup.threads"), b"0")
+            else:
+                _write(os.path.join(self._home, "cgroup.procs"), str(self.me).encode())
         except OSError as exc:  # never kill a cgroup the agent may still be in
             log.error("cannot move the agent back to its cgroup (%s); per-task cgroups are "
                       "off from now on", exc.strerror)
             self.cgroup_dir = None
+            self.threaded = False
 
     # --- finding and signalling a task's processes ------------------------------------
     def _table(self) -> dict[int, int]:
@@ -266,9 +389,26 @@ class Containment:
         for here, _dirs, _files in os.walk(path):
             try:
                 pids.update(int(p) for p in _read(os.path.join(here, "cgroup.procs")).split())
+                continue
+            except ValueError:
+                continue
+            except OSError as exc:  # a threaded cgroup lists threads only
+                if exc.errno != errno.EOPNOTSUPP:
+                    continue
+            try:
+                pids.update(_tgid(int(t)) for t in
+                            _read(os.path.join(here, "cgroup.threads")).split())
             except (OSError, ValueError):
                 pass
         return pids
+
+    def _freeze(self, path: str) -> None:
+        """Stop every process of a threaded task cgroup (none forks any more); SIGKILL
+        still ends a frozen process. Never the cgroup a thread of the agent is in."""
+        try:
+            _write(os.path.join(path, "cgroup.freeze"), b"1")
+        except OSError:
+            pass
 
     def _populated(self, path: str) -> bool:
         try:
@@ -321,6 +461,8 @@ class Containment:
 
     def _kill_all(self, jail: Jail) -> int:
         total = 0
+        if jail.cgroup is not None and self.threaded:
+            self._freeze(jail.cgroup)  # no cgroup.kill here: nothing may fork meanwhile
         for _ in range(100):  # a fork storm can refill between passes; cgroup.kill cannot
             count = self.signal(jail, signal.SIGKILL)
             total += count
@@ -331,39 +473,42 @@ class Containment:
 
     def reap(self) -> None:
         """Collect exit statuses of orphans that died (zombies reparented to the agent)."""
-        with self._lock:
+        with self._lock:  # the whole pass: a command forked meanwhile is not an orphan
+            if _SPAWNING[0]:
+                return  # its pid is not known yet; the next reap collects the orphans
             known = set(self._known)
-        for pid in _pids():
-            found = _stat(pid)
-            if found is not None and found[0] == self.me and pid not in known \
-                    and found[1] in (b"Z", b"X"):
-                try:
-                    os.waitpid(pid, os.WNOHANG)
-                except ChildProcessError:
-                    pass
+            for pid in _pids():
+                found = _stat(pid)
+                if found is not None and found[0] == self.me and pid not in known \
+                        and found[1] in (b"Z", b"X"):
+                    try:
+                        os.waitpid(pid, os.WNOHANG)
+                    except ChildProcessError:
+                        pass
 
     # --- after a restart -----------------------------------------------------------
     def sweep(self) -> dict[str, int]:
         """Kill what tasks of an earlier run of this agent left; returns task id -> count."""
         counts: dict[str, int] = {}
         victims: list[int] = []
-        if self.cgroup_dir is not None:
+        key_dirs = [d for d in (self.cgroup_dir, self._legacy) if d is not None]
+        for key_dir in key_dirs:
             try:
-                names = os.listdir(self.cgroup_dir)
+                names = os.listdir(key_dir)
             except OSError:
                 names = []
             for name in names:
-                path = os.path.join(self.cgroup_dir, name)
+                path = os.path.join(key_dir, name)
                 if not name.startswith("t-") or not os.path.isdir(path):
                     continue
+                self._freeze(path)  # cgroup.kill where there is one, else one by one
                 pids = self._cgroup_pids(path) - {self.me}
                 counts[name[2:]] = counts.get(name[2:], 0) + len(pids)
                 victims.extend(pids)
-                if self._can_kill:
-                    try:
-                        _write(os.path.join(path, "cgroup.kill"), b"1")
-                    except OSError:
-                        pass
+                try:
+                    _write(os.path.join(path, "cgroup.kill"), b"1")
+                except OSError:
+                    pass
         prefix = f"{self.key}/"
         for pid in _pids():
             if pid == self.me or pid in victims:
@@ -381,14 +526,17 @@ class Containment:
                 _kill(pid, signal.SIGKILL)
             time.sleep(0.01)
         self.reap()
-        if self.cgroup_dir is not None:
+        for key_dir in key_dirs:
             try:
-                names = os.listdir(self.cgroup_dir)
+                names = os.listdir(key_dir)
             except OSError:
                 names = []
             for name in names:
                 if name.startswith("t-"):
-                    _rmdir_soon(os.path.join(self.cgroup_dir, name))
+                    _rmdir_soon(os.path.join(key_dir, name))
+        if self._legacy is not None:
+            _rmdir_soon(self._legacy)
+            self._legacy = None
         return {task: n for task, n in counts.items() if n}
 
     def close(self) -> None:
