@@ -35,6 +35,7 @@ from edgerun.protocol import (
 )
 from edgerun.settings import BrokerURL, TLSFiles
 
+from .acks import DeliveryAcks
 from .base import Incoming, Messenger, OnDone
 
 log = logging.getLogger(__name__)
@@ -76,6 +77,7 @@ class AmqpMessenger(Messenger):
         self._inbox: SimpleQueue[_Publish | _Ack] = SimpleQueue()
         self._backlog: deque[_Publish] = deque()  # link thread only
         self._unconfirmed: ConfirmTracker[_Publish] = ConfirmTracker()
+        self._acks = DeliveryAcks()  # link thread only
         self._paused = False
         self._outstanding = 0  # publishes queued and not yet confirmed, under _count_lock
         self._count_lock = threading.Lock()
@@ -141,6 +143,7 @@ class AmqpMessenger(Messenger):
 
     # --- the link thread: edgerun.amqp.Handler ------------------------------------------
     def on_ready(self) -> None:
+        self._acks.reset()  # a new channel numbers its deliveries from 1
         self.connected.set()
         # ask the bridges to have the MQTT broker re-send every retained status
         # (edgerun/bridge/resync.py): this scheduler may have missed them
@@ -151,6 +154,7 @@ class AmqpMessenger(Messenger):
     def on_lost(self) -> None:
         """The channel died: what it did not confirm goes out again on the next one."""
         self.connected.clear()
+        self._acks.reset()  # RabbitMQ requeues what the lost channel had delivered
         self._backlog.extendleft(reversed(self._unconfirmed.reset()))
         self._paused = False  # its timer died with the connection
 
@@ -163,9 +167,21 @@ class AmqpMessenger(Messenger):
                 break
             if isinstance(item, _Publish):
                 self._backlog.append(item)
-            elif item.generation == generation:
-                self.link.ack(item.tag)  # else: that channel is gone, the message redelivered
+            elif item.generation != generation:
+                pass  # that channel is gone, the message redelivered
+            elif not self._acks.acked(item.tag):
+                log.debug("ignored a second ack of delivery %d", item.tag)
+        self._send_acks()
         self._publish_backlog()
+
+    def _send_acks(self) -> None:
+        """The acks the service made since the last wake-up, in as few frames as can be:
+        one `multiple` ack for the oldest run, single ones past a message still open."""
+        upto, singles = self._acks.settle()
+        if upto is not None:
+            self.link.ack(upto, multiple=True)
+        for tag in singles:
+            self.link.ack(tag)
 
     def on_confirm(self, tag: int, multiple: bool, ok: bool) -> None:
         settled = self._unconfirmed.settle(tag, multiple)
@@ -196,6 +212,8 @@ class AmqpMessenger(Messenger):
                 self.link.ack(tag)
             return
         node, channel = parsed
+        if not auto:
+            self._acks.delivered(tag)
         self._deliver(Incoming(node, channel, body,
                                (self.link.generation, None if auto else tag)))
 
