@@ -14,23 +14,24 @@ route to every scheduler queue; the store makes recording one twice harmless.
 
 Requests within `min_interval` seconds of the last re-sync are folded into one, so
 several schedulers starting at once (or a restart loop) cost one pass. The control
-connection is a small pika connection of its own on its own thread; the consumer
-callback only sets a flag, and the thread asks the MQTT connection (whose own thread
-does the work) to subscribe.
+connection is an `AmqpLink` (edgerun/amqp.py) of its own, with its own thread and
+back-off; on that thread a request asks the MQTT connection (whose own thread does the
+work) to subscribe, which only queues a command and never blocks.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import threading
 import time
 import uuid
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from edgerun.backoff import Backoff
 from edgerun.settings import BrokerURL, TLSFiles
+
+if TYPE_CHECKING:
+    from edgerun.amqp import QueueSpec
 
 log = logging.getLogger(__name__)
 
@@ -53,70 +54,73 @@ def is_resync(body: bytes) -> bool:
 
 
 class Resync:
-    """Answers re-sync requests by calling `resubscribe()` (thread-safe, non-blocking)."""
+    """Answers re-sync requests by calling `resubscribe()` (thread-safe, non-blocking).
+
+    Its connection is an `AmqpLink` of its own (the shared transport, edgerun/amqp.py),
+    whose thread declares the exchange and a private queue after every connect and
+    hands each request to `on_delivery`; requests are folded there, on that thread.
+    """
 
     def __init__(self, urls: Sequence[BrokerURL], resubscribe: Callable[[], None], *,
                  tls: TLSFiles | None = None, exchange: str = CONTROL_EXCHANGE,
                  min_interval: float = 2.0) -> None:
+        from edgerun.amqp import AmqpLink, QueueSpec, Topology
+
         self.urls, self.resubscribe, self.tls = list(urls), resubscribe, tls
         self.exchange, self.min_interval = exchange, min_interval
         self.count = 0
-        self._wanted = threading.Event()
-        self._stop = threading.Event()
         self._last = 0.0
-        self._thread = threading.Thread(target=self._run, name="bridge-resync", daemon=True)
+        self._due = False  # a request is folded into a re-sync not yet made (link thread)
+        self._carried = False  # one was, when the connection (and its timer) went
+        # exclusive: it dies with the connection, and the next one declares it again;
+        # requests made while the bridge was away are answered by its own resubscribe
+        # after the MQTT connection comes back, or by the scheduler's next request
+        queue = QueueSpec(f"edgerun.bridge.resync.{uuid.uuid4().hex[:12]}",
+                          ((exchange, ""),), durable=False, exclusive=True,
+                          auto_delete=True, auto_ack=True)
+        self.link = AmqpLink(self.urls, Topology(((exchange, "fanout"),), (queue,), 10),
+                             self, tls=tls, heartbeat=30, name="edgerun-bridge-resync")
 
     def start(self) -> Resync:
-        self._thread.start()
+        self.link.start()
         return self
 
     def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(5.0)
+        self.link.stop(5.0)
 
-    def _run(self) -> None:
-        import pika
-        import pika.exceptions
+    # --- the link's thread: edgerun.amqp.Handler --------------------------------------
+    def on_ready(self) -> None:
+        log.info("re-sync: listening on exchange %s", self.exchange)
+        self.link.consume()
+        if self._carried:
+            self._carried = False
+            self._request()
 
-        from edgerun.amqp import connection_parameters
-        backoff = Backoff(self._stop, cap=30.0)
-        index = 0
-        while not self._stop.is_set():
-            url = self.urls[index % len(self.urls)]
-            conn: Any = None
-            try:
-                conn = pika.BlockingConnection(connection_parameters(
-                    url, self.tls, name="edgerun-bridge-resync", heartbeat=30))
-                channel = conn.channel()
-                channel.exchange_declare(self.exchange, "fanout", durable=True)
-                queue = channel.queue_declare("", exclusive=True, auto_delete=True).method.queue
-                channel.queue_bind(queue, self.exchange)
-                channel.basic_consume(queue, self._on_message, auto_ack=True)
-                backoff.reset()
-                log.info("re-sync: listening on exchange %s", self.exchange)
-                while not self._stop.is_set():
-                    conn.process_data_events(time_limit=0.5)
-                    self._maybe_resync()
-            except (pika.exceptions.AMQPError, OSError) as exc:
-                log.warning("re-sync: connection to %s: %s", url.address, exc or type(exc))
-                index += 1
-            finally:
-                if conn is not None and conn.is_open:
-                    try:
-                        conn.close()
-                    except Exception as exc:  # already broken
-                        log.debug("re-sync: closing: %s", exc)
-            if self._stop.is_set() or backoff.wait():
-                break
+    def on_lost(self) -> None:
+        self._carried, self._due = self._carried or self._due, False  # its timer died
 
-    def _on_message(self, _channel: Any, _method: Any, _props: Any, body: bytes) -> None:
-        if is_resync(body):  # never block here: the loop above does the work
-            self._wanted.set()
+    def on_wake(self) -> None:
+        pass
 
-    def _maybe_resync(self) -> None:
-        if not self._wanted.is_set() or time.monotonic() - self._last < self.min_interval:
+    def on_confirm(self, tag: int, multiple: bool, ok: bool) -> None:
+        pass  # it publishes nothing
+
+    def on_delivery(self, queue: QueueSpec, tag: int, routing_key: str, body: bytes) -> None:
+        if is_resync(body):
+            self._request()
+
+    def _request(self) -> None:
+        if self._due:
             return
-        self._wanted.clear()
+        wait = self._last + self.min_interval - time.monotonic()
+        if wait <= 0:
+            self._resync()
+        else:  # folded into one re-sync when the interval is over
+            self._due = True
+            self.link.later(wait, self._resync)
+
+    def _resync(self) -> None:
+        self._due = False
         self._last = time.monotonic()
         self.count += 1
         log.info("re-sync requested: subscribing again so the broker re-sends retained "
