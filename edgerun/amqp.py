@@ -149,6 +149,8 @@ class AmqpLink:
         self._lock = threading.Lock()
         self._ioloop: Any = None  # the running connection's loop, guarded by _lock
         self._wake_pending = False
+        self._wake_queued = False  # _on_wake is on the loop's timer list (loop thread)
+        self._asleep = False  # the loop thread may block in poll (set by _SleepAware)
         self._thread: threading.Thread | None = None
         self._conn: Any = None
         self._channel: Any = None
@@ -184,12 +186,15 @@ class AmqpLink:
             self._thread.join(timeout)
 
     def wake(self) -> None:
-        """Have the link thread run handler.on_wake soon; many wakes coalesce into one."""
+        """Have the link thread run handler.on_wake soon; many wakes coalesce into one.
+        Only a thread blocked in poll is woken through pika's pipe (a syscall each way);
+        an awake one sees the flag before it polls again (_SleepAware)."""
         with self._lock:
             if self._wake_pending or self._ioloop is None:
                 return
             self._wake_pending = True
-            self._ioloop.add_callback_threadsafe(self._on_wake)
+            if self._asleep:
+                self._ioloop.add_callback_threadsafe(self._on_wake)
 
     def _call(self, fn: Callable[[], None]) -> None:
         with self._lock:
@@ -282,6 +287,7 @@ class AmqpLink:
             self._note_error(f"cannot connect to {self.url}: {exc!r}")
             return
         self._conn = conn
+        _watch_sleep(conn.ioloop, self)
         with self._lock:
             self._ioloop, self._wake_pending = conn.ioloop, False
             if self._stop.is_set():  # stop() came before there was a loop to tell
@@ -379,8 +385,22 @@ class AmqpLink:
 
     def _on_wake(self) -> None:
         with self._lock:
-            self._wake_pending = False
+            self._wake_pending = self._wake_queued = False
         self.handler.on_wake()
+
+    def _before_poll(self, timeout: float) -> float:
+        """The loop is about to poll: a wake that came while it was awake (no byte in
+        pika's pipe) runs at once, and a blocking poll is marked asleep first, then the
+        flag read again (wake() sets the flag, then reads `_asleep`)."""
+        if timeout:
+            self._asleep = True
+        if self._wake_pending and not self._wake_queued:
+            self._wake_queued = True
+            assert self._ioloop is not None
+            self._ioloop.call_later(0, self._on_wake)
+            self._asleep = False
+            return 0
+        return timeout
 
     def _on_confirm(self, frame: Any) -> None:
         method = frame.method
@@ -419,6 +439,35 @@ class AmqpLink:
         self.last_error = text
         if self._on_error is not None:
             self._on_error(text)
+
+
+class _SleepAware:
+    """pika's poll object, telling the link when its thread may block in poll."""
+
+    def __init__(self, inner: Any, link: AmqpLink) -> None:
+        self._inner, self._link = inner, link
+
+    def poll(self, timeout: float | None = None) -> Any:
+        wait = self._link._before_poll(-1.0 if timeout is None else timeout)
+        try:
+            return self._inner.poll(None if wait == -1.0 else wait)
+        finally:
+            self._link._asleep = False
+
+    def __getattr__(self, name: str) -> Any:  # register, modify, unregister, close
+        return getattr(self._inner, name)
+
+
+def _watch_sleep(ioloop: Any, link: AmqpLink) -> None:
+    """Wrap the poll object pika's poller creates when its loop starts."""
+    poller = ioloop._poller
+    init = poller._init_poller
+
+    def init_and_wrap() -> None:
+        init()
+        poller._poll = _SleepAware(poller._poll, link)
+
+    poller._init_poller = init_and_wrap
 
 
 def _describe(exc: BaseException) -> str:

@@ -93,6 +93,7 @@ class MqttConnection:
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
         self._pipe_lock = threading.Lock()
+        self._asleep = False  # the loop may block in poll: a new command must write the pipe
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._pending: dict[int, DoneCallback | None] = {}  # mid -> callback, network thread only
@@ -214,7 +215,8 @@ class MqttConnection:
         with self._idle:
             self._queued += 1
         self._commands.put(command)
-        self._wake()
+        if self._asleep:  # an awake loop runs the commands before it polls again
+            self._wake()
 
     def _wake(self) -> None:
         with self._pipe_lock:
@@ -362,7 +364,16 @@ class MqttConnection:
             if self._client.want_write() != want_write:
                 want_write = not want_write
                 poller.modify(sock_fd, select.POLLIN | (select.POLLOUT if want_write else 0))
-            for fd, events in poller.poll(0 if tls_buffered else 1000):
+            timeout = 0 if tls_buffered else 1000
+            if timeout:
+                self._asleep = True  # then look again: a command queued before this wrote
+                if self.connected.is_set() and not self._commands.empty():
+                    timeout = 0  # it wrote no wake-up byte: do not block
+            try:
+                ready = poller.poll(timeout)
+            finally:
+                self._asleep = False
+            for fd, events in ready:
                 if fd == self._wake_r:
                     _drain(self._wake_r)
                     continue

@@ -220,6 +220,7 @@ class Pump:
         self.progress.set()
 
     def on_wake(self) -> None:
+        pubacks = 0
         while True:
             try:
                 item = self._inbox.get_nowait()
@@ -229,10 +230,14 @@ class Pump:
                 self._take(item)
             elif isinstance(item, _Puback):
                 self._puback(item)
+                pubacks += 1
             elif isinstance(item, _Session):
                 self._session(item)
             else:
                 self._drain()
+        if pubacks:
+            self.progress.set()
+            self._maybe_consume()
         self._ack_deliveries()
         self._send_pubacks()
         self._publish_backlog()
@@ -399,8 +404,6 @@ class Pump:
             self._outstanding[item.tag] = True
             if next(iter(self._outstanding)) != item.tag:
                 self._done_behind.append(item.tag)
-        self.progress.set()
-        self._maybe_consume()
 
     def _ack_deliveries(self) -> None:
         """basic.ack what was PUBACKed: the oldest run at once (multiple), the rest singly."""
