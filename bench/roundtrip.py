@@ -125,13 +125,13 @@ def _thread_cpu() -> dict[str, float]:
     return out
 
 
-def cpu_with_children_s(pid: int) -> float:
-    """CPU seconds of a process and of its children it has waited for (an agent and the
-    `true` processes it ran)."""
+def children_cpu_s(pid: int) -> float:
+    """CPU seconds of the children a process has waited for (the `true` processes an
+    agent ran: fork, exec and exit)."""
     try:
         with open(f"/proc/{pid}/stat") as fh:
             fields = fh.read().rsplit(")", 1)[1].split()
-        return sum(int(f) for f in fields[11:15]) / os.sysconf("SC_CLK_TCK")
+        return (int(fields[13]) + int(fields[14])) / os.sysconf("SC_CLK_TCK")
     except OSError:
         return 0.0
 
@@ -146,8 +146,8 @@ class CpuMeter:
 
     def _now(self) -> dict[str, float]:
         now = {name: sum(cpu_s(pid) for pid in pids) for name, pids in self.watch.items()}
-        if "agents" in self.watch:  # with the commands they ran
-            now["agents"] = sum(cpu_with_children_s(pid) for pid in self.watch["agents"])
+        if "agents" in self.watch:
+            now["agent commands"] = sum(children_cpu_s(pid) for pid in self.watch["agents"])
         now.update({f"bench:{name}": v for name, v in _thread_cpu().items()})
         return now
 
