@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import logging
 import ssl
+import struct
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -79,6 +80,27 @@ def connection_parameters(url: BrokerURL, tls: TLSFiles | None = None, *, name: 
         credentials=pika.PlainCredentials(url.username or "guest", url.password or "guest"),
         heartbeat=heartbeat, ssl_options=ssl_options, connection_attempts=1,
         client_properties={"connection_name": name}, **extra)
+
+
+_PUBLISH = struct.pack(">IH", 0x003C0028, 0)  # Basic.Publish (class 60, method 40), ticket 0
+_FRAME_END = b"\xce"
+
+
+def publish_frames(channel: int, exchange: str, routing_key: str, body: bytes,
+                   properties: bytes, body_max: int) -> tuple[bytes, int]:
+    """The frames of a basic.publish (method, content header, body frames of at most
+    `body_max` bytes) as pika would marshal them, and how many there are."""
+    ex, key = exchange.encode(), routing_key.encode()
+    if len(ex) > 255 or len(key) > 255:
+        raise ValueError("exchange and routing key are short strings (at most 255 bytes)")
+    method = b"".join((_PUBLISH, bytes((len(ex),)), ex, bytes((len(key),)), key, b"\x00"))
+    header = struct.pack(">HxxQ", 60, len(body)) + properties
+    parts = [struct.pack(">BHI", 1, channel, len(method)), method, _FRAME_END,
+             struct.pack(">BHI", 2, channel, len(header)), header, _FRAME_END]
+    for start in range(0, len(body), body_max):
+        chunk = body[start:start + body_max]
+        parts += (struct.pack(">BHI", 3, channel, len(chunk)), chunk, _FRAME_END)
+    return b"".join(parts), len(parts) // 3
 
 
 # --- the topology a link declares after every connect -----------------------------------
@@ -155,6 +177,7 @@ class AmqpLink:
         self._conn: Any = None
         self._channel: Any = None
         self._next_tag = 0
+        self._props_cache: dict[int, tuple[pika.BasicProperties, bytes]] = {}
         self._was_up = False
         self.ready = False  # declared and in confirm mode (thread only)
         self.consuming = False
@@ -207,12 +230,31 @@ class AmqpLink:
         """basic_publish on the confirm channel; the tag its confirm will carry."""
         if not self.ready:
             raise AmqpError(f"{self.name}: not connected")
+        channel, conn = self._channel, self._conn
         try:
-            self._channel.basic_publish(exchange, routing_key, body, properties)
-        except (pika.exceptions.AMQPError, OSError) as exc:
+            if not channel.is_open:
+                raise pika.exceptions.ChannelWrongStateError("channel is closed")
+            data, frames = publish_frames(channel.channel_number, exchange, routing_key, body,
+                                          self._encoded(properties), conn._body_max_length)
+        except (pika.exceptions.AMQPError, OSError, ValueError) as exc:
             raise AmqpError(f"{self.name}: publish failed: {exc!r}") from exc
+        # what pika's basic_publish does, without its per-frame objects
+        conn.bytes_sent += len(data)
+        conn.frames_sent += frames
+        conn._adapter_emit_data(data)
         self._next_tag += 1
         return self._next_tag
+
+    def _encoded(self, properties: pika.BasicProperties) -> bytes:
+        """The properties' wire form; the few objects a publisher reuses are encoded once
+        (kept alive here, so no other object can take their id)."""
+        found = self._props_cache.get(id(properties))
+        if found is None or found[0] is not properties:
+            if len(self._props_cache) >= 64:
+                self._props_cache.clear()
+            found = self._props_cache[id(properties)] = (properties,
+                                                         b"".join(properties.encode()))
+        return found[1]
 
     def ack(self, tag: int, multiple: bool = False) -> None:
         self._settle(lambda: self._channel.basic_ack(tag, multiple=multiple))

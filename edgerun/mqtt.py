@@ -22,6 +22,7 @@ import queue
 import select
 import socket
 import ssl
+import struct
 import threading
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -191,8 +192,17 @@ class MqttConnection:
     def ack_many(self, messages: Sequence[Inbound]) -> None:
         """`ack` of each message, in this order (the PUBACKs leave in it), one wake-up."""
         def run() -> None:
+            if not self.connected.is_set():
+                return  # their connection is gone: the broker sends them again
+            generation, mids = self.generation, []
             for message in messages:
-                self._ack_now(message)
+                if message.generation == generation:
+                    if message.qos == 1:
+                        mids.append(message.mid)
+                    else:
+                        self._client.ack(message.mid, message.qos)
+            if mids:  # the PUBACKs as one packet buffer, built at once
+                self._client._packet_queue(PUBACK, _pubacks(mids), 0, 1)
         self._submit(run)
 
     def subscribe(self, topic: str, qos: int) -> None:
@@ -541,6 +551,11 @@ class _ReadAhead(paho.Client):
         on_message = self.on_message
         if on_message is not None:
             on_message(self, self._userdata, message)
+
+
+def _pubacks(mids: Sequence[int]) -> bytes:
+    """MQTT 3.1.1 PUBACK packets (fixed header 0x40, remaining length 2, the id)."""
+    return struct.pack(f"!{len(mids)}I", *((0x4002 << 16) | mid for mid in mids))
 
 
 def _plain(packet: Any) -> bool:

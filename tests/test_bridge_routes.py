@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+from typing import Any
+
+import pika
 import pytest
 from hypothesis import given
+from pika import frame, spec
 from hypothesis import strategies as st
 
+from edgerun.amqp import publish_frames
 from edgerun.amqpconfirms import ConfirmTracker
 from edgerun.bridge.routes import (
     Direction, Template, build_table, default_specs, patterns_overlap, value_problem,
@@ -192,3 +197,33 @@ def test_confirms_settle_each_publish_at_most_once(answers: list[tuple[int, bool
         settled += got
     rest = tracker.reset()
     assert sorted(settled + rest) == list(range(1, 51))
+
+
+# --- the wire form of a publish: the link writes basic.publish frames itself --------------
+SHORT = st.text(max_size=60)
+PROPERTIES = st.builds(pika.BasicProperties, content_type=st.none() | st.just("application/json"),
+                       delivery_mode=st.none() | st.sampled_from([1, 2]),
+                       headers=st.none() | st.dictionaries(st.text(max_size=8),
+                                                           st.integers(0, 1000), max_size=3),
+                       message_id=st.none() | SHORT)
+
+
+@given(channel=st.integers(1, 65535), exchange=SHORT, key=SHORT,
+       body=st.binary(max_size=3000), properties=PROPERTIES,
+       body_max=st.integers(1, 1024))
+def test_publish_frames_are_what_pika_marshals(channel: int, exchange: str, key: str,
+                                               body: bytes, properties: Any,
+                                               body_max: int) -> None:
+    want = [frame.Method(channel, spec.Basic.Publish(exchange=exchange, routing_key=key))
+            .marshal(), frame.Header(channel, len(body), properties).marshal()]
+    want += [frame.Body(channel, body[at:at + body_max]).marshal()
+             for at in range(0, len(body), body_max)]
+    data, count = publish_frames(channel, exchange, key, body,
+                                 b"".join(properties.encode()), body_max)
+    assert data == b"".join(want)
+    assert count == len(want)
+
+
+def test_a_routing_key_longer_than_a_short_string_is_refused_not_truncated() -> None:
+    with pytest.raises(ValueError, match="short strings"):
+        publish_frames(1, "x", "é" * 128, b"body", b"", 1000)  # 256 bytes in UTF-8

@@ -53,7 +53,7 @@ TRANSLATIONS = 20_000  # topics whose route matches are remembered (then forgott
 QOS0_IN_FLIGHT = 1 << 20  # bytes of QoS 0 publishes awaiting a confirm: QoS 1 never waits long
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class _Job:
     """One MQTT message on its way to every route it matched."""
 
@@ -62,14 +62,14 @@ class _Job:
     done: bool = False
 
 
-@dataclass(frozen=True, eq=False)
+@dataclass(eq=False, slots=True)  # not frozen: made per message, a frozen __init__ is slow
 class _Publish:
     job: _Job
     route: Route
     routing_key: str
 
 
-@dataclass(frozen=True)
+@dataclass(eq=False, slots=True)
 class _Puback:
     generation: int  # the AMQP channel the delivery came on
     tag: int
