@@ -143,7 +143,16 @@ def read_cpio(data: bytes) -> dict[str, Entry]:
         entries[name] = Entry(mode, body, (fields[9], fields[10]))
 
 
+# zstd by default: the kernel unpacked the xz initramfs (43 MB) in 3.6 s under TCG, a
+# third of the boot; zstd decodes about 14 times faster for 8 % more bytes (12.9 MB
+# instead of 11.9 MB at level 19; its default 8 MiB window, which the kernel accepts).
+ZSTD_LEVEL = 19
+
+
 def compress(data: bytes, kind: str) -> bytes:
+    if kind == "zstd":
+        return subprocess.run(["zstd", f"-{ZSTD_LEVEL}", "-q", "-c", "-T0"], input=data,
+                              check=True, capture_output=True).stdout
     if kind == "xz":  # the kernel's decoder wants CRC32; BCJ helps on x86 code
         filters: list[dict[str, int]] = [{"id": lzma.FILTER_X86},
                                          {"id": lzma.FILTER_LZMA2, "preset": 6}]
@@ -155,6 +164,9 @@ def compress(data: bytes, kind: str) -> bytes:
 
 
 def decompress(data: bytes) -> bytes:
+    if data.startswith(b"\x28\xb5\x2f\xfd"):
+        return subprocess.run(["zstd", "-d", "-q", "-c"], input=data, check=True,
+                              capture_output=True).stdout
     if data.startswith(b"\xfd7zXZ"):
         return lzma.decompress(data)
     if data.startswith(b"\x1f\x8b"):
@@ -310,7 +322,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--modules", type=Path, default=HERE / "modules.txt")
     parser.add_argument("--overlay", type=Path, action="append", default=[],
                         help="a directory copied over the root last (repeatable)")
-    parser.add_argument("--compression", choices=("xz", "gzip", "none"), default="xz")
+    parser.add_argument("--compression", choices=("zstd", "xz", "gzip", "none"),
+                        default="zstd")
     parser.add_argument("--note", action="append", default=[], metavar="KEY=VALUE",
                         help="an extra fact for manifest.json (repeatable)")
     parser.add_argument("--out", type=Path, help="directory for vmlinuz, initramfs.img, "

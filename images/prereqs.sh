@@ -56,6 +56,7 @@ for group in "$@"; do
             need_cmd apt-cache apt
             need_cmd dpkg-deb dpkg
             need_cmd python3 python3
+            need_cmd zstd zstd  # the initramfs's compression (images/mkinitramfs.py)
             need_cmd flock util-linux
             ;;
         vm)
