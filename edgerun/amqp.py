@@ -40,6 +40,7 @@ from urllib.parse import unquote
 
 import pika
 import pika.exceptions
+import pika.frame
 import pika.spec
 from pika.adapters.select_connection import SelectConnection
 
@@ -50,6 +51,9 @@ from .settings import BrokerURL, TLSFiles
 log = logging.getLogger(__name__)
 
 NACK_RENEW = 5.0  # seconds of nacks (no gap of NACK_GAP) before the connection is renewed
+RECV_BYTES = 65536  # one recv
+CONSUME_BYTES = 1 << 20  # read per loop pass at most
+JOIN_BYTES = 256 << 10  # frames joined into one buffer for the socket
 NACK_GAP = 2.0  # seconds without a nack that end a run of them (handlers retry after 1 s)
 
 
@@ -135,11 +139,19 @@ class Handler(Protocol):
 
 
 class _Connection(SelectConnection):  # type: ignore[misc]  # pika is untyped
-    """A SelectConnection that writes the frames of one loop pass in one send."""
+    """A SelectConnection that writes the frames of one loop pass in few sends (joined up to
+    JOIN_BYTES: pika copies the rest of a buffer at each partial send), reads up to
+    RECV_BYTES per recv, and decodes the frames of a read without copying the rest of the
+    buffer after each frame as pika does (quadratic in what one read holds)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self._corked: list[bytes] = []
         super().__init__(*args, **kwargs)
+
+    def _on_stream_connected(self) -> None:
+        self._transport._MAX_RECV_BYTES = RECV_BYTES  # pika's default: 4096
+        self._transport._MAX_CONSUME_BYTES = CONSUME_BYTES
+        super()._on_stream_connected()
 
     def _adapter_emit_data(self, data: bytes) -> None:
         if not self._corked:
@@ -148,8 +160,41 @@ class _Connection(SelectConnection):  # type: ignore[misc]  # pika is untyped
 
     def _uncork(self) -> None:
         frames, self._corked = self._corked, []
-        if frames and self._transport is not None:
-            super()._adapter_emit_data(frames[0] if len(frames) == 1 else b"".join(frames))
+        if not frames or self._transport is None:
+            return
+        emit = super()._adapter_emit_data
+        group: list[bytes] = []
+        size = 0
+        for data in frames:
+            group.append(data)
+            size += len(data)
+            if size >= JOIN_BYTES:
+                emit(group[0] if len(group) == 1 else b"".join(group))
+                group, size = [], 0
+        if group:
+            emit(group[0] if len(group) == 1 else b"".join(group))
+
+    def _on_data_available(self, data_in: bytes) -> None:
+        previous: bytes = self._frame_buffer  # type: ignore[has-type]  # set by pika
+        buf = previous + data_in if previous else data_in
+        at, end = 0, len(buf)
+        if buf[:4] == b"AMQP":  # a protocol header (the broker refuses our version)
+            self._frame_buffer = b""
+            super()._on_data_available(buf)
+            return
+        try:
+            while end - at >= 7:
+                frame_end = at + 8 + int.from_bytes(buf[at + 3:at + 7], "big")
+                if frame_end > end:
+                    break
+                consumed, value = pika.frame.decode_frame(buf[at:frame_end])
+                at = frame_end
+                self.bytes_received += consumed
+                self._process_frame(value)
+                if self.is_closed:
+                    break
+        finally:
+            self._frame_buffer = buf[at:] if at < end else b""
 
 
 class AmqpLink:

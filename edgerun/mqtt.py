@@ -44,6 +44,8 @@ DoneCallback = Callable[[], None]
 READ_AHEAD = 65536  # bytes one recv may take for paho
 MAX_PENDING = 50_000  # QoS>0 publishes handed to paho at once, well under its 65,535 ids
 JOIN_PACKETS = 1000  # queued packets joined into one send at most
+JOIN_BYTES = 256 << 10  # ... and bytes (paho copies the rest of a packet at each partial send:
+VIEW_BYTES = 16 << 10  # a bigger one is sent through a memoryview, which slices for free)
 READ_BURST = 1000  # packets handled from bytes already read before the loop polls again
 PUBACK, PUBLISH, DISCONNECT = 0x40, 0x30, 0xE0  # MQTT control packet types (high nibble)
 
@@ -527,14 +529,20 @@ class _ReadAhead(paho.Client):
     def _packet_write(self) -> MQTTErrorCode:
         out = self._out_packet
         if len(out) > 1 and _plain(out[0]) and _plain(out[1]):
-            parts: list[bytes | bytearray] = []
-            while out and _plain(out[0]) and len(parts) < JOIN_PACKETS:
+            parts: list[bytes | bytearray | memoryview] = []
+            size = 0
+            while out and _plain(out[0]) and len(parts) < JOIN_PACKETS and size < JOIN_BYTES:
                 packet = out.popleft()
-                parts.append(packet["packet"][packet["pos"]:] if packet["pos"]
-                             else packet["packet"])
+                data = packet["packet"][packet["pos"]:] if packet["pos"] else packet["packet"]
+                parts.append(data)
+                size += len(data)
             joined = b"".join(parts)
             out.appendleft({"command": PUBACK, "mid": 0, "qos": 1, "pos": 0,
-                            "to_process": len(joined), "packet": joined, "info": None})
+                            "to_process": len(joined), "packet": memoryview(joined),  # type: ignore[typeddict-item]
+                            "info": None})
+        elif out and out[0]["to_process"] > VIEW_BYTES \
+                and not isinstance(out[0]["packet"], memoryview):
+            out[0]["packet"] = memoryview(out[0]["packet"])  # type: ignore[typeddict-item]
         return super()._packet_write()
 
     def _handle_pubackcomp(self, cmd: Any) -> MQTTErrorCode:
