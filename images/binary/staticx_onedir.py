@@ -89,11 +89,13 @@ def member(name: str, mode: int, size: int, body: bytes) -> bytes:
     return struct.pack("<IIQQ", len(raw), mode, size, len(body)) + raw + body
 
 
-def write_packs(folder: str, names: list[str], zpack: str, xpack: str) -> None:
-    """The two packs (format: images/binary/unpack.c) of the folder's files `names`."""
+def write_packs(folder: str, names: list[str], zpack: str, xpack: str,
+                extra: dict[str, str] | None = None) -> None:
+    """The two packs (format: images/binary/unpack.c) of the folder's files `names`,
+    and of `extra` (name in the folder: path of a file elsewhere)."""
     start, later = [b"ERZPACK1"], [b"ERXPACK1"]
-    for name in names:
-        path = os.path.join(folder, name)
+    files = {name: os.path.join(folder, name) for name in names} | (extra or {})
+    for name, path in files.items():
         with open(path, "rb") as fh:
             data = fh.read()
         mode = os.stat(path).st_mode & 0o7777
@@ -155,21 +157,31 @@ def build(folder: str, output: str, unpacker: str | None) -> None:
         own = {os.path.basename(dep) for dep in get_shobj_deps(program)}
         with staticx.api.StaticxGenerator(prog=program, strip=unpacker is None,
                               compress=unpacker is not None) as gen:
-            if unpacker:
-                packed = [n for n in names if n not in own]  # staticx adds those
-                write_packs(folder, packed, os.path.join(work, ZPACK), os.path.join(work, XPACK))
-                gen.sxar.add_file(os.path.join(work, ZPACK), arcname=ZPACK)
-                gen.sxar.add_file(os.path.join(work, XPACK), arcname=XPACK)
-            else:
-                for name in sorted(bundled - own - {PROGRAM}):
-                    gen.sxar.add_file(os.path.join(folder, name), arcname=name)  # dirs too
+            # C libraries the folder needs besides the bootloader's own (libm for
+            # libpython): the bootloader loads none of them before main(), so they can
+            # wait in the zlib pack too; the rest staticx adds (xz)
+            later_libs: dict[str, str] = {}
             for name in names:
                 path = os.path.join(folder, name)
                 if not is_dynamic_elf(path):
                     continue
                 for dep in get_shobj_deps(path):
-                    if os.path.basename(dep) not in bundled:
+                    base = os.path.basename(dep)
+                    if base in bundled:
+                        continue
+                    if unpacker and base not in own and not base.startswith(("ld-", "libc.")):
+                        later_libs[base] = os.path.realpath(dep)
+                    else:
                         gen.add_library(dep, exist_ok=True)
+            if unpacker:
+                packed = [n for n in names if n not in own]  # staticx adds those
+                write_packs(folder, packed, os.path.join(work, ZPACK), os.path.join(work, XPACK),
+                            later_libs)
+                gen.sxar.add_file(os.path.join(work, ZPACK), arcname=ZPACK)
+                gen.sxar.add_file(os.path.join(work, XPACK), arcname=XPACK)
+            else:
+                for name in sorted(bundled - own - {PROGRAM}):
+                    gen.sxar.add_file(os.path.join(folder, name), arcname=name)  # dirs too
             gen.generate(output=output)
 
 
