@@ -3,9 +3,11 @@
 Item 5: exec -> retained online status and idle RSS, counting the RSS of the
 agent's whole process tree: the frozen binary is staticx's launcher whose
 child process is the agent, so the RSS of the exec'd pid alone would leave the
-agent out. Both frozen files are measured: `edgerun-agent` (xz inside, which it
-decompresses at every start) and `edgerun-agent.image` (the discovery image's
-copy, stored uncompressed because the initramfs is compressed already). RSS while running is
+agent out. Both frozen files are measured: `edgerun-agent` (compressed: at every
+start staticx decodes glibc from xz and images/binary/unpack.c inflates the rest
+from zlib; OpenSSL waits in an xz pack until first use) and `edgerun-agent.image`
+(the discovery image's copy, stored uncompressed because the initramfs is
+compressed already). RSS while running is
 the peak of the tree during a `sleep 1` task, less the `sleep` process itself.
 
 Item 7 starts `edgerun serve --embedded-broker` and one agent in direct mode,
@@ -37,7 +39,7 @@ from tests.bridgekit import BridgeProcess
 from tests.rabbit import Rabbit
 
 BINARY = ROOT / "images" / "out" / "edgerun-agent"
-IMAGE_BINARY = ROOT / "images" / "out" / "edgerun-agent.image"  # the same, without xz
+IMAGE_BINARY = ROOT / "images" / "out" / "edgerun-agent.image"  # the same, uncompressed
 
 
 def _children(pid: int) -> list[int]:
