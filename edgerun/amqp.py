@@ -54,6 +54,7 @@ NACK_RENEW = 5.0  # seconds of nacks (no gap of NACK_GAP) before the connection 
 RECV_BYTES = 65536  # one recv
 CONSUME_BYTES = 1 << 20  # read per loop pass at most
 JOIN_BYTES = 256 << 10  # frames joined into one buffer for the socket
+BIG_PIECE = 16 << 10  # a piece written on its own (pika sends a memoryview without copies)
 NACK_GAP = 2.0  # seconds without a nack that end a run of them (handlers retry after 1 s)
 
 
@@ -91,20 +92,27 @@ _FRAME_END = b"\xce"
 
 
 def publish_frames(channel: int, exchange: str, routing_key: str, body: bytes,
-                   properties: bytes, body_max: int) -> tuple[bytes, int]:
+                   properties: bytes, body_max: int) -> tuple[list[bytes | memoryview], int]:
     """The frames of a basic.publish (method, content header, body frames of at most
-    `body_max` bytes) as pika would marshal them, and how many there are."""
+    `body_max` bytes) as pika would marshal them, as pieces to write in order (a body's
+    parts are views of it, not copies), and how many frames there are."""
     ex, key = exchange.encode(), routing_key.encode()
     if len(ex) > 255 or len(key) > 255:
         raise ValueError("exchange and routing key are short strings (at most 255 bytes)")
     method = b"".join((_PUBLISH, bytes((len(ex),)), ex, bytes((len(key),)), key, b"\x00"))
     header = struct.pack(">HxxQ", 60, len(body)) + properties
-    parts = [struct.pack(">BHI", 1, channel, len(method)), method, _FRAME_END,
-             struct.pack(">BHI", 2, channel, len(header)), header, _FRAME_END]
+    parts: list[bytes | memoryview] = [
+        b"".join((struct.pack(">BHI", 1, channel, len(method)), method, _FRAME_END,
+                  struct.pack(">BHI", 2, channel, len(header)), header, _FRAME_END))]
+    if len(body) <= body_max:
+        if body:
+            parts += (struct.pack(">BHI", 3, channel, len(body)), body, _FRAME_END)
+        return parts, 2 + bool(body)
+    view = memoryview(body)
     for start in range(0, len(body), body_max):
-        chunk = body[start:start + body_max]
+        chunk = view[start:start + body_max]
         parts += (struct.pack(">BHI", 3, channel, len(chunk)), chunk, _FRAME_END)
-    return b"".join(parts), len(parts) // 3
+    return parts, 2 + len(parts) // 3
 
 
 # --- the topology a link declares after every connect -----------------------------------
@@ -145,7 +153,7 @@ class _Connection(SelectConnection):  # type: ignore[misc]  # pika is untyped
     buffer after each frame as pika does (quadratic in what one read holds)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        self._corked: list[bytes] = []
+        self._corked: list[bytes | memoryview] = []
         super().__init__(*args, **kwargs)
 
     def _on_stream_connected(self) -> None:
@@ -153,7 +161,7 @@ class _Connection(SelectConnection):  # type: ignore[misc]  # pika is untyped
         self._transport._MAX_CONSUME_BYTES = CONSUME_BYTES
         super()._on_stream_connected()
 
-    def _adapter_emit_data(self, data: bytes) -> None:
+    def _adapter_emit_data(self, data: bytes | memoryview) -> None:
         if not self._corked:
             self.ioloop.call_later(0, self._uncork)
         self._corked.append(data)
@@ -163,9 +171,15 @@ class _Connection(SelectConnection):  # type: ignore[misc]  # pika is untyped
         if not frames or self._transport is None:
             return
         emit = super()._adapter_emit_data
-        group: list[bytes] = []
+        group: list[bytes | memoryview] = []
         size = 0
         for data in frames:
+            if len(data) >= BIG_PIECE:  # a body: written as it is, not copied into a join
+                if group:
+                    emit(group[0] if len(group) == 1 else b"".join(group))
+                    group, size = [], 0
+                emit(data)
+                continue
             group.append(data)
             size += len(data)
             if size >= JOIN_BYTES:
@@ -279,14 +293,16 @@ class AmqpLink:
         try:
             if not channel.is_open:
                 raise pika.exceptions.ChannelWrongStateError("channel is closed")
-            data, frames = publish_frames(channel.channel_number, exchange, routing_key, body,
-                                          self._encoded(properties), conn._body_max_length)
+            pieces, frames = publish_frames(channel.channel_number, exchange, routing_key,
+                                            body, self._encoded(properties),
+                                            conn._body_max_length)
         except (pika.exceptions.AMQPError, OSError, ValueError) as exc:
             raise AmqpError(f"{self.name}: publish failed: {exc!r}") from exc
         # what pika's basic_publish does, without its per-frame objects
-        conn.bytes_sent += len(data)
         conn.frames_sent += frames
-        conn._adapter_emit_data(data)
+        for piece in pieces:
+            conn.bytes_sent += len(piece)
+            conn._adapter_emit_data(piece)
         self._next_tag += 1
         return self._next_tag
 

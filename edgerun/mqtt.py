@@ -528,10 +528,10 @@ class _ReadAhead(paho.Client):
 
     def _packet_write(self) -> MQTTErrorCode:
         out = self._out_packet
-        if len(out) > 1 and _plain(out[0]) and _plain(out[1]):
+        if len(out) > 1 and _small(out[0]) and _small(out[1]):
             parts: list[bytes | bytearray | memoryview] = []
             size = 0
-            while out and _plain(out[0]) and len(parts) < JOIN_PACKETS and size < JOIN_BYTES:
+            while out and _small(out[0]) and len(parts) < JOIN_PACKETS and size < JOIN_BYTES:
                 packet = out.popleft()
                 data = packet["packet"][packet["pos"]:] if packet["pos"] else packet["packet"]
                 parts.append(data)
@@ -564,6 +564,11 @@ class _ReadAhead(paho.Client):
 def _pubacks(mids: Sequence[int]) -> bytes:
     """MQTT 3.1.1 PUBACK packets (fixed header 0x40, remaining length 2, the id)."""
     return struct.pack(f"!{len(mids)}I", *((0x4002 << 16) | mid for mid in mids))
+
+
+def _small(packet: Any) -> bool:
+    """A packet to join with others: plain, and small (a big one is sent as it is)."""
+    return packet["to_process"] <= VIEW_BYTES and _plain(packet)
 
 
 def _plain(packet: Any) -> bool:

@@ -209,8 +209,9 @@ PROPERTIES = st.builds(pika.BasicProperties, content_type=st.none() | st.just("a
 
 
 @given(channel=st.integers(1, 65535), exchange=SHORT, key=SHORT,
-       body=st.binary(max_size=3000), properties=PROPERTIES,
-       body_max=st.integers(1, 1024))
+       body=st.binary(max_size=3000) | st.builds(bytes, st.integers(0, 300_000)),
+       properties=PROPERTIES,
+       body_max=st.integers(1, 1024) | st.just(131072 - 8))
 def test_publish_frames_are_what_pika_marshals(channel: int, exchange: str, key: str,
                                                body: bytes, properties: Any,
                                                body_max: int) -> None:
@@ -218,9 +219,9 @@ def test_publish_frames_are_what_pika_marshals(channel: int, exchange: str, key:
             .marshal(), frame.Header(channel, len(body), properties).marshal()]
     want += [frame.Body(channel, body[at:at + body_max]).marshal()
              for at in range(0, len(body), body_max)]
-    data, count = publish_frames(channel, exchange, key, body,
-                                 b"".join(properties.encode()), body_max)
-    assert data == b"".join(want)
+    pieces, count = publish_frames(channel, exchange, key, body,
+                                   b"".join(properties.encode()), body_max)
+    assert b"".join(pieces) == b"".join(want)
     assert count == len(want)
 
 
