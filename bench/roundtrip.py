@@ -94,6 +94,16 @@ def start_agents(url: str, work: Path, processes: int, per: int) -> list[subproc
         assert proc.stdout is not None
         proc.stdout.readline()
     time.sleep(2.0)  # every agent connected and subscribed
+    # a hundred interpreters starting at once take a while on two cores: measure only
+    # once they are idle (together well under a tenth of a core)
+    deadline = time.monotonic() + 120
+    before = sum(cpu_s(p.pid) for p in procs)
+    while time.monotonic() < deadline:
+        time.sleep(1.0)
+        now = sum(cpu_s(p.pid) for p in procs)
+        if now - before < 0.1:
+            break
+        before = now
     return procs
 
 
