@@ -61,7 +61,26 @@ def item2(r: dict[str, Any]) -> list[str]:
             "messaging layer (MqttMessenger direct to Mosquitto, AmqpMessenger through the "
             "bridge). Milliseconds.", "",
             *_table(["mode", "load", "tasks", "p50", "p95", "p99", "completed",
-                     "target (p50 <= 2, p99 <= 10 at light load)"], rows)]
+                     "target (p50 <= 2, p99 <= 10 at light load)"], rows),
+            *_item2_cpu(r)]
+
+
+def _item2_cpu(r: dict[str, Any]) -> list[str]:
+    """CPU milliseconds per task of each part during the loaded phase (bench/roundtrip.py)."""
+    cpus = {m: r[m]["loaded"].get("cpu") for m in ("direct", "bridge") if m in r}
+    cpus = {m: c for m, c in cpus.items() if c}
+    if not cpus:
+        return []
+    parts = sorted({k for c in cpus.values() for k in c["cpu_ms_per_task"]},
+                   key=lambda k: -max(c["cpu_ms_per_task"].get(k, 0.0) for c in cpus.values()))
+    rows = [[part, *(f"{c['cpu_ms_per_task'][part]:.2f}" if part in c["cpu_ms_per_task"]
+                     else "-" for c in cpus.values())] for part in parts]
+    rows.append(["total", *(f"{c['cpu_ms_per_task_total']:.2f}" for c in cpus.values())])
+    rows.append(["cores used", *(f"{c['cores_used']:.2f}" for c in cpus.values())])
+    return ["CPU milliseconds per task while the tasks were offered, by process (`messenger`: "
+            "the scheduler's messenger's connection thread and `driver`: the sending loop, "
+            "both in the benchmark's process; `agent commands`: the `true` processes):", "",
+            *_table(["part", *cpus], rows)]
 
 
 def item3(r: dict[str, Any]) -> list[str]:

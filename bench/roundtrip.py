@@ -146,6 +146,11 @@ def children_cpu_s(pid: int) -> float:
         return 0.0
 
 
+# the threads of this process, by the part of the round trip they are
+THREAD_PARTS = {"edgerun-scheduler": "messenger", "scheduler-mqtt": "messenger",
+                "MainThread": "driver"}
+
+
 class CpuMeter:
     """CPU seconds used by each watched process (and each thread of this one) between
     `start` and `stop`: what each part of the round trip costs per task."""
@@ -158,7 +163,9 @@ class CpuMeter:
         now = {name: sum(cpu_s(pid) for pid in pids) for name, pids in self.watch.items()}
         if "agents" in self.watch:
             now["agent commands"] = sum(children_cpu_s(pid) for pid in self.watch["agents"])
-        now.update({f"bench:{name}": v for name, v in _thread_cpu().items()})
+        for name, used in _thread_cpu().items():  # this process: the messenger and driver
+            part = THREAD_PARTS.get(name, f"bench {name}")
+            now[part] = now.get(part, 0.0) + used
         return now
 
     def start(self) -> None:
