@@ -1,9 +1,12 @@
 """Item 2: task round trip, dispatch -> `succeeded`, for `true` on real agents.
 
-Real `edgerun.agent.core.Agent`s (tests/agent_pool.py) run `true`, one agent per
-process as on real nodes (bench/run.py): 25 agents sharing one interpreter contend
-for its GIL, which cost the agents about 1.3x the CPU per task, and the brokers, the
-bridge and the messenger up to 2x (messages trickle in one at a time).
+Real `edgerun.agent.core.Agent`s (tests/agent_pool.py, 25 to an interpreter in 4
+processes) run `true`. One agent per process, as on real nodes, was tried: with the
+agent of 2026-11-30 01:20 it cost about as much CPU per task (3.5-3.8 ms against
+3.2-4.0 ms over the whole path) but, on this 2-core machine shared with other work,
+its 100 processes got fewer cores (1.2 against 1.6-1.8) and completed 300-340 tasks/s
+against 440-497/s: each agent, one task at a time, waits for the kernel to run its
+process at every step.
 Tasks go out through the scheduler's own messaging layer (MqttMessenger in
 direct mode, AmqpMessenger through the bridge); the clock runs from `send()` to
 the arrival of the `succeeded` update at the messenger's callback.

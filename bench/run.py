@@ -25,7 +25,7 @@ from bench.common import ROOT, machine, versions
 
 FULL: dict[str, dict[str, Any]] = {
     "1": {"runs": 3, "counts": {128: 20000, 1024: 20000, 131072: 1000}},
-    "2": {"light": 200, "rate": 500.0, "seconds": 10.0, "processes": 100, "per": 1},
+    "2": {"light": 200, "rate": 500.0, "seconds": 10.0, "processes": 4, "per": 25},
     "3": {"counts": [1000, 10000], "runs": 3},
     "4": {"rates": [260.0, 520.0, 1040.0, 2080.0], "seconds": 10.0, "stable_n": 1000,
           "task_rate": 100.0},
@@ -37,7 +37,7 @@ FULL: dict[str, dict[str, Any]] = {
 }
 QUICK: dict[str, dict[str, Any]] = {
     "1": {"runs": 1, "counts": {128: 3000, 1024: 3000, 131072: 200}},
-    "2": {"light": 50, "rate": 500.0, "seconds": 3.0, "processes": 100, "per": 1},
+    "2": {"light": 50, "rate": 500.0, "seconds": 3.0, "processes": 4, "per": 25},
     "3": {"counts": [1000], "runs": 1},
     "4": {"rates": [260.0, 1040.0], "seconds": 5.0, "stable_n": 200, "task_rate": 50.0},
     "5": {"runs": 1},
