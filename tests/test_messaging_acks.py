@@ -85,6 +85,10 @@ def test_delivery_tags_must_ascend() -> None:
     acks = delivered(5)
     with pytest.raises(ValueError):
         acks.delivered(5)
+    acks.acked(5)
+    assert acks.settle() == (5, [])
+    with pytest.raises(ValueError):  # also once every delivery is settled
+        acks.delivered(3)
 
 
 # --- with a real RabbitMQ -------------------------------------------------------------

@@ -21,14 +21,16 @@ class DeliveryAcks:
     def __init__(self) -> None:
         self._open: OrderedDict[int, None] = OrderedDict()  # delivered, not yet acked; tags ascend
         self._new: set[int] = set()  # acked by the service since the last settle
+        self._last = 0  # the newest tag delivered on this channel
 
     def __len__(self) -> int:
         return len(self._open)
 
     def delivered(self, tag: int) -> None:
         """A delivery handed to the service; its ack is expected."""
-        if self._open and tag <= next(reversed(self._open)):
+        if tag <= self._last:
             raise ValueError(f"delivery tag {tag} does not ascend")
+        self._last = tag
         self._open[tag] = None
 
     def acked(self, tag: int) -> bool:
@@ -61,3 +63,4 @@ class DeliveryAcks:
         """The channel is gone: RabbitMQ requeues what it had not been told."""
         self._open.clear()
         self._new.clear()
+        self._last = 0
