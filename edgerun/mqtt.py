@@ -27,7 +27,7 @@ import threading
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
@@ -58,8 +58,7 @@ class Will:
     retain: bool = True
 
 
-@dataclass(frozen=True)
-class Inbound:
+class Inbound(NamedTuple):  # made per message: a tuple is made 3x faster than a dataclass
     """A received message. `generation` counts connections; acks of an older one are dropped."""
 
     topic: str
