@@ -348,26 +348,30 @@ class Agent:
 
     def _publish(self, update: dict[str, Any], *, durable: bool = False,
                  remember: bool = True) -> None:
-        self._fit(update)
+        data = self._fit(update)  # encoded once: published and logged as these bytes
         if not remember:
-            self.conn.publish(self._updates_topic, canonical_json(update), 1)
+            self.conn.publish(self._updates_topic, data, 1)
             return
-        data = self.tasks.record(update, durable=durable)
+        self.tasks.record(update, durable=durable, data=data)
         task_id = update.get("id")
         # the PUBACK of a final update is noted (cheaply) so a restart need not re-send it
         self.conn.publish(self._updates_topic, data, 1, on_done=self._on_delivered(
             task_id, data) if isinstance(task_id, str) and update.get("state") in FINAL_STATES
             else None)
 
-    def _fit(self, update: dict[str, Any]) -> None:
-        """Shorten output tails (keeping their ends) until the update fits the size limit."""
-        while len(canonical_json(update)) > self.cfg.max_message_bytes:
+    def _fit(self, update: dict[str, Any]) -> bytes:
+        """Shorten output tails (keeping their ends) until the update fits the size limit;
+        returns its wire bytes."""
+        data = canonical_json(update)
+        while len(data) > self.cfg.max_message_bytes:
             longer = max(("stdout", "stderr"), key=lambda k: len(update.get(k) or ""))
             text = update.get(longer) or ""
             if not text:
                 break
             update[longer] = text[len(text) // 2 + 1:]
             update["truncated"] = True
+            data = canonical_json(update)
+        return data
 
     def _status(self, state: Literal["online", "offline"]) -> bytes:
         with self._lock:

@@ -210,15 +210,20 @@ class TaskLog:
         with self._lock:
             return self._entries.get(task_id)
 
-    def record(self, update: dict[str, Any], *, durable: bool = False) -> bytes:
-        """Remember `update` as the latest for its id; returns its wire bytes."""
-        data = canonical_json(update)
+    def record(self, update: dict[str, Any], *, durable: bool = False,
+               data: bytes | None = None) -> bytes:
+        """Remember `update` as the latest for its id; returns its wire bytes (`data`,
+        when the caller has encoded it already)."""
+        if data is None:
+            data = canonical_json(update)
         task_id = update.get("id")
         if not isinstance(task_id, str):
             return data
+        slim = _slim(update)
+        line = data if slim is update else canonical_json(slim)
         with self._lock:
             self._put(task_id, data, update.get("state") in _FINAL)
-            self._write(canonical_json(_slim(update)) + b"\n", durable)
+            self._write(line + b"\n", durable)
         return data
 
     def delivered(self, task_id: str, data: bytes) -> None:
