@@ -33,26 +33,30 @@ def tidy_agent_cgroups(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Non
     cgroup with processes or children in it)."""
     yield
     from edgerun.agent._lean import sha256_hex
-    from edgerun.agent.contain import cgroup_base
+    from edgerun.agent.contain import THREAD_ROOT, cgroup_base
 
     base = cgroup_base()
     if base is None:
         return
     import os
 
-    try:
-        ours = {name for name in os.listdir(base) if name.startswith("edgerun-")}
-    except OSError:
-        return
+    # a threaded-mode agent keeps its cgroup in <its cgroup>/edgerun (contain.py)
+    top = os.path.dirname(base) if os.path.basename(base) == THREAD_ROOT else base
+    ours = set()
+    for where in (top, os.path.join(top, THREAD_ROOT)):
+        try:
+            ours |= {os.path.join(where, name) for name in os.listdir(where)
+                     if name.startswith("edgerun-")}
+        except OSError:
+            pass
     if not ours:
         return
     hashes: set[str] = set()
     for here, _dirs, _files in os.walk(tmp_path_factory.getbasetemp()):
         hashes.add(sha256_hex(os.path.abspath(here).encode())[:10])
-    for name in ours:
-        if name.rsplit("-", 1)[-1] not in hashes:
+    for path in ours:
+        if path.rsplit("-", 1)[-1] not in hashes:
             continue
-        path = os.path.join(base, name)
         for here, dirs, _files in os.walk(path, topdown=False):
             for child in [*dirs, ""]:
                 try:
