@@ -17,6 +17,7 @@ import threading
 _PACK = "edgerun-agent.xpack"
 _MAGIC = b"ERXPACK1"
 _TRIGGERS = frozenset({"_ssl", "_hashlib"})
+_WRITE = 16 * 1024
 
 
 def _unpack(folder: str, pack: str) -> None:
@@ -46,8 +47,12 @@ def _unpack(folder: str, pack: str) -> None:
         os.makedirs(os.path.dirname(path), exist_ok=True)
         part = f"{path}.part"
         fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
-        with os.fdopen(fd, "wb") as out:
-            out.write(data[at:at + size])
+        with os.fdopen(fd, "wb") as out:  # buffered: it finishes partial writes
+            # in small writes: the page cache would keep one large write in large
+            # folios, mapped whole when the library loads (more resident memory)
+            view = memoryview(data)[at:at + size]
+            for piece in range(0, size, _WRITE):
+                out.write(view[piece:piece + _WRITE])
         os.replace(part, path)
         at += size
     os.unlink(pack)
