@@ -211,6 +211,29 @@ def publish_mqtt(url: str, messages: Iterable[tuple[str, bytes]], qos: int = 1,
         conn.stop()
 
 
+def publish_qos0(url: str, messages: Iterable[tuple[str, bytes]], timeout: float = 120) -> None:
+    """QoS 0 publishes, returning once every one was written to the socket: `flush` only
+    waits for QoS 1 acknowledgements, and a connection stopped with QoS 0 messages still
+    queued drops them (how many got out would depend on the machine's load)."""
+    conn = MqttConnection(parse_broker_url(url, ("mqtt", "mqtts")),
+                          f"pub0-{uuid.uuid4().hex[:8]}", clean_session=True, name="mqtt-pub0",
+                          backoff_cap=0.5)
+    written = threading.Semaphore(0)
+    conn.start()
+    try:
+        assert conn.connected.wait(10), "publisher could not connect"
+        count = 0
+        for topic, payload in messages:
+            conn.publish(topic, payload, 0, on_sent=written.release)
+            count += 1
+        deadline = time.monotonic() + timeout
+        for _ in range(count):
+            assert written.acquire(timeout=max(0.0, deadline - time.monotonic())), \
+                "QoS 0 messages were not written in time"
+    finally:
+        conn.stop()
+
+
 def publish_amqp(url: str, exchange: str, messages: Iterable[tuple[str, bytes]],
                  batch: int = 500, persistent: bool = True) -> None:
     """Plain pika, in transactions: when this returns, RabbitMQ has every message on disk."""
