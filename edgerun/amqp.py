@@ -43,6 +43,7 @@ import pika.exceptions
 import pika.frame
 import pika.spec
 from pika.adapters.select_connection import SelectConnection
+from pika.adapters.utils.io_services_utils import _AsyncPlaintextTransport as _PlainTransport
 
 from .backoff import Backoff
 from .errors import ConfigError, EdgerunError
@@ -170,7 +171,7 @@ class _Connection(SelectConnection):  # type: ignore[misc]  # pika is untyped
         frames, self._corked = self._corked, []
         if not frames or self._transport is None:
             return
-        emit = super()._adapter_emit_data
+        emit = self._send_now
         group: list[bytes | memoryview] = []
         size = 0
         for data in frames:
@@ -187,6 +188,23 @@ class _Connection(SelectConnection):  # type: ignore[misc]  # pika is untyped
                 group, size = [], 0
         if group:
             emit(group[0] if len(group) == 1 else b"".join(group))
+
+    def _send_now(self, data: bytes | memoryview) -> None:
+        """Write at once what the socket takes when nothing waits before it (pika turns
+        the writability watcher on and off around every write: two epoll_ctl calls and a
+        pass of the loop); the rest, or any error, goes pika's way."""
+        transport = self._transport
+        if isinstance(transport, _PlainTransport) and \
+                transport._state == transport._STATE_ACTIVE and \
+                not transport.get_write_buffer_size():
+            try:
+                sent = transport._sock.send(data)
+            except OSError:  # would block, or a broken socket that pika's write then meets
+                sent = 0
+            if sent == len(data):
+                return
+            data = memoryview(data)[sent:]
+        super()._adapter_emit_data(data)
 
     def _on_data_available(self, data_in: bytes) -> None:
         previous: bytes = self._frame_buffer  # type: ignore[has-type]  # set by pika

@@ -371,7 +371,10 @@ class MqttConnection:
                     return paho.error_string(rc)
             if on_pass is not None:
                 on_pass()  # before the loop may block: what this pass received goes on
-            # after the reads: a PUBACK read may have released publishes to write
+            # write now what this pass queued (a PUBACK read may have released publishes):
+            # POLLOUT is asked for only when the socket did not take it all
+            if self._client.want_write() and (rc := self._client.loop_write()) != ok:
+                return paho.error_string(rc)
             if self._client.want_write() != want_write:
                 want_write = not want_write
                 poller.modify(sock_fd, select.POLLIN | (select.POLLOUT if want_write else 0))
