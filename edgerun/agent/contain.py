@@ -128,10 +128,12 @@ def _read(path: str) -> bytes:
 
 def _make_threaded(path: str) -> None:
     """Create `path` as a threaded cgroup (a new child in a threaded subtree starts as
-    `domain invalid`)."""
-    os.makedirs(path, exist_ok=True)
-    if _read(os.path.join(path, "cgroup.type")).strip() != b"threaded":
-        _write(os.path.join(path, "cgroup.type"), b"threaded")
+    `domain invalid`; making a threaded cgroup threaded again is a no-op)."""
+    try:
+        os.mkdir(path)
+    except FileExistsError:
+        pass
+    _write(os.path.join(path, "cgroup.type"), b"threaded")
 
 
 def _thread_root(base: str, key_dir: str) -> str | None:
