@@ -7,6 +7,9 @@
   splits each round trip with the agent's own `at` stamps (1 ms resolution)
   into dispatch -> accepted, accepted -> running, running -> succeeded and
   succeeded -> the scheduler's callback; py-spy samples the agent meanwhile.
+  Also the agent's CPU time (utime + stime) per task, which other load on the
+  machine disturbs far less than latency, and 50 more tasks 50 ms apart
+  (sporadic tasks: caches cold, the kernel's cgroup and RCU state idle).
 - send: how many tasks per second AmqpMessenger.send publishes (confirms).
 Writes bench/results/profile.json. Not part of ./build.sh bench: it is slow
 and needs ptrace rights for py-spy.
@@ -130,13 +133,24 @@ def roundtrip(work: Path, tasks: int = 200) -> dict[str, Any]:
         raw = work / "agent.raw"
         prof = spy(agent.pid, 10, raw)
         time.sleep(0.5)
-        for _ in range(tasks):
-            task_id = uuid.uuid4().hex
-            done.clear()
-            stamps[task_id]["sent"] = time.time() * 1000
-            messenger.send("prof-1", encode(ShellTask(id=task_id, command="true")))
-            done.wait(10)
+
+        def run(count: int, pause: float) -> list[str]:
+            ids = []
+            for _ in range(count):
+                task_id = uuid.uuid4().hex
+                done.clear()
+                stamps[task_id]["sent"] = time.time() * 1000
+                messenger.send("prof-1", encode(ShellTask(id=task_id, command="true")))
+                done.wait(10)
+                ids.append(task_id)
+                time.sleep(pause)
+            return ids
+        cpu_before = _cpu_s(agent.pid)
+        run(tasks, 0.0)
+        cpu_ms = (_cpu_s(agent.pid) - cpu_before) * 1000 / tasks
         prof.wait(30)
+        sporadic = [stamps.pop(i) for i in run(50, 0.05)]
+        sporadic_ms = sorted(s["received"] - s["sent"] for s in sporadic if "received" in s)
         phases: dict[str, list[float]] = collections.defaultdict(list)
         for s in stamps.values():
             if "received" not in s:
@@ -147,7 +161,10 @@ def roundtrip(work: Path, tasks: int = 200) -> dict[str, Any]:
             phases["  of which the command (duration_s)"].append(s["duration_ms"])
             phases["succeeded -> scheduler callback"].append(s["received"] - s["succeeded"])
             phases["total"].append(s["received"] - s["sent"])
-        return {"tasks": tasks,
+        return {"tasks": tasks, "agent_cpu_ms_per_task": round(cpu_ms, 3),
+                "sporadic_50ms_apart": {
+                    "median_ms": round(median(sporadic_ms), 2) if sporadic_ms else None,
+                    "max_ms": round(sporadic_ms[-1], 2) if sporadic_ms else None},
                 "median_ms": {k: round(median(v), 2) for k, v in phases.items()},
                 "p99_ms": {k: round(sorted(v)[int(0.99 * (len(v) - 1))], 2)
                            for k, v in phases.items()},
@@ -157,6 +174,13 @@ def roundtrip(work: Path, tasks: int = 200) -> dict[str, Any]:
         agent.terminate()
         agent.wait(30)
         broker.stop()
+
+
+def _cpu_s(pid: int) -> float:
+    """utime + stime of a process, in seconds."""
+    import os
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def send(work: Path, count: int = 2000) -> dict[str, Any]:
