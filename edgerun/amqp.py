@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import logging
 import ssl
-import struct
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -40,11 +39,9 @@ from urllib.parse import unquote
 
 import pika
 import pika.exceptions
-import pika.frame
 import pika.spec
-from pika.adapters.select_connection import SelectConnection
-from pika.adapters.utils.io_services_utils import _AsyncPlaintextTransport as _PlainTransport
 
+from .amqpwire import Connection, publish_frames, watch_sleep
 from .backoff import Backoff
 from .errors import ConfigError, EdgerunError
 from .settings import BrokerURL, TLSFiles
@@ -52,10 +49,6 @@ from .settings import BrokerURL, TLSFiles
 log = logging.getLogger(__name__)
 
 NACK_RENEW = 5.0  # seconds of nacks (no gap of NACK_GAP) before the connection is renewed
-RECV_BYTES = 65536  # one recv
-CONSUME_BYTES = 1 << 20  # read per loop pass at most
-JOIN_BYTES = 256 << 10  # frames joined into one buffer for the socket
-BIG_PIECE = 16 << 10  # a piece written on its own (pika sends a memoryview without copies)
 NACK_GAP = 2.0  # seconds without a nack that end a run of them (handlers retry after 1 s)
 
 
@@ -86,34 +79,6 @@ def connection_parameters(url: BrokerURL, tls: TLSFiles | None = None, *, name: 
         credentials=pika.PlainCredentials(url.username or "guest", url.password or "guest"),
         heartbeat=heartbeat, ssl_options=ssl_options, connection_attempts=1,
         client_properties={"connection_name": name}, **extra)
-
-
-_PUBLISH = struct.pack(">IH", 0x003C0028, 0)  # Basic.Publish (class 60, method 40), ticket 0
-_FRAME_END = b"\xce"
-
-
-def publish_frames(channel: int, exchange: str, routing_key: str, body: bytes,
-                   properties: bytes, body_max: int) -> tuple[list[bytes | memoryview], int]:
-    """The frames of a basic.publish (method, content header, body frames of at most
-    `body_max` bytes) as pika would marshal them, as pieces to write in order (a body's
-    parts are views of it, not copies), and how many frames there are."""
-    ex, key = exchange.encode(), routing_key.encode()
-    if len(ex) > 255 or len(key) > 255:
-        raise ValueError("exchange and routing key are short strings (at most 255 bytes)")
-    method = b"".join((_PUBLISH, bytes((len(ex),)), ex, bytes((len(key),)), key, b"\x00"))
-    header = struct.pack(">HxxQ", 60, len(body)) + properties
-    parts: list[bytes | memoryview] = [
-        b"".join((struct.pack(">BHI", 1, channel, len(method)), method, _FRAME_END,
-                  struct.pack(">BHI", 2, channel, len(header)), header, _FRAME_END))]
-    if len(body) <= body_max:
-        if body:
-            parts += (struct.pack(">BHI", 3, channel, len(body)), body, _FRAME_END)
-        return parts, 2 + bool(body)
-    view = memoryview(body)
-    for start in range(0, len(body), body_max):
-        chunk = view[start:start + body_max]
-        parts += (struct.pack(">BHI", 3, channel, len(chunk)), chunk, _FRAME_END)
-    return parts, 2 + len(parts) // 3
 
 
 # --- the topology a link declares after every connect -----------------------------------
@@ -147,88 +112,6 @@ class Handler(Protocol):
     def on_delivery(self, queue: QueueSpec, tag: int, routing_key: str, body: bytes) -> None: ...
 
 
-class _Connection(SelectConnection):  # type: ignore[misc]  # pika is untyped
-    """A SelectConnection that writes the frames of one loop pass in few sends (joined up to
-    JOIN_BYTES: pika copies the rest of a buffer at each partial send), reads up to
-    RECV_BYTES per recv, and decodes the frames of a read without copying the rest of the
-    buffer after each frame as pika does (quadratic in what one read holds)."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        self._corked: list[bytes | memoryview] = []
-        super().__init__(*args, **kwargs)
-
-    def _on_stream_connected(self) -> None:
-        self._transport._MAX_RECV_BYTES = RECV_BYTES  # pika's default: 4096
-        self._transport._MAX_CONSUME_BYTES = CONSUME_BYTES
-        super()._on_stream_connected()
-
-    def _adapter_emit_data(self, data: bytes | memoryview) -> None:
-        if not self._corked:
-            self.ioloop.call_later(0, self._uncork)
-        self._corked.append(data)
-
-    def _uncork(self) -> None:
-        frames, self._corked = self._corked, []
-        if not frames or self._transport is None:
-            return
-        emit = self._send_now
-        group: list[bytes | memoryview] = []
-        size = 0
-        for data in frames:
-            if len(data) >= BIG_PIECE:  # a body: written as it is, not copied into a join
-                if group:
-                    emit(group[0] if len(group) == 1 else b"".join(group))
-                    group, size = [], 0
-                emit(data)
-                continue
-            group.append(data)
-            size += len(data)
-            if size >= JOIN_BYTES:
-                emit(group[0] if len(group) == 1 else b"".join(group))
-                group, size = [], 0
-        if group:
-            emit(group[0] if len(group) == 1 else b"".join(group))
-
-    def _send_now(self, data: bytes | memoryview) -> None:
-        """Write at once what the socket takes when nothing waits before it (pika turns
-        the writability watcher on and off around every write: two epoll_ctl calls and a
-        pass of the loop); the rest, or any error, goes pika's way."""
-        transport = self._transport
-        if isinstance(transport, _PlainTransport) and \
-                transport._state == transport._STATE_ACTIVE and \
-                not transport.get_write_buffer_size():
-            try:
-                sent = transport._sock.send(data)
-            except OSError:  # would block, or a broken socket that pika's write then meets
-                sent = 0
-            if sent == len(data):
-                return
-            data = memoryview(data)[sent:]
-        super()._adapter_emit_data(data)
-
-    def _on_data_available(self, data_in: bytes) -> None:
-        previous: bytes = self._frame_buffer  # type: ignore[has-type]  # set by pika
-        buf = previous + data_in if previous else data_in
-        at, end = 0, len(buf)
-        if buf[:4] == b"AMQP":  # a protocol header (the broker refuses our version)
-            self._frame_buffer = b""
-            super()._on_data_available(buf)
-            return
-        try:
-            while end - at >= 7:
-                frame_end = at + 8 + int.from_bytes(buf[at + 3:at + 7], "big")
-                if frame_end > end:
-                    break
-                consumed, value = pika.frame.decode_frame(buf[at:frame_end])
-                at = frame_end
-                self.bytes_received += consumed
-                self._process_frame(value)
-                if self.is_closed:
-                    break
-        finally:
-            self._frame_buffer = buf[at:] if at < end else b""
-
-
 class AmqpLink:
     def __init__(self, urls: BrokerURL | Sequence[BrokerURL], topology: Topology,
                  handler: Handler, *, tls: TLSFiles | None = None, heartbeat: int = 30,
@@ -249,12 +132,13 @@ class AmqpLink:
         self._ioloop: Any = None  # the running connection's loop, guarded by _lock
         self._wake_pending = False
         self._wake_queued = False  # _on_wake is on the loop's timer list (loop thread)
-        self._asleep = False  # the loop thread may block in poll (set by _SleepAware)
+        self._asleep = False  # the loop thread may block in poll (set by _before_poll)
         self._thread: threading.Thread | None = None
         self._conn: Any = None
         self._channel: Any = None
         self._next_tag = 0
         self._props_cache: dict[int, tuple[pika.BasicProperties, bytes]] = {}
+        self._consumers: dict[str, QueueSpec] = {}  # consumer tag -> queue, this channel
         self._was_up = False
         self.ready = False  # declared and in confirm mode (thread only)
         self.consuming = False
@@ -288,7 +172,7 @@ class AmqpLink:
     def wake(self) -> None:
         """Have the link thread run handler.on_wake soon; many wakes coalesce into one.
         Only a thread blocked in poll is woken through pika's pipe (a syscall each way);
-        an awake one sees the flag before it polls again (_SleepAware)."""
+        an awake one sees the flag before it polls again (amqpwire.watch_sleep)."""
         with self._lock:
             if self._wake_pending or self._ioloop is None:
                 return
@@ -367,8 +251,9 @@ class AmqpLink:
         self.consuming = True
         try:
             for queue in self.topology.queues:
-                self._channel.basic_consume(queue.name, partial(self._on_delivery, queue),
-                                            auto_ack=queue.auto_ack)
+                tag = self._channel.basic_consume(queue.name, partial(self._on_delivery, queue),
+                                                  auto_ack=queue.auto_ack)
+                self._consumers[tag] = queue
         except (pika.exceptions.AMQPError, OSError) as exc:
             self._note_error(f"cannot consume: {exc!r}; reconnecting")
             self._close()
@@ -401,14 +286,15 @@ class AmqpLink:
 
     def _serve_once(self) -> None:
         try:
-            conn = _Connection(self._parameters[self._index], on_open_callback=self._on_open,
+            conn = Connection(self._parameters[self._index], on_open_callback=self._on_open,
                                on_open_error_callback=self._on_open_error,
                                on_close_callback=self._on_closed)
         except (pika.exceptions.AMQPError, OSError, ValueError) as exc:
             self._note_error(f"cannot connect to {self.url}: {exc!r}")
             return
         self._conn = conn
-        _watch_sleep(conn.ioloop, self)
+        conn.on_deliver = self._fast_delivery
+        watch_sleep(conn.ioloop, self._before_poll, self._awake)
         with self._lock:
             self._ioloop, self._wake_pending = conn.ioloop, False
             if self._stop.is_set():  # stop() came before there was a loop to tell
@@ -461,6 +347,7 @@ class AmqpLink:
 
     def _on_channel_open(self, channel: Any) -> None:
         self._channel = channel
+        self._consumers.clear()  # consumer tags are the channel's
         channel.add_on_close_callback(self._on_channel_closed)
         channel.add_on_cancel_callback(self._on_cancelled)
         channel.confirm_delivery(self._on_confirm, callback=self._on_confirm_mode)
@@ -509,6 +396,9 @@ class AmqpLink:
             self._wake_pending = self._wake_queued = False
         self.handler.on_wake()
 
+    def _awake(self) -> None:
+        self._asleep = False
+
     def _before_poll(self, timeout: float) -> float:
         """The loop is about to poll: a wake that came while it was awake (no byte in
         pika's pipe) runs at once, and a blocking poll is marked asleep first, then the
@@ -554,41 +444,24 @@ class AmqpLink:
                      body: bytes) -> None:
         self.handler.on_delivery(queue, method.delivery_tag, method.routing_key, body)
 
+    def _fast_delivery(self, channel_number: int, consumer_tag: str, tag: int,
+                       routing_key: str, body: bytes) -> bool:
+        """A delivery decoded by the connection itself (amqpwire), for a consumer of
+        ours on the open channel; anything else goes pika's way (False)."""
+        channel = self._channel
+        queue = self._consumers.get(consumer_tag)
+        if queue is None or channel is None or channel.channel_number != channel_number \
+                or not channel.is_open or consumer_tag in channel._cancelled:
+            return False
+        self.handler.on_delivery(queue, tag, routing_key, body)
+        return True
+
     def _note_error(self, text: str) -> None:
         if text != self.last_error:
             log.warning("%s: %s", self.name, text)
         self.last_error = text
         if self._on_error is not None:
             self._on_error(text)
-
-
-class _SleepAware:
-    """pika's poll object, telling the link when its thread may block in poll."""
-
-    def __init__(self, inner: Any, link: AmqpLink) -> None:
-        self._inner, self._link = inner, link
-
-    def poll(self, timeout: float | None = None) -> Any:
-        wait = self._link._before_poll(-1.0 if timeout is None else timeout)
-        try:
-            return self._inner.poll(None if wait == -1.0 else wait)
-        finally:
-            self._link._asleep = False
-
-    def __getattr__(self, name: str) -> Any:  # register, modify, unregister, close
-        return getattr(self._inner, name)
-
-
-def _watch_sleep(ioloop: Any, link: AmqpLink) -> None:
-    """Wrap the poll object pika's poller creates when its loop starts."""
-    poller = ioloop._poller
-    init = poller._init_poller
-
-    def init_and_wrap() -> None:
-        init()
-        poller._poll = _SleepAware(poller._poll, link)
-
-    poller._init_poller = init_and_wrap
 
 
 def _describe(exc: BaseException) -> str:

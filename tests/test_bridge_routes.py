@@ -10,7 +10,7 @@ from hypothesis import given
 from pika import frame, spec
 from hypothesis import strategies as st
 
-from edgerun.amqp import publish_frames
+from edgerun.amqpwire import publish_frames
 from edgerun.amqpconfirms import ConfirmTracker
 from edgerun.bridge.routes import (
     Direction, Template, build_table, default_specs, patterns_overlap, value_problem,
