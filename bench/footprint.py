@@ -40,6 +40,7 @@ from tests.rabbit import Rabbit
 
 BINARY = ROOT / "images" / "out" / "edgerun-agent"
 IMAGE_BINARY = ROOT / "images" / "out" / "edgerun-agent.image"  # the same, uncompressed
+IMAGE_OUT = ROOT / "images" / "out"
 
 
 def _children(pid: int) -> list[int]:
@@ -156,9 +157,51 @@ def item5(work: Path, runs: int) -> dict[str, Any]:
                   f"size {entry['size_mib']:.1f} MiB", flush=True)
         out["python3 -c pass"] = {k: median([python_pass()[k] for _ in range(runs)])
                                   for k in ("exec_s", "rss_mib")}
+        out["image boot"] = image_boot(broker.url, work / "item5", min(runs, 3))
     finally:
         broker.stop()
     return out
+
+
+def image_boot(broker: str, work: Path, runs: int) -> dict[str, Any]:
+    """Power-on to the retained `online` status of the discovery image in QEMU (the
+    accelerator images/vm.py picks: TCG here), as test_image_boot boots it: two NICs
+    (virtio and e1000), 512 MiB, 2 vCPUs, direct kernel boot. Needs `./build.sh image`."""
+    if not ((IMAGE_OUT / "vmlinuz").exists() and (IMAGE_OUT / "initramfs.img").exists()):
+        print("  item 5: image boot: not built (./build.sh image)", flush=True)
+        return {"built": False}
+    if shutil.which("qemu-system-x86_64") is None:
+        print("  item 5: image boot: qemu-system-x86_64 not found", flush=True)
+        return {"built": True, "qemu": False}
+    from tests.mqttkit import Observer
+    from tests.test_image_binary import load_images_module
+    vm_module = load_images_module("vm")
+    host = broker.rsplit(":", 1)[1]
+    seconds: list[float] = []
+    accel = ""
+    for run in range(runs):
+        node = f"boot-{uuid.uuid4().hex[:8]}"
+        nics = [vm_module.Nic("virtio-net-pci", "52:54:00:ed:9f:01"),
+                vm_module.Nic("e1000", "52:54:00:ed:9f:02", net="10.0.3.0/24")]
+        append = f"edgerun.broker=mqtt://10.0.2.2:{host} edgerun.node={node}"
+        work.mkdir(parents=True, exist_ok=True)
+        with Observer(broker) as observer:
+            vm = vm_module.VM(append=append, nics=nics, memory_mb=512, cpus=2,
+                              console=work / f"console-{run}.log").start()
+            try:
+                online = wait_until(lambda n=node: bool(observer.of("status", node=n,
+                                                                    state="online")),
+                                    300, interval=0.05)
+                if online:
+                    seconds.append(round(vm.seconds_since_start(), 2))
+                accel = vm.accel
+            finally:
+                vm.stop()
+    entry: dict[str, Any] = {"built": True, "accel": accel, "runs": seconds,
+                             "boot_to_online_s": median(seconds) if seconds else None,
+                             "failed": runs - len(seconds)}
+    print(f"  item 5: image boot ({accel}): power-on to online {seconds} s", flush=True)
+    return entry
 
 
 # --- item 7 --------------------------------------------------------------------------
