@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import struct
 from typing import Any
 
 import pika
+import pika.frame
 import pytest
 from hypothesis import given
 from pika import frame, spec
 from hypothesis import strategies as st
 
+from edgerun import amqpwire
 from edgerun.amqpwire import publish_frames
 from edgerun.amqpconfirms import ConfirmTracker
 from edgerun.bridge.routes import (
@@ -228,3 +231,56 @@ def test_publish_frames_are_what_pika_marshals(channel: int, exchange: str, key:
 def test_a_routing_key_longer_than_a_short_string_is_refused_not_truncated() -> None:
     with pytest.raises(ValueError, match="short strings"):
         publish_frames(1, "x", "é" * 128, b"body", b"", 1000)  # 256 bytes in UTF-8
+
+
+def _deliver_frames(channel: int, tag: str, delivery: int, key: bytes, body: bytes,
+                    body_max: int) -> bytes:
+    """A basic.deliver as RabbitMQ writes it (the routing key as raw bytes)."""
+    raw = tag.encode()
+    method = (struct.pack(">I", 0x003C003C) + bytes((len(raw),)) + raw
+              + struct.pack(">QB", delivery, 0) + b"\x02ex" + bytes((len(key),)) + key)
+    out = struct.pack(">BHI", 1, channel, len(method)) + method + b"\xce"
+    out += frame.Header(channel, len(body),
+                        pika.BasicProperties(content_type="application/json")).marshal()
+    for at in range(0, len(body), body_max):
+        out += frame.Body(channel, body[at:at + body_max]).marshal()
+    return out
+
+
+class _Reader(amqpwire.Connection):  # type: ignore[misc]
+    def __init__(self) -> None:  # no pika set-up: only what _deliver touches
+        self.bytes_received = self.frames_received = 0
+
+
+@given(tag=st.text(min_size=1, max_size=40), delivery=st.integers(1, 2**63),
+       key=st.text(max_size=60), body=st.binary(max_size=600), body_max=st.integers(1, 200))
+def test_a_delivery_decoded_by_the_connection_is_what_pika_decodes(
+        tag: str, delivery: int, key: str, body: bytes, body_max: int) -> None:
+    data = _deliver_frames(7, tag, delivery, key.encode(), body, body_max)
+    got: list[tuple[int, str, int, str, bytes]] = []
+    reader = _Reader()
+    method_end = 8 + int.from_bytes(data[3:7], "big")
+    after = reader._deliver(data, 0, method_end, len(data),
+                            lambda *args: got.append(args) or True)
+    assert after == len(data) and reader.bytes_received == len(data)
+    decoded = pika.frame.decode_frame(data[:method_end])[1].method
+    assert got == [(7, decoded.consumer_tag, decoded.delivery_tag, decoded.routing_key, body)]
+
+
+def test_a_delivery_the_connection_cannot_take_whole_goes_to_pika() -> None:
+    data = _deliver_frames(3, "ctag", 5, b"node.n1", b"x" * 500, 100)
+    method_end = 8 + int.from_bytes(data[3:7], "big")
+    reader = _Reader()
+
+    def never(*_args: object) -> bool:
+        raise AssertionError("handed over")
+
+    for cut in (method_end, method_end + 10, len(data) - 1):  # content not all read yet
+        assert reader._deliver(data[:cut], 0, method_end, cut, never) == 0
+    bad_key = _deliver_frames(3, "ctag", 5, b"node.\xff", b"body", 100)  # not UTF-8
+    end = 8 + int.from_bytes(bad_key[3:7], "big")
+    assert reader._deliver(bad_key, 0, end, len(bad_key), never) == 0
+    other = data[:method_end] + frame.Heartbeat().marshal() + data[method_end:]
+    assert reader._deliver(other, 0, method_end, len(other), never) == 0  # channel 0 between
+    assert reader._deliver(data, 0, method_end, len(data), lambda *_: False) == 0  # refused
+    assert reader.bytes_received == 0
