@@ -119,6 +119,9 @@ def test_failures_at_run_time_are_failed_with_codes(start_agent: Any, observer: 
         for task_id, (state, code) in expected.items():
             final = observer.final(task_id)
             assert (final["state"], final["error"]["code"]) == (state, code), final
+            # `running` is published once the command was forked (or failed to be):
+            # every task still says accepted -> running -> final, in that order
+            assert observer.states(task_id) == ["accepted", "running", state]
     assert observer.final("f-exit")["exit_code"] == 7
     assert not any(p.exists() for p in (tmp_path / "x", tmp_path / "y", tmp_path / "z"))
 

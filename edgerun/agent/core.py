@@ -290,16 +290,26 @@ class Agent:
         from .shell import run_shell
 
         control.deadline = Control.for_timeout(task.timeout).deadline
-        self._update(task.id, State.RUNNING)
+        said: list[bool] = []
+
+        def running() -> None:
+            if not said:
+                said.append(True)
+                self._update(task.id, State.RUNNING)
         try:
             if isinstance(task, ShellTask):
-                outcome = run_shell(task, control, self._emitter(task.id), self.jail)
+                # `running` goes out once the command was forked: its encoding, log
+                # record and publish overlap the command's start instead of delaying it
+                outcome = run_shell(task, control, self._emitter(task.id), self.jail,
+                                    running)
             else:
+                running()
                 outcome = run_download(task, control)
         except Exception as exc:
             log.exception("task %s: internal error", task.id)
             outcome = failure(ErrorCode.INTERNAL, f"the agent failed while running the task: "
                               f"{type(exc).__name__}: {exc}")
+        running()  # every final update follows a `running` (an internal error before it)
         self._final(task.id, outcome)
 
     def _emitter(self, task_id: str) -> Any:

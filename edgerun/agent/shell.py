@@ -80,7 +80,11 @@ def _plain() -> Containment:
 
 
 def run_shell(task: ShellTask, control: Control, emit: Emit,
-              jail: Containment | None = None) -> Outcome:
+              jail: Containment | None = None,
+              running: Callable[[], None] | None = None) -> Outcome:
+    """Run the task's command to its end. `running` is called once the command was
+    started (or failed to start), before any output is emitted: the agent publishes its
+    `running` update there, while the command runs, not before the fork on its way."""
     started = time.monotonic()
     contain = jail or _plain()
     argv = ["/bin/sh", "-c", task.command] if isinstance(task.command, str) \
@@ -92,11 +96,15 @@ def run_shell(task: ShellTask, control: Control, emit: Emit,
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=task.cwd,
             env=env, start_new_session=True, close_fds=True), lambda p: p.pid)
     except (OSError, ValueError, subprocess.SubprocessError) as exc:
+        if running is not None:
+            running()  # accepted -> running -> failed, as for every task that was run
         text = getattr(exc, "strerror", None) or str(exc)
         where = f" in {task.cwd}" if task.cwd else ""
         return failure(ErrorCode.SPAWN_FAILED, f"cannot start {argv[0]!r}{where}: {text}",
                        duration_s=round(time.monotonic() - started, 3))
     try:
+        if running is not None:
+            running()
         streams, stopped = _pump(proc, task, control, emit, contain, cell)
         code = proc.wait()
     finally:
