@@ -292,9 +292,6 @@ class Agent:
                     self.jail.tidy()  # after the final update: not on its path
 
     def _execute(self, task: Task, control: Control) -> None:
-        from .download import run_download
-        from .shell import run_shell
-
         control.deadline = Control.for_timeout(task.timeout).deadline
         said: list[bool] = []
 
@@ -304,11 +301,16 @@ class Agent:
                 self._update(task.id, State.RUNNING)
         try:
             if isinstance(task, ShellTask):
+                # imported at a node's first task of its kind (not at idle: subprocess
+                # alone is ~1 MiB), and only that kind: a shell task does not wait ~2.4 ms
+                # for the download runner's tempfile, shutil, bz2 and lzma
+                from .shell import run_shell
                 # `running` goes out once the command was forked: its encoding, log
                 # record and publish overlap the command's start instead of delaying it
                 outcome = run_shell(task, control, self._emitter(task.id), self.jail,
                                     running)
             else:
+                from .download import run_download
                 running()
                 outcome = run_download(task, control)
         except Exception as exc:
