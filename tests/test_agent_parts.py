@@ -237,3 +237,26 @@ print(idle, "_ssl" in sys.modules, real)
                           cwd=ROOT, timeout=60)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.split() == ["False", "True", "True"]
+
+
+def test_a_command_that_closes_its_pipes_and_lives_on_still_times_out_and_cancels() -> None:
+    """After both pipes close the runner waits for the exit itself (a pidfd where there is
+    one): the deadline and a cancel still end the command there."""
+    from edgerun.agent.outcome import Control
+    from edgerun.agent.shell import run_shell
+    from edgerun.protocol import ShellTask
+
+    said: list[str] = []
+    timed = run_shell(ShellTask(id="closes-1", command="exec >&- 2>&-; sleep 30", timeout=0.5),
+                      Control.for_timeout(0.5), lambda _s, _d: True, None,
+                      lambda: said.append("running"))
+    assert timed.state == "timed_out" and said == ["running"]
+    control = Control.for_timeout(60)
+    threading.Timer(0.3, control.stop, ("canceled by the test",)).start()
+    canceled = run_shell(ShellTask(id="closes-2", command="exec >&- 2>&-; sleep 30",
+                                   timeout=60), control, lambda _s, _d: True)
+    assert canceled.state == "canceled"
+    assert canceled.fields["error"].message == "canceled by the test"
+    quick = run_shell(ShellTask(id="closes-3", command="exec >&- 2>&-; exit 3", timeout=60),
+                      Control.for_timeout(60), lambda _s, _d: True)
+    assert quick.fields["exit_code"] == 3

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import codecs
 import os
+import select
 import selectors
 import signal
 import subprocess
@@ -195,18 +196,41 @@ def _wait_or_kill(proc: subprocess.Popen[bytes], control: Control, stopped: str 
                   contain: Containment, cell: Jail) -> str | None:
     """Reap the command once its pipes have closed, still honouring cancel and deadline.
 
-    Usually it is exiting already: `wait` with a timeout reaps it within a millisecond
-    (its first polls are short), where a fixed sleep would add the whole sleep."""
-    while True:
-        try:
-            proc.wait(timeout=0.05)
-            break
-        except subprocess.TimeoutExpired:
+    Usually it is exiting already: its pipes close a moment before it can be reaped, so
+    this is the common path. A pidfd (Linux 5.3) wakes us at the exit itself;
+    `Popen.wait(timeout)` polls, first after 1 ms, which cost `true` a third of its
+    round trip."""
+    pidfd = _pidfd(proc.pid)
+    poller = select.poll()
+    if pidfd is not None:
+        poller.register(pidfd, select.POLLIN)
+    try:
+        while True:
+            if pidfd is not None:
+                poller.poll(50)
+                if proc.poll() is not None:
+                    break
+            else:
+                try:
+                    proc.wait(timeout=0.05)
+                    break
+                except subprocess.TimeoutExpired:
+                    pass
             if stopped is None and (control.cancel.is_set()
                                     or time.monotonic() >= control.deadline):
                 stopped = "cancel" if control.cancel.is_set() else "timeout"
                 contain.signal(cell, signal.SIGKILL)
+    finally:
+        if pidfd is not None:
+            os.close(pidfd)
     return stopped
+
+
+def _pidfd(pid: int) -> int | None:
+    try:
+        return os.pidfd_open(pid)
+    except (OSError, AttributeError):  # before Linux 5.3, or the pid is gone already
+        return None
 
 
 def _feed_stdin(sel: selectors.BaseSelector, pipe: IO[bytes], left: memoryview) -> memoryview:
