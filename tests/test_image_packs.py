@@ -22,6 +22,8 @@ from types import ModuleType
 
 import pytest
 
+from .test_image_binary import prerequisites
+
 ROOT = Path(__file__).resolve().parent.parent
 BINARY = ROOT / "images" / "binary"
 
@@ -39,8 +41,7 @@ packs = load("staticx_onedir")
 
 @pytest.fixture(scope="module")
 def unpacker(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    if shutil.which("gcc") is None or not Path("/usr/include/zlib.h").exists():
-        pytest.skip("needs gcc and zlib.h: apt-get install gcc zlib1g-dev")
+    prerequisites("binary")  # gcc and zlib1g-dev: installed as root (CI), else a skip naming them
     lib = tmp_path_factory.mktemp("unpacker") / "libedgerun-unpack.so"
     subprocess.run(["gcc", "-O2", "-Wall", "-Wextra", "-Werror", "-fPIC", "-shared", "-o",
                     str(lib), str(BINARY / "unpack.c"), "-lz"], check=True)
