@@ -489,28 +489,34 @@ class Containment:
                         pass
 
     # --- after a restart -----------------------------------------------------------
+    def _task_cgroups(self) -> list[tuple[str, str]]:
+        """(task id, path) of every task cgroup, where tasks live now and where an older
+        agent kept them."""
+        found = []
+        for key_dir in (self.cgroup_dir, self._legacy):
+            if key_dir is None:
+                continue
+            try:
+                names = os.listdir(key_dir)
+            except OSError:
+                continue
+            found += [(name[2:], os.path.join(key_dir, name)) for name in names
+                      if name.startswith("t-") and os.path.isdir(os.path.join(key_dir, name))]
+        return found
+
     def sweep(self) -> dict[str, int]:
         """Kill what tasks of an earlier run of this agent left; returns task id -> count."""
         counts: dict[str, int] = {}
         victims: list[int] = []
-        key_dirs = [d for d in (self.cgroup_dir, self._legacy) if d is not None]
-        for key_dir in key_dirs:
+        for task_id, path in self._task_cgroups():
+            self._freeze(path)  # cgroup.kill where there is one, else one by one
+            pids = self._cgroup_pids(path) - {self.me}
+            counts[task_id] = counts.get(task_id, 0) + len(pids)
+            victims.extend(pids)
             try:
-                names = os.listdir(key_dir)
+                _write(os.path.join(path, "cgroup.kill"), b"1")
             except OSError:
-                names = []
-            for name in names:
-                path = os.path.join(key_dir, name)
-                if not name.startswith("t-") or not os.path.isdir(path):
-                    continue
-                self._freeze(path)  # cgroup.kill where there is one, else one by one
-                pids = self._cgroup_pids(path) - {self.me}
-                counts[name[2:]] = counts.get(name[2:], 0) + len(pids)
-                victims.extend(pids)
-                try:
-                    _write(os.path.join(path, "cgroup.kill"), b"1")
-                except OSError:
-                    pass
+                pass
         prefix = f"{self.key}/"
         for pid in _pids():
             if pid == self.me or pid in victims:
@@ -528,14 +534,8 @@ class Containment:
                 _kill(pid, signal.SIGKILL)
             time.sleep(0.01)
         self.reap()
-        for key_dir in key_dirs:
-            try:
-                names = os.listdir(key_dir)
-            except OSError:
-                names = []
-            for name in names:
-                if name.startswith("t-"):
-                    _rmdir_soon(os.path.join(key_dir, name))
+        for _, path in self._task_cgroups():
+            _rmdir_soon(path)
         if self._legacy is not None:
             _rmdir_soon(self._legacy)
             self._legacy = None
