@@ -197,11 +197,15 @@ class MqttConnection:
                 return  # their connection is gone: the broker sends them again
             generation, mids = self.generation, []
             for message in messages:
-                if message.generation == generation:
-                    if message.qos == 1:
-                        mids.append(message.mid)
-                    else:
-                        self._client.ack(message.mid, message.qos)
+                if message.generation != generation:
+                    continue
+                if message.qos == 1:
+                    mids.append(message.mid)
+                    continue
+                if mids:  # the PUBACKs before it first: acks leave in arrival order
+                    self._client._packet_queue(PUBACK, _pubacks(mids), 0, 1)
+                    mids = []
+                self._client.ack(message.mid, message.qos)
             if mids:  # the PUBACKs as one packet buffer, built at once
                 self._client._packet_queue(PUBACK, _pubacks(mids), 0, 1)
         self._submit(run)
