@@ -181,6 +181,24 @@ def test_tasks_run_one_at_a_time_in_arrival_order(start_agent: Any, observer: Ob
     assert record.read_text().split() == ids
 
 
+def test_command_runs_only_once_its_accepted_is_in_the_task_log(
+        start_agent: Any, observer: Observer) -> None:
+    """The shell is forked while `accepted` is written and synced (shell.GATE); what the
+    command runs must see that record, and `accepted` -> `running` -> final in order."""
+    agent = start_agent("node-g")
+    log_file = agent.dir / "state" / "tasks.jsonl"
+    ids = [f"g{i}" for i in range(20)]
+    for task_id in ids:  # argv tasks are forked only after it: both kinds are checked
+        check = f"grep '\"id\":\"{task_id}\"' {log_file} | grep -q '\"state\":\"accepted\"'"
+        observer.send("node-g", shell(task_id, check if task_id != "g7" else
+                                      ["/bin/sh", "-c", check]))
+    for task_id in ids:
+        final = observer.final(task_id)
+        assert final["state"] == "succeeded", f"{task_id} ran before it was logged: {final}"
+        states = [u["state"] for u in observer.of("update", id=task_id)]
+        assert states == ["accepted", "running", "succeeded"], states
+
+
 def test_parallel_runs_tasks_at_once(start_agent: Any, observer: Observer,
                                      tmp_path: Path) -> None:
     start_agent("node-p", "--parallel", "3")
