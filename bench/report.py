@@ -62,7 +62,22 @@ def item2(r: dict[str, Any]) -> list[str]:
             "bridge). Milliseconds.", "",
             *_table(["mode", "load", "tasks", "p50", "p95", "p99", "completed",
                      "target (p50 <= 2, p99 <= 10 at light load)"], rows),
-            *_item2_cpu(r)]
+            *_item2_floor(r), *_item2_cpu(r)]
+
+
+def _item2_floor(r: dict[str, Any]) -> list[str]:
+    """What an agent with no cost of its own would still take here (bench/floor.py)."""
+    rows = r.get("floor")
+    if not rows:
+        return []
+    what = {"echo": "two broker hops and paho (answer at once)",
+            "sync": "+ fdatasync of a 150-byte record",
+            "spawn": "+ `/bin/sh -c true` spawned after it, waited for",
+            "gated": "the shell spawned before the sync, waiting at the agent's gate"}
+    return ["", "The floor on this machine, light load, no agent (bench/floor.py: one "
+            "paho callback answers; milliseconds):", "",
+            *_table(["level", "what it pays", "p50", "p99"],
+                    [[k, what.get(k, ""), v["p50_ms"], v["p99_ms"]] for k, v in rows.items()])]
 
 
 def _item2_cpu(r: dict[str, Any]) -> list[str]:

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import ROOT, cpu_s, median, mosquitto, percentile
+from bench.floor import floor
 from bench.scale import _beam_pid
 from edgerun.protocol import Channel, ShellTask, encode
 from edgerun.settings import parse_broker_url
@@ -265,6 +266,9 @@ def item2(work: Path, light: int, rate: float, seconds: float, processes: int,
         out["direct"] = measure(clock, nodes, light, rate, seconds, CpuMeter(watch))
         direct.stop()
         print(f"  item 2: direct {_line(out['direct'])}", flush=True)
+        out["floor"] = floor(broker.url, 200, work / "floor")
+        print("  item 2: floor (no agent; bench/floor.py): " + ", ".join(
+            f"{k} p50 {v['p50_ms']:.2f}" for k, v in out["floor"].items()) + " ms", flush=True)
         bridge = BridgeProcess(broker.url, rabbit.url, work / "bridge").start()
         bridge.wait_ready()
         via = AmqpMessenger(parse_broker_url(rabbit.url, ("amqp",)), record_external=False,
