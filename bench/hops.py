@@ -88,7 +88,7 @@ def agent_main(argv: list[str]) -> int:
     _stamp_io()
     _wrap(MqttConnection, "_handle_message", "agent on_message")
     _wrap(core.Agent, "_handle", "dispatcher picks it up")
-    _wrap(TaskLog, "record", after="accepted synced", when=lambda a, k: k.get("durable"))
+    _wrap(TaskLog, "sync", after="accepted synced")
     _wrap(os, "fdatasync", "fdatasync begins", "fdatasync returns")
     _wrap(core.Control, "admit", "admit")
     _wrap(core.Agent, "_execute", "worker picks it up")

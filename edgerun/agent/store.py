@@ -226,6 +226,19 @@ class TaskLog:
             self._write(line + b"\n", durable)
         return data
 
+    def sync(self) -> None:
+        """Make what was recorded so far durable (fdatasync): `record(durable=True)` in two
+        steps, so that the caller can hand the task on between them."""
+        with self._lock:
+            if self._fh is None:
+                return  # in memory only, or failing: _write said so
+            try:
+                os.fdatasync(self._fh.fileno())
+            except OSError as exc:
+                log.error("cannot write the task log %s: %s", self._path, exc.strerror)
+                self._fh.close()
+                self._fh = None  # the next record tries to write the whole file again
+
     def delivered(self, task_id: str, data: bytes) -> None:
         """The broker acknowledged `data`, an update of `task_id`. Cheap and lock-free
         (the MQTT network thread calls it); marked in the log lazily."""
