@@ -7,7 +7,6 @@ once admitted, behave as `sh -c COMMAND` does. Real processes, no broker.
 
 from __future__ import annotations
 
-import os
 import subprocess
 import threading
 import uuid
@@ -15,12 +14,12 @@ from pathlib import Path
 
 import pytest
 
-from edgerun.agent.contain import MARKER
 from edgerun.agent.outcome import Control, NotAdmitted, Outcome
 from edgerun.agent.shell import run_shell
 from edgerun.protocol import ShellTask, State
 
 from .brokers import wait_until
+from .test_agent_contain import living
 
 # (command, stdin): each is run by the agent's runner and by `sh -c` and must give the
 # same exit status, stdout and stderr
@@ -67,25 +66,8 @@ def test_syntax_error_differs_only_by_the_word_eval() -> None:
     assert outcome.fields["stderr"].replace("eval: ", "") == plain.stderr
 
 
-def _shells_of(task_id: str) -> list[int]:
-    """Living processes whose environment carries this task's marker (any agent key)."""
-    found = []
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        try:
-            env = Path(f"/proc/{name}/environ").read_bytes()
-            state = Path(f"/proc/{name}/stat").read_text().rsplit(")", 1)[1].split()[0]
-        except OSError:
-            continue
-        if state != "Z" and any(e.startswith(f"{MARKER}=".encode()) and
-                                e.endswith(f"/{task_id}".encode()) for e in env.split(b"\0")):
-            found.append(int(name))
-    return found
-
-
-def _held_run(tmp_path: Path, stdin: str | None) -> tuple[ShellTask, Control, Path,
-                                                         threading.Thread, list[object]]:
+def _held_run(tmp_path: Path, stdin: str | None) -> tuple[Control, Path, threading.Thread,
+                                                         list[object]]:
     marker = tmp_path / "ran"
     task = ShellTask(id=f"gate-{uuid.uuid4().hex[:8]}", command=f"touch {marker}; cat",
                      timeout=30, stdin=stdin)
@@ -101,13 +83,13 @@ def _held_run(tmp_path: Path, stdin: str | None) -> tuple[ShellTask, Control, Pa
     thread = threading.Thread(target=target, daemon=True)
     thread.start()
     # the shell is started and waits at its gate, having run nothing of the command
-    assert wait_until(lambda: len(_shells_of(task.id)) == 1, 10)
-    return task, control, marker, thread, result
+    assert wait_until(lambda: len(living(str(marker))) == 1, 10)
+    return control, marker, thread, result
 
 
 @pytest.mark.parametrize("stdin", [None, "data"])
 def test_nothing_runs_before_the_gate_opens(tmp_path: Path, stdin: str | None) -> None:
-    task, control, marker, thread, result = _held_run(tmp_path, stdin)
+    control, marker, thread, result = _held_run(tmp_path, stdin)
     thread.join(0.5)
     assert thread.is_alive() and not marker.exists(), "the command ran before admission"
     control.admit()
@@ -115,16 +97,16 @@ def test_nothing_runs_before_the_gate_opens(tmp_path: Path, stdin: str | None) -
     outcome = result[0]
     assert isinstance(outcome, Outcome) and outcome.state == State.SUCCEEDED, outcome
     assert marker.exists() and outcome.fields["stdout"] == (stdin or "")
-    assert _shells_of(task.id) == []
+    assert living(str(marker)) == []
 
 
 def test_a_task_not_admitted_never_runs_and_leaves_nothing(tmp_path: Path) -> None:
-    task, control, marker, thread, result = _held_run(tmp_path, None)
+    control, marker, thread, result = _held_run(tmp_path, None)
     control.admit(False)
     thread.join(10)
     assert isinstance(result[0], NotAdmitted), result
     assert not marker.exists(), "a task that was not admitted ran"
-    assert _shells_of(task.id) == [], "the shell waiting at the gate was left running"
+    assert living(str(marker)) == [], "the shell waiting at the gate was left running"
 
 
 def test_argv_command_is_forked_only_once_admitted(tmp_path: Path) -> None:
@@ -135,7 +117,7 @@ def test_argv_command_is_forked_only_once_admitted(tmp_path: Path) -> None:
     thread = threading.Thread(target=_run, args=(task, control), daemon=True)
     thread.start()
     thread.join(0.5)
-    assert thread.is_alive() and not marker.exists() and _shells_of(task.id) == []
+    assert thread.is_alive() and not marker.exists() and living(str(marker)) == []
     control.admit()
     thread.join(10)
     assert marker.exists()
