@@ -28,7 +28,8 @@ def update(task_id: str, state: str, **extra: object) -> dict[str, object]:
 
 def test_task_log_remembers_latest_update_across_restarts(tmp_path: Path) -> None:
     log = store.TaskLog(str(tmp_path))
-    log.record(update("a", "accepted"), durable=True)
+    log.record(update("a", "accepted"))
+    log.sync()
     log.record(update("a", "succeeded", stdout="out"))
     log.record(update("b", "running"))
     log.close()

@@ -210,8 +210,7 @@ class TaskLog:
         with self._lock:
             return self._entries.get(task_id)
 
-    def record(self, update: dict[str, Any], *, durable: bool = False,
-               data: bytes | None = None) -> bytes:
+    def record(self, update: dict[str, Any], *, data: bytes | None = None) -> bytes:
         """Remember `update` as the latest for its id; returns its wire bytes (`data`,
         when the caller has encoded it already)."""
         if data is None:
@@ -223,12 +222,13 @@ class TaskLog:
         line = data if slim is update else canonical_json(slim)
         with self._lock:
             self._put(task_id, data, update.get("state") in _FINAL)
-            self._write(line + b"\n", durable)
+            self._write(line + b"\n")
         return data
 
     def sync(self) -> None:
-        """Make what was recorded so far durable (fdatasync): `record(durable=True)` in two
-        steps, so that the caller can hand the task on between them."""
+        """Make what was recorded so far durable: fdatasync, the data and the size it needs,
+        not the mtime. Apart from record(), so that the caller can hand a task on between
+        writing its first record and making it durable."""
         with self._lock:
             if self._fh is None:
                 return  # in memory only, or failing: _write said so
@@ -248,7 +248,7 @@ class TaskLog:
         """Write the marks of acknowledged final updates that are still only in memory."""
         if self._acked:
             with self._lock:
-                self._write(b"", False)
+                self._write(b"")
 
     def undelivered(self, limit: int = RESEND) -> list[bytes]:
         """The final updates the broker never acknowledged, oldest first, at most the newest
@@ -275,7 +275,7 @@ class TaskLog:
                 ids.append(task_id)
         return _mark_lines(ids)
 
-    def _write(self, line: bytes, durable: bool) -> None:
+    def _write(self, line: bytes) -> None:
         """Append the pending marks and `line` (caller holds the lock)."""
         if self._path is None:
             self._take_marks()
@@ -287,8 +287,6 @@ class TaskLog:
         try:
             self._fh.write(marks + line)
             self._fh.flush()
-            if durable:  # fdatasync: the data and the size it needs, not the mtime
-                os.fdatasync(self._fh.fileno())
             self._lines += marks.count(b"\n") + bool(line)
             if self._lines > 2 * self.remember:
                 self._compact()
@@ -306,7 +304,7 @@ class TaskLog:
     def close(self) -> None:
         with self._lock:
             if self._acked and self._fh is not None:
-                self._write(b"", False)
+                self._write(b"")
             self._path = None
             if self._fh is not None:
                 self._fh.close()
