@@ -97,14 +97,26 @@ def rss_mib(pid: int) -> float:
     return 0.0
 
 
-def cpu_s(pid: int) -> float:
-    """User + system CPU seconds a process has used so far."""
+def _stat_ticks(pid: int, first: int) -> float:
+    """Seconds of two adjacent CPU-time fields of /proc/PID/stat (counted after the
+    command name); 0 when the process is gone."""
     try:
         with open(f"/proc/{pid}/stat") as fh:
             fields = fh.read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return (int(fields[first]) + int(fields[first + 1])) / os.sysconf("SC_CLK_TCK")
     except OSError:
         return 0.0
+
+
+def cpu_s(pid: int) -> float:
+    """User + system CPU seconds a process has used so far."""
+    return _stat_ticks(pid, 11)
+
+
+def children_cpu_s(pid: int) -> float:
+    """CPU seconds of the children a process has waited for (an agent's commands: fork,
+    exec and exit)."""
+    return _stat_ticks(pid, 13)
 
 
 def tree_rss_mib(pid: int) -> float:

@@ -27,7 +27,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from bench.common import ROOT, cpu_s, median, mosquitto, percentile
+from bench.common import ROOT, children_cpu_s, cpu_s, median, mosquitto, percentile
 from bench.floor import floor
 from bench.scale import _beam_pid
 from edgerun.protocol import Channel, ShellTask, encode
@@ -139,17 +139,6 @@ def _thread_cpu() -> dict[str, float]:
             name = "other"
         out[name] = out.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / tick
     return out
-
-
-def children_cpu_s(pid: int) -> float:
-    """CPU seconds of the children a process has waited for (the `true` processes an
-    agent ran: fork, exec and exit)."""
-    try:
-        with open(f"/proc/{pid}/stat") as fh:
-            fields = fh.read().rsplit(")", 1)[1].split()
-        return (int(fields[13]) + int(fields[14])) / os.sysconf("SC_CLK_TCK")
-    except OSError:
-        return 0.0
 
 
 # the threads of this process, by the part of the round trip they are
