@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 from pathlib import Path
 
 import pytest
@@ -55,12 +56,19 @@ def test_sigterm_cancels_queued_finishes_running_and_exits_zero(
         mosquitto: Mosquitto, observer: Observer, tmp_path: Path) -> None:
     proc = AgentProcess(mosquitto.url, "node-t", tmp_path / "a", "--grace", "10").start()
     proc.wait_online(observer)
-    observer.send("node-t", shell("long", "sleep 1; echo finished"))
+    # `long` runs until the test lets it end, not for a fixed time: with `sleep 1`, a host
+    # that stalled the test for a second after `accepted` let `waiting` start first
+    release = tmp_path / "release"
+    observer.send("node-t", shell("long", f"while [ ! -e {release} ]; do sleep 0.02; done; "
+                                          "echo finished"))
     observer.send("node-t", shell("waiting", "echo never"))
     observer.wait("update", id="waiting", state="accepted")
-    assert proc.terminate() == 0
+    assert proc.proc is not None
+    proc.proc.send_signal(signal.SIGTERM)
+    waiting = observer.final("waiting")  # answered at SIGTERM, while `long` still runs
+    release.touch()
+    assert proc.proc.wait(30) == 0
     assert observer.final("long")["state"] == "succeeded"
-    waiting = observer.final("waiting")
     assert waiting["state"] == "canceled" and waiting["error"]["code"] == "canceled"
     offline = observer.wait("status", node="node-t", state="offline")[-1]
     assert offline["at"] and offline["agent"]
