@@ -5,7 +5,9 @@ thread. Other threads hand it commands through a queue and a wake-up pipe, so
 a PUBACK can never race the bookkeeping of the publish it answers, and paho's
 socket has exactly one writer. The thread reconnects explicitly with capped,
 jittered back-off, re-subscribes after every connect, and sets TCP_NODELAY on
-every socket (paho does not; QoS 1 then waits ~40 ms per message on Nagle).
+every socket through paho's on_socket_open callback (paho does not set it; QoS 1
+then waits ~40 ms per message on Nagle). Only paho's public API is used: its
+external-loop calls (loop_read, loop_write, loop_misc, want_write, socket).
 
 Given several addresses of one clustered broker, it fails over: after a failed
 attempt or a lost connection it waits its back-off and tries the next address,
@@ -22,7 +24,6 @@ import queue
 import select
 import socket
 import ssl
-import struct
 import threading
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -41,13 +42,8 @@ __all__ = ["Inbound", "MqttConnection", "TLSFiles", "Will"]
 log = logging.getLogger(__name__)
 
 DoneCallback = Callable[[], None]
-READ_AHEAD = 65536  # bytes one recv may take for paho
 MAX_PENDING = 50_000  # QoS>0 publishes handed to paho at once, well under its 65,535 ids
-JOIN_PACKETS = 1000  # queued packets joined into one send at most
-JOIN_BYTES = 256 << 10  # ... and bytes (paho copies the rest of a packet at each partial send:
-VIEW_BYTES = 16 << 10  # a bigger one is sent through a memoryview, which slices for free)
-READ_BURST = 1000  # packets handled from bytes already read before the loop polls again
-PUBACK, PUBLISH, DISCONNECT = 0x40, 0x30, 0xE0  # MQTT control packet types (high nibble)
+READ_BURST = 1000  # packets read while the socket has more, before the loop's next pass
 
 
 @dataclass(frozen=True)
@@ -118,8 +114,8 @@ class MqttConnection:
 
     # --- set-up -----------------------------------------------------------------
     def _make_client(self, clean_session: bool, will: Will | None, manual_ack: bool,
-                     tls: TLSFiles | None, max_inflight: int) -> _ReadAhead:
-        client = _ReadAhead(CallbackAPIVersion.VERSION2, client_id=self.client_id,
+                     tls: TLSFiles | None, max_inflight: int) -> paho.Client:
+        client = paho.Client(CallbackAPIVersion.VERSION2, client_id=self.client_id,
                              clean_session=clean_session, protocol=paho.MQTTv311,
                              manual_ack=manual_ack)
         client.max_inflight_messages_set(max_inflight)
@@ -191,23 +187,15 @@ class MqttConnection:
         self._submit(run)
 
     def ack_many(self, messages: Sequence[Inbound]) -> None:
-        """`ack` of each message, in this order (the PUBACKs leave in it), one wake-up."""
+        """`ack` of each message, in this order (paho queues the PUBACKs, and writes
+        them, in the order it is called), with one wake-up."""
         def run() -> None:
             if not self.connected.is_set():
                 return  # their connection is gone: the broker sends them again
-            generation, mids = self.generation, []
+            generation = self.generation
             for message in messages:
-                if message.generation != generation:
-                    continue
-                if message.qos == 1:
-                    mids.append(message.mid)
-                    continue
-                if mids:  # the PUBACKs before it first: acks leave in arrival order
-                    self._client._packet_queue(PUBACK, _pubacks(mids), 0, 1)
-                    mids = []
-                self._client.ack(message.mid, message.qos)
-            if mids:  # the PUBACKs as one packet buffer, built at once
-                self._client._packet_queue(PUBACK, _pubacks(mids), 0, 1)
+                if message.generation == generation:
+                    self._client.ack(message.mid, message.qos)
         self._submit(run)
 
     def subscribe(self, topic: str, qos: int) -> None:
@@ -331,7 +319,6 @@ class MqttConnection:
         self._was_up = self._refused = False
         self._forget_unsent()  # a new connection starts with paho's queue empty
         try:
-            self._client.forget_read_ahead()  # bytes of an old socket
             self._client.connect(self.url.host, self.url.port, self._keepalive)
             return True
         except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError: naming it here
@@ -349,30 +336,34 @@ class MqttConnection:
             return "no socket"
         sock_fd = sock.fileno()
         poller.register(sock_fd, select.POLLIN)
+        readable = select.poll()  # the socket alone: has it more to read right now?
+        readable.register(sock_fd, select.POLLIN)
         # an SSLSocket's bytes already decrypted; not isinstance(sock, ssl.SSLSocket),
         # which would load OpenSSL for a plain mqtt:// agent (edgerun/agent/_lean.py)
         pending = getattr(sock, "pending", None)
+
+        def buffered() -> bool:
+            return pending is not None and pending() > 0
+
+        def more() -> bool:
+            return buffered() or bool(readable.poll(0))
         try:
-            return self._serve_loop(poller, sock_fd, pending)
+            return self._serve_loop(poller, sock_fd, buffered, more)
         finally:
             if self._on_pass is not None:
                 self._on_pass()  # what the last pass received is handed on, whatever ended it
 
-    def _serve_loop(self, poller: select.poll, sock_fd: int,
-                    pending: Callable[[], int] | None) -> str:
+    def _serve_loop(self, poller: select.poll, sock_fd: int, buffered: Callable[[], bool],
+                    more: Callable[[], bool]) -> str:
         want_write = False
         ok = MQTTErrorCode.MQTT_ERR_SUCCESS
         on_pass = self._on_pass
+        tls_buffered = False  # decrypted bytes wait in the TLS layer, which poll cannot see
         while not self._stop.is_set():
             if self.connected.is_set():
                 self._run_commands()
-            for _ in range(READ_BURST):  # paho handles one packet per loop_read: drain
-                tls_buffered = self._client.read_ahead() or \
-                    (pending is not None and pending() > 0)
-                if not tls_buffered:
-                    break
-                if (rc := self._client.loop_read()) != ok:
-                    return paho.error_string(rc)
+            if tls_buffered and (rc := self._read(more)) != ok:
+                return paho.error_string(rc)
             if on_pass is not None:
                 on_pass()  # before the loop may block: what this pass received goes on
             # write now what this pass queued (a PUBACK read may have released publishes):
@@ -382,6 +373,7 @@ class MqttConnection:
             if self._client.want_write() != want_write:
                 want_write = not want_write
                 poller.modify(sock_fd, select.POLLIN | (select.POLLOUT if want_write else 0))
+            tls_buffered = buffered()
             timeout = 0 if tls_buffered else 1000
             if timeout:
                 self._asleep = True  # then look again: a command queued before this wrote
@@ -396,7 +388,7 @@ class MqttConnection:
                     _drain(self._wake_r)
                     continue
                 if events & (select.POLLIN | select.POLLERR | select.POLLHUP) and \
-                        (rc := self._client.loop_read()) != ok:
+                        (rc := self._read(more)) != ok:
                     return paho.error_string(rc)
                 if events & select.POLLOUT and (rc := self._client.loop_write()) != ok:
                     return paho.error_string(rc)
@@ -405,6 +397,17 @@ class MqttConnection:
             if self._client.socket() is None:
                 return "the connection closed"
         return "stopped"
+
+    def _read(self, more: Callable[[], bool]) -> MQTTErrorCode:
+        """paho reads about one packet per loop_read: read on while the socket has more
+        (up to READ_BURST), so that a burst is one pass of the loop, one on_pass."""
+        ok = MQTTErrorCode.MQTT_ERR_SUCCESS
+        for _ in range(READ_BURST):
+            if (rc := self._client.loop_read()) != ok:
+                return rc
+            if self._client.socket() is None or not more():
+                break
+        return ok
 
     def _run_commands(self) -> None:
         ran = 0
@@ -476,8 +479,10 @@ class MqttConnection:
             return
         try:
             topic = msg.topic
-        except UnicodeDecodeError:
-            topic = msg._topic.decode("utf-8", "replace")
+        except UnicodeDecodeError:  # MQTT topics are UTF-8; no route can name this one
+            log.warning("%s: dropped a message whose topic is not UTF-8", self.name)
+            self._client.ack(msg.mid, msg.qos)  # with manual_ack, or the broker sends it again
+            return
         self._on_message(Inbound(topic, bytes(msg.payload), msg.qos, bool(msg.retain),
                                  msg.mid, self.generation))
 
@@ -497,91 +502,6 @@ class MqttConnection:
         if not self._pending and not self._held:
             with self._idle:
                 self._idle.notify_all()
-
-
-class _ReadAhead(paho.Client):
-    """paho's Client, cheaper per packet on the paths a busy connection takes:
-    - read-ahead: paho reads a packet in three recv calls (its first byte, its length,
-      the rest) and one packet per loop_read; this serves them from one recv of up to
-      READ_AHEAD bytes. The loop reads on while bytes wait.
-    - one send for what is queued: paho writes each packet with its own send; the
-      packets that need nothing after their write (PUBACKs, QoS>0 PUBLISHes, ...) are
-      joined first, so a window of PUBACKs or publishes leaves in one send.
-    - MQTT 3.1.1 PUBACKs are decoded without MQTT 5 reason-code and property objects,
-      and messages go to on_message without the topic-filter matcher (we add no
-      per-filter callbacks)."""
-
-    _ahead = b""
-    _at = 0
-
-    def _sock_recv(self, bufsize: int) -> bytes:
-        if self._at >= len(self._ahead):
-            data = super()._sock_recv(max(bufsize, READ_AHEAD))
-            if len(data) <= bufsize:
-                self._ahead, self._at = b"", 0
-                return data
-            self._ahead, self._at = data, 0
-        start = self._at
-        self._at = start + bufsize
-        return self._ahead[start:self._at]
-
-    def read_ahead(self) -> bool:
-        """Whether bytes already read from the socket wait for paho."""
-        return self._at < len(self._ahead)
-
-    def forget_read_ahead(self) -> None:
-        self._ahead, self._at = b"", 0
-
-    def _packet_write(self) -> MQTTErrorCode:
-        out = self._out_packet
-        if len(out) > 1 and _small(out[0]) and _small(out[1]):
-            parts: list[bytes | bytearray | memoryview] = []
-            size = 0
-            while out and _small(out[0]) and len(parts) < JOIN_PACKETS and size < JOIN_BYTES:
-                packet = out.popleft()
-                data = packet["packet"][packet["pos"]:] if packet["pos"] else packet["packet"]
-                parts.append(data)
-                size += len(data)
-            joined = b"".join(parts)
-            out.appendleft({"command": PUBACK, "mid": 0, "qos": 1, "pos": 0,
-                            "to_process": len(joined), "packet": memoryview(joined),  # type: ignore[typeddict-item]
-                            "info": None})
-        elif out and out[0]["to_process"] > VIEW_BYTES \
-                and not isinstance(out[0]["packet"], memoryview):
-            out[0]["packet"] = memoryview(out[0]["packet"])  # type: ignore[typeddict-item]
-        return super()._packet_write()
-
-    def _handle_pubackcomp(self, cmd: Any) -> MQTTErrorCode:
-        packet = self._in_packet["packet"]
-        if cmd != "PUBACK" or self._protocol != paho.MQTTv311 or len(packet) != 2:
-            return super()._handle_pubackcomp(cmd)
-        mid = (packet[0] << 8) | packet[1]
-        with self._out_message_mutex:
-            if mid in self._out_messages:  # our on_publish ignores reason and properties
-                return self._do_on_publish(mid, None, None)  # type: ignore[arg-type]
-        return MQTTErrorCode.MQTT_ERR_SUCCESS
-
-    def _handle_on_message(self, message: paho.MQTTMessage) -> None:
-        on_message = self.on_message
-        if on_message is not None:
-            on_message(self, self._userdata, message)
-
-
-def _pubacks(mids: Sequence[int]) -> bytes:
-    """MQTT 3.1.1 PUBACK packets (fixed header 0x40, remaining length 2, the id)."""
-    return struct.pack(f"!{len(mids)}I", *((0x4002 << 16) | mid for mid in mids))
-
-
-def _small(packet: Any) -> bool:
-    """A packet to join with others: plain, and small (a big one is sent as it is)."""
-    return packet["to_process"] <= VIEW_BYTES and _plain(packet)
-
-
-def _plain(packet: Any) -> bool:
-    """A queued packet paho does nothing with once written (not a QoS 0 PUBLISH, whose
-    write is its on_publish, nor a DISCONNECT, whose write closes the socket)."""
-    command: int = packet["command"] & 0xF0
-    return command != DISCONNECT and (command != PUBLISH or packet["qos"] > 0)
 
 
 def _nodelay(_client: paho.Client, _userdata: Any, sock: Any) -> None:
