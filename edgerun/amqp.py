@@ -3,18 +3,15 @@
 The agent never imports this module (it would pull in pika).
 
 `AmqpLink`: one thread owns a pika `SelectConnection` (the asynchronous adapter:
-the confirms of a window of publishes arrive as callbacks). Every pika call runs
-on this thread. Other threads never touch pika: they call `wake()`, which asks
-the thread (through pika's add_callback_threadsafe) to run the handler's
-`on_wake`, where the handler drains its own inbox. After every connect the
-thread declares the topology (exchanges, durable queues and their bindings),
+the confirms of a window of publishes arrive as callbacks), through pika's public
+API only. Every pika call runs on this thread. Other threads never touch pika: they
+call `wake()`, which asks the thread (through pika's add_callback_threadsafe) to run
+the handler's `on_wake`, where the handler drains its own inbox. After every connect
+the thread declares the topology (exchanges, durable queues and their bindings),
 turns on publisher confirms and a prefetch window, and tells the handler, which
 then starts the consumers. A lost connection or channel stops the I/O loop; the
 thread waits a jittered back-off on the stop event and connects again, to the
 next of its broker URLs (the nodes of one cluster), in turn.
-
-The frames one pass of the I/O loop produces (a window of publishes, a run of
-acks) leave in one `send`, not one per frame: pika writes each frame on its own.
 
 Nacks that go on renew the connection (`NACK_RENEW`): a full queue refuses for a
 while, but a channel opened on a surviving node while a quorum queue was still
@@ -41,7 +38,6 @@ import pika
 import pika.exceptions
 import pika.spec
 
-from .amqpwire import Connection, publish_frames, watch_sleep
 from .backoff import Backoff
 from .errors import ConfigError, EdgerunError
 from .settings import BrokerURL, TLSFiles
@@ -130,15 +126,11 @@ class AmqpLink:
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._ioloop: Any = None  # the running connection's loop, guarded by _lock
-        self._wake_pending = False
-        self._wake_queued = False  # _on_wake is on the loop's timer list (loop thread)
-        self._asleep = False  # the loop thread may block in poll (set by _before_poll)
+        self._wake_pending = False  # _on_wake is asked for and has not run yet
         self._thread: threading.Thread | None = None
         self._conn: Any = None
         self._channel: Any = None
         self._next_tag = 0
-        self._props_cache: dict[int, tuple[pika.BasicProperties, bytes]] = {}
-        self._consumers: dict[str, QueueSpec] = {}  # consumer tag -> queue, this channel
         self._was_up = False
         self.ready = False  # declared and in confirm mode (thread only)
         self.consuming = False
@@ -170,15 +162,12 @@ class AmqpLink:
             self._thread.join(timeout)
 
     def wake(self) -> None:
-        """Have the link thread run handler.on_wake soon; many wakes coalesce into one.
-        Only a thread blocked in poll is woken through pika's pipe (a syscall each way);
-        an awake one sees the flag before it polls again (amqpwire.watch_sleep)."""
+        """Have the link thread run handler.on_wake soon; many wakes coalesce into one."""
         with self._lock:
             if self._wake_pending or self._ioloop is None:
                 return
             self._wake_pending = True
-            if self._asleep:
-                self._ioloop.add_callback_threadsafe(self._on_wake)
+            self._ioloop.add_callback_threadsafe(self._on_wake)
 
     def _call(self, fn: Callable[[], None]) -> None:
         with self._lock:
@@ -191,33 +180,12 @@ class AmqpLink:
         """basic_publish on the confirm channel; the tag its confirm will carry."""
         if not self.ready:
             raise AmqpError(f"{self.name}: not connected")
-        channel, conn = self._channel, self._conn
         try:
-            if not channel.is_open:
-                raise pika.exceptions.ChannelWrongStateError("channel is closed")
-            pieces, frames = publish_frames(channel.channel_number, exchange, routing_key,
-                                            body, self._encoded(properties),
-                                            conn._body_max_length)
+            self._channel.basic_publish(exchange, routing_key, body, properties)
         except (pika.exceptions.AMQPError, OSError, ValueError) as exc:
             raise AmqpError(f"{self.name}: publish failed: {exc!r}") from exc
-        # what pika's basic_publish does, without its per-frame objects
-        conn.frames_sent += frames
-        for piece in pieces:
-            conn.bytes_sent += len(piece)
-            conn._adapter_emit_data(piece)
-        self._next_tag += 1
+        self._next_tag += 1  # a confirm channel numbers its publishes 1, 2, 3, ...
         return self._next_tag
-
-    def _encoded(self, properties: pika.BasicProperties) -> bytes:
-        """The properties' wire form; the few objects a publisher reuses are encoded once
-        (kept alive here, so no other object can take their id)."""
-        found = self._props_cache.get(id(properties))
-        if found is None or found[0] is not properties:
-            if len(self._props_cache) >= 64:
-                self._props_cache.clear()
-            found = self._props_cache[id(properties)] = (properties,
-                                                         b"".join(properties.encode()))
-        return found[1]
 
     def ack(self, tag: int, multiple: bool = False) -> None:
         self._settle(lambda: self._channel.basic_ack(tag, multiple=multiple))
@@ -251,9 +219,8 @@ class AmqpLink:
         self.consuming = True
         try:
             for queue in self.topology.queues:
-                tag = self._channel.basic_consume(queue.name, partial(self._on_delivery, queue),
-                                                  auto_ack=queue.auto_ack)
-                self._consumers[tag] = queue
+                self._channel.basic_consume(queue.name, partial(self._on_delivery, queue),
+                                            auto_ack=queue.auto_ack)
         except (pika.exceptions.AMQPError, OSError) as exc:
             self._note_error(f"cannot consume: {exc!r}; reconnecting")
             self._close()
@@ -286,15 +253,14 @@ class AmqpLink:
 
     def _serve_once(self) -> None:
         try:
-            conn = Connection(self._parameters[self._index], on_open_callback=self._on_open,
-                               on_open_error_callback=self._on_open_error,
-                               on_close_callback=self._on_closed)
+            conn = pika.SelectConnection(self._parameters[self._index],
+                                         on_open_callback=self._on_open,
+                                         on_open_error_callback=self._on_open_error,
+                                         on_close_callback=self._on_closed)
         except (pika.exceptions.AMQPError, OSError, ValueError) as exc:
             self._note_error(f"cannot connect to {self.url}: {exc!r}")
             return
         self._conn = conn
-        conn.on_deliver = self._fast_delivery
-        watch_sleep(conn.ioloop, self._before_poll, self._awake)
         with self._lock:
             self._ioloop, self._wake_pending = conn.ioloop, False
             if self._stop.is_set():  # stop() came before there was a loop to tell
@@ -347,7 +313,6 @@ class AmqpLink:
 
     def _on_channel_open(self, channel: Any) -> None:
         self._channel = channel
-        self._consumers.clear()  # consumer tags are the channel's
         channel.add_on_close_callback(self._on_channel_closed)
         channel.add_on_cancel_callback(self._on_cancelled)
         channel.confirm_delivery(self._on_confirm, callback=self._on_confirm_mode)
@@ -393,25 +358,8 @@ class AmqpLink:
 
     def _on_wake(self) -> None:
         with self._lock:
-            self._wake_pending = self._wake_queued = False
+            self._wake_pending = False
         self.handler.on_wake()
-
-    def _awake(self) -> None:
-        self._asleep = False
-
-    def _before_poll(self, timeout: float) -> float:
-        """The loop is about to poll: a wake that came while it was awake (no byte in
-        pika's pipe) runs at once, and a blocking poll is marked asleep first, then the
-        flag read again (wake() sets the flag, then reads `_asleep`)."""
-        if timeout:
-            self._asleep = True
-        if self._wake_pending and not self._wake_queued:
-            self._wake_queued = True
-            assert self._ioloop is not None
-            self._ioloop.call_later(0, self._on_wake)
-            self._asleep = False
-            return 0
-        return timeout
 
     def _on_confirm(self, frame: Any) -> None:
         method = frame.method
@@ -442,19 +390,14 @@ class AmqpLink:
 
     def _on_delivery(self, queue: QueueSpec, _channel: Any, method: Any, _props: Any,
                      body: bytes) -> None:
-        self.handler.on_delivery(queue, method.delivery_tag, method.routing_key, body)
-
-    def _fast_delivery(self, channel_number: int, consumer_tag: str, tag: int,
-                       routing_key: str, body: bytes) -> bool:
-        """A delivery decoded by the connection itself (amqpwire), for a consumer of
-        ours on the open channel; anything else goes pika's way (False)."""
-        channel = self._channel
-        queue = self._consumers.get(consumer_tag)
-        if queue is None or channel is None or channel.channel_number != channel_number \
-                or not channel.is_open or consumer_tag in channel._cancelled:
-            return False
-        self.handler.on_delivery(queue, tag, routing_key, body)
-        return True
+        key = method.routing_key
+        if not isinstance(key, str):  # pika hands over a key that is not UTF-8 as bytes
+            log.warning("%s: rejected a delivery from %s whose routing key is not UTF-8: %r",
+                        self.name, queue.name, key[:200])
+            if not queue.auto_ack:
+                self.reject(method.delivery_tag)
+            return
+        self.handler.on_delivery(queue, method.delivery_tag, key, body)
 
     def _note_error(self, text: str) -> None:
         if text != self.last_error:

@@ -2,21 +2,18 @@
 
 from __future__ import annotations
 
-import struct
-from typing import Any
-
-import pika
-import pika.frame
 import pytest
-from hypothesis import assume, given, settings
-from pika import frame, spec
+from hypothesis import given
 from hypothesis import strategies as st
 
-from edgerun import amqpwire
-from edgerun.amqpwire import publish_frames
 from edgerun.amqpconfirms import ConfirmTracker
 from edgerun.bridge.routes import (
-    Direction, Template, build_table, default_specs, patterns_overlap, value_problem,
+    Direction,
+    Template,
+    build_table,
+    default_specs,
+    patterns_overlap,
+    value_problem,
 )
 from edgerun.errors import ConfigError
 
@@ -200,89 +197,3 @@ def test_confirms_settle_each_publish_at_most_once(answers: list[tuple[int, bool
         settled += got
     rest = tracker.reset()
     assert sorted(settled + rest) == list(range(1, 51))
-
-
-# --- the wire form of a publish: the link writes basic.publish frames itself --------------
-SHORT = st.text(max_size=60)
-PROPERTIES = st.builds(pika.BasicProperties, content_type=st.none() | st.just("application/json"),
-                       delivery_mode=st.none() | st.sampled_from([1, 2]),
-                       headers=st.none() | st.dictionaries(st.text(max_size=8),
-                                                           st.integers(0, 1000), max_size=3),
-                       message_id=st.none() | SHORT)
-
-
-@given(channel=st.integers(1, 65535), exchange=SHORT, key=SHORT,
-       body=st.binary(max_size=3000) | st.builds(bytes, st.integers(0, 300_000)),
-       properties=PROPERTIES,
-       body_max=st.integers(1, 1024) | st.just(131072 - 8))
-@settings(deadline=None)  # pika's own marshalling of thousands of frames is the slow side
-def test_publish_frames_are_what_pika_marshals(channel: int, exchange: str, key: str,
-                                               body: bytes, properties: Any,
-                                               body_max: int) -> None:
-    assume(len(body) // body_max <= 5000)  # 300 KB in 1-byte frames says nothing more
-    want = [frame.Method(channel, spec.Basic.Publish(exchange=exchange, routing_key=key))
-            .marshal(), frame.Header(channel, len(body), properties).marshal()]
-    want += [frame.Body(channel, body[at:at + body_max]).marshal()
-             for at in range(0, len(body), body_max)]
-    pieces, count = publish_frames(channel, exchange, key, body,
-                                   b"".join(properties.encode()), body_max)
-    assert b"".join(pieces) == b"".join(want)
-    assert count == len(want)
-
-
-def test_a_routing_key_longer_than_a_short_string_is_refused_not_truncated() -> None:
-    with pytest.raises(ValueError, match="short strings"):
-        publish_frames(1, "x", "é" * 128, b"body", b"", 1000)  # 256 bytes in UTF-8
-
-
-def _deliver_frames(channel: int, tag: str, delivery: int, key: bytes, body: bytes,
-                    body_max: int) -> bytes:
-    """A basic.deliver as RabbitMQ writes it (the routing key as raw bytes)."""
-    raw = tag.encode()
-    method = (struct.pack(">I", 0x003C003C) + bytes((len(raw),)) + raw
-              + struct.pack(">QB", delivery, 0) + b"\x02ex" + bytes((len(key),)) + key)
-    out = struct.pack(">BHI", 1, channel, len(method)) + method + b"\xce"
-    out += frame.Header(channel, len(body),
-                        pika.BasicProperties(content_type="application/json")).marshal()
-    for at in range(0, len(body), body_max):
-        out += frame.Body(channel, body[at:at + body_max]).marshal()
-    return out
-
-
-class _Reader(amqpwire.Connection):  # type: ignore[misc]
-    def __init__(self) -> None:  # no pika set-up: only what _deliver touches
-        self.bytes_received = self.frames_received = 0
-
-
-@given(tag=st.text(min_size=1, max_size=40), delivery=st.integers(1, 2**63),
-       key=st.text(max_size=60), body=st.binary(max_size=600), body_max=st.integers(1, 200))
-def test_a_delivery_decoded_by_the_connection_is_what_pika_decodes(
-        tag: str, delivery: int, key: str, body: bytes, body_max: int) -> None:
-    data = _deliver_frames(7, tag, delivery, key.encode(), body, body_max)
-    got: list[tuple[int, str, int, str, bytes]] = []
-    reader = _Reader()
-    method_end = 8 + int.from_bytes(data[3:7], "big")
-    after = reader._deliver(data, 0, method_end, len(data),
-                            lambda *args: got.append(args) or True)
-    assert after == len(data) and reader.bytes_received == len(data)
-    decoded = pika.frame.decode_frame(data[:method_end])[1].method
-    assert got == [(7, decoded.consumer_tag, decoded.delivery_tag, decoded.routing_key, body)]
-
-
-def test_a_delivery_the_connection_cannot_take_whole_goes_to_pika() -> None:
-    data = _deliver_frames(3, "ctag", 5, b"node.n1", b"x" * 500, 100)
-    method_end = 8 + int.from_bytes(data[3:7], "big")
-    reader = _Reader()
-
-    def never(*_args: object) -> bool:
-        raise AssertionError("handed over")
-
-    for cut in (method_end, method_end + 10, len(data) - 1):  # content not all read yet
-        assert reader._deliver(data[:cut], 0, method_end, cut, never) == 0
-    bad_key = _deliver_frames(3, "ctag", 5, b"node.\xff", b"body", 100)  # not UTF-8
-    end = 8 + int.from_bytes(bad_key[3:7], "big")
-    assert reader._deliver(bad_key, 0, end, len(bad_key), never) == 0
-    other = data[:method_end] + frame.Heartbeat().marshal() + data[method_end:]
-    assert reader._deliver(other, 0, method_end, len(other), never) == 0  # channel 0 between
-    assert reader._deliver(data, 0, method_end, len(data), lambda *_: False) == 0  # refused
-    assert reader.bytes_received == 0

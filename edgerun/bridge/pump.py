@@ -19,8 +19,8 @@ dead channel are redelivered by RabbitMQ anyway.
 
 Work is batched per wake-up: the MQTT thread wakes the AMQP thread once per
 pass of its loop (on_mqtt_pass), the deliveries of one read go to the MQTT
-thread as one command, the PUBACKs the confirms of one read allow as one
-command, and the AMQP frames of one loop pass in one send (edgerun.amqp).
+thread as one command, and the PUBACKs the confirms of one read allow as one
+command.
 
 Everything below runs on the AMQP link's thread except the `on_mqtt_*`
 methods and `_on_puback` (the MQTT thread) and `begin_drain`/`drained`/
