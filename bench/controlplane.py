@@ -71,7 +71,7 @@ class Serve:
 
 
 def _finals(db: str) -> int:
-    from edgerun.scheduler.store import Store
+    from edgerun.scheduler.store.tasks import Store
     store = Store(db)
     try:
         return store.count_by_state().get("succeeded", 0)
@@ -142,7 +142,7 @@ def _retained_statuses(url: str, nodes: int) -> None:
 
 def _seed_store(db: str, nodes: int) -> None:
     from edgerun.protocol import Status
-    from edgerun.scheduler.store import Store
+    from edgerun.scheduler.store.tasks import Store
     store = Store(db)
     try:
         for i in range(nodes):
@@ -152,7 +152,7 @@ def _seed_store(db: str, nodes: int) -> None:
 
 
 def _fresh_since(db: str, stamp: str) -> int:
-    from edgerun.scheduler.store import Store
+    from edgerun.scheduler.store.tasks import Store
     store = Store(db)
     try:
         return sum(1 for n in store.nodes() if n["last_seen"] > stamp)
@@ -186,7 +186,7 @@ def item9(tmp: Path, *, updates: int, nodes: int) -> dict[str, Any]:
         for label, db, instances in (("sqlite", str(tmp / "u.db"), 1), ("postgresql", pg, 1),
                                      ("postgresql", pg, 3)):
             if label == "postgresql":
-                from edgerun.scheduler.store import Store
+                from edgerun.scheduler.store.tasks import Store
                 Store(pg).close()  # schema in place before several instances race for it
             row = updates_rate(tmp, broker.url, db, instances, updates)
             out["updates"].append({"store": label, **row})

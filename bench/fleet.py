@@ -66,14 +66,14 @@ def rollout(url: str, tmp: Path, nodes: int) -> list[dict[str, Any]]:
         with pool(url, tmp / "agents", agents, api, timeout=300):
             for batch in (10, nodes):
                 start = time.monotonic()
-                made = svc.fleet.rollouts.create(["ro-*"], False,
+                made = svc.rollouts.create(["ro-*"], False,
                                                  {"type": "shell", "command": "true"},
                                                  {"batch": batch})
                 rollout_id = str(made["id"])
-                wait_until(lambda rid=rollout_id: svc.fleet.rollouts.show(rid)["state"]
+                wait_until(lambda rid=rollout_id: svc.rollouts.show(rid)["state"]
                            == "finished", 600, 0.05)
                 seconds = time.monotonic() - start
-                counts = svc.fleet.rollouts.show(rollout_id)["counts"]
+                counts = svc.rollouts.show(rollout_id)["counts"]
                 out.append({"nodes": nodes, "batch": batch, "seconds": round(seconds, 2),
                             "succeeded": counts["succeeded"]})
     return out

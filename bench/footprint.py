@@ -30,12 +30,12 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import ROOT, median, mosquitto, rss_mib, tree_rss_mib
+from edgerun.cli.client import Client
 from edgerun.mqtt import Inbound, MqttConnection
 from edgerun.protocol import ShellTask, encode
 from edgerun.settings import parse_broker_url
-from edgerun.scheduler.client import Client
-from tests.brokers import free_port, wait_until
 from tests.bridgekit import BridgeProcess
+from tests.brokers import free_port, wait_until
 from tests.rabbit import Rabbit
 
 BINARY = ROOT / "images" / "out" / "edgerun-agent"

@@ -103,9 +103,9 @@ def roundtrip(work: Path, tasks: int = 200) -> dict[str, Any]:
     import uuid
 
     from edgerun.protocol import Channel, ShellTask, encode
-    from edgerun.settings import parse_broker_url
     from edgerun.scheduler.messaging import Incoming
     from edgerun.scheduler.messaging.mqtt import MqttMessenger
+    from edgerun.settings import parse_broker_url
     broker = mosquitto(work / "rt-mosquitto")
     agent = subprocess.Popen([sys.executable, "-m", "edgerun.agent",
                               "--broker", broker.url, "--node",
@@ -186,8 +186,8 @@ def _cpu_s(pid: int) -> float:
 def send(work: Path, count: int = 2000) -> dict[str, Any]:
     import uuid
 
-    from edgerun.settings import parse_broker_url
     from edgerun.scheduler.messaging.amqp import AmqpMessenger
+    from edgerun.settings import parse_broker_url
     from tests.rabbit import Rabbit
     rabbit = Rabbit(work / "send-rabbit").start()
     try:

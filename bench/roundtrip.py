@@ -31,10 +31,10 @@ from bench.common import ROOT, children_cpu_s, cpu_s, median, mosquitto, percent
 from bench.floor import floor
 from bench.scale import _beam_pid
 from edgerun.protocol import Channel, ShellTask, encode
-from edgerun.settings import parse_broker_url
 from edgerun.scheduler.messaging import Incoming, Messenger
 from edgerun.scheduler.messaging.amqp import AmqpMessenger
 from edgerun.scheduler.messaging.mqtt import MqttMessenger
+from edgerun.settings import parse_broker_url
 from tests.bridgekit import BridgeProcess
 from tests.rabbit import Rabbit
 

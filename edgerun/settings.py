@@ -278,6 +278,24 @@ def resolve(options: Sequence[Option], args: argparse.Namespace, environ: Mappin
     return values
 
 
+CONFIG_TABLES = ("client", "serve")
+"""The tables of the shared config file of `edgerun` and `edgerun serve`."""
+
+
+def config_table(path: str, section: str) -> dict[str, Any]:
+    """The `[section]` table of the shared config file ({} when absent); ConfigError on a
+    top-level key that is not one of the known tables, or a section that is not a table."""
+    document = read_toml(path)
+    for key in document:
+        if key not in CONFIG_TABLES:
+            raise ConfigError(f"config file {path}: unknown key `{key}` at the top level "
+                              f"({section} settings go in a [{section}] table)")
+    table = document.get(section, {})
+    if not isinstance(table, dict):
+        raise ConfigError(f"config file {path}: [{section}] must be a table")
+    return table
+
+
 def config_path(args: argparse.Namespace, environ: Mapping[str, str]) -> str | None:
     path = args.config or environ.get("EDGERUN_CONFIG")
     return str(path) if path else None

@@ -15,8 +15,8 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from edgerun.scheduler.client import Client
-from edgerun.scheduler.errors import SchedulerError
+from edgerun.cli.client import Client
+from edgerun.control.errors import SchedulerError
 
 from .brokers import ChildProcess, free_port, wait_until
 from .mqttkit import ROOT

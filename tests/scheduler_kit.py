@@ -21,9 +21,9 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from edgerun.cli.client import Client
+from edgerun.control.errors import NotFound
 from edgerun.scheduler.app import App
-from edgerun.scheduler.client import Client
-from edgerun.scheduler.errors import NotFound
 from edgerun.scheduler.settings import ServeSettings
 
 from .brokers import wait_until

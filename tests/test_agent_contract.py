@@ -12,8 +12,8 @@ import io
 import json
 from pathlib import Path
 
+from edgerun.cli.render import show_task
 from edgerun.protocol import format_time
-from edgerun.scheduler.render import show_task
 from edgerun.signing import Signer, generate_keypair
 
 from .brokers import Mosquitto, wait_until

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from edgerun.scheduler.errors import BrokerUnreachable
+from edgerun.control.errors import BrokerUnreachable
 
 from .bridgekit import AmqpSink, BridgeProcess, publish_amqp, publish_mqtt
 from .brokers import Mosquitto, free_port, wait_port, wait_until

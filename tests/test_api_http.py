@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 from edgerun.errors import ConfigError
-from edgerun.scheduler.api import ApiConfig
-from edgerun.scheduler.auth import admin_token_file
+from edgerun.scheduler.api.auth import admin_token_file
+from edgerun.scheduler.api.server import ApiConfig
 
 from .apikit import FakeFleet, Stack, call, stack, wait_for
 from .brokers import Mosquitto

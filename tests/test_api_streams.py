@@ -14,8 +14,8 @@ from websockets.exceptions import InvalidStatus
 from websockets.sync.client import connect
 
 from edgerun.scheduler import events as events_module
-from edgerun.scheduler import streams
-from edgerun.scheduler.events import EventHub
+from edgerun.scheduler.api import streams
+from edgerun.scheduler.store.events import EventHub
 
 from .apikit import Stack, stack
 

@@ -13,11 +13,9 @@ import pytest
 
 from edgerun.cmdline import EXIT_CLOSED_PIPE, require_extra
 from edgerun.errors import ConfigError, EdgerunError, MissingExtra
-from edgerun.scheduler.client import ServiceUnreachable
-from edgerun.scheduler.errors import (
-    BadRequest, BrokerUnreachable, EmbeddedBrokerError, ListenError, NotFound, StoreError,
-    UnknownNode,
-)
+from edgerun.cli.client import ServiceUnreachable
+from edgerun.control.errors import BadRequest, BrokerUnreachable, NotFound, UnknownNode
+from edgerun.scheduler.errors import EmbeddedBrokerError, ListenError, StoreError
 
 from .mqttkit import ROOT
 from .scheduler_kit import running_app

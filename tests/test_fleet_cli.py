@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from edgerun.scheduler.errors import SchedulerError
+from edgerun.control.errors import SchedulerError
 
 from .brokers import Mosquitto, wait_until
 from .fleet_kit import AgentSpec, make_sys_root, pool

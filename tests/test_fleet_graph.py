@@ -9,9 +9,9 @@ from typing import Any
 
 import pytest
 
+from edgerun.control.errors import BadRequest
 from edgerun.errors import ConfigError
-from edgerun.scheduler.errors import BadRequest
-from edgerun.scheduler.jobs import dependents, graph_of, parse_job_file
+from edgerun.control.jobfile import dependents, graph_of, parse_job_file
 from edgerun.scheduler.service import Service
 
 from .brokers import Mosquitto, wait_until

@@ -8,7 +8,7 @@ import queue
 from pathlib import Path
 from typing import Any
 
-from edgerun.scheduler.events import Subscription
+from edgerun.scheduler.store.events import Subscription
 
 from .brokers import Mosquitto
 from .scheduler_kit import Api, running_app, start_agent

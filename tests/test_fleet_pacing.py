@@ -9,8 +9,8 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from edgerun.protocol import Cancel, format_time, parse_command
-from edgerun.scheduler.fleetdb import FleetDB
-from edgerun.scheduler.store import Store
+from edgerun.scheduler.store.fleetdb import FleetDB
+from edgerun.scheduler.store.tasks import Store
 
 from .brokers import Mosquitto, wait_until
 from .scheduler_kit import Api, running_app, start_agent

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from edgerun.scheduler.fleetdb import FleetDB
+from edgerun.scheduler.store.fleetdb import FleetDB
 
 from .brokers import Mosquitto, wait_until
 from .fleet_kit import AgentSpec, make_sys_root, pool
@@ -37,12 +37,12 @@ def test_pacing_retries_rollouts_and_graphs_on_postgresql(
             attempts = FleetDB(svc.store).attempts("pg-2", task["id"])
             assert [a["attempt"] for a in attempts] == [1, 2]
             # a rollout that aborts
-            rollout = svc.fleet.rollouts.create(["pg-*"], False,
+            rollout = svc.rollouts.create(["pg-*"], False,
                                                 {"type": "shell", "command": "exit 1"},
                                                 {"batch": 1, "abort_after": 1})
-            assert wait_until(lambda: svc.fleet.rollouts.show(rollout["id"])["state"]
+            assert wait_until(lambda: svc.rollouts.show(rollout["id"])["state"]
                               == "aborted", 60, 0.1)
-            assert svc.fleet.rollouts.show(rollout["id"])["counts"]["skipped"] == 2
+            assert svc.rollouts.show(rollout["id"])["counts"]["skipped"] == 2
             # a graph
             svc.create_job(["pg-0", "pg-1"], False, [
                 {"name": "a", "type": "shell", "command": "true"},

@@ -21,28 +21,28 @@ def test_rollout_and_job_resume_after_a_restart(mosquitto: Mosquitto, tmp_path: 
         assert svc is not None
         agents = [AgentSpec(f"rs-{i}") for i in range(6)]
         with pool(mosquitto.url, tmp_path / "agents", agents, api):
-            rollout = svc.fleet.rollouts.create(
+            rollout = svc.rollouts.create(
                 ["rs-*"], False, {"type": "shell", "command": f"sleep 0.4; echo r >> {log}"},
                 {"batch": 1})
             job = svc.create_job(["rs-0"], False, [
                 {"type": "shell", "command": f"sleep 0.4; echo j{i} >> {log}"}
                 for i in range(3)], "rs-job")
-            assert wait_until(lambda: svc.fleet.rollouts.show(rollout["id"])["counts"]
+            assert wait_until(lambda: svc.rollouts.show(rollout["id"])["counts"]
                               ["succeeded"] >= 2, 60, 0.05)
             app.stop()
             app = App(values).start()  # the same store, session and queue
             svc = app.service
             assert svc is not None
-            done = wait_until(lambda: svc.fleet.rollouts.show(rollout["id"])["state"]
+            done = wait_until(lambda: svc.rollouts.show(rollout["id"])["state"]
                               == "finished", 60, 0.1)
-            assert done, svc.fleet.rollouts.show(rollout["id"])
+            assert done, svc.rollouts.show(rollout["id"])
 
             def job_done() -> bool:
                 found = svc.store.job(job["id"])
                 return found is not None and all(t["state"] == "succeeded"
                                                  for t in found["tasks"])
             assert wait_until(job_done, 60, 0.1), svc.store.job(job["id"])
-            assert svc.fleet.rollouts.show(rollout["id"])["counts"]["succeeded"] == 6
+            assert svc.rollouts.show(rollout["id"])["counts"]["succeeded"] == 6
         lines = log.read_text().split()
         assert lines.count("r") == 6  # each target ran once
         assert [x for x in lines if x.startswith("j")] == ["j0", "j1", "j2"]

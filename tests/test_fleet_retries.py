@@ -8,9 +8,9 @@ from typing import Any
 
 import pytest
 
-from edgerun.scheduler.errors import BadRequest
-from edgerun.scheduler.fleetdb import FleetDB
-from edgerun.scheduler.retries import RetryPolicy, outcome, parse_retry, will_retry
+from edgerun.control.errors import BadRequest
+from edgerun.control.retries import RetryPolicy, outcome, parse_retry, will_retry
+from edgerun.scheduler.store.fleetdb import FleetDB
 
 from .brokers import Mosquitto, wait_until
 from .scheduler_kit import Api, running_app, start_agent

@@ -10,10 +10,10 @@ from typing import Any
 
 import pytest
 
-from edgerun.scheduler.errors import BadRequest
-from edgerun.scheduler.fleetdb import Conflict
-from edgerun.scheduler.rollout import parse_abort, parse_options, parse_rate
+from edgerun.control.errors import BadRequest
+from edgerun.scheduler.fleet.rollout import parse_abort, parse_options, parse_rate
 from edgerun.scheduler.service import Service
+from edgerun.scheduler.store.fleetdb import Conflict
 
 from .brokers import Mosquitto, wait_until
 from .fleet_kit import AgentSpec, pool
@@ -43,7 +43,7 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Api, Servi
 
 def wait_rollout(svc: Service, rollout_id: str, states: set[str],
                  timeout: float = 120.0) -> dict[str, Any]:
-    rollouts = svc.fleet.rollouts
+    rollouts = svc.rollouts
     assert wait_until(lambda: rollouts.show(rollout_id)["state"] in states, timeout, 0.1), \
         rollouts.show(rollout_id)
     return rollouts.show(rollout_id)
@@ -51,7 +51,7 @@ def wait_rollout(svc: Service, rollout_id: str, states: set[str],
 
 def settle(svc: Service, rollout_id: str) -> dict[str, Any]:
     """Wait until no target is in flight any more."""
-    rollouts = svc.fleet.rollouts
+    rollouts = svc.rollouts
     assert wait_until(lambda: rollouts.show(rollout_id)["counts"]["active"] == 0, 60, 0.1)
     return rollouts.show(rollout_id)
 
@@ -59,7 +59,7 @@ def settle(svc: Service, rollout_id: str) -> dict[str, Any]:
 def test_batch_5_aborts_after_3_failures_and_leaves_the_rest_untouched(
         fleet: tuple[Api, Service]) -> None:
     _, svc = fleet
-    started = svc.fleet.rollouts.create(
+    started = svc.rollouts.create(
         ["roll-0*"], False, {"type": "shell", "command": "sleep 0.2; exit 1"},
         {"batch": 5, "abort_after": 3})
     assert started["counts"]["total"] == NODES
@@ -85,20 +85,20 @@ def test_batch_5_aborts_after_3_failures_and_leaves_the_rest_untouched(
         assert all(u.get("by") == "scheduler" for u in updates)  # nothing from the node
     assert {t["state"] for t in touched} <= {"failed", "canceled"}
     # visible afterwards too, the abort reason kept
-    assert svc.fleet.rollouts.show(started["id"])["reason"] == rollout["reason"]
+    assert svc.rollouts.show(started["id"])["reason"] == rollout["reason"]
 
 
 def test_the_window_never_holds_more_than_batch_targets(fleet: tuple[Api, Service]) -> None:
     _, svc = fleet
     peak = [0]
     stop = threading.Event()
-    started = svc.fleet.rollouts.create(
+    started = svc.rollouts.create(
         ["roll-00*", "roll-01*"], False, {"type": "shell", "command": "sleep 0.3"},
         {"batch": 4})
 
     def sample() -> None:
         while not stop.wait(0.02):
-            counts = svc.fleet.rollouts.show(started["id"])["counts"]
+            counts = svc.rollouts.show(started["id"])["counts"]
             peak[0] = max(peak[0], counts["active"])
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
@@ -114,7 +114,7 @@ def test_the_window_never_holds_more_than_batch_targets(fleet: tuple[Api, Servic
 def test_an_offline_target_fails_fast_and_counts_as_a_failure(
         fleet: tuple[Api, Service]) -> None:
     _, svc = fleet
-    started = svc.fleet.rollouts.create(
+    started = svc.rollouts.create(
         ["roll-gone", "roll-02*"], False, {"type": "shell", "command": "true"},
         {"batch": 3, "abort_after": "50%", "abort_min": 5})
     rollout = wait_rollout(svc, started["id"], {"finished"}, timeout=60)
@@ -125,7 +125,7 @@ def test_an_offline_target_fails_fast_and_counts_as_a_failure(
 
 def test_pause_holds_new_targets_and_resume_finishes(fleet: tuple[Api, Service]) -> None:
     _, svc = fleet
-    rollouts = svc.fleet.rollouts
+    rollouts = svc.rollouts
     started = rollouts.create(["roll-03*"], False, {"type": "shell", "command": "sleep 0.3"},
                               {"batch": 2})
     paused = rollouts.pause(started["id"])

@@ -10,9 +10,9 @@ from typing import Any
 
 import pytest
 
-from edgerun.scheduler.errors import BadRequest, UnknownNode
+from edgerun.control.errors import BadRequest, UnknownNode
+from edgerun.scheduler.fleet.targets import parse_where, parse_wheres, select_nodes
 from edgerun.scheduler.service import Service
-from edgerun.scheduler.targets import parse_where, parse_wheres, select_nodes
 
 from .brokers import Mosquitto
 from .fleet_kit import AgentSpec, make_sys_root, pool

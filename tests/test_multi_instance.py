@@ -21,10 +21,10 @@ from typing import Any
 
 import pytest
 
+from edgerun.control.errors import SchedulerError
 from edgerun.protocol import Channel, Topics
-from edgerun.scheduler.errors import SchedulerError
 from edgerun.scheduler.messaging.adopt import CHECK_EVERY_S, STALE_S
-from edgerun.scheduler.store import Store
+from edgerun.scheduler.store.tasks import Store
 
 from .bridgekit import BridgeProcess
 from .brokers import Mosquitto, wait_until

@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 
 from edgerun.scheduler.app import App
-from edgerun.scheduler.broker import EmbeddedBroker, connect_level
+from edgerun.scheduler.messaging.broker import EmbeddedBroker, connect_level
 
 from .bridgekit import BridgeProcess
 from .brokers import Mosquitto, free_port, wait_port, wait_until

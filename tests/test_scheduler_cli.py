@@ -15,7 +15,6 @@ from pathlib import Path
 
 import pytest
 
-
 from .brokers import Mosquitto, free_port, wait_until
 from .mqttkit import ROOT, AgentProcess
 from .scheduler_kit import Api, cli, cli_json, file_server, running_app, sha256_of, start_agent

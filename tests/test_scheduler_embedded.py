@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from edgerun.scheduler.broker import EmbeddedBroker
 from edgerun.scheduler.errors import EmbeddedBrokerError
+from edgerun.scheduler.messaging.broker import EmbeddedBroker
 
 from .brokers import wait_until
 from .mqttkit import AgentProcess, Observer, shell

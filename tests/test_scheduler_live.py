@@ -15,8 +15,8 @@ import pytest
 
 from edgerun.mqtt import Inbound, MqttConnection
 from edgerun.protocol import format_time
-from edgerun.settings import parse_broker_url
 from edgerun.scheduler.app import App
+from edgerun.settings import parse_broker_url
 
 from .brokers import Mosquitto, wait_until
 from .mqttkit import AgentProcess, Observer, shell

@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from edgerun.scheduler.cli import main as cli_main
+from edgerun.cli.main import main as cli_main
 
 from .brokers import Mosquitto
 from .mqttkit import ROOT

@@ -16,17 +16,24 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from edgerun.cli.follow import exit_code
+from edgerun.control.errors import BadRequest, UnknownNode
 from edgerun.errors import ConfigError
 from edgerun.protocol import (
-    AGENT_STATES, FINAL_STATES, ShellTask, State, Status, Update, can_transition,
+    AGENT_STATES,
+    FINAL_STATES,
+    ShellTask,
+    State,
+    Status,
+    Update,
+    can_transition,
 )
-from edgerun.scheduler.errors import BadRequest, StoreError, UnknownNode
-from edgerun.scheduler.follow import exit_code
-from edgerun.scheduler.jobs import load_job, parse_job
-from edgerun.scheduler.schema import SCHEMA_VERSION
-from edgerun.scheduler.store import Store
-from edgerun.scheduler.targets import resolve_targets
-from edgerun.scheduler.tracker import judge
+from edgerun.scheduler.errors import StoreError
+from edgerun.control.jobfile import load_job, parse_job
+from edgerun.scheduler.fleet.targets import resolve_targets
+from edgerun.scheduler.fleet.tracker import judge
+from edgerun.scheduler.store.schema import SCHEMA_VERSION
+from edgerun.scheduler.store.tasks import Store
 
 from .pg import pg_database, pg_url  # noqa: F401  (fixtures)
 
@@ -380,7 +387,7 @@ def test_a_late_update_is_recorded_once_but_never_moves_the_task_back(store: Sto
 # --- several instances: the duties lock, the listener, the tracker's duties ---------------
 def test_the_duties_lock_is_held_by_one_and_moves_when_its_holder_dies(
         pg_url: str) -> None:  # noqa: F811
-    from edgerun.scheduler.cluster import Lease
+    from edgerun.scheduler.store.cluster import Lease
     one, two = Lease(pg_url), Lease(pg_url)
     try:
         assert one.check() is True
@@ -434,7 +441,7 @@ def test_another_instances_events_reach_the_listener_with_their_log_ids(
 def test_the_tracker_runs_the_duties_and_retention_when_it_leads(tmp_path: Path) -> None:
     import threading
 
-    from edgerun.scheduler.tracker import Tracker
+    from edgerun.scheduler.fleet.tracker import Tracker
     store = Store(str(tmp_path / "s.db"))
     calls: list[bool] = []
     tracker = Tracker(store, store.online_nodes, lambda t, v: None, threading.Event(),
@@ -451,7 +458,8 @@ def test_the_tracker_runs_the_duties_and_retention_when_it_leads(tmp_path: Path)
 
 
 def test_the_dialect_layer_translates_the_few_differences() -> None:
-    from edgerun.scheduler.db import postgres_ddl, redact, to_postgres, to_sqlite
+    from edgerun.scheduler.store.db import postgres_ddl, to_postgres, to_sqlite
+    from edgerun.settings import redact
     assert to_postgres("SELECT * FROM t WHERE a=? AND b LIKE 'x%'") == \
         "SELECT * FROM t WHERE a=%s AND b LIKE 'x%%'"
     assert to_postgres("INSERT OR IGNORE INTO t (a) VALUES (?)") == \
@@ -476,7 +484,7 @@ def _terminate_backends(url: str, application: str = "edgerun-scheduler") -> int
 
 def test_store_and_listener_come_back_after_their_sessions_are_killed(
         pg_url: str, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: F811
-    from edgerun.scheduler import db as dbmod
+    from edgerun.scheduler.store import db as dbmod
     monkeypatch.setattr(dbmod, "PROBE_AFTER_IDLE_S", 0.0)  # "idle": probe before each use
     one, two = Store(pg_url), Store(pg_url)
     heard: list[int] = []

@@ -12,15 +12,16 @@ from pathlib import Path
 
 import pytest
 
+from edgerun.cli import main as cli
+from edgerun.scheduler import main as serve_main
 from edgerun.errors import ConfigError
-from edgerun.scheduler import cli
 from edgerun.scheduler.settings import SERVE_OPTIONS, ServeSettings, load
 
 from .mqttkit import ROOT
 
 
 def load_serve(argv: list[str], environ: Mapping[str, str] | None = None) -> ServeSettings:
-    args = cli.build_parser().parse_args(["serve", *argv])
+    args = serve_main.build_parser().parse_args(argv)
     return load(args, environ or {})
 
 

@@ -10,19 +10,18 @@ import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from edgerun.control.errors import BrokerUnreachable
 from edgerun.errors import ConfigError
+from edgerun.scheduler.api.auth import bootstrap, publish_local, store_token_file
+from edgerun.scheduler.api.server import ApiConfig, ApiServer
+from edgerun.scheduler.messaging import Messenger
+from edgerun.scheduler.messaging.broker import EmbeddedBroker
+from edgerun.scheduler.service import Service, ServiceConfig
+from edgerun.scheduler.settings import ServeSettings, split_hostport
+from edgerun.scheduler.store.db import is_postgres
+from edgerun.scheduler.store.tasks import Store
 from edgerun.settings import TLSFiles, parse_broker_urls
 from edgerun.signing import Signer
-
-from .api import ApiConfig, ApiServer
-from .auth import bootstrap, publish_local, store_token_file
-from .broker import EmbeddedBroker
-from .db import is_postgres
-from .errors import BrokerUnreachable
-from .messaging import Messenger
-from .service import Service, ServiceConfig
-from .settings import ServeSettings, split_hostport
-from .store import Store
 
 log = logging.getLogger(__name__)
 
@@ -93,12 +92,12 @@ class App:
         brokers = parse_broker_urls(url, ("mqtt", "mqtts", "amqp", "amqps"))
         tls = TLSFiles(s.ca_file, s.cert_file, s.key_file)
         if brokers[0].scheme.startswith("amqp"):
-            from .messaging.amqp import AmqpMessenger
+            from edgerun.scheduler.messaging.amqp import AmqpMessenger
             return AmqpMessenger(
                 brokers, tasks_exchange=s.tasks_exchange, events_exchange=s.events_exchange,
                 audit_exchange=s.audit_exchange, queue=s.queue,
                 record_external=s.record_external, tls=tls, queue_type=s.queue_type)
-        from .messaging.mqtt import MqttMessenger
+        from edgerun.scheduler.messaging.mqtt import MqttMessenger
         return MqttMessenger(brokers, prefix=s.prefix, client_id=s.client_id,
                              events_topic=s.events_topic, record_external=s.record_external,
                              tls=tls, share_group=s.share_group,

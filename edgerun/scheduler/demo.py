@@ -25,9 +25,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from .app import App
-from .cli import main as edgerun
-from .settings import ServeSettings
+from edgerun.cli.main import main as edgerun
+from edgerun.scheduler.app import App
+from edgerun.scheduler.settings import ServeSettings
 
 NODE = "demo-1"
 

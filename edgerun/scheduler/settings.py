@@ -17,13 +17,17 @@ from typing import Any
 
 from edgerun.errors import ConfigError
 from edgerun.protocol import (
-    AUDIT_EXCHANGE, DEFAULT_PREFIX, EVENTS_EXCHANGE, SCHEDULER_QUEUE, TASKS_EXCHANGE, is_prefix,
+    AUDIT_EXCHANGE,
+    DEFAULT_PREFIX,
+    EVENTS_EXCHANGE,
+    SCHEDULER_QUEUE,
+    TASKS_EXCHANGE,
+    is_prefix,
 )
-from edgerun.settings import Option, config_path, parse_broker_urls, read_toml, resolve
+from edgerun.settings import Option, config_path, config_table, parse_broker_urls, resolve
 
 BROKER_SCHEMES = ("mqtt", "mqtts", "amqp", "amqps")
 # top-level tables of the shared config file; anything else there is a mistake
-CONFIG_TABLES = ("client", "serve")
 
 
 def _positive(value: float) -> str | None:
@@ -196,20 +200,6 @@ def check_files(settings: ServeSettings) -> None:
         raise ConfigError("`key_file` given without `cert_file`")
 
 
-def config_table(path: str, section: str) -> dict[str, Any]:
-    """The `[section]` table of the shared config file ({} when absent); ConfigError on a
-    top-level key that is not one of the known tables, or a section that is not a table."""
-    document = read_toml(path)
-    for key in document:
-        if key not in CONFIG_TABLES:
-            raise ConfigError(f"config file {path}: unknown key `{key}` at the top level "
-                              f"({section} settings go in a [{section}] table)")
-    table = document.get(section, {})
-    if not isinstance(table, dict):
-        raise ConfigError(f"config file {path}: [{section}] must be a table")
-    return table
-
-
 def load(args: argparse.Namespace, environ: Mapping[str, str]) -> ServeSettings:
     """`serve`'s settings from every layer; ConfigError (one line, exit 2) on any mistake."""
     path = config_path(args, environ)
@@ -221,5 +211,5 @@ def load(args: argparse.Namespace, environ: Mapping[str, str]) -> ServeSettings:
     return settings
 
 
-__all__ = ["CONFIG_TABLES", "SERVE_OPTIONS", "ServeSettings", "check_files", "config_table",
+__all__ = ["SERVE_OPTIONS", "ServeSettings", "check_files",
            "load", "split_hostport"]

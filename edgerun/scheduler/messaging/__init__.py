@@ -1,5 +1,5 @@
 """Two interchangeable messengers behind one interface: AMQP (through the bridge) and MQTT."""
 
-from .base import Incoming, Messenger, OnDone
+from edgerun.scheduler.messaging.base import Incoming, Messenger, OnDone
 
 __all__ = ["Incoming", "Messenger", "OnDone"]

@@ -59,7 +59,7 @@ class Members:
 
     def _db(self) -> Any:
         if self._conn is None or self._conn.closed or self._conn.broken:
-            from ..db import pg_connect
+            from edgerun.scheduler.store.db import pg_connect
             self._own = False
             self._conn = pg_connect(self.url)
             self._since = time.monotonic()

@@ -27,16 +27,21 @@ from queue import Empty, SimpleQueue
 import pika
 
 from edgerun.amqp import AmqpError, AmqpLink, QueueSpec, Topology
-from edgerun.bridge.resync import CONTROL_EXCHANGE, resync_request
 from edgerun.amqpconfirms import ConfirmTracker
+from edgerun.bridge.resync import CONTROL_EXCHANGE, resync_request
 from edgerun.protocol import (
-    AUDIT_EXCHANGE, EVENTS_EXCHANGE, SCHEDULER_QUEUE, TASKS_EXCHANGE, Channel, binding,
-    parse_routing_key, routing_key,
+    AUDIT_EXCHANGE,
+    EVENTS_EXCHANGE,
+    SCHEDULER_QUEUE,
+    TASKS_EXCHANGE,
+    Channel,
+    binding,
+    parse_routing_key,
+    routing_key,
 )
+from edgerun.scheduler.messaging.acks import DeliveryAcks
+from edgerun.scheduler.messaging.base import Incoming, Messenger, OnDone
 from edgerun.settings import BrokerURL, TLSFiles
-
-from .acks import DeliveryAcks
-from .base import Incoming, Messenger, OnDone
 
 log = logging.getLogger(__name__)
 

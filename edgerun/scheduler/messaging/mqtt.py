@@ -25,15 +25,14 @@ from __future__ import annotations
 import logging
 import threading
 import uuid
-from dataclasses import dataclass
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 
 from edgerun.mqtt import Inbound, MqttConnection, TLSFiles
 from edgerun.protocol import Channel, Topics
+from edgerun.scheduler.messaging.adopt import Adopter, Members
+from edgerun.scheduler.messaging.base import Incoming, Messenger, OnDone
 from edgerun.settings import BrokerURL
-
-from .adopt import Adopter, Members
-from .base import Incoming, Messenger, OnDone
 
 log = logging.getLogger(__name__)
 

@@ -30,10 +30,10 @@ from typing import Any
 
 from edgerun.backoff import Backoff
 from edgerun.protocol import JSONObject
-
-from .db import PostgresDatabase, pg_connect, redact
-from .errors import StoreError
-from .events import EventHub
+from edgerun.scheduler.errors import StoreError
+from edgerun.scheduler.store.db import PostgresDatabase, pg_connect
+from edgerun.settings import redact
+from edgerun.scheduler.store.events import EventHub
 
 log = logging.getLogger(__name__)
 

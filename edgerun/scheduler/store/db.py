@@ -22,18 +22,18 @@ for it (about 23 MiB of RSS and 115 ms here).
 
 from __future__ import annotations
 
-from abc import ABC, abstractmethod
 import re
 import sqlite3
 import threading
 import time
 import uuid
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, Protocol
-from urllib.parse import urlsplit, urlunsplit
 
-from .errors import StoreError
+from edgerun.scheduler.errors import StoreError
+from edgerun.settings import redact
 
 PG_SCHEMES = ("postgresql://", "postgres://")
 _DDL = [(re.compile(r"\bINTEGER PRIMARY KEY AUTOINCREMENT\b", re.I), "BIGSERIAL PRIMARY KEY"),
@@ -46,18 +46,6 @@ MIGRATION_LOCK = 0x6564_6765_7275_6E00  # "edgerun\0": serialises migrations acr
 
 def is_postgres(target: str) -> bool:
     return target.startswith(PG_SCHEMES)
-
-
-def redact(url: str) -> str:
-    """A database URL without its password, for logs and /health."""
-    if not is_postgres(url):
-        return url
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.rpartition("@")[2]
-    user = parts.username or ""
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))
 
 
 class Row(Protocol):

@@ -30,41 +30,49 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Future
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, Protocol
 
-from edgerun.protocol import Cancel, ErrorCode, JSONObject, State, canonical_json, format_time, \
-    is_final
-
-from .errors import SchedulerError
-from .fleetdb import SENDING, FleetDB
-from .retries import RetryPolicy, attempt_id, policy_of, root_of, will_retry
-from .store import Change
-from .tracker import Verdict
+from edgerun.control.errors import SchedulerError
+from edgerun.control.retries import RetryPolicy, attempt_id, policy_of, root_of, will_retry
+from edgerun.protocol import ErrorCode, JSONObject, State, Task, format_time, is_final
+from edgerun.scheduler.fleet.tracker import Verdict
+from edgerun.scheduler.store.fleetdb import SENDING, FleetDB
+from edgerun.scheduler.store.tasks import Change
 
 if TYPE_CHECKING:
-    from .service import Service
+    from edgerun.scheduler.core import Core
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
-CALL_TIMEOUT_S = 600.0  # a rollout or job over tens of thousands of nodes is stored here
+
+
+class Extension(Protocol):
+    """What jobs and rollouts add to the fleet's rounds (registered with `Fleet.extend`)."""
+
+    def on_final(self, task: JSONObject) -> None:
+        """A task ended (on the worker, after pacing and retries had their turn)."""
+
+    def tick(self) -> None:
+        """Every tick, on the worker."""
+
+    def restart(self) -> None:
+        """Once after a start, on the worker."""
 
 
 class Fleet:
-    def __init__(self, service: Service) -> None:
-        from .jobs import JobRunner
-        from .rollout import RolloutEngine
-
-        self.svc = service
-        self.db = FleetDB(service.store)
-        self.pace = max(1, int(service.cfg.pace))
-        self.offline_grace = float(service.cfg.offline_grace)
-        self.rollouts = RolloutEngine(self)
-        self.jobs = JobRunner(self)
-        self.claim_ttl = max(float(getattr(service.cfg, "stale_after", 15.0)), 5.0)
-        self.owner = str(getattr(service.store, "origin", "") or "local")
+    def __init__(self, core: Core) -> None:
+        self.core = core
+        self.db = FleetDB(core.store)
+        self.pace = max(1, int(core.cfg.pace))
+        self.offline_grace = float(core.cfg.offline_grace)
+        self.claim_ttl = max(float(core.cfg.stale_after), 5.0)
+        self.owner = core.store.origin or "local"
+        self._extensions: list[Extension] = []
         self._thread: threading.Thread | None = None
+        core.on_change(self.on_change)
+
+    def extend(self, extension: Extension) -> None:
+        self._extensions.append(extension)
 
     # --- life cycle -----------------------------------------------------------------------
     def start(self) -> None:
@@ -77,41 +85,47 @@ class Fleet:
             self._thread.join(timeout)
 
     def _tick_loop(self) -> None:
-        while not self.svc._stop.wait(self.svc.cfg.tick):
+        while not self.core.stopping.wait(self.core.cfg.tick):
             try:
                 self.db.renew_claims(self.owner, time.time() + self.claim_ttl)
             except SchedulerError as exc:
                 log.error("fleet ticker: %s", exc)
-            self.svc._inbox.put(self.tick)
-
-    def call(self, work: Callable[[], T]) -> T:
-        """Run `work` on the worker thread and return its result (API threads)."""
-        future: Future[T] = Future()
-
-        def run() -> None:
-            try:
-                future.set_result(work())
-            except BaseException as exc:  # handed back to the caller
-                future.set_exception(exc)
-        self.svc._inbox.put(run)
-        return future.result(CALL_TIMEOUT_S)
+            self.core.submit(self.tick)
 
     def resume(self) -> None:
         """After a start: send what is free to go, pick rollouts up where they were.
         Alone on its store, claims left by this service's previous run lapse at once."""
-        if not getattr(self.svc.store, "shared", False):
+        if not self.core.store.shared:
             self.db.drop_claims()
         self.pump_all()
-        for rollout in self.db.rollouts(state="running", limit=1_000_000):
-            self.rollouts.advance(rollout["id"])
+        for extension in self._extensions:
+            extension.restart()
 
     # --- pacing ---------------------------------------------------------------------------
     def pump(self, node: str) -> int:
         """Send the node's free queued tasks while it has room; returns how many."""
         claimed = self.db.claim(node, self.pace, time.time(), self.claim_ttl, self.owner)
         for row in claimed:
-            self.svc._send(node, self.svc._task_of(row))
+            self._send(node, self.core.task_of(row))
         return len(claimed)
+
+    def _send(self, node: str, task: Task) -> None:
+        self.core.send(node, task, lambda: self.core.submit(
+            lambda: self._dispatched(node, task.id, task.timeout)))
+
+    def _dispatched(self, node: str, task_id: str, timeout: float) -> None:
+        """The broker took the task: it now counts as dispatched; maybe room for more."""
+        self.core.metrics.dispatched.inc()
+        change = self.core.store.mark_dispatched(node, task_id,
+                                                 time.time() + timeout + self.core.cfg.grace)
+        if change is not None:
+            self.core.emit(change)
+        self.pump(node)
+
+    def resend_unaccepted(self, node: str) -> None:
+        """The node came online: its `dispatched` tasks go again (--resend-unaccepted)."""
+        for row in self.core.store.unaccepted(node):
+            self._send(node, self.core.task_of(row))
 
     def pump_nodes(self, nodes: list[str]) -> None:
         for node in nodes:
@@ -126,28 +140,23 @@ class Fleet:
         return (task["state"] == State.QUEUED and str(task.get("hold") or "").startswith(SENDING)
                 and float(task.get("not_before") or 0) > time.time())
 
-    def on_dispatched(self, node: str, task_id: str) -> None:
-        """The broker took the task: it now counts as dispatched; maybe room for more."""
-        self.pump(node)
-
     def cancel_queued(self, task: JSONObject, why: str) -> None:
         """A cancel request for a task still queued here: never sent, so canceled in the
         store; one being handed to the broker gets a `cancel` after it."""
         current = self.db.task(task["node"], task["id"]) or task
         if self.is_sending(current):
-            self.svc.messenger.send(task["node"], self.svc._wire(Cancel(task["id"])),
-                                    self.svc.metrics.dispatched.inc)
+            self.core.send_cancel(task["node"], task["id"])
             return
-        change = self.svc.store.cancel_queued(task["node"], task["id"], "canceled", why)
+        change = self.core.store.cancel_queued(task["node"], task["id"], "canceled", why)
         if change is not None:
-            self.svc._emit(change)
+            self.core.emit(change)
 
     # --- after every change ------------------------------------------------------------------
     def on_change(self, change: Change) -> None:
         """Called for every task change (any thread): work for final states is queued."""
         task = change.task
         if is_final(State(task["state"])):
-            self.svc._inbox.put(lambda: self._after_final(task["node"], task["id"]))
+            self.core.submit(lambda: self._after_final(task["node"], task["id"]))
 
     def _after_final(self, node: str, task_id: str) -> None:
         task = self.db.task(node, task_id)
@@ -156,10 +165,8 @@ class Fleet:
         self.pump(node)
         if will_retry(task):
             self._retry(task)
-        if task.get("rollout"):
-            self.rollouts.touch(task["rollout"])
-        if task.get("job"):
-            self.jobs.advance(task)
+        for extension in self._extensions:
+            extension.on_final(task)
 
     # --- retries ------------------------------------------------------------------------------
     def with_retry(self, change: Change, policy: RetryPolicy) -> Change:
@@ -177,13 +184,12 @@ class Fleet:
         if self.db.task(node, new_id) is not None:
             return  # made already (a late final update replaced `lost`)
         spec = {**task["spec"], "id": new_id}
-        new = self.svc._task_of({"spec": spec})
+        new = self.core.task_of({"spec": spec})
         if task["state"] == State.LOST:
             # ahead of the new attempt on the same topic: an agent that was only cut off
             # kills the lost attempt before it takes the next one
-            self.svc.messenger.send(node, self.svc._wire(Cancel(task["id"])),
-                                    self.svc.metrics.dispatched.inc)
-        change = self.svc.store.add_task(node, new, source=task["source"] or "api")
+            self.core.send_cancel(node, task["id"])
+        change = self.core.store.add_task(node, new, source=task["source"] or "api")
         if change is None:
             return
         wait = policy.wait(attempt)
@@ -194,7 +200,7 @@ class Fleet:
                  task["state"], attempt, new_id, wait)
         created = self.db.task(node, new_id)
         assert created is not None
-        self.svc._emit(Change(None, created))
+        self.core.emit(Change(None, created))
 
     # --- liveness -----------------------------------------------------------------------------
     def on_status(self, node: str, previous: str | None, state: str) -> None:
@@ -214,9 +220,7 @@ class Fleet:
         event = {"v": 1, "kind": "task_event", "at": format_time(), "node": task["node"],
                  "id": task["id"], "previous": task["state"], "state": task["state"],
                  "alert": {"code": code, "message": message}, "task": task}
-        self.svc.hub.publish(event)
-        self.svc.messenger.publish_event("tasks", task["node"], task["state"],
-                                         canonical_json(event))
+        self.core.publish(event, "tasks", task["node"], task["state"])
 
     def _stranded(self) -> None:
         now = time.time()
@@ -226,28 +230,27 @@ class Fleet:
                 verdict = Verdict(ErrorCode.TIMEOUT, f"node {task['node']} went offline "
                                   f"before it took the task and stayed away for more than "
                                   f"{self.offline_grace:g} s; the rollout goes on without it")
-                self.svc.messenger.send(task["node"], self.svc._wire(Cancel(task["id"])),
-                                        self.svc.metrics.dispatched.inc)
+                self.core.send_cancel(task["node"], task["id"])
             else:
                 verdict = Verdict(ErrorCode.TIMEOUT, f"node {task['node']} went offline "
                                   f"(its Last Will) with the task {task['state']} and did "
                                   f"not return within {self.offline_grace:g} s "
                                   f"(--offline-grace)")
-            self.svc._lose(task, verdict)
+            self.core.lose(task, verdict)
 
     def _expire_held(self) -> None:
         for task in self.db.expired_queued(format_time()):
-            change = self.svc.store.mark_lost(
+            change = self.core.store.mark_lost(
                 task["node"], task["id"], "queued", ErrorCode.EXPIRED,
                 f"the task waited here (node {task['node']} had {self.pace} tasks "
                 f"outstanding, or it was held) until it expired at {task['expires_at']}")
             if change is not None:
-                self.svc._emit(change)
+                self.core.emit(change)
 
     # --- the tick ---------------------------------------------------------------------------------
     def tick(self) -> None:
         steps: list[Callable[[], None]] = [self._stranded, self._expire_held, self.pump_all,
-                                           self.rollouts.tick]
+                                           *(extension.tick for extension in self._extensions)]
         for step in steps:
             try:
                 step()

@@ -20,9 +20,8 @@ from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from typing import Any
 
+from edgerun.control.errors import BadRequest, UnknownNode
 from edgerun.protocol import is_node_id
-
-from .errors import BadRequest, UnknownNode
 
 GLOB_CHARS = frozenset("*?[")
 OPERATORS = ("!=", ">=", "<=", "=", ">", "<")

@@ -30,17 +30,14 @@ import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from edgerun.protocol import Cancel, JSONObject
-
-from .errors import BadRequest, NotFound
-from .fleetdb import Conflict
-from .retries import check_room, parse_retry, will_retry
-from .store import Change
-
-if TYPE_CHECKING:
-    from .fleet import Fleet
+from edgerun.control.errors import BadRequest, Conflict, NotFound
+from edgerun.control.retries import check_room, parse_retry, will_retry
+from edgerun.protocol import JSONObject
+from edgerun.scheduler.core import Core
+from edgerun.scheduler.fleet.pacing import Fleet
+from edgerun.scheduler.store.tasks import Change
 
 log = logging.getLogger(__name__)
 
@@ -217,8 +214,8 @@ def view(rollout: JSONObject, rows: list[JSONObject]) -> JSONObject:
 class RolloutEngine:
     """Drives every rollout on the service's worker thread (see the module's docstring)."""
 
-    def __init__(self, fleet: Fleet) -> None:
-        self.fleet, self.svc, self.db = fleet, fleet.svc, fleet.db
+    def __init__(self, core: Core, fleet: Fleet) -> None:
+        self.core, self.fleet, self.db = core, fleet, fleet.db
         self._dirty: set[str] = set()
 
     # --- requests (API threads) -------------------------------------------------------------
@@ -226,30 +223,30 @@ class RolloutEngine:
                where: Any = None, retry: Any = None) -> JSONObject:
         opts = parse_options(options)
         policy = parse_retry(retry)
-        nodes = self.svc.resolve(targets, online, where)
+        nodes = self.core.resolve(targets, online, where)
         # no default expiry: a target may start hours after the rollout was created
-        task = self.svc.build_task(spec, expiry=isinstance(spec, dict) and "expires_at" in spec)
+        task = self.core.build_task(spec, expiry=isinstance(spec, dict) and "expires_at" in spec)
         check_room(task.id, policy)
-        self.svc.require_broker()
+        self.core.require_broker()
         rollout_id = str(uuid.uuid4())
 
         def create() -> JSONObject:
             for node in nodes:
-                if self.svc.store.get(node, task.id) is not None:
+                if self.core.store.get(node, task.id) is not None:
                     raise Conflict(f"task id {task.id!r} already exists for node {node}; "
                                    f"leave the id out to get a fresh one")
             self.db.add_rollout(rollout_id, task.id, opts.to_json(), nodes)
             for node in nodes:
-                if self.svc.store.add_task(node, task, source="api") is None:
+                if self.core.store.add_task(node, task, source="api") is None:
                     raise Conflict(f"task id {task.id!r} already exists for node {node}")
                 self.db.set_fleet(node, task.id, hold="rollout", rollout_id=rollout_id,
                                   retry=policy.to_json() if policy else None)
                 created = self.db.task(node, task.id)
                 assert created is not None
-                self.svc._emit(Change(None, created))
+                self.core.emit(Change(None, created))
             self.advance(rollout_id)
             return self.show(rollout_id)
-        return self.fleet.call(create)
+        return self.core.call(create)
 
     def show(self, rollout_id: str) -> JSONObject:
         rollout = self.db.rollout(rollout_id)
@@ -269,7 +266,7 @@ class RolloutEngine:
         if not self.db.set_rollout(rollout_id, state="running", expect=("paused",)):
             raise Conflict(f"rollout {rollout_id} is {self._state(rollout_id)}: only a "
                            f"paused rollout can be resumed")
-        self.fleet.call(lambda: self.advance(rollout_id))
+        self.core.call(lambda: self.advance(rollout_id))
         return self.show(rollout_id)
 
     def abort(self, rollout_id: str, reason: str = "aborted by request") -> JSONObject:
@@ -279,7 +276,7 @@ class RolloutEngine:
             if not self._abort(rollout_id, reason):
                 raise Conflict(f"rollout {rollout_id} is {self._state(rollout_id)}: "
                                f"nothing to abort")
-        self.fleet.call(stop)
+        self.core.call(stop)
         return self.show(rollout_id)
 
     def _require(self, rollout_id: str) -> None:
@@ -291,6 +288,16 @@ class RolloutEngine:
         return str(rollout["state"]) if rollout else "gone"
 
     # --- the worker ---------------------------------------------------------------------------
+    # --- the fleet's rounds (fleet/pacing.py's Extension) ------------------------------------
+    def on_final(self, task: JSONObject) -> None:
+        if task.get("rollout"):
+            self.touch(task["rollout"])
+
+    def restart(self) -> None:
+        """After a start: pick running rollouts up where they were."""
+        for rollout in self.db.rollouts(state="running", limit=1_000_000):
+            self.advance(rollout["id"])
+
     def touch(self, rollout_id: str) -> None:
         """A target of this rollout ended: look at it once more (coalesced)."""
         if rollout_id in self._dirty:
@@ -300,7 +307,7 @@ class RolloutEngine:
         def again() -> None:
             self._dirty.discard(rollout_id)
             self.advance(rollout_id)
-        self.svc._inbox.put(again)
+        self.core.submit(again)
 
     def tick(self) -> None:
         for rollout in self.db.rollouts(state="running", limit=1_000_000):
@@ -327,7 +334,7 @@ class RolloutEngine:
         if room <= 0:
             return
         interval = 60.0 / opts.rate if opts.rate else None
-        online = self.svc.store.online_nodes()
+        online = self.core.store.online_nodes()
         for target in targets:
             if room <= 0:
                 break
@@ -339,12 +346,12 @@ class RolloutEngine:
                 return  # the window or the rate is full (perhaps by another instance)
             room -= 1
             if target.node not in online:
-                change = self.svc.store.mark_lost(
+                change = self.core.store.mark_lost(
                     target.node, task["id"], "queued", UNREACHABLE,
                     f"node {target.node} was offline when its turn in rollout {rollout_id} "
                     f"came; it counts as a failure and the rollout goes on")
                 if change is not None:
-                    self.svc._emit(change)
+                    self.core.emit(change)
                 return  # its end comes back through touch(): the abort rule first
             self.fleet.pump(target.node)
 
@@ -362,10 +369,9 @@ class RolloutEngine:
         for target in targets:
             task, node = target.task, target.node
             if task["state"] == "queued" and not self.fleet.is_sending(task):
-                change = self.svc.store.cancel_queued(node, task["id"], SKIPPED, why[:1000])
+                change = self.core.store.cancel_queued(node, task["id"], SKIPPED, why[:1000])
                 if change is not None:
-                    self.svc._emit(change)
+                    self.core.emit(change)
             elif task["state"] in ("queued", "dispatched", "accepted"):
-                self.svc.messenger.send(node, self.svc._wire(Cancel(task["id"])),
-                                        self.svc.metrics.dispatched.inc)
+                self.core.send_cancel(node, task["id"])
         return True

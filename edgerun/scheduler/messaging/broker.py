@@ -29,7 +29,7 @@ import threading
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import EmbeddedBrokerError
+from edgerun.scheduler.errors import EmbeddedBrokerError
 
 log = logging.getLogger(__name__)
 

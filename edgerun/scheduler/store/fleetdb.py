@@ -12,13 +12,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from edgerun.protocol import JSONObject, format_time
-
-from . import errors as _errors
-from .store import Store, task_dict
-
-# 409 where the API knows conflicts (errors.Conflict), else a plain bad request
-Conflict: type[_errors.BadRequest] = getattr(_errors, "Conflict", _errors.BadRequest)
+from edgerun.protocol import FINAL_STATES, JSONObject, format_time
+from edgerun.scheduler.store.tasks import Store, task_dict
 
 OUTSTANDING = ("dispatched", "accepted", "running")
 # hold of a task claimed for sending: `sending:{instance}`; `not_before` is when the claim
@@ -28,7 +23,7 @@ SENDING_LIKE = "sending%"
 # queued tasks free to go: no hold (or a lapsed claim), back-off over
 READY = ("SELECT * FROM tasks WHERE state='queued' AND spec IS NOT NULL AND (hold IS NULL OR "
          "(hold LIKE ? AND not_before <= ?)) AND (not_before IS NULL OR not_before <= ?)")
-FINAL = ("succeeded", "failed", "timed_out", "canceled", "rejected", "lost")
+FINAL = tuple(sorted(FINAL_STATES))
 
 
 def fleet_task(row: Any) -> JSONObject:

@@ -12,14 +12,13 @@ import sys
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from edgerun.cli import render
+from edgerun.cli.client import Client, ServiceUnreachable, quoted
+from edgerun.cli.follow import exit_code, explain
+from edgerun.control.tokens import ROLES
 from edgerun.errors import ConfigError
 from edgerun.protocol import State, is_final
 from edgerun.settings import Option
-
-from . import render
-from .auth import ROLES
-from .client import Client, ServiceUnreachable, quoted
-from .follow import exit_code, explain
 
 EXIT_OK = 0
 

@@ -29,10 +29,9 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from edgerun.control.errors import SchedulerError
 from edgerun.protocol import ErrorCode, JSONObject, State, parse_time
-
-from .errors import SchedulerError
-from .store import Store
+from edgerun.scheduler.store.tasks import Store
 
 log = logging.getLogger(__name__)
 

@@ -11,9 +11,8 @@ import re
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from edgerun.control.errors import BadRequest
 from edgerun.protocol import State
-
-from .errors import BadRequest
 
 COMMON_TASK_KEYS = frozenset({"type", "id", "timeout", "expires_at"})
 TASK_KEYS = {

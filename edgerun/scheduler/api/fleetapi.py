@@ -10,16 +10,13 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from edgerun.protocol import JSONObject
-
-from . import edge
-from .events import without_tails
-from .rollout import STATES
-
-if TYPE_CHECKING:
-    from .api import Handlers
+from edgerun.scheduler.api import edge
+from edgerun.scheduler.api.handlers import Handlers
+from edgerun.scheduler.fleet.rollout import STATES
+from edgerun.scheduler.store.events import without_tails
 
 ROLLOUT_KEYS = ("targets", "where", "online", "task", "batch", "rate", "abort_after",
                 "abort_min", "retry")
@@ -27,7 +24,7 @@ ROLLOUT_KEYS = ("targets", "where", "online", "task", "batch", "rate", "abort_af
 
 class RolloutHandlers:
     def __init__(self, h: Handlers) -> None:
-        self.h, self.rollouts = h, h.service.fleet.rollouts
+        self.h, self.rollouts = h, h.service.rollouts
 
     def create(self, who: Any, body: JSONObject) -> JSONObject:
         edge.check_keys(body, ROLLOUT_KEYS, "a rollout")
@@ -130,13 +127,3 @@ ROLLOUT_SCHEMA = {
                    "rate": {"type": "string", "description": "N/min, N/s or N/h"},
                    "abort_after": {"type": "string", "description": "N failures or P%"},
                    "abort_min": {"type": "integer", "minimum": 1}, "retry": RETRY}}
-
-
-def attempts_of(service: Any, task: JSONObject) -> list[JSONObject] | None:
-    """Every attempt of a retried task (oldest first), for its detail; None if it has none."""
-    if not task.get("retry") and (task.get("attempt") or 1) == 1:
-        return None
-    root = task.get("root") or task["id"]
-    return [{"id": a["id"], "attempt": a["attempt"], "state": a["state"],
-             "parent": a.get("parent"), "error": a.get("error")}
-            for a in service.fleet.db.attempts(task["node"], root)]

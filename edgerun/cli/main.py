@@ -12,24 +12,21 @@ import argparse
 import json
 import logging
 import os
-import signal
 import sys
-import threading
 import uuid
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 from edgerun import __version__
+from edgerun.cli import console as cli_console
+from edgerun.cli import fleet as cli_fleet
+from edgerun.cli import render
+from edgerun.cli.client import Client, quoted
+from edgerun.cli.follow import dispatch_and_follow, exit_code, explain
 from edgerun.cmdline import closed_stdout, missing_module, require_extra
+from edgerun.control.jobfile import is_graph, load_job_file, step_ids
 from edgerun.errors import EXIT_FAILED, EXIT_OK, ConfigError, EdgerunError, exit_with
-from edgerun.settings import Option, Parser, add_options, config_path, resolve
-
-from . import cli_console, cli_fleet, render
-from .client import Client, quoted
-from .follow import dispatch_and_follow, exit_code, explain
-from .jobs import is_graph, load_job_file, step_ids
-from .settings import SERVE_OPTIONS, ServeSettings, config_table
-from .settings import load as load_serve_settings
+from edgerun.settings import Option, Parser, add_options, config_path, config_table, resolve
 
 PROG = "edgerun"
 
@@ -124,10 +121,10 @@ def build_parser() -> argparse.ArgumentParser:
     keygen.add_argument("--out", metavar="PREFIX", default="edgerun-task",
                         help="file name prefix (default: edgerun-task)")
 
-    serve = sub.add_parser("serve", help="Run the scheduler service",
-                           description="Run the scheduler service: dispatch, record, follow.")
-    serve.add_argument("--config", metavar="FILE", help="TOML file with a [serve] table")
-    add_options(serve, SERVE_OPTIONS)
+    # `edgerun serve ...` is handed to the service's own entry point before parsing
+    # (edgerun.scheduler.main); listed here for --help
+    sub.add_parser("serve", help="Run the scheduler service (edgerun serve --help)",
+                   add_help=False)
     return parser
 
 
@@ -163,10 +160,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(argv: list[str], environ: Mapping[str, str]) -> int:
+    if argv[:1] == ["serve"]:
+        return serve(argv[1:], environ)
     head, command = _split_command(argv)
     args = build_parser().parse_args(head)
-    if args.command == "serve":
-        return serve(load_serve_settings(args, environ))
     if args.command == "keygen":
         return keygen(args.out)
     values = _settings(args, CLIENT_OPTIONS, "client", environ)
@@ -398,30 +395,14 @@ def cmd_cancel(client: Client, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-# --- the service ------------------------------------------------------------------------
-def serve(settings: ServeSettings) -> int:
+def serve(argv: list[str], environ: Mapping[str, str]) -> int:
+    """`edgerun serve`: the service, which the client's modules never import."""
     require_extra("edgerun serve", "scheduler")
     try:
-        from .app import App
+        from edgerun.scheduler.main import main as serve_main
     except ModuleNotFoundError as exc:  # installed without its metadata, say
         raise missing_module(exc, "edgerun serve", "scheduler") from None
-
-    logging.basicConfig(level=settings.log_level.upper(), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    for noisy in ("transitions", "pika"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-    # amqtt logs every client that vanishes (a killed agent) as an error with a traceback;
-    # what matters reaches us as exceptions or as the agents' Last Will
-    logging.getLogger("amqtt").setLevel(logging.CRITICAL)
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
-    app = App(settings).start()
-    try:
-        stop.wait()
-    finally:
-        app.stop()
-    return EXIT_OK
+    return serve_main(argv, environ)
 
 
 if __name__ == "__main__":

@@ -8,12 +8,11 @@ from collections.abc import Callable, Sequence
 from typing import Any, TextIO
 from urllib.parse import quote
 
+from edgerun.cli.client import Client, ServiceUnreachable
+from edgerun.cli.render import Prefixer
+from edgerun.control.errors import SchedulerError
+from edgerun.control.retries import will_retry
 from edgerun.protocol import State, is_final
-
-from .client import Client, ServiceUnreachable
-from .errors import SchedulerError
-from .render import Prefixer
-from .retries import will_retry
 
 # What `edgerun run` on one node exits with when the task has no exit code of its own.
 STATE_EXIT = {State.TIMED_OUT: 124, State.LOST: 125, State.REJECTED: 126, State.CANCELED: 130}

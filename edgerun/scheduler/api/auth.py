@@ -17,29 +17,18 @@ when it talks to a loopback address, so local use needs no extra step.
 from __future__ import annotations
 
 import hashlib
-import ipaddress
 import os
 import secrets
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+from edgerun.control.errors import BadRequest, Conflict, Forbidden, Unauthorized
+from edgerun.control.tokens import ROLES, TOKEN_PREFIX, admin_token_file, read_token_file, state_dir
 from edgerun.errors import ConfigError
 from edgerun.protocol import JSONObject
 
-from .errors import BadRequest, Conflict, NotFound, SchedulerError
-
-ROLES = ("viewer", "operator", "admin")
-TOKEN_PREFIX = "ert_"  # noqa: S105 - a marker, not a secret
 BOOTSTRAP_NAME = "admin"
-
-
-class Unauthorized(SchedulerError):
-    """No token, or one the service does not know (or revoked)."""
-
-
-class Forbidden(SchedulerError):
-    """The token's role may not do this."""
 
 
 @dataclass(frozen=True)
@@ -111,16 +100,6 @@ def authenticate(store: TokenStore, header: str | None, query_token: str | None 
     return Principal(record["name"], record["role"], record["id"]), record
 
 
-def state_dir() -> Path:
-    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
-    return Path(base) / "edgerun"
-
-
-def admin_token_file(port: int) -> Path:
-    """Where `serve` on this port puts a copy of its admin token, and the local CLI looks."""
-    return state_dir() / f"admin-token-{port}"
-
-
 def store_token_file(db: str) -> Path:
     """Where the first admin token of the store `db` is kept: beside a SQLite file, or
     under the state directory for a database URL."""
@@ -170,29 +149,5 @@ def bootstrap(store: TokenStore, path: Path) -> str | None:
     return token
 
 
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
-
-
-def read_token_file(path: str | Path) -> str | None:
-    try:
-        text = Path(path).read_text(encoding="utf-8").strip()
-    except OSError:
-        return None
-    return text or None
-
-
-def find_token(host: str, port: int) -> str | None:
-    """The local serve's admin token, only for a loopback API (never sent elsewhere)."""
-    if not is_loopback(host):
-        return None
-    return read_token_file(admin_token_file(port))
-
-
-__all__ = ["ROLES", "Forbidden", "NotFound", "Principal", "Unauthorized", "authenticate",
-           "bootstrap", "create_token", "find_token"]
+__all__ = ["Principal", "authenticate", "bootstrap", "create_token", "publish_local",
+           "store_token_file"]

@@ -9,11 +9,10 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
+from edgerun.cli import render
+from edgerun.cli.client import Client, quoted
+from edgerun.control.retries import OUTCOMES, attempt_ids
 from edgerun.errors import ConfigError
-
-from . import render
-from .client import Client, quoted
-from .retries import OUTCOMES, attempt_ids
 
 EXIT_OK, EXIT_FAILED = 0, 1
 MAX_STDIN = 192 * 1024  # a task message is at most 256 KiB, JSON escaping included

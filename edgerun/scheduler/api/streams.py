@@ -25,18 +25,17 @@ import queue
 from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, Any
 
+from edgerun.control.errors import Forbidden, Unauthorized
 from edgerun.protocol import JSONObject
-
-from . import edge
-from .auth import Forbidden, Unauthorized
-from .events import AUDIT, CHANNELS, OUTPUT, Subscription
+from edgerun.scheduler.api import edge
+from edgerun.scheduler.api.handlers import Handlers, classify
+from edgerun.scheduler.store.events import AUDIT, CHANNELS, OUTPUT, Subscription
 
 if TYPE_CHECKING:
     from starlette.requests import Request
     from starlette.responses import Response
     from starlette.websockets import WebSocket
 
-    from .api import Handlers
 
 log = logging.getLogger(__name__)
 
@@ -230,7 +229,6 @@ def ws_endpoint(h: Handlers, registry: set[Callable[[], None]] | None
         try:
             may_audit = await run_in_threadpool(check)
         except (Unauthorized, Forbidden, edge.Invalid) as exc:
-            from .api import classify
             status, payload = classify(exc)
             await socket.send_denial_response(JSONResponse(payload, status_code=status))
             return

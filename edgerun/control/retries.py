@@ -20,9 +20,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from edgerun.backoff import backoff_delay
+from edgerun.control.errors import BadRequest
 from edgerun.protocol import JSONObject, is_task_id
-
-from .errors import BadRequest
 
 OUTCOMES = ("failed", "timed_out", "lost", "busy")
 DEFAULT_ON = OUTCOMES

@@ -22,16 +22,22 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from edgerun.protocol import (
-    DEFAULT_TIMEOUT_S, JSONObject, State, Status, Task, Update, can_transition, format_time,
-    is_final, parse_time,
+    DEFAULT_TIMEOUT_S,
+    JSONObject,
+    State,
+    Status,
+    Task,
+    Update,
+    can_transition,
+    format_time,
+    is_final,
+    parse_time,
 )
-
-from .db import Database, Row, open_database
-from .schema import MIGRATIONS, SCHEMA_VERSION
+from edgerun.scheduler.store.db import Database, Row, open_database
+from edgerun.scheduler.store.schema import MIGRATIONS, SCHEMA_VERSION
 
 RESULT_FIELDS = ("exit_code", "stdout", "stderr", "truncated", "duration_s", "bytes", "sha256",
                  "dest", "output_dropped")
-FINAL_STATE_NAMES = ("canceled", "failed", "lost", "rejected", "succeeded", "timed_out")
 TOUCH_EVERY_S = 1.0
 NOTIFY_LIMIT = 7_800  # PostgreSQL refuses NOTIFY payloads of 8,000 bytes and more
 
@@ -93,7 +99,7 @@ class Store:
         if not self.shared:
             return True
         if self._lease is None:
-            from .cluster import Lease
+            from edgerun.scheduler.store.cluster import Lease
             self._lease = Lease(self.db.target)
         return bool(self._lease.check())
 
@@ -101,7 +107,7 @@ class Store:
         """Start hearing the other instances' changes (a cluster.Listener); None on SQLite."""
         if not self.shared:
             return None
-        from .cluster import Listener
+        from edgerun.scheduler.store.cluster import Listener
         return Listener(self.db.target, self.origin, deliver).start()
 
     def _announce(self, db: Database, event_id: int, channel: str, body: JSONObject) -> None:
@@ -646,11 +652,6 @@ def node_dict(row: Row) -> JSONObject:
         "facts": json.loads(row["facts"]) if row["facts"] else None,
         "running": json.loads(row["running"]) if row["running"] else [],
     }
-
-
-def now() -> float:
-    """Wall-clock seconds: deadlines are kept in the file and survive a restart."""
-    return time.time()
 
 
 def _token_dict(row: Row) -> JSONObject:

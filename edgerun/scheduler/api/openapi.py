@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from . import fleetapi
+from edgerun.scheduler.api import fleetapi
 
 ERR = {"$ref": "#/components/responses/Error"}
 COMMON = {"401": ERR, "403": ERR, "422": ERR}

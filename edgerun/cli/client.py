@@ -15,10 +15,18 @@ from collections.abc import Iterator
 from typing import Any
 from urllib.parse import quote, urlencode, urlsplit
 
+from edgerun.control.errors import (
+    BadRequest,
+    BrokerUnreachable,
+    Conflict,
+    Forbidden,
+    NotFound,
+    SchedulerError,
+    Unauthorized,
+    UnknownNode,
+)
+from edgerun.control.tokens import find_token, read_token_file
 from edgerun.errors import EXIT_UNREACHABLE, ConfigError
-
-from .auth import Forbidden, Unauthorized, find_token, read_token_file
-from .errors import BadRequest, BrokerUnreachable, Conflict, NotFound, SchedulerError, UnknownNode
 
 CODES: dict[str, type[SchedulerError]] = {
     "bad_request": BadRequest, "invalid": BadRequest, "bad_json": BadRequest,

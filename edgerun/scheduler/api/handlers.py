@@ -1,0 +1,320 @@
+"""The API's work, one method per route, synchronous (run in the thread pool), and the
+one place where errors become answers (`classify`). server.py maps routes to them."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+from edgerun.control.errors import (
+    BadRequest,
+    BrokerUnreachable,
+    Conflict,
+    Forbidden,
+    NotFound,
+    SchedulerError,
+    Unauthorized,
+    UnknownNode,
+)
+from edgerun.protocol import JSONObject, State, is_final
+from edgerun.scheduler.api import edge
+from edgerun.scheduler.api.auth import Principal, authenticate, create_token
+from edgerun.scheduler.service import Service
+from edgerun.scheduler.store.events import audit_event, without_tails
+
+log = logging.getLogger(__name__)
+TOUCH_EVERY_S = 60.0
+
+
+def attempts_of(service: Service, task: JSONObject) -> list[JSONObject] | None:
+    """Every attempt of a retried task (oldest first), for its detail; None if it has none."""
+    if not task.get("retry") and (task.get("attempt") or 1) == 1:
+        return None
+    root = task.get("root") or task["id"]
+    return [{"id": a["id"], "attempt": a["attempt"], "state": a["state"],
+             "parent": a.get("parent"), "error": a.get("error")}
+            for a in service.fleet.db.attempts(task["node"], root)]
+
+
+class ApiError(SchedulerError):
+    """An HTTP answer other than success, with its status and code."""
+
+    def __init__(self, status: int, code: str, message: str, **extra: Any) -> None:
+        super().__init__(message)
+        self.status, self.code, self.extra = status, code, extra
+
+
+def error_body(status: int, code: str, message: str, **extra: Any) -> tuple[int, JSONObject]:
+    return status, {"error": message, "code": code, **extra}
+
+
+def classify(exc: BaseException) -> tuple[int, JSONObject]:
+    """(status, JSON body) of an exception: the one place errors become answers."""
+    if isinstance(exc, ApiError):
+        return error_body(exc.status, exc.code, str(exc), **exc.extra)
+    if isinstance(exc, Unauthorized):
+        return error_body(401, "unauthorized", str(exc))
+    if isinstance(exc, Forbidden):
+        return error_body(403, "forbidden", str(exc))
+    if isinstance(exc, edge.Invalid):
+        return error_body(422, "invalid", str(exc), field=exc.field)
+    if isinstance(exc, Conflict):
+        return error_body(409, "conflict", str(exc))
+    if isinstance(exc, UnknownNode):
+        return error_body(404, "unknown_node", str(exc))
+    if isinstance(exc, NotFound):
+        return error_body(404, "not_found", str(exc))
+    if isinstance(exc, BadRequest):
+        message = str(exc)
+        return error_body(422, "invalid", message,
+                          field=edge.field_of(message.removeprefix("bad task: "), "body"))
+    if isinstance(exc, BrokerUnreachable):
+        return error_body(503, "broker_unreachable", str(exc))
+    return error_body(500, "internal", "internal error; see the service log")
+
+
+class Handlers:
+    """The routes' work, synchronous (run in the thread pool), checked at the edge."""
+
+    def __init__(self, service: Service) -> None:
+        self.service = service
+        self.store = service.store
+        self._touched: dict[int, float] = {}
+
+    # --- auth ------------------------------------------------------------------------
+    def principal(self, header: str | None, query_token: str | None, role: str,
+                  what: str) -> Principal:
+        who, _record = authenticate(self.store, header, query_token)
+        if who.token_id is not None:
+            now = time.monotonic()
+            if now - self._touched.get(who.token_id, -TOUCH_EVERY_S) >= TOUCH_EVERY_S:
+                self._touched[who.token_id] = now
+                self.store.touch_token(who.token_id)
+        who.require(role, what)
+        return who
+
+    def audit(self, who: Principal, action: str, **details: Any) -> None:
+        self.service.hub.publish(audit_event(action, who.name, who.role, **details))
+
+    # --- ids by unique prefix ---------------------------------------------------------
+    def task_id(self, given: str) -> str:
+        """The full id for `given` (exact, else a unique prefix, as git does).
+        Several matches: 409 `ambiguous` with the candidates (the request is well formed;
+        it clashes with what exists, so it is a conflict, not a bad field)."""
+        if self.store.find(given):
+            return given
+        found = self.store.task_ids_with_prefix(given, 11)
+        if not found:
+            raise NotFound(f"no task {given!r}")
+        if len(found) > 1:
+            raise ApiError(409, "ambiguous", f"{given!r} is the start of several task ids; "
+                           f"give more of it", candidates=found[:10])
+        return found[0]
+
+    def node_id(self, given: str) -> str:
+        names: list[str] = [n["node"] for n in self.store.nodes()]
+        if given in names:
+            return given
+        found = [n for n in names if n.startswith(given)]
+        if not found:
+            raise UnknownNode(f"unknown node {given!r}")
+        if len(found) > 1:
+            raise ApiError(409, "ambiguous", f"{given!r} is the start of several node ids; "
+                           f"give more of it", candidates=found[:10])
+        return found[0]
+
+    # --- reads -------------------------------------------------------------------------
+    def nodes(self, q: dict[str, list[str]]) -> JSONObject:
+        nodes = self.store.nodes()
+        if q.get("match") or q.get("where"):
+            chosen = set(self.service.resolve(q.get("match", []), edge.boolean(q, "online"),
+                                              q.get("where")))
+            nodes = [n for n in nodes if n["node"] in chosen]
+        elif edge.boolean(q, "online"):
+            nodes = [n for n in nodes if n["state"] == "online"]
+        state = edge.one(q, "state")
+        if state is not None:
+            if state not in ("online", "offline"):
+                raise edge.Invalid("state", "`state` must be online or offline")
+            nodes = [n for n in nodes if n["state"] == state]
+        text = (edge.one(q, "q") or "").lower()
+        if text:
+            nodes = [n for n in nodes if text in n["node"].lower()
+                     or text in json.dumps(n.get("facts") or {}).lower()]
+        for fact in q.get("fact", []):
+            key, sep, value = fact.partition("=")
+            if not sep or not key:
+                raise edge.Invalid("fact", "`fact` must be KEY=VALUE, such as arch=x86_64")
+            nodes = [n for n in nodes if str((n.get("facts") or {}).get(key)) == value]
+        total = len(nodes)
+        after = edge.one(q, "cursor")
+        if after:
+            nodes = [n for n in nodes if n["node"] > after]
+        size = edge.limit(q, 500)
+        page = nodes[:size]
+        return {"nodes": page, "total": total,
+                "next": page[-1]["node"] if len(nodes) > size else None}
+
+    def node(self, node: str) -> JSONObject:
+        found = self.store.node(self.node_id(node))
+        assert found is not None
+        tasks, _ = self.store.task_page(node=found["node"], limit=20)
+        return {**found, "tasks": [without_tails(t) for t in tasks]}
+
+    def tasks(self, q: dict[str, list[str]]) -> JSONObject:
+        tasks, more = self.store.task_page(
+            node=edge.one(q, "node"), state=edge.state(q), job_id=edge.one(q, "job"),
+            before=edge.cursor_int(q), limit=edge.limit(q, 100))
+        return {"tasks": [without_tails(t) for t in tasks],
+                "next": str(more) if more is not None else None}
+
+    def task(self, given: str, q: dict[str, list[str]]) -> JSONObject:
+        task_id = self.task_id(given)
+        node = edge.one(q, "node")
+        found = [t for t in self.store.find(task_id) if node is None or t["node"] == node]
+        if not found:
+            raise NotFound(f"no task {task_id!r}" + (f" on node {node}" if node else ""))
+        for task in found:
+            task["updates"] = self.store.updates(task["node"], task_id)
+            attempts = attempts_of(self.service, task)
+            if attempts is not None:
+                task["attempts"] = attempts
+        return {"tasks": found}
+
+    def jobs(self, q: dict[str, list[str]]) -> JSONObject:
+        size = edge.limit(q, 50)
+        jobs = self.store.jobs(before=edge.one(q, "cursor"), limit=size + 1)
+        page = [{**j, "progress": self.progress(j["id"], len(j["steps"]), j["nodes"])}
+                for j in jobs[:size]]
+        return {"jobs": page, "next": jobs[size - 1]["created_at"] if len(jobs) > size
+                else None}
+
+    def progress(self, job_id: str, steps: int, nodes: int) -> JSONObject:
+        """One row for the whole job, counted by the database: per step and in total."""
+        counts = self.store.job_progress(job_id)
+        per_step = [{"step": i, "states": counts.get(i, {})} for i in range(steps)]
+        total: dict[str, int] = {}
+        for by_state in counts.values():
+            for state, n in by_state.items():
+                total[state] = total.get(state, 0) + n
+        done = sum(n for s, n in total.items() if is_final(State(s)))
+        failed = sum(n for s, n in total.items() if is_final(State(s)) and s != "succeeded")
+        return {"nodes": nodes, "tasks": nodes * steps, "done": done, "failed": failed,
+                "succeeded": total.get("succeeded", 0), "states": total, "steps": per_step}
+
+    def job(self, job_id: str) -> JSONObject:
+        job = self.store.job(job_id)
+        if job is None:
+            raise NotFound(f"no job {job_id!r}")
+        return {"id": job["id"], "created_at": job["created_at"], "steps": job["steps"],
+                "nodes": len(job["nodes"]),
+                "progress": self.progress(job_id, len(job["steps"]), len(job["nodes"]))}
+
+    def job_targets(self, job_id: str, q: dict[str, list[str]]) -> JSONObject:
+        if self.store.job(job_id) is None:
+            raise NotFound(f"no job {job_id!r}")
+        size = edge.limit(q, 100)
+        rows = self.store.job_targets(job_id, edge.one(q, "cursor"), size + 1)
+        page = rows[:size]
+        return {"targets": page, "next": page[-1]["node"] if len(rows) > size else None}
+
+    # --- writes ------------------------------------------------------------------------
+    def check_spec(self, spec: JSONObject, field: str) -> None:
+        """The contract's own parser on a request's task; its complaint names the field."""
+        try:
+            self.service.core.build_task(spec, spec.get("id") or "check", expiry=False)
+        except edge.Invalid:
+            raise
+        except BadRequest as exc:
+            message = str(exc).removeprefix("bad task: ")
+            raise edge.Invalid(f"{field}.{edge.field_of(message, 'type')}",
+                               f"`{field}`: {message}") from None
+
+    def dispatch(self, who: Principal, body: JSONObject) -> JSONObject:
+        targets, online, spec = edge.dispatch_body(body)
+        self.check_spec(spec, "task")
+        created = self.service.dispatch(targets, online, spec, where=body.get("where"),
+                                        retry=body.get("retry"))
+        self.audit(who, "dispatch", tasks=sorted({t["id"] for t in created}),
+                   nodes=[t["node"] for t in created][:1000], count=len(created),
+                   type=spec["type"], node=created[0]["node"] if len(created) == 1 else None)
+        return {"tasks": [without_tails(t) for t in created]}
+
+    def create_job(self, who: Principal, body: JSONObject) -> JSONObject:
+        job_id, targets, online, steps = edge.job_body(body)
+        for i, step in enumerate(steps):
+            self.check_spec({k: v for k, v in step.items() if k != "id"}, f"steps.{i}")
+        job = self.service.create_job(targets, online, steps, job_id, where=body.get("where"))
+        self.audit(who, "job", job=job["id"], nodes=job["nodes"][:1000],
+                   count=len(job["nodes"]), steps=len(steps), tasks=[])
+        return {**self.job(job["id"]), "tasks": [without_tails(t) for t in job["tasks"]]}
+
+    def cancel(self, who: Principal, given: str, body: JSONObject) -> JSONObject:
+        edge.check_keys(body, ("node",), "a cancel request")
+        node = body.get("node")
+        if node is not None and not isinstance(node, str):
+            raise edge.Invalid("node", "`node` must be a node id")
+        task_id = self.task_id(given)
+        canceled = self.service.cancel(task_id, node)
+        self.audit(who, "cancel", tasks=[task_id], nodes=[t["node"] for t in canceled],
+                   node=canceled[0]["node"] if len(canceled) == 1 else None)
+        return {"tasks": [without_tails(t) for t in canceled]}
+
+    def cancel_job(self, who: Principal, job_id: str, body: JSONObject) -> JSONObject:
+        edge.check_keys(body, (), "a job cancel request")
+        job = self.store.job(job_id)
+        if job is None:
+            raise NotFound(f"no job {job_id!r}")
+        open_tasks = [t for t in job["tasks"] if not is_final(State(t["state"]))]
+        if not open_tasks:
+            raise Conflict(f"job {job_id} has already finished; nothing to cancel")
+        sent = []
+        for task_id in sorted({t["id"] for t in open_tasks}):  # one call per step, not per node
+            others = [t for t in self.store.find(task_id) if t["job"] != job_id]
+            nodes = [None] if not others else sorted(
+                {t["node"] for t in open_tasks if t["id"] == task_id})
+            for node in nodes:
+                try:
+                    sent.extend(self.service.cancel(task_id, node))
+                except Conflict:
+                    continue  # it finished meanwhile
+        self.audit(who, "cancel", job=job_id, tasks=sorted({t["id"] for t in sent}),
+                   nodes=sorted({t["node"] for t in sent})[:1000], count=len(sent))
+        return {"job": job_id, "canceled": len(sent)}
+
+    # --- tokens ----------------------------------------------------------------------
+    def create_token(self, who: Principal, body: JSONObject) -> JSONObject:
+        edge.check_keys(body, ("name", "role"), "a token request")
+        name, role = body.get("name"), body.get("role", "viewer")
+        if not isinstance(name, str):
+            raise edge.Invalid("name", "`name` must be a string: who or what uses the token")
+        if not isinstance(role, str):
+            raise edge.Invalid("role", "`role` must be viewer, operator or admin")
+        try:
+            token, record = create_token(self.store, name, role, who.name)
+        except Conflict:
+            raise
+        except BadRequest as exc:
+            raise edge.Invalid(edge.field_of(str(exc), "name"), str(exc)) from None
+        self.audit(who, "token_create", token=name, token_role=role)
+        return {**record, "token": token}
+
+    def forget_node(self, who: Principal, node: str) -> JSONObject:
+        """DELETE /v1/nodes/{node}: out of the registry (issue 13); its tasks stay."""
+        done = self.service.forget_node(node)
+        self.audit(who, "node_forget", node=node, nodes=[node])
+        return done
+
+    def revoke_token(self, who: Principal, name: str) -> JSONObject:
+        record = self.store.revoke_token(name)
+        if record is None:
+            raise NotFound(f"no live token named {name!r}")
+        self.audit(who, "token_revoke", token=name)
+        return record
+
+
+# --- the ASGI application ----------------------------------------------------------------
+Route = tuple[str, str, str, Callable[..., Any]]  # method, path, role, work

@@ -1,0 +1,311 @@
+"""The HTTP API under /v1 and the console at /, on Starlette served by uvicorn.
+
+Starlette rather than FastAPI: the same ASGI core without pydantic (several MB
+and ~40 ms of imports) or dependency injection; the request checks live in
+edge.py, which names the key that is wrong, and the OpenAPI document is
+written by hand (openapi.py). uvicorn runs with h11 and the `websockets`
+package amqtt already brings; no `uvicorn[standard]` extras.
+
+Threads: uvicorn's event loop runs on one thread ("api"). The service and the
+store are blocking and thread-based, so every handler runs its work in the
+thread pool (`run_in_threadpool`); the event streams are fed from the
+service's EventHub through bounded queues that wake the loop thread-safely
+(streams.py). Every error is JSON: `{"error": "...", "code": "...", "field"?}`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import socket
+import threading
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from edgerun import __version__
+from edgerun.control.errors import (
+    SchedulerError,
+)
+from edgerun.control.tokens import is_loopback
+from edgerun.errors import ConfigError
+from edgerun.protocol import JSONObject
+from edgerun.scheduler.api import edge
+from edgerun.scheduler.api.auth import Principal
+from edgerun.scheduler.api.handlers import ApiError, Handlers, classify
+from edgerun.scheduler.api.fleetapi import rollout_routes
+from edgerun.scheduler.errors import ListenError
+from edgerun.scheduler.metrics import CONTENT_TYPE as METRICS_TYPE
+from edgerun.scheduler.service import Service
+
+log = logging.getLogger(__name__)
+
+MAX_BODY = 1024 * 1024
+STATIC = Path(__file__).resolve().parent / "web" / "static"
+# the console runs only its own files: no inline script or style, no other origin, no frames
+CONSOLE_HEADERS = {
+    "Content-Security-Policy": "default-src 'self'; img-src 'self' data:; "
+                               "object-src 'none'; base-uri 'none'; frame-ancestors 'none'",
+    "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer",
+}
+THREADS = 6  # the thread pool that runs handlers' blocking work
+
+
+@dataclass(frozen=True)
+class ApiConfig:
+    host: str = "127.0.0.1"
+    port: int = 8470
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    insecure_http: bool = False
+    max_body: int = MAX_BODY
+
+    def check(self) -> None:
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ConfigError("--tls-cert and --tls-key go together: give both or neither")
+        if not self.tls_cert and not is_loopback(self.host) and not self.insecure_http:
+            raise ConfigError(f"refusing to serve the API on {self.host} without TLS: its "
+                              f"tokens and root commands would cross the network in clear; "
+                              f"give --tls-cert and --tls-key, or --insecure-http if a "
+                              f"proxy in front does TLS")
+        for path in (self.tls_cert, self.tls_key):
+            if path and not Path(path).is_file():
+                raise ConfigError(f"TLS file {path} does not exist or is not a file")
+
+
+def build_app(service: Service, config: ApiConfig, on_stream: Any = None) -> Any:
+    """The Starlette application: /v1 routes, /v1/events, /v1/ws, the console at /."""
+    from starlette.applications import Starlette
+    from starlette.concurrency import run_in_threadpool
+    from starlette.exceptions import HTTPException
+    from starlette.requests import Request
+    from starlette.responses import FileResponse, Response
+    from starlette.routing import Mount, WebSocketRoute
+    from starlette.routing import Route as StarletteRoute
+    from starlette.staticfiles import StaticFiles
+
+    from edgerun.scheduler.api import streams
+    from edgerun.scheduler.api.openapi import document
+
+    h = Handlers(service)
+
+    def answer(status: int, body: Any) -> Response:
+        data = json.dumps(body, ensure_ascii=False).encode("utf-8") + b"\n"
+        return Response(data, status_code=status, media_type="application/json",
+                        headers={"Cache-Control": "no-store"})
+
+    async def read_body(request: Request) -> JSONObject:
+        length = request.headers.get("content-length")
+        if length is not None and (not length.isdigit() or int(length) > config.max_body):
+            raise ApiError(413, "too_large", f"the request body is over "
+                           f"{config.max_body} bytes")
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > config.max_body:
+                raise ApiError(413, "too_large", f"the request body is over "
+                               f"{config.max_body} bytes")
+            chunks.append(chunk)
+        raw = b"".join(chunks)
+        if not raw.strip():
+            return {}
+        try:
+            body = json.loads(raw)
+        except (ValueError, UnicodeDecodeError):
+            raise ApiError(400, "bad_json", "the request body is not JSON") from None
+        if not isinstance(body, dict):
+            raise ApiError(400, "bad_json", "the request body must be a JSON object")
+        return body
+
+    def endpoint(role: str, what: str, work: Callable[..., Any], *, status: int = 200,
+                 query: tuple[str, ...] = (), repeatable: tuple[str, ...] = (),
+                 body: bool = False, with_who: bool = False
+                 ) -> Callable[[Request], Awaitable[Response]]:
+        async def handle(request: Request) -> Response:
+            payload = await read_body(request) if body else None
+
+            def run() -> Any:
+                who = h.principal(request.headers.get("authorization"), None, role, what)
+                q = edge.query(request.query_params.multi_items(), query, repeatable)
+                args: list[Any] = list(request.path_params.values())
+                if query:
+                    args.append(q)
+                if payload is not None:
+                    args.append(payload)
+                return work(who, *args) if with_who else work(*args)
+            result = await run_in_threadpool(run)
+            if isinstance(result, Response):
+                return result
+            return answer(status, result)
+        return handle
+
+    def metrics() -> Response:
+        return Response(service.metrics.render(), media_type=METRICS_TYPE)
+
+    def whoami(who: Principal) -> JSONObject:
+        return {"name": who.name, "role": who.role, "version": __version__}
+
+    async def open_metrics(_request: Request) -> Response:
+        return await run_in_threadpool(metrics)
+
+    async def openapi_json(_request: Request) -> Response:
+        return answer(200, document(__version__))
+
+    async def console(_request: Request) -> Response:
+        return FileResponse(STATIC / "index.html", headers={"Cache-Control": "no-store",
+                                                            **CONSOLE_HEADERS})
+
+    async def on_error(_request: Any, exc: Exception) -> Response:
+        if isinstance(exc, HTTPException):
+            code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http")
+            message = {404: "no such endpoint", 405: "method not allowed here"}.get(
+                exc.status_code, str(exc.detail))
+            response = answer(exc.status_code, {"error": message, "code": code})
+            for key, value in (exc.headers or {}).items():
+                response.headers[key] = value
+            return response
+        status, payload = classify(exc)
+        if status == 500:
+            log.error("request failed", exc_info=exc)
+        response = answer(status, payload)
+        if status == 401:
+            response.headers["WWW-Authenticate"] = 'Bearer realm="edgerun"'
+        return response
+
+    tasks_q = ("node", "state", "job", "limit", "cursor")
+    nodes_q = ("online", "match", "where", "state", "q", "fact", "limit", "cursor")
+    Handler = Callable[[Request], Awaitable[Response]]
+    table: dict[str, dict[str, Handler]] = {
+        "/v1/whoami": {"GET": endpoint("viewer", "reading", whoami, with_who=True)},
+        "/v1/health": {"GET": endpoint("viewer", "reading", service.health)},
+        "/v1/metrics": {"GET": endpoint("viewer", "reading", metrics)},
+        "/v1/nodes": {"GET": endpoint("viewer", "reading", h.nodes, query=nodes_q,
+                                      repeatable=("match", "fact", "where"))},
+        "/v1/nodes/{node}": {
+            "GET": endpoint("viewer", "reading", h.node),
+            "DELETE": endpoint("operator", "forgetting nodes", h.forget_node, with_who=True)},
+        "/v1/tasks": {
+            "GET": endpoint("viewer", "reading", h.tasks, query=tasks_q),
+            "POST": endpoint("operator", "dispatching", h.dispatch, status=201, body=True,
+                             with_who=True)},
+        "/v1/tasks/{id}": {"GET": endpoint("viewer", "reading", h.task, query=("node",))},
+        "/v1/tasks/{id}/cancel": {"POST": endpoint("operator", "cancelling", h.cancel,
+                                                   body=True, with_who=True)},
+        "/v1/jobs": {
+            "GET": endpoint("viewer", "reading", h.jobs, query=("limit", "cursor")),
+            "POST": endpoint("operator", "dispatching", h.create_job, status=201, body=True,
+                             with_who=True)},
+        "/v1/jobs/{id}": {"GET": endpoint("viewer", "reading", h.job)},
+        "/v1/jobs/{id}/targets": {"GET": endpoint("viewer", "reading", h.job_targets,
+                                                  query=("limit", "cursor"))},
+        "/v1/jobs/{id}/cancel": {"POST": endpoint("operator", "cancelling", h.cancel_job,
+                                                  body=True, with_who=True)},
+        "/v1/tokens": {
+            "GET": endpoint("admin", "managing tokens",
+                            lambda: {"tokens": service.store.tokens()}),
+            "POST": endpoint("admin", "managing tokens", h.create_token, status=201,
+                             body=True, with_who=True)},
+        "/v1/tokens/{name}": {"DELETE": endpoint("admin", "managing tokens", h.revoke_token,
+                                                 with_who=True)},
+        "/v1/events": {"GET": streams.sse_endpoint(h, on_stream)},
+    }
+
+    table.update(rollout_routes(h, endpoint))
+
+    def by_method(handlers: dict[str, Handler]) -> Handler:
+        """One route per path, so a wrong method gets 405 with every allowed one."""
+        async def handle(request: Request) -> Response:
+            method = "GET" if request.method == "HEAD" else request.method
+            return await handlers[method](request)
+        return handle
+
+    routes: list[Any] = [
+        StarletteRoute("/", console, methods=["GET"]),
+        StarletteRoute("/v1/openapi.json", openapi_json, methods=["GET"]),
+        # Prometheus' convention: a scraper reads /metrics without a token (counts only)
+        StarletteRoute("/metrics", open_metrics, methods=["GET"]),
+        *[StarletteRoute(path, by_method(handlers), methods=list(handlers))
+          for path, handlers in table.items()],
+        WebSocketRoute("/v1/ws", streams.ws_endpoint(h, on_stream)),
+        Mount("/static", app=StaticFiles(directory=str(STATIC)), name="static"),
+    ]
+    # SchedulerError is answered by the exception middleware (nothing more to log);
+    # anything else reaches the server-error middleware: a 500 in JSON, and logged
+    return Starlette(routes=routes, exception_handlers={
+        Exception: on_error, HTTPException: on_error, SchedulerError: on_error})
+
+
+class ApiServer:
+    """uvicorn on its own thread ("api") with its own event loop."""
+
+    def __init__(self, service: Service, config: ApiConfig | None = None) -> None:
+        import uvicorn
+
+        self.service, self.config = service, config or ApiConfig()
+        self.config.check()
+        self.streams: set[Any] = set()
+        family = socket.AF_INET6 if ":" in self.config.host else socket.AF_INET
+        self._sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            self._sock.bind((self.config.host, self.config.port))
+            self._sock.listen(128)
+        except OSError as exc:
+            self._sock.close()
+            raise ListenError(f"the API cannot listen on {self.config.host}:"
+                              f"{self.config.port}: {exc.strerror or exc}") from None
+        self.host, self.port = self.config.host, int(self._sock.getsockname()[1])
+        app = build_app(service, self.config, self.streams)
+        self._server = uvicorn.Server(uvicorn.Config(
+            app, http="h11", ws="websockets-sansio", lifespan="off", log_config=None,
+            access_log=False, server_header=False, timeout_graceful_shutdown=2,
+            ws_ping_interval=20.0, ssl_certfile=self.config.tls_cert,
+            ssl_keyfile=self.config.tls_key))
+        self._server.config.load()  # imports the protocol classes here, not on the api thread
+        self._thread: threading.Thread | None = None
+
+    @property
+    def url(self) -> str:
+        scheme = "https" if self.config.tls_cert else "http"
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{scheme}://{host}:{self.port}"
+
+    def start(self) -> ApiServer:
+        self._thread = threading.Thread(target=self._run, name="api", daemon=True)
+        self._thread.start()
+        deadline = time.monotonic() + 15.0
+        while not self._server.started and self._thread.is_alive():
+            if time.monotonic() > deadline:
+                raise ListenError("the API did not start within 15 s")
+            time.sleep(0.01)
+        if not self._server.started:
+            raise ListenError(f"the API could not start on {self.url}; see the log")
+        return self
+
+    def _run(self) -> None:
+        try:
+            asyncio.run(self._serve())
+        except Exception:
+            log.exception("the API server stopped")
+
+    async def _serve(self) -> None:
+        import anyio.to_thread
+
+        # the store is one connection behind a lock: more threads would only wait, and
+        # each costs memory (small mode counts every MiB)
+        anyio.to_thread.current_default_thread_limiter().total_tokens = THREADS
+        await self._server.serve(sockets=[self._sock])
+
+    def stop(self) -> None:
+        for close in list(self.streams):
+            close()
+        self._server.should_exit = True
+        if self._thread is not None:
+            self._thread.join(10.0)
+        try:
+            self._sock.close()
+        except OSError:
+            pass

@@ -1,0 +1,187 @@
+"""Jobs: an ordered list of tasks per node (like RackHD's bootstrap lists), or a graph of
+named steps with `needs` across nodes (like RackHD's task graphs).
+
+An ordered list:
+
+    targets = ["rack1-*"]          # optional; node ids, globs, MACs; NODE arguments override
+    where = ["arch=x86_64"]        # optional; facts every target must have
+
+    [[steps]]
+    type = "shell"
+    command = "ipmitool lan print"
+    timeout = 60
+
+    [[steps]]
+    type = "download"
+    url = "http://10.0.0.1/fw.bin"
+    dest = "/tmp/fw.bin"
+
+Each node runs the steps in order and goes on only when its previous step
+succeeded; after a failure its remaining steps end `canceled`.
+
+A graph: every step has a `name`; a step may list the steps it `needs`, and
+may have `targets` / `where` / `online` of its own (else the job's):
+
+    targets = ["rack1-*"]
+
+    [[steps]]
+    name = "inventory"
+    type = "shell"
+    command = "lshw -short"
+
+    [[steps]]
+    name = "report"
+    needs = ["inventory"]
+    targets = ["controller-1"]
+    type = "shell"
+    command = "collect-inventory"
+
+A step starts on all its nodes once every step it needs has succeeded on every
+node of that step; if one of them fails on any node, the steps that need it
+(directly or not) end `canceled` and say why. Steps that need nothing start at
+once. The task id of a graph step is `{job}.{name}`; of a list step `{job}.{i}`.
+
+The service keeps the steps in its store (held until their turn), so a
+restart resumes where each node was. A file ending in .json holds the same as
+a JSON object.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from typing import Any
+
+from edgerun.control.errors import BadRequest, Conflict
+from edgerun.control.jobfile import GRAPH_KEYS, dependents, graph_of
+from edgerun.protocol import JSONObject, Task, is_task_id
+from edgerun.scheduler.core import Core
+from edgerun.scheduler.fleet.pacing import Fleet
+from edgerun.scheduler.store.tasks import Change
+
+
+# --- running jobs ---------------------------------------------------------------------------
+class JobRunner:
+    """Creates jobs and moves them on as their steps end (on the worker thread)."""
+
+    def __init__(self, core: Core, fleet: Fleet) -> None:
+        self.core, self.fleet, self.db = core, fleet, fleet.db
+        self._graphs: dict[str, dict[str, list[str]] | None] = {}
+
+    def create(self, targets: Sequence[str], online: bool, steps: Sequence[Any],
+               job_id: str | None = None, *, where: Any = None) -> JSONObject:
+        if not steps:
+            raise BadRequest("a job needs at least one step")
+        job_id = job_id or str(uuid.uuid4())
+        if not is_task_id(f"{job_id}.0") or len(job_id) > 100:
+            raise BadRequest(f"{job_id!r} is not a usable job id "
+                             f"(up to 100 of A-Z a-z 0-9 _ . : -)")
+        if not all(isinstance(s, dict) for s in steps):
+            raise BadRequest("every step must be an object (a task)")
+        graph = graph_of(steps)
+        plan: list[tuple[JSONObject, Task, list[str]]] = []
+        if graph is None:
+            nodes = self.core.resolve(targets, online, where)
+            for i, step in enumerate(steps):
+                task = self.core.build_task(step, f"{job_id}.{i}", expiry="expires_at" in step)
+                plan.append((dict(step), task, nodes))
+        else:
+            for step in steps:
+                spec = {k: v for k, v in step.items() if k not in GRAPH_KEYS}
+                own = "targets" in step or "where" in step
+                step_targets = step.get("targets", [] if "where" in step else targets)
+                if not isinstance(step_targets, list):
+                    raise BadRequest(f"step {step['name']!r}: `targets` must be a list")
+                step_nodes = self.core.resolve(
+                    step_targets, bool(step.get("online", online)),
+                    step.get("where") if own else where)
+                task = self.core.build_task(spec, f"{job_id}.{step['name']}",
+                                           expiry="expires_at" in spec)
+                plan.append((dict(step), task, step_nodes))
+        self.core.require_broker()
+        all_nodes = list(dict.fromkeys(n for _, _, ns in plan for n in ns))
+
+        def create() -> JSONObject:
+            if self.core.store.job(job_id) is not None:
+                raise Conflict(f"job {job_id} already exists")
+            stored = []
+            for (step, task, step_nodes) in plan:
+                extra = {k: step[k] for k in GRAPH_KEYS if k in step}
+                if graph is not None:
+                    extra["nodes"] = step_nodes
+                stored.append({**task.to_dict(), **extra})
+            self.core.store.add_job(job_id, all_nodes, stored)
+            self._graphs[job_id] = graph
+            for i, (step, task, step_nodes) in enumerate(plan):
+                held = bool(step.get("needs")) if graph is not None else i > 0
+                for node in step_nodes:
+                    if self.core.store.add_task(node, task, source="job", job_id=job_id,
+                                               step=i) is None:
+                        continue
+                    if held:
+                        self.db.set_fleet(node, task.id, hold="job")
+                    created = self.db.task(node, task.id)
+                    assert created is not None
+                    self.core.emit(Change(None, created))
+            for node in all_nodes:
+                self.fleet.pump(node)
+            job = self.core.store.job(job_id)
+            assert job is not None
+            return job
+        return self.core.call(create)
+
+    def graph(self, job_id: str) -> dict[str, list[str]] | None:
+        if job_id not in self._graphs:
+            job = self.core.store.job(job_id)
+            self._graphs[job_id] = graph_of(job["steps"]) if job else None
+        return self._graphs[job_id]
+
+    # --- the fleet's rounds (fleet/pacing.py's Extension) ------------------------------------
+    def on_final(self, task: JSONObject) -> None:
+        if task.get("job"):
+            self.advance(task)
+
+    def tick(self) -> None:
+        """Jobs move on only as their steps end."""
+
+    def restart(self) -> None:
+        """Held steps wait in the store; the fleet's pump sends what is free."""
+
+    def advance(self, task: JSONObject) -> None:
+        """A job step ended: free what may go now, cancel what never will."""
+        graph = self.graph(task["job"])
+        if graph is None:
+            self._advance_list(task)
+        else:
+            self._advance_graph(task, graph)
+
+    def _advance_list(self, task: JSONObject) -> None:
+        steps = self.core.store.job_steps(task["job"], task["node"])
+        later = [s for s in steps if s["step"] > task["step"] and s["state"] == "queued"]
+        if not later:
+            return
+        if task["state"] == "succeeded":
+            self.db.release(task["node"], later[0]["id"])
+            self.fleet.pump(task["node"])
+            return
+        why = (f"step {task['step'] + 1} of job {task['job']} ended {task['state']} on node "
+               f"{task['node']}, so its later steps are not run")
+        for step in later:
+            self.fleet.cancel_queued(step, why)
+
+    def _advance_graph(self, task: JSONObject, graph: dict[str, list[str]]) -> None:
+        job = task["job"]
+        name = task["id"][len(job) + 1:]
+        if task["state"] != "succeeded":
+            why = (f"step {name!r} of job {job} ended {task['state']} on node "
+                   f"{task['node']}, so the steps that need it are not run")
+            for step in sorted(dependents(graph, name)):
+                for row in self.db.job_queued(job, f"{job}.{step}"):
+                    self.fleet.cancel_queued(row, why)
+            return
+        for step, wanted in graph.items():
+            if name not in wanted:
+                continue
+            if self.db.job_unsucceeded(job, [f"{job}.{w}" for w in wanted]) == 0:
+                for node in self.db.job_release(job, f"{job}.{step}"):
+                    self.fleet.pump(node)
