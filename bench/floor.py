@@ -8,9 +8,8 @@ a callback, this measurement tool may). The echo does more at each level:
 
   echo    publish the answer at once: two broker hops and paho on both sides
   sync    + append 150 bytes to a file and fdatasync it (the durable `accepted`)
-  spawn   + posix_spawn `/bin/sh -c true` (vfork + exec) and waitpid, after the sync
-  gated   the same, but the shell is spawned before the sync and waits at the agent's
-          gate (edgerun/agent/shell.py GATE) for a line the echo writes after it
+  spawn   + posix_spawn `/bin/sh -c true` (vfork + exec) and waitpid, after the sync:
+          what the agent does for a string command (edgerun/agent/shell.py)
 
 Prints p50/p99 per level in ms. Bench item 2 runs it too (200 per level, on its own
 Mosquitto while the agents idle) and reports it beside its light-load figures: what
@@ -30,7 +29,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-LEVELS = ("echo", "sync", "spawn", "gated")
+LEVELS = ("echo", "sync", "spawn")
 
 
 def _client(name: str) -> Any:
@@ -53,25 +52,12 @@ def echo_main(url_port: int, level: str, workdir: str) -> int:
     line = b"x" * 149 + b"\n"
     env = dict(os.environ)
 
-    from edgerun.agent.shell import GATE_NO_STDIN
-
     def on_message(c: Any, _u: Any, msg: Any) -> None:
-        if level == "gated":
-            r, w = os.pipe()
-            pid = os.posix_spawn("/bin/sh", ["/bin/sh", "-c", GATE_NO_STDIN, "/bin/sh", "true"],
-                                 env, file_actions=[(os.POSIX_SPAWN_DUP2, r, 0),
-                                                    (os.POSIX_SPAWN_CLOSE, w)])
-            os.close(r)
-        if level in ("sync", "spawn", "gated"):
+        if level in ("sync", "spawn"):
             os.write(fd, line)
             os.fdatasync(fd)
         if level == "spawn":
-            pid = os.posix_spawn("/bin/sh", ["/bin/sh", "-c", "true"], env)
-        if level == "gated":
-            os.write(w, b"\n")
-            os.close(w)
-        if level in ("spawn", "gated"):
-            os.waitpid(pid, 0)
+            os.waitpid(os.posix_spawn("/bin/sh", ["/bin/sh", "-c", "true"], env), 0)
         c.publish("floor/done", msg.payload, 1)
 
     def on_connect(c: Any, _u: Any, _f: Any, _rc: Any, _p: Any) -> None:

@@ -90,7 +90,6 @@ def agent_main(argv: list[str]) -> int:
     _wrap(core.Agent, "_handle", "dispatcher picks it up")
     _wrap(TaskLog, "sync", after="accepted synced")
     _wrap(os, "fdatasync", "fdatasync begins", "fdatasync returns")
-    _wrap(core.Control, "admit", "admit")
     _wrap(core.Agent, "_execute", "worker picks it up")
     _wrap(Containment, "spawn", "spawn begins", "spawned")
     _wrap(shell.subprocess.Popen, "_execute_child", "fork begins", "fork done")

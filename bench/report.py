@@ -72,8 +72,7 @@ def _item2_floor(r: dict[str, Any]) -> list[str]:
         return []
     what = {"echo": "two broker hops and paho (answer at once)",
             "sync": "+ fdatasync of a 150-byte record",
-            "spawn": "+ `/bin/sh -c true` spawned after it, waited for",
-            "gated": "the shell spawned before the sync, waiting at the agent's gate"}
+            "spawn": "+ `/bin/sh -c true` spawned after it, waited for"}
     return ["", "The floor on this machine, light load, no agent (bench/floor.py: one "
             "paho callback answers; milliseconds):", "",
             *_table(["level", "what it pays", "p50", "p99"],

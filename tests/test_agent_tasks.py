@@ -183,12 +183,12 @@ def test_tasks_run_one_at_a_time_in_arrival_order(start_agent: Any, observer: Ob
 
 def test_command_runs_only_once_its_accepted_is_in_the_task_log(
         start_agent: Any, observer: Observer) -> None:
-    """The shell is forked while `accepted` is written and synced (shell.GATE); what the
-    command runs must see that record, and `accepted` -> `running` -> final in order."""
+    """A command starts only once its `accepted` is in the task log (fdatasynced): what
+    it runs must see that record, and `accepted` -> `running` -> final in order."""
     agent = start_agent("node-g")
     log_file = agent.dir / "state" / "tasks.jsonl"
     ids = [f"g{i}" for i in range(20)]
-    for task_id in ids:  # argv tasks are forked only after it: both kinds are checked
+    for task_id in ids:  # string (sh -c) and argv commands are both checked
         check = f"grep '\"id\":\"{task_id}\"' {log_file} | grep -q '\"state\":\"accepted\"'"
         observer.send("node-g", shell(task_id, check if task_id != "g7" else
                                       ["/bin/sh", "-c", check]))

@@ -32,7 +32,7 @@ from edgerun.protocol import (
 from . import identity
 from .config import AgentConfig
 from .contain import Containment, make_key
-from .outcome import Control, NotAdmitted, Outcome, failure
+from .outcome import Control, Outcome, failure
 from .store import TaskLog
 
 log = logging.getLogger(__name__)
@@ -244,27 +244,13 @@ class Agent:
             self._reject(task.id, ErrorCode.BUSY, f"{waiting} tasks are already waiting on this "
                          f"node; send it again later under a new id")
             return
-        # A worker takes the task at once and prepares its command (shell.GATE) while
-        # `accepted` is fdatasynced here, with the GIL free: it is woken once the record
-        # is written, so the two threads do not take the GIL from each other meanwhile.
-        # The command starts only once the record is durable: at most once, sooner.
-        control = Control(deadline=float("inf"))
-        control.hold()
-        try:
-            update = Update(id=task.id, node=self.node, state=State.ACCEPTED,
-                            at=format_time()).to_dict()
-            data = self._fit(update)
-            self.tasks.record(update, data=data)
-            with self._lock:
-                self._queued[task.id] = (task, control)
-            self._wake_worker.put(True)
-            self.tasks.sync()
-            self.conn.publish(self._updates_topic, data, 1)
-        except BaseException:
-            control.admit(False)  # answered by _dispatch_loop as an internal error
-            raise
-        control.admit()
+        # `accepted` is on disk (fdatasync) before any worker sees the task: an agent
+        # that restarts finds it there and never starts the command again (at most once)
+        self._update(task.id, State.ACCEPTED, durable=True)
         log.info("task %s accepted (%s)", task.id, task.type)
+        with self._lock:
+            self._queued[task.id] = (task, Control(deadline=float("inf")))
+        self._wake_worker.put(True)
 
     def _reject(self, task_id: str, code: ErrorCode, message: str) -> None:
         log.warning("task %s rejected (%s): %s", task_id, code, message)
@@ -327,13 +313,8 @@ class Agent:
                                     running)
             else:
                 from .download import run_download
-                if not control.admitted():
-                    raise NotAdmitted(task.id)
                 running()
                 outcome = run_download(task, control)
-        except NotAdmitted:
-            log.error("task %s: not started: its acceptance could not be recorded", task.id)
-            return
         except Exception as exc:
             log.exception("task %s: internal error", task.id)
             outcome = failure(ErrorCode.INTERNAL, f"the agent failed while running the task: "
@@ -380,16 +361,20 @@ class Agent:
         log.info("task %s %s%s", task_id, outcome.state, f" ({error.code}: {error.message})"
                  if error else "")
 
-    def _update(self, task_id: str, state: State, **fields: Any) -> None:
+    def _update(self, task_id: str, state: State, *, durable: bool = False,
+                **fields: Any) -> None:
         update = Update(id=task_id, node=self.node, state=state, at=format_time(), **fields)
-        self._publish(update.to_dict())
+        self._publish(update.to_dict(), durable=durable)
 
-    def _publish(self, update: dict[str, Any], *, remember: bool = True) -> None:
+    def _publish(self, update: dict[str, Any], *, durable: bool = False,
+                 remember: bool = True) -> None:
         data = self._fit(update)  # encoded once: published and logged as these bytes
         if not remember:
             self.conn.publish(self._updates_topic, data, 1)
             return
         self.tasks.record(update, data=data)
+        if durable:
+            self.tasks.sync()  # on disk before it is published, and before the task runs
         task_id = update.get("id")
         # the PUBACK of a final update is noted (cheaply) so a restart need not re-send it
         self.conn.publish(self._updates_topic, data, 1, on_done=self._on_delivered(

@@ -22,24 +22,13 @@ from typing import IO, Any
 from edgerun.protocol import ErrorCode, ShellTask, State
 
 from .contain import Containment, Jail
-from .outcome import Control, NotAdmitted, Outcome, failure
+from .outcome import Control, Outcome, failure
 
 CHUNK = 16 * 1024          # most bytes in one output message
 TAIL = 64 * 1024           # bytes of each stream kept for the final update
 FLUSH_S = 0.25             # live output goes out at least this often
 KILL_GRACE = 2.0           # SIGTERM, then SIGKILL after this long
 LINGER_S = 2.0             # after the main process exits, wait this long for pipes to close
-# A shell command runs as `/bin/sh -c GATE /bin/sh COMMAND`: the shell reads one line
-# from its stdin (the agent writes it once the task is admitted; at EOF it exits having
-# run nothing), then runs COMMAND itself as `/bin/sh -c COMMAND` would: the same $0, no
-# arguments ("$1" is expanded into eval's text before the shift runs), no variable of
-# its own left set, the task's stdin after the line (or /dev/null when the task has
-# none), the same process and session (tests/test_shell_gate.py). One difference shows:
-# a syntax error reads "sh: 1: eval: Syntax error: ..." where `sh -c` says "sh: 1:
-# Syntax error: ..." (exit status 2 either way).
-_GO = 'read -r EDGERUN_GO || exit 125; unset EDGERUN_GO; '
-GATE = _GO + 'eval "shift; $1"'
-GATE_NO_STDIN = _GO + 'exec </dev/null; eval "shift; $1"'
 
 # Sends one chunk of live output; returns False when it was dropped (memory budget,
 # no connection), which the final update counts in `output_dropped`.
@@ -96,35 +85,18 @@ def run_shell(task: ShellTask, control: Control, emit: Emit,
               running: Callable[[], None] | None = None) -> Outcome:
     """Run the task's command to its end. `running` is called once the command was
     started (or failed to start), before any output is emitted: the agent publishes its
-    `running` update there, while the command runs, not before the fork on its way.
-
-    A shell command's shell is started before the task is admitted (control.admitted():
-    its `accepted` is durable) and waits at GATE; it runs nothing of the command until
-    then. Its fork, exec and start-up so overlap the fdatasync, not follow it."""
+    `running` update there, while the command runs, not before the fork on its way."""
     started = time.monotonic()
     contain = jail or _plain()
-    gated = isinstance(task.command, str)
-    if isinstance(task.command, str):
-        argv = ["/bin/sh", "-c", GATE if task.stdin is not None else GATE_NO_STDIN, "/bin/sh",
-                task.command]
-    else:
-        argv = list(task.command)
+    argv = ["/bin/sh", "-c", task.command] if isinstance(task.command, str) \
+        else list(task.command)
     env = {**os.environ, **task.env, **contain.env(task.id)}
-
-    def start() -> subprocess.Popen[bytes]:
-        # the cgroup is made and entered by now; a command not behind GATE is forked
-        # only once its `accepted` is durable
-        if not gated and not control.admitted():
-            raise NotAdmitted(task.id)
-        return subprocess.Popen(
-            argv, stdin=subprocess.PIPE if gated or task.stdin is not None
-            else subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-            cwd=task.cwd, env=env, start_new_session=True, close_fds=True)
     try:
-        proc, cell = contain.spawn(task.id, start, lambda p: p.pid)
+        proc, cell = contain.spawn(task.id, lambda: subprocess.Popen(
+            argv, stdin=subprocess.PIPE if task.stdin is not None else subprocess.DEVNULL,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=task.cwd,
+            env=env, start_new_session=True, close_fds=True), lambda p: p.pid)
     except (OSError, ValueError, subprocess.SubprocessError) as exc:
-        if not control.admitted():
-            raise NotAdmitted(task.id) from exc
         if running is not None:
             running()  # accepted -> running -> failed, as for every task that was run
         text = getattr(exc, "strerror", None) or str(exc)
@@ -132,20 +104,12 @@ def run_shell(task: ShellTask, control: Control, emit: Emit,
         return failure(ErrorCode.SPAWN_FAILED, f"cannot start {argv[0]!r}{where}: {text}",
                        duration_s=round(time.monotonic() - started, 3))
     try:
-        if gated:
-            _open_gate(proc, task, control)
         if running is not None:
             running()
         streams, stopped = _pump(proc, task, control, emit, contain, cell)
         code = proc.wait()
     finally:
         contain.end(cell)
-        if proc.returncode is None:  # not admitted (killed at its gate by end()), or a bug
-            proc.kill()
-            proc.wait()
-            for end in (proc.stdin, proc.stdout, proc.stderr):
-                if end is not None:
-                    end.close()
     fields: dict[str, Any] = {
         "exit_code": code, "stdout": streams[0].text(), "stderr": streams[1].text(),
         "truncated": streams[0].truncated or streams[1].truncated,
@@ -166,20 +130,6 @@ def run_shell(task: ShellTask, control: Control, emit: Emit,
     how = f"was killed by signal {-code}" if code < 0 else f"exited with code {code}"
     return failure(ErrorCode.EXIT_STATUS, f"the command {how}; success is "
                    f"{', '.join(map(str, task.ok_codes))}", **fields)
-
-
-def _open_gate(proc: subprocess.Popen[bytes], task: ShellTask, control: Control) -> None:
-    """Let the shell waiting at GATE run the command, once the task is admitted."""
-    assert proc.stdin is not None
-    if not control.admitted():
-        raise NotAdmitted(task.id)  # run_shell's finally kills the shell at its gate
-    try:
-        os.write(proc.stdin.fileno(), b"\n")  # one byte into an empty pipe: never blocks
-    except OSError:
-        pass  # the shell is gone already: its exit status tells
-    if task.stdin is None:
-        proc.stdin.close()
-        proc.stdin = None
 
 
 def _pump(proc: subprocess.Popen[bytes], task: ShellTask, control: Control, emit: Emit,
