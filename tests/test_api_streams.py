@@ -13,7 +13,7 @@ import pytest
 from websockets.exceptions import InvalidStatus
 from websockets.sync.client import connect
 
-from edgerun.scheduler import events as events_module
+from edgerun.scheduler.store import events as events_module
 from edgerun.scheduler.api import streams
 from edgerun.scheduler.store.events import EventHub
 

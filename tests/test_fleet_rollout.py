@@ -13,7 +13,7 @@ import pytest
 from edgerun.control.errors import BadRequest
 from edgerun.scheduler.fleet.rollout import parse_abort, parse_options, parse_rate
 from edgerun.scheduler.service import Service
-from edgerun.scheduler.store.fleetdb import Conflict
+from edgerun.control.errors import Conflict
 
 from .brokers import Mosquitto, wait_until
 from .fleet_kit import AgentSpec, pool
