@@ -162,19 +162,72 @@ def cmd_job_show(client: Client, job_id: str, as_json: bool) -> int:
     if as_json:
         print(json.dumps({**job, "targets": targets}, indent=2))
         return EXIT_OK
-    p = job["progress"]
-    print(f"job {job['id']}  created {job['created_at']}  {job['nodes']} nodes x "
-          f"{len(job['steps'])} steps")
-    print(f"{p['done']}/{p['tasks']} done, {p['failed']} failed")
-    for step in p["steps"]:
-        states = ", ".join(f"{n} {s}" for s, n in sorted(step["states"].items()))
-        spec = job["steps"][step["step"]]
-        what = spec.get("command") or spec.get("url")
-        print(f"  step {step['step'] + 1} ({spec.get('type')} {what}): {states}")
+    for line in job_lines(job):
+        print(line)
     print()
-    rows = [[t["node"], *[s["state"] for s in t["steps"]]] for t in targets]
-    render.table(rows, ("NODE", *[f"STEP {i + 1}" for i in range(len(job["steps"]))]))
+    headers, rows = job_table(job, targets)
+    render.table(rows, headers)
     return EXIT_OK
+
+
+def step_label(spec: dict[str, Any], index: int) -> str:
+    """A step's name in a graph, else its number (from 1)."""
+    return str(spec.get("name") or index + 1)
+
+
+def job_lines(job: dict[str, Any]) -> list[str]:
+    """The head of `job show`: who, when, progress, then one line per step with its own
+    targets and progress (a graph's steps each have theirs)."""
+    p, steps = job["progress"], job["steps"]
+    graph = any(s.get("name") for s in steps)
+    shape = "graph" if graph else ("one step" if len(steps) == 1 else "ordered steps")
+    about = [f"job {job['id']}"]
+    if job.get("name"):
+        about.append(f"name {job['name']}")
+    if job.get("creator"):
+        about.append(f"by {job['creator']}")
+    about.append(f"created {render.utc(job['created_at'])}")
+    for key in ("started_at", "ended_at"):
+        if job.get(key):
+            about.append(f"{key.removesuffix('_at')} {render.utc(job[key])}")
+    lines = ["  ".join(about),
+             f"{shape}: {len(steps)} step(s) on {job['nodes']} node(s), {p['tasks']} tasks",
+             f"{p['done']}/{p['tasks']} done, {p['failed']} failed"]
+    for row in p["steps"]:
+        i = row["step"]
+        spec = steps[i] if i < len(steps) else {}
+        what = spec.get("command") or spec.get("url") or ""
+        if isinstance(what, list):
+            what = " ".join(str(w) for w in what)
+        states = ", ".join(f"{n} {s}" for s, n in sorted(row["states"].items())) or "none yet"
+        size = row.get("tasks", sum(row["states"].values()))
+        done = row.get("done", 0)
+        needs = f" needs {','.join(spec['needs'])}" if spec.get("needs") else ""
+        lines.append(f"  step {step_label(spec, i)} ({spec.get('type')} {what}){needs}: "
+                     f"{done}/{size} done: {states}")
+    return lines
+
+
+BAD = ("failed", "timed_out", "lost", "rejected", "canceled")
+
+
+def job_table(job: dict[str, Any], targets: list[dict[str, Any]]
+              ) -> tuple[list[str], list[list[Any]]]:
+    """One row per node, one column per step; `-` where a step does not target the node
+    (graphs); nodes with a failed step first."""
+    steps = job["steps"]
+    headers = ["NODE", *[f"STEP {step_label(s, i)}".upper() for i, s in enumerate(steps)]]
+    rows: list[tuple[bool, list[Any]]] = []
+    for target in targets:
+        cells: list[Any] = [None] * len(steps)
+        for step in target["steps"]:
+            index = step.get("step")
+            if isinstance(index, int) and 0 <= index < len(steps):
+                cells[index] = step["state"]
+        failed = any(c in BAD for c in cells)
+        rows.append((not failed, [target["node"], *cells]))
+    rows.sort(key=lambda r: r[0])  # stable: failures first, then by node as listed
+    return headers, [r for _, r in rows]
 
 
 def cmd_job_cancel(client: Client, job_id: str, as_json: bool) -> int:

@@ -6,7 +6,14 @@ import sys
 from collections.abc import Sequence
 from typing import Any, TextIO
 
-TASK_COLUMNS = ("ID", "NODE", "TYPE", "STATE", "EXIT", "UPDATED", "ERROR")
+TASK_COLUMNS = ("ID", "NODE", "TYPE", "STATE", "EXIT", "UPDATED (UTC)", "ERROR")
+
+
+def utc(at: str | None) -> str:
+    """An ISO time as `2026-12-07 18:22:03 UTC` (the zone always said)."""
+    if not at:
+        return "-"
+    return at[:19].replace("T", " ") + " UTC"
 
 
 def table(rows: Sequence[Sequence[Any]], headers: Sequence[str], out: TextIO | None = None,

@@ -22,6 +22,7 @@ from edgerun.control.errors import (
 from edgerun.protocol import JSONObject, State, is_final
 from edgerun.scheduler.api import edge
 from edgerun.scheduler.api.auth import Principal, authenticate, create_token
+from edgerun.scheduler.fleet.jobs import progress_of
 from edgerun.scheduler.service import Service
 from edgerun.scheduler.store.events import audit_event, without_tails
 
@@ -194,16 +195,7 @@ class Handlers:
 
     def progress(self, job_id: str, steps: int, nodes: int) -> JSONObject:
         """One row for the whole job, counted by the database: per step and in total."""
-        counts = self.store.job_progress(job_id)
-        per_step = [{"step": i, "states": counts.get(i, {})} for i in range(steps)]
-        total: dict[str, int] = {}
-        for by_state in counts.values():
-            for state, n in by_state.items():
-                total[state] = total.get(state, 0) + n
-        done = sum(n for s, n in total.items() if is_final(State(s)))
-        failed = sum(n for s, n in total.items() if is_final(State(s)) and s != "succeeded")
-        return {"nodes": nodes, "tasks": nodes * steps, "done": done, "failed": failed,
-                "succeeded": total.get("succeeded", 0), "states": total, "steps": per_step}
+        return progress_of(self.store.job_progress(job_id), steps, nodes)
 
     def job(self, job_id: str) -> JSONObject:
         job = self.store.job(job_id)

@@ -54,10 +54,37 @@ from typing import Any
 
 from edgerun.control.errors import BadRequest, Conflict
 from edgerun.control.jobfile import GRAPH_KEYS, dependents, graph_of
-from edgerun.protocol import JSONObject, Task, is_task_id
+from edgerun.protocol import JSONObject, State, Task, is_final, is_task_id
 from edgerun.scheduler.core import Core
 from edgerun.scheduler.fleet.pacing import Fleet
 from edgerun.scheduler.store.tasks import Change
+
+
+# --- progress: counted over the job's real tasks ----------------------------------------------
+def progress_of(counts: dict[int, dict[str, int]], steps: int, nodes: int) -> JSONObject:
+    """One row for the whole job from the database's {step: {state: count}}: per step and in
+    total. `tasks` is the number of task rows the job has, not nodes x steps: in a graph
+    every step has its own targets (5 tasks over 12 node-step pairs read 5/5 at the end)."""
+    per_step = []
+    total: dict[str, int] = {}
+    for i in range(steps):
+        by_state = counts.get(i, {})
+        size = sum(by_state.values())
+        per_step.append({"step": i, "states": by_state, "tasks": size,
+                         "done": sum(n for s, n in by_state.items() if _final(s))})
+        for state, n in by_state.items():
+            total[state] = total.get(state, 0) + n
+    done = sum(n for s, n in total.items() if _final(s))
+    failed = sum(n for s, n in total.items() if _final(s) and s != "succeeded")
+    return {"nodes": nodes, "tasks": sum(total.values()), "done": done, "failed": failed,
+            "succeeded": total.get("succeeded", 0), "states": total, "steps": per_step}
+
+
+def _final(state: str) -> bool:
+    try:
+        return is_final(State(state))
+    except ValueError:
+        return False
 
 
 # --- running jobs ---------------------------------------------------------------------------
