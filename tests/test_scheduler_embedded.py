@@ -89,3 +89,44 @@ def test_direct_mode_end_to_end_with_the_embedded_broker(tmp_path: Path) -> None
         finally:
             if agent.alive():
                 agent.kill()
+
+
+def test_amqtt_internals_the_broker_relies_on_are_as_expected() -> None:
+    """The installed amqtt has the private members messaging/broker.py overrides and reads:
+    a release that changes them fails here, naming the member, not in the field."""
+    import asyncio
+
+    from amqtt.broker import Broker
+
+    from edgerun.scheduler.messaging.broker import check_internals
+
+    async def built() -> Broker:  # amqtt builds its broker inside a running loop
+        return Broker({"listeners": {"default": {"type": "tcp", "bind": "127.0.0.1:0"}}})
+
+    check_internals(Broker, asyncio.run(built()))
+
+
+def test_a_changed_amqtt_internal_is_refused_by_name() -> None:
+    """Pure logic: a Broker whose overridden method changed its parameters, or lost an
+    attribute, is refused with the member's name."""
+    from edgerun.scheduler.messaging.broker import check_internals
+
+    class Changed:
+        async def _client_connected(self, listener_name: str, reader: object) -> None: ...
+
+        async def _publish_retained_messages_for_subscription(
+                self, subscription: object, session: object) -> None: ...
+
+    with pytest.raises(EmbeddedBrokerError, match="_client_connected"):
+        check_internals(Changed)
+
+    class NoAttrs:
+        async def _client_connected(self, listener_name: str, reader: object,
+                                    writer: object) -> None: ...
+
+        async def _publish_retained_messages_for_subscription(
+                self, subscription: object, session: object) -> None: ...
+
+    check_internals(NoAttrs)
+    with pytest.raises(EmbeddedBrokerError, match="_subscriptions"):
+        check_internals(NoAttrs, NoAttrs())

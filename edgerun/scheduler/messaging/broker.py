@@ -18,12 +18,22 @@ Two amqtt behaviours are adjusted (see scheduler/README.md, "Embedded broker"):
   once with CONNACK return code 0x01, "unacceptable protocol version", which is
   what MQTT 5 clients take as "try 3.1.1" or report; a first packet that is not a
   CONNECT, or none within `CONNECT_TIMEOUT_S`, closes the connection.
+
+These are the one place edgerun reaches into a library's private members, kept under
+issue 21's rule (a user-visible defect of the library): `Broker._client_connected`,
+`Broker._publish_retained_messages_for_subscription`, `Broker._subscriptions` and
+`Broker._servers` (the bound port). pyproject.toml pins amqtt to the series they were
+tested on (0.12), and `check_internals()` refuses to start, naming the member, if a
+release changes any of them (tests/test_scheduler_embedded.py). Upstream: MQTT 5
+version negotiation is Yakifo/amqtt issue #325 (PR #337); the retained messages of
+other clients' subscriptions have no upstream issue found yet.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import logging
 import threading
 from dataclasses import dataclass
@@ -102,8 +112,40 @@ def _amqtt() -> tuple[Any, Any]:
     return Broker, BaseAuthPlugin
 
 
+# amqtt's private members overridden or read here, with the parameters each must take
+INTERNALS: dict[str, tuple[str, ...]] = {
+    "_client_connected": ("self", "listener_name", "reader", "writer"),
+    "_publish_retained_messages_for_subscription": ("self", "subscription", "session"),
+}
+INTERNAL_ATTRIBUTES = ("_subscriptions", "_servers")
+
+
+def check_internals(broker_cls: type, instance: Any = None) -> None:
+    """EmbeddedBrokerError naming the first private member of amqtt's Broker that is not
+    as edgerun expects (a new amqtt release): methods by their parameters, and, given a
+    broker instance, the attributes read."""
+    for name, params in INTERNALS.items():
+        method = getattr(broker_cls, name, None)
+        if method is None or not inspect.iscoroutinefunction(method):
+            raise EmbeddedBrokerError(
+                f"amqtt's Broker.{name} is gone or no longer a coroutine: the embedded "
+                f"broker relies on it (messaging/broker.py); use the amqtt series in "
+                f"pyproject.toml")
+        found = tuple(inspect.signature(method).parameters)
+        if found != params:
+            raise EmbeddedBrokerError(
+                f"amqtt's Broker.{name} takes {found}, not {params}: the embedded broker "
+                f"relies on it (messaging/broker.py); use the amqtt series in pyproject.toml")
+    for name in INTERNAL_ATTRIBUTES if instance is not None else ():
+        if not hasattr(instance, name):
+            raise EmbeddedBrokerError(
+                f"amqtt's Broker has no attribute {name}: the embedded broker relies on it "
+                f"(messaging/broker.py); use the amqtt series in pyproject.toml")
+
+
 def _make_classes() -> tuple[type, type]:
     broker_cls, auth_base = _amqtt()
+    check_internals(broker_cls)
 
     class OpenAuthPlugin(auth_base):  # type: ignore[misc, valid-type]
         """Admit every client, keeping its persistent session (not marked anonymous)."""
@@ -215,6 +257,7 @@ class EmbeddedBroker:
             "plugins": {f"{__name__}.OpenAuthPlugin": {}},
         }
         broker = broker_cls(config)
+        check_internals(broker_cls, broker)
         await broker.start()
         server = broker._servers["default"].instance
         self.port = int(server.sockets[0].getsockname()[1])
