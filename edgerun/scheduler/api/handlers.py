@@ -19,7 +19,7 @@ from edgerun.control.errors import (
     Unauthorized,
     UnknownNode,
 )
-from edgerun.protocol import JSONObject, State, is_final
+from edgerun.protocol import JSONObject, State, encode, is_final
 from edgerun.scheduler.api import edge
 from edgerun.scheduler.api.auth import Principal, authenticate, create_token
 from edgerun.scheduler.fleet.jobs import progress_of
@@ -28,6 +28,7 @@ from edgerun.scheduler.store.events import audit_event, without_tails
 
 log = logging.getLogger(__name__)
 TOUCH_EVERY_S = 60.0
+WIRE_MARGIN = 512  # what the wire adds to a checked task: a signature, an expires_at
 
 
 def attempts_of(service: Service, task: JSONObject) -> list[JSONObject] | None:
@@ -60,6 +61,8 @@ def classify(exc: BaseException) -> tuple[int, JSONObject]:
         return error_body(401, "unauthorized", str(exc))
     if isinstance(exc, Forbidden):
         return error_body(403, "forbidden", str(exc))
+    if isinstance(exc, edge.BadJson):
+        return error_body(400, "bad_json", str(exc))
     if isinstance(exc, edge.Invalid):
         return error_body(422, "invalid", str(exc), field=exc.field)
     if isinstance(exc, Conflict):
@@ -217,13 +220,21 @@ class Handlers:
     def check_spec(self, spec: JSONObject, field: str) -> None:
         """The contract's own parser on a request's task; its complaint names the field."""
         try:
-            self.service.core.build_task(spec, spec.get("id") or "check", expiry=False)
+            task = self.service.core.build_task(spec, spec.get("id") or "check", expiry=False)
         except edge.Invalid:
             raise
         except BadRequest as exc:
             message = str(exc).removeprefix("bad task: ")
             raise edge.Invalid(f"{field}.{edge.field_of(message, 'type')}",
                                f"`{field}`: {message}") from None
+        # the agent refuses a message over its limit (too_large): refuse it here instead,
+        # before anything is stored; the margin is the signature and the expiry
+        limit = self.service.cfg.max_message_bytes
+        size = len(encode(task)) + WIRE_MARGIN
+        if size > limit:
+            raise ApiError(413, "too_large", f"`{field}` would be a {size}-byte message; "
+                           f"the agents take at most {limit} bytes (max_message_bytes)",
+                           field=field)
 
     def dispatch(self, who: Principal, body: JSONObject) -> JSONObject:
         targets, online, spec = edge.dispatch_body(body)

@@ -16,7 +16,6 @@ service's EventHub through bounded queues that wake the loop thread-safely
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import socket
 import threading
@@ -37,6 +36,7 @@ from edgerun.scheduler.api import edge
 from edgerun.scheduler.api.auth import Principal
 from edgerun.scheduler.api.handlers import ApiError, Handlers, classify
 from edgerun.scheduler.api.fleetapi import rollout_routes
+from edgerun.scheduler.api.overview import overview_routes
 from edgerun.scheduler.errors import ListenError
 from edgerun.scheduler.metrics import CONTENT_TYPE as METRICS_TYPE
 from edgerun.scheduler.service import Service
@@ -51,6 +51,7 @@ CONSOLE_HEADERS = {
                                "object-src 'none'; base-uri 'none'; frame-ancestors 'none'",
     "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer",
 }
+WS_MAX_SIZE = 64 * 1024  # a WebSocket message from a client: a subscribe is < 1 KiB
 THREADS = 6  # the thread pool that runs handlers' blocking work
 
 
@@ -93,7 +94,7 @@ def build_app(service: Service, config: ApiConfig, on_stream: Any = None) -> Any
     h = Handlers(service)
 
     def answer(status: int, body: Any) -> Response:
-        data = json.dumps(body, ensure_ascii=False).encode("utf-8") + b"\n"
+        data = edge.dumps(body).encode("utf-8") + b"\n"
         return Response(data, status_code=status, media_type="application/json",
                         headers={"Cache-Control": "no-store"})
 
@@ -112,23 +113,21 @@ def build_app(service: Service, config: ApiConfig, on_stream: Any = None) -> Any
         raw = b"".join(chunks)
         if not raw.strip():
             return {}
-        try:
-            body = json.loads(raw)
-        except (ValueError, UnicodeDecodeError):
-            raise ApiError(400, "bad_json", "the request body is not JSON") from None
-        if not isinstance(body, dict):
-            raise ApiError(400, "bad_json", "the request body must be a JSON object")
-        return body
+        return edge.parse_json(raw)
 
     def endpoint(role: str, what: str, work: Callable[..., Any], *, status: int = 200,
                  query: tuple[str, ...] = (), repeatable: tuple[str, ...] = (),
                  body: bool = False, with_who: bool = False
                  ) -> Callable[[Request], Awaitable[Response]]:
         async def handle(request: Request) -> Response:
+            # the token before the body: a stranger's body is never read
+            who = await run_in_threadpool(h.principal, request.headers.get("authorization"),
+                                          None, role, what)
+            for name, value in request.path_params.items():
+                edge.path_value(name, value)
             payload = await read_body(request) if body else None
 
             def run() -> Any:
-                who = h.principal(request.headers.get("authorization"), None, role, what)
                 q = edge.query(request.query_params.multi_items(), query, repeatable)
                 args: list[Any] = list(request.path_params.values())
                 if query:
@@ -214,6 +213,7 @@ def build_app(service: Service, config: ApiConfig, on_stream: Any = None) -> Any
     }
 
     table.update(rollout_routes(h, endpoint))
+    table.update(overview_routes(h, endpoint))
 
     def by_method(handlers: dict[str, Handler]) -> Handler:
         """One route per path, so a wrong method gets 405 with every allowed one."""
@@ -262,7 +262,7 @@ class ApiServer:
         self._server = uvicorn.Server(uvicorn.Config(
             app, http="h11", ws="websockets-sansio", lifespan="off", log_config=None,
             access_log=False, server_header=False, timeout_graceful_shutdown=2,
-            ws_ping_interval=20.0, ssl_certfile=self.config.tls_cert,
+            ws_ping_interval=20.0, ws_max_size=WS_MAX_SIZE, ssl_certfile=self.config.tls_cert,
             ssl_keyfile=self.config.tls_key))
         self._server.config.load()  # imports the protocol classes here, not on the api thread
         self._thread: threading.Thread | None = None

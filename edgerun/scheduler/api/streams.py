@@ -19,7 +19,6 @@ docs/EVENTS.md describes one schema for both.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import queue
 from collections.abc import AsyncIterator, Callable
@@ -143,8 +142,7 @@ def since_of(text: str | None, field: str) -> int | None:
 
 def sse(event_id: int | None, kind: str, data: JSONObject) -> bytes:
     head = f"id: {event_id}\n" if event_id is not None else ""
-    return (head + f"event: {kind}\ndata: {json.dumps(data, ensure_ascii=False)}\n\n"
-            ).encode("utf-8")
+    return (head + f"event: {kind}\ndata: {edge.dumps(data)}\n\n").encode("utf-8")
 
 
 def sse_endpoint(h: Handlers, registry: set[Callable[[], None]] | None
@@ -238,6 +236,12 @@ def ws_endpoint(h: Handlers, registry: set[Callable[[], None]] | None
             await session.run()
         except WebSocketDisconnect:
             pass
+        except Exception:  # never a dropped connection without a close code
+            log.exception("websocket session failed")
+            try:
+                await socket.close(code=1011, reason="internal error; see the service log")
+            except Exception as exc:  # the connection is gone already
+                log.debug("websocket close: %s", exc)
         finally:
             session.close()
 
@@ -253,6 +257,7 @@ class WsSession:
         self.feed: Feed | None = None
         self.changed = asyncio.Event()
         self.stopping = False
+        self.closing: tuple[int, str] | None = None  # a close code of our own, and why
         if registry is not None:
             registry.add(self.stop)
 
@@ -267,17 +272,27 @@ class WsSession:
         if self.registry is not None:
             self.registry.discard(self.stop)
 
+    async def _send(self, message: JSONObject) -> None:
+        await self.socket.send_text(edge.dumps(message))
+
     async def run(self) -> None:
         writer = asyncio.create_task(self._write())
         try:
             while not writer.done():
-                receive = asyncio.create_task(self.socket.receive_text())
+                receive = asyncio.create_task(self.socket.receive())
                 done, _ = await asyncio.wait({receive, writer},
                                              return_when=asyncio.FIRST_COMPLETED)
                 if receive not in done:
                     receive.cancel()
                     break
-                await self._command(receive.result())
+                message = receive.result()
+                if message["type"] == "websocket.disconnect":
+                    return
+                text = message.get("text")
+                if text is None:  # a binary frame: this protocol is JSON text only
+                    self.closing = (1003, "JSON text messages only")
+                    break
+                await self._command(text)
         finally:
             writer.cancel()
             try:
@@ -287,33 +302,35 @@ class WsSession:
             except Exception as exc:  # the socket went away while writing
                 log.debug("websocket writer: %s", exc)
         reason = self.feed.sub.closed if self.feed is not None else None
-        if reason and not self.stopping:
-            await self.socket.send_json({"type": "closed", "code": "slow_reader",
+        if self.closing is not None:
+            await self.socket.close(code=self.closing[0], reason=self.closing[1])
+        elif reason and not self.stopping:
+            await self._send({"type": "closed", "code": "slow_reader",
                                          "reason": reason})
             await self.socket.close(code=1008, reason="slow reader")
         elif self.stopping:
             await self.socket.close(code=1001, reason="service stopping")
 
     async def _error(self, code: str, message: str, field: str | None = None) -> None:
-        await self.socket.send_json({"type": "error", "code": code, "error": message,
+        await self._send({"type": "error", "code": code, "error": message,
                                      **({"field": field} if field else {})})
 
     async def _command(self, text: str) -> None:
         from starlette.concurrency import run_in_threadpool
 
         try:
-            msg = json.loads(text)
-        except ValueError:
-            await self._error("bad_json", "each message must be a JSON object")
+            msg = edge.parse_json(text)
+        except edge.BadJson as exc:
+            await self._error("bad_json", f"each message must be a JSON object: {exc}")
             return
-        if not isinstance(msg, dict):
-            await self._error("bad_json", "each message must be a JSON object")
+        except edge.Invalid as exc:
+            await self._error("invalid", str(exc), exc.field)
             return
         op = msg.get("op")
         try:
             if op == "ping":
                 edge.check_keys(msg, ("op",), "a ping")
-                await self.socket.send_json({"type": "pong",
+                await self._send({"type": "pong",
                                              "last_id": self.h.service.hub.last_id})
             elif op == "unsubscribe":
                 edge.check_keys(msg, ("op",), "an unsubscribe")
@@ -321,7 +338,7 @@ class WsSession:
                     self.feed.close()
                     self.feed = None
                     self.changed.set()
-                await self.socket.send_json({"type": "unsubscribed"})
+                await self._send({"type": "unsubscribed"})
             elif op == "subscribe":
                 edge.check_keys(msg, SUBSCRIBE_KEYS, "a subscribe")
                 chans = channels_of(_strings(msg, "channels"))
@@ -329,7 +346,8 @@ class WsSession:
                     raise Forbidden("the audit channel needs role operator or above")
                 nodes, tasks = _strings(msg, "nodes"), _strings(msg, "tasks")
                 since = msg.get("since")
-                if since is not None and (not isinstance(since, int) or since < 0):
+                if since is not None and (not isinstance(since, int) or isinstance(since, bool)
+                                          or not 0 <= since <= edge.MAX_INT):
                     raise edge.Invalid("since", "`since` must be an event id")
                 if self.feed is not None:
                     self.feed.close()
@@ -343,11 +361,11 @@ class WsSession:
                     feed.seen_up_to = self.h.service.hub.last_id
                 else:
                     backlog, reset = await run_in_threadpool(feed.backlog, since)
-                await self.socket.send_json({
+                await self._send({
                     "type": "subscribed", "channels": sorted(chans), "nodes": nodes,
                     "tasks": tasks, "last_id": feed.seen_up_to})
                 if reset is not None:
-                    await self.socket.send_json({"type": "reset", "reason": reset,
+                    await self._send({"type": "reset", "reason": reset,
                                                  "last_id": feed.seen_up_to})
                 for event_id, event in backlog:
                     await self._send_event(event_id, event)
@@ -362,7 +380,7 @@ class WsSession:
     async def _send_event(self, event_id: int, event: JSONObject) -> None:
         kind = event.get("kind")
         channel = next((c for c, k in CHANNELS.items() if k == kind), str(kind))
-        await self.socket.send_json({"type": "event", "id": event_id, "channel": channel,
+        await self._send({"type": "event", "id": event_id, "channel": channel,
                                      "event": event})
 
     async def _write(self) -> None:
@@ -373,7 +391,7 @@ class WsSession:
                 try:
                     await asyncio.wait_for(self.changed.wait(), HEARTBEAT_S)
                 except TimeoutError:
-                    await self.socket.send_json({"type": "heartbeat",
+                    await self._send({"type": "heartbeat",
                                                  "last_id": self.h.service.hub.last_id})
                 if self.stopping:
                     return
@@ -382,7 +400,7 @@ class WsSession:
             if feed is not self.feed:
                 continue  # replaced meanwhile
             if item == "":
-                await self.socket.send_json({"type": "heartbeat", "last_id": feed.seen_up_to
+                await self._send({"type": "heartbeat", "last_id": feed.seen_up_to
                                              if feed.seen_up_to > self.h.service.hub.last_id
                                              else self.h.service.hub.last_id})
                 continue
