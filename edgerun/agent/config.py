@@ -10,15 +10,23 @@ from dataclasses import dataclass
 from edgerun import __version__
 from edgerun.errors import ConfigError
 from edgerun.protocol import DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_PREFIX, is_node_id, is_prefix
-from edgerun.signing import load_public_key
 from edgerun.settings import (
-    BrokerURL, Option, build_parser, config_path, kernel_params, parse_broker_urls, read_toml,
+    BrokerURL,
+    Option,
+    build_parser,
+    config_path,
+    kernel_params,
+    parse_broker_urls,
+    read_toml,
     resolve,
 )
+from edgerun.signing import load_public_key
 
 from .identity import derive_node_id
+from .labels import LabelLayer, Labels, merge, parse_items, parse_table, parse_text
 
 DEFAULT_STATE_DIR = "/var/lib/edgerun-agent"
+DEFAULT_FACTS_DIR = "/etc/edgerun/facts.d"
 
 
 def _positive(value: float) -> str | None:
@@ -71,7 +79,15 @@ OPTIONS = [
     Option("contain", str, "auto", "a cgroup v2 per task where the hierarchy is writable "
            "(auto), or only the subreaper and /proc (off)", _contain, metavar="MODE"),
     Option("log_level", str, "info", "debug, info, warning or error", _level),
+    Option("facts_dir", str, DEFAULT_FACTS_DIR, "custom facts: JSON files (*.json) and "
+           "executables that print one JSON object, read every 5 s; '' for none",
+           metavar="DIR"),
+    Option("facts_timeout", float, 3.0, "seconds the facts directory's executables get, "
+           "all together, at each check", _positive, metavar="S"),
 ]
+LABEL_HELP = ("a label KEY=VALUE for --where labels.KEY=VALUE (repeatable; also "
+              "`[labels]` in the TOML file, edgerun.labels=K=V,K2=V2 on the kernel "
+              "command line, EDGERUN_LABELS); layers merge key by key, KEY= removes one")
 
 
 @dataclass(frozen=True)
@@ -93,10 +109,19 @@ class AgentConfig:
     public_key: bytes | None = None
     contain: str = "auto"
     brokers: tuple[BrokerURL, ...] = ()  # every node of a cluster, `broker` first; () = broker
+    # lowest first: TOML, kernel command line, EDGERUN_LABELS, --label (facts.d goes below)
+    label_layers: tuple[LabelLayer, ...] = ()
+    facts_dir: str | None = DEFAULT_FACTS_DIR
+    facts_timeout: float = 3.0
 
     @property
     def broker_nodes(self) -> tuple[BrokerURL, ...]:
         return self.brokers or (self.broker,)
+
+    @property
+    def labels(self) -> Labels:
+        """The configured labels alone (the agent adds those of its facts directory)."""
+        return merge(self.label_layers)
 
 
 def load(argv: Sequence[str] | None, environ: Mapping[str, str],
@@ -104,10 +129,17 @@ def load(argv: Sequence[str] | None, environ: Mapping[str, str],
     """Read every layer; ConfigError (one line) on any mistake."""
     parser = build_parser("edgerun-agent", "Run edgerun shell and download tasks sent over MQTT.",
                           OPTIONS, __version__)
+    parser.add_argument("--label", dest="label", action="append", default=None,
+                        metavar="KEY=VALUE", help=LABEL_HELP)
     args = parser.parse_args(argv)
     path = config_path(args, environ)
-    values = resolve(OPTIONS, args, environ, table=read_toml(path) if path else None,
-                     table_source=f"config file {path}", kernel=kernel_params(cmdline))
+    table = dict(read_toml(path)) if path else None
+    kernel = kernel_params(cmdline)
+    layers = label_layers(table.pop("labels", None) if table else None,
+                          kernel.get("labels"), environ.get("EDGERUN_LABELS"), args.label,
+                          table_source=f"config file {path}")
+    values = resolve(OPTIONS, args, environ, table=table,
+                     table_source=f"config file {path}", kernel=kernel)
     if not values["broker"]:
         raise ConfigError("no broker: give --broker URL, EDGERUN_BROKER or "
                           "edgerun.broker= on the kernel command line")
@@ -128,5 +160,23 @@ def load(argv: Sequence[str] | None, environ: Mapping[str, str],
         queue_size=values["queue_size"], grace=max(0.0, values["grace"]),
         max_message_bytes=values["max_message_bytes"], remember=values["remember"],
         keepalive=values["keepalive"], log_level=values["log_level"].upper(),
-        contain=values["contain"],
+        contain=values["contain"], label_layers=layers,
+        facts_dir=values["facts_dir"] or None, facts_timeout=values["facts_timeout"],
         public_key=load_public_key(values["public_key"]) if values["public_key"] else None)
+
+
+def label_layers(table: object, kernel: str | None, env: str | None,
+                 flags: list[str] | None, *, table_source: str = "config file",
+                 ) -> tuple[LabelLayer, ...]:
+    """The configured label layers, lowest first. A bad label is a warning the agent logs
+    (LabelLayer.problems), never a ConfigError: see edgerun.agent.labels."""
+    layers = []
+    if table is not None:
+        layers.append(parse_table(table, f"{table_source}: [labels]"))
+    if kernel is not None:
+        layers.append(parse_text(kernel, "kernel command line: edgerun.labels"))
+    if env is not None:
+        layers.append(parse_text(env, "EDGERUN_LABELS"))
+    if flags:
+        layers.append(parse_items(flags, "--label"))
+    return tuple(layers)

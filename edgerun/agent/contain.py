@@ -54,6 +54,7 @@ _T = TypeVar("_T")
 _LOCK = threading.Lock()
 _KNOWN: dict[int, str] = {}  # pids of commands a worker waits for -> marker
 _SPAWNING = [0]  # forks under way whose pid is not in _KNOWN yet (reap() waits for them)
+OWN_CHILD = "edgerun-agent"  # the marker of own_child()'s children: no task's
 THREAD_ROOT = "edgerun"  # the threaded subtree's root, in the agent's own cgroup
 _ROOT: list[str | None] = []  # this process's thread root, once tried (empty: not yet)
 
@@ -365,7 +366,7 @@ class Containment:
         table = self._table()
         mark = f"{self.key}/{jail.task_id}"
         with self._lock:
-            others = {t for t in self._known.values() if t != mark}
+            others = {t for t in self._known.values() if t not in (mark, OWN_CHILD)}
             known = set(self._known)
         roots = {jail.pid} if jail.pid in table else set()
         for pid, parent in table.items():
@@ -546,6 +547,20 @@ class Containment:
         self.sweep()
         if self.cgroup_dir is not None:
             _rmdir_soon(self.cgroup_dir)
+
+
+def own_child(start: Callable[[], int]) -> int:
+    """Start a child its caller waits for itself, not a task's command (a facts
+    executable): reap() leaves it alone until forget_child(). `start` returns its pid."""
+    with _LOCK:
+        pid = start()
+        _KNOWN[pid] = OWN_CHILD
+    return pid
+
+
+def forget_child(pid: int) -> None:
+    with _LOCK:
+        _KNOWN.pop(pid, None)
 
 
 def _kill(pid: int, sig: int) -> None:

@@ -17,21 +17,38 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from datetime import datetime, UTC
+from datetime import UTC, datetime
 from typing import Any, Literal
 
 from edgerun import __version__
 from edgerun.mqtt import Inbound, MqttConnection, TLSFiles, Will
-from edgerun.signing import Verifier
 from edgerun.protocol import (
-    FINAL_STATES, Cancel, ErrorCode, Output, ProtocolError, ShellTask, State, Status, Task,
-    Topics, Update, canonical_json, decode_bounded, encode, format_time, last_will, message_id,
-    parse_command, rejected,
+    FINAL_STATES,
+    Cancel,
+    ErrorCode,
+    Output,
+    ProtocolError,
+    ShellTask,
+    State,
+    Status,
+    Task,
+    Topics,
+    Update,
+    canonical_json,
+    decode_bounded,
+    encode,
+    format_time,
+    last_will,
+    message_id,
+    parse_command,
+    rejected,
 )
+from edgerun.signing import Verifier
 
 from . import identity
 from .config import AgentConfig
 from .contain import Containment, make_key
+from .factsd import OperatorFacts
 from .outcome import Control, Outcome, failure
 from .store import TaskLog
 
@@ -74,6 +91,11 @@ class Agent:
         self._wake_worker: queue.SimpleQueue[bool | None] = queue.SimpleQueue()
         self._updates_topic = self.topics.updates(self.node)
         self._facts_sent: dict[str, Any] | None = None  # in the last online status
+        # labels and custom facts: read on the main thread (facts.d executables may take
+        # up to facts_timeout), only looked at by the dispatcher
+        self.operator = OperatorFacts(cfg.label_layers, cfg.facts_dir, cfg.facts_timeout,
+                                      self.stopping)
+        self._operator_facts: dict[str, Any] = {}
         self.verifier = Verifier(cfg.public_key) if cfg.public_key else None
         self.conn = MqttConnection(
             cfg.broker_nodes, f"edgerun-agent-{self.node}", name="agent-mqtt",
@@ -95,6 +117,7 @@ class Agent:
                  self.jail.mode)
         self._resend_undelivered()
         self._finish_leftovers()
+        self._operator_facts = self.operator.read()  # the first status carries them
         self.conn.start()
         dispatcher = threading.Thread(target=self._dispatch_loop, name="dispatch", daemon=True)
         workers = [threading.Thread(target=self._work, name=f"worker-{i}", daemon=True)
@@ -103,8 +126,9 @@ class Agent:
             thread.start()
         while not self.stopping.wait(FACTS_CHECK_S):
             self.tasks.flush_marks()  # acknowledged final updates: marked, lazily
+            self._operator_facts = self.operator.read()
             if self.conn.connected.is_set() and self._facts_sent is not None and \
-                    identity.facts(self.sys_root) != self._facts_sent:
+                    self._facts() != self._facts_sent:
                 self._inbox.put(_ONLINE)
         self._inbox.put(None)
         dispatcher.join()
@@ -398,11 +422,16 @@ class Agent:
     def _status(self, state: Literal["online", "offline"]) -> bytes:
         with self._lock:
             running = tuple(self._running)
-        facts = identity.facts(self.sys_root) if state == "online" else None
+        facts = self._facts() if state == "online" else None
         if facts is not None:
             self._facts_sent = facts
         return encode(Status(self.node, state, at=format_time(), agent=__version__,
                              facts=facts, running=running))
+
+    def _facts(self) -> dict[str, Any]:
+        """The discovery catalog with the operator's `labels` and `custom` (each only when
+        there are some), as the last facts check read them."""
+        return {**identity.facts(self.sys_root), **self._operator_facts}
 
     def wait_stopped(self, timeout: float) -> bool:
         return self._stopped.wait(timeout)
