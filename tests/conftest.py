@@ -7,6 +7,7 @@ import pytest
 
 from .brokers import Mosquitto
 from .mqttkit import AgentProcess, Observer
+from .rabbit import Rabbit
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -90,3 +91,34 @@ def mosquitto(tmp_path: Path) -> Iterator[Mosquitto]:
 def observer(mosquitto: Mosquitto) -> Iterator[Observer]:
     with Observer(mosquitto.url) as obs:
         yield obs
+
+
+# --- RabbitMQ: the one fixture, at the two scopes tests need ---------------------------
+def _private_rabbit(workdir: Path, extra_conf: str) -> Iterator[Rabbit]:
+    broker = Rabbit(workdir, extra_conf)
+    try:
+        yield broker.start()
+    finally:
+        broker.stop()  # also a node that failed to start
+
+
+@pytest.fixture(scope="module")
+def rabbit_conf() -> str:
+    """Extra rabbitmq.conf lines for `rabbit` and `fresh_rabbit`. A module that needs
+    more (TLS listeners: test_amqps.py) overrides this fixture with its own."""
+    return ""
+
+
+@pytest.fixture(scope="module")
+def rabbit(tmp_path_factory: pytest.TempPathFactory, rabbit_conf: str) -> Iterator[Rabbit]:
+    """A private RabbitMQ shared by the tests of one module, which may kill -9 and restart
+    it (it comes back on the same ports and data) or SIGSTOP it; each test uses names of
+    its own. Without rabbitmq-server it stands for the machine's broker, which cannot be
+    restarted (kill/restart skip the test)."""
+    yield from _private_rabbit(tmp_path_factory.mktemp("rabbit"), rabbit_conf)
+
+
+@pytest.fixture
+def fresh_rabbit(tmp_path: Path, rabbit_conf: str) -> Iterator[Rabbit]:
+    """A private RabbitMQ for one test alone: empty at its start, stopped at its end."""
+    yield from _private_rabbit(tmp_path / "rabbit", rabbit_conf)

@@ -17,11 +17,8 @@ from __future__ import annotations
 
 import threading
 import uuid
-from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
-
-import pytest
 
 from edgerun.protocol import TASKS_EXCHANGE
 from edgerun.scheduler.messaging.amqp import AmqpMessenger
@@ -31,13 +28,6 @@ from .brokers import wait_until
 from .rabbit import Rabbit
 
 TASKS = 20
-
-
-@pytest.fixture(scope="module")
-def rabbit(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rabbit]:
-    broker = Rabbit(tmp_path_factory.mktemp("rabbit")).start()
-    yield broker
-    broker.stop()
 
 
 def test_refused_publishes_renew_the_connection_and_are_sent_again(rabbit: Rabbit,

@@ -20,18 +20,26 @@ pytestmark = pytest.mark.skipif(rabbit_scripts() is None, reason="needs a privat
 
 
 @pytest.fixture(scope="module")
-def tls_rabbit(tmp_path_factory: pytest.TempPathFactory):
-    base = tmp_path_factory.mktemp("tls-rabbit")
-    ca = CA(base / "pki")
+def tls(tmp_path_factory: pytest.TempPathFactory) -> tuple[CA, int]:
+    """The CA of the module and the port of RabbitMQ's TLS listener."""
+    return CA(tmp_path_factory.mktemp("pki")), free_port()
+
+
+@pytest.fixture(scope="module")
+def rabbit_conf(tls: tuple[CA, int]) -> str:
+    """conftest's `rabbit` with a TLS listener that wants a client certificate."""
+    ca, port = tls
     server = ca.issue("rabbit", server=True)
-    port = free_port()
-    conf = (f"listeners.ssl.default = {port}\nssl_options.cacertfile = {ca.path}\n"
+    return (f"listeners.ssl.default = {port}\nssl_options.cacertfile = {ca.path}\n"
             f"ssl_options.certfile = {server.cert}\nssl_options.keyfile = {server.key}\n"
             "ssl_options.verify = verify_peer\nssl_options.fail_if_no_peer_cert = true\n")
-    rabbit = Rabbit(base / "rabbit", extra_conf=conf).start()
+
+
+@pytest.fixture(scope="module")
+def tls_rabbit(rabbit: Rabbit, tls: tuple[CA, int]) -> tuple[Rabbit, CA, str]:
+    ca, port = tls
     wait_port(port)
-    yield rabbit, ca, f"amqps://guest:guest@127.0.0.1:{port}/"
-    rabbit.stop()
+    return rabbit, ca, f"amqps://guest:guest@127.0.0.1:{port}/"
 
 
 def test_bridge_forwards_over_amqps_with_a_client_certificate(

@@ -32,13 +32,6 @@ from .rabbit import Rabbit
 CHUNK = 16 * 1024  # the agent's largest live-output chunk
 
 
-@pytest.fixture(scope="module")
-def rabbit(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rabbit]:
-    broker = Rabbit(tmp_path_factory.mktemp("rabbit")).start()
-    yield broker
-    broker.stop()
-
-
 @pytest.fixture
 def logged_mosquitto(tmp_path: Path) -> Iterator[Mosquitto]:
     broker = Mosquitto(tmp_path / "mosquitto", extra="log_type all\n").start()

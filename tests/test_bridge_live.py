@@ -27,13 +27,6 @@ from .tcpproxy import TcpProxy
 N = 5000  # messages each way in the failure tests, as the issue asks
 
 
-@pytest.fixture(scope="module")
-def rabbit(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rabbit]:
-    broker = Rabbit(tmp_path_factory.mktemp("rabbit")).start()
-    yield broker
-    broker.stop()
-
-
 @dataclass(frozen=True)
 class Names:
     prefix: str

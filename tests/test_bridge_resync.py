@@ -7,22 +7,12 @@ from __future__ import annotations
 import threading
 import time
 import uuid
-from collections.abc import Iterator
-
-import pytest
 
 from edgerun.bridge.resync import Resync, resync_request
 from edgerun.settings import parse_broker_url
 
 from .brokers import wait_until
 from .rabbit import Rabbit
-
-
-@pytest.fixture(scope="module")
-def rabbit(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rabbit]:
-    broker = Rabbit(tmp_path_factory.mktemp("rabbit")).start()
-    yield broker
-    broker.stop()
 
 
 class Counter:

@@ -8,7 +8,6 @@ import random
 import threading
 import time
 import uuid
-from collections.abc import Iterator
 
 import pytest
 
@@ -92,13 +91,6 @@ def test_delivery_tags_must_ascend() -> None:
 
 
 # --- with a real RabbitMQ -------------------------------------------------------------
-@pytest.fixture(scope="module")
-def rabbit(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rabbit]:
-    broker = Rabbit(tmp_path_factory.mktemp("rabbit")).start()
-    yield broker
-    broker.stop()
-
-
 def queue_counts(rabbit: Rabbit, queue: str) -> tuple[int, int]:
     """(ready, unacknowledged) messages of `queue`."""
     for line in rabbit.ctl("list_queues", "name", "messages_ready", "messages_unacknowledged",

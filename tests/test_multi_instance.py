@@ -58,8 +58,9 @@ class AgentPool:
 
 
 @pytest.fixture
-def stack(tmp_path: Path, pg_database: str) -> Iterator[dict[str, Any]]:  # noqa: F811
-    rabbit = Rabbit(tmp_path / "rabbit").start()
+def stack(tmp_path: Path, pg_database: str,  # noqa: F811
+          fresh_rabbit: Rabbit) -> Iterator[dict[str, Any]]:
+    rabbit = fresh_rabbit
     mosquitto = Mosquitto(tmp_path / "mosquitto").start()
     bridge = BridgeProcess(mosquitto.url, rabbit.url, tmp_path / "bridge")
     db = fresh_database(pg_database)
@@ -84,7 +85,6 @@ def stack(tmp_path: Path, pg_database: str) -> Iterator[dict[str, Any]]:  # noqa
         if bridge.alive():
             bridge.terminate()
         mosquitto.stop()
-        rabbit.stop()
 
 
 def dispatch(serve: ServeProcess, round_id: str) -> None:

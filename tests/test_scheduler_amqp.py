@@ -41,9 +41,8 @@ class Stack:
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+def stack(tmp_path_factory: pytest.TempPathFactory, rabbit: Rabbit) -> Iterator[Stack]:
     tmp = tmp_path_factory.mktemp("amqp")
-    rabbit = Rabbit(tmp / "rabbit").start()
     mosquitto = Mosquitto(tmp / "mosquitto").start()
     bridge = BridgeProcess(mosquitto.url, rabbit.url, tmp / "bridge", "--tasks-exchange", TASKS,
                            "--events-exchange", EVENTS, "--tasks-queue", f"t{UID}.bridge")
@@ -63,7 +62,6 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
             bridge.proc.terminate()
             bridge.proc.wait(30)
         mosquitto.stop()
-        rabbit.stop()
 
 
 class Audit:
