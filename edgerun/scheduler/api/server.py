@@ -37,6 +37,7 @@ from edgerun.scheduler.api.auth import Principal
 from edgerun.scheduler.api.handlers import ApiError, Handlers, classify
 from edgerun.scheduler.api.fleetapi import rollout_routes
 from edgerun.scheduler.api.overview import overview_routes
+from edgerun.scheduler.api.overview import overview_routes
 from edgerun.scheduler.errors import ListenError
 from edgerun.scheduler.metrics import CONTENT_TYPE as METRICS_TYPE
 from edgerun.scheduler.service import Service
@@ -213,6 +214,7 @@ def build_app(service: Service, config: ApiConfig, on_stream: Any = None) -> Any
     }
 
     table.update(rollout_routes(h, endpoint))
+    table.update(overview_routes(h, endpoint))
     table.update(overview_routes(h, endpoint))
 
     def by_method(handlers: dict[str, Handler]) -> Handler:

@@ -1,0 +1,206 @@
+"""Read-only aggregates for the console's overview and job views, counted by the database.
+
+    GET /v1/overview              nodes online / offline / recently lost; tasks running,
+                                  queued, failed in the last hour; the latest failures
+    GET /v1/overview/series       task outcomes per minute (last 60 min) and nodes online
+                                  every 15 min over 24 h, for the charts
+    GET /v1/jobs/{id}/tasks       a job's tasks filtered by state, failures first, with the
+                                  job's creator, start and end (`?state=&limit=&cursor=`)
+
+The SQL is this module's own (named below), on the store's tables through its public
+`db.read()`; nothing here writes. Nodes online over time are rebuilt from the durable
+event log (node transitions), walking back from today's count: as far back as the log
+keeps (its retention) and flat before that.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from edgerun.control.errors import NotFound
+from edgerun.protocol import JSONObject, format_time
+from edgerun.scheduler.api import edge
+from edgerun.scheduler.api.handlers import Handlers
+from edgerun.scheduler.fleet.jobs import progress_of
+from edgerun.scheduler.store.tasks import Store
+
+FAILED = ("failed", "timed_out", "lost", "rejected")
+BAD = (*FAILED, "canceled")
+ACTIVE = ("dispatched", "accepted", "running")
+FINAL = ("succeeded", *BAD)
+LOST_WINDOW = timedelta(hours=1)
+OUTCOME_MINUTES = 60
+ONLINE_STEP = timedelta(minutes=15)
+ONLINE_SPAN = timedelta(hours=24)
+FAILURES_SHOWN = 10
+
+SQL_TASK_STATES = "SELECT state, COUNT(*) AS n FROM tasks GROUP BY state"
+SQL_FAILED_SINCE = ("SELECT COUNT(*) AS n FROM tasks WHERE updated_at >= ? AND state IN "
+                    "(?,?,?,?)")
+SQL_LATEST_FAILURES = ("SELECT node, id, type, state, exit_code, error_code, error_message, "
+                       "updated_at, job_id FROM tasks WHERE state IN (?,?,?,?) "
+                       "ORDER BY updated_at DESC, seq DESC LIMIT ?")
+SQL_NODE_STATES = "SELECT node, state, changed_at FROM nodes WHERE state != '__new__'"
+SQL_OUTCOMES = ("SELECT substr(updated_at, 1, 16) AS minute, state, COUNT(*) AS n FROM tasks "
+                "WHERE updated_at >= ? AND state IN (?,?,?,?,?,?) GROUP BY minute, state")
+SQL_NODE_EVENTS = ("SELECT at, body FROM events WHERE channel='nodes' AND at >= ? "
+                   "ORDER BY id DESC")
+SQL_JOB_COUNTS = "SELECT state, COUNT(*) AS n FROM tasks WHERE job_id=? GROUP BY state"
+SQL_JOB_TIMES = ("SELECT MIN(dispatched_at) AS started, MAX(updated_at) AS ended, "
+                 "SUM(CASE WHEN state IN (?,?,?,?,?,?) THEN 0 ELSE 1 END) AS open "
+                 "FROM tasks WHERE job_id=?")
+SQL_JOB_CREATOR = ("SELECT body FROM events WHERE channel='audit' AND body LIKE ? "
+                   "ORDER BY id LIMIT 1")
+# failures first, then the running, then the rest; by node and step within each
+SQL_JOB_TASKS = ("SELECT node, id, step, state, exit_code, error_code, error_message, "
+                 "updated_at FROM tasks WHERE job_id=? {state} ORDER BY CASE "
+                 "WHEN state IN (?,?,?,?,?) THEN 0 WHEN state IN (?,?,?) THEN 1 ELSE 2 END, "
+                 "node, step LIMIT ? OFFSET ?")
+
+
+def _at(moment: datetime) -> str:
+    return format_time(moment)
+
+
+class Overview:
+    """The aggregates, each one short read of the store."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+
+    def summary(self, now: datetime | None = None) -> JSONObject:
+        now = now or datetime.now(UTC)
+        hour_ago = _at(now - LOST_WINDOW)
+        with self.store.db.read() as db:
+            states = {r["state"]: int(r["n"]) for r in db.execute(SQL_TASK_STATES)}
+            failed = int(db.execute(SQL_FAILED_SINCE, (hour_ago, *FAILED)).fetchone()["n"])
+            failures = [_failure(r) for r in db.execute(
+                SQL_LATEST_FAILURES, (*FAILED, FAILURES_SHOWN))]
+            nodes = list(db.execute(SQL_NODE_STATES))
+        online = sum(1 for n in nodes if n["state"] == "online")
+        lost = sorted((n for n in nodes if n["state"] != "online"
+                       and (n["changed_at"] or "") >= hour_ago),
+                      key=lambda n: n["changed_at"], reverse=True)
+        return {
+            "at": _at(now),
+            "nodes": {"total": len(nodes), "online": online, "offline": len(nodes) - online,
+                      "recently_lost": len(lost),
+                      "lost": [{"node": n["node"], "at": n["changed_at"]} for n in lost[:10]]},
+            "tasks": {"running": sum(states.get(s, 0) for s in ACTIVE),
+                      "queued": states.get("queued", 0), "failed_last_hour": failed},
+            "failures": failures,
+        }
+
+    def series(self, now: datetime | None = None) -> JSONObject:
+        now = now or datetime.now(UTC)
+        first = now.replace(second=0, microsecond=0) - timedelta(minutes=OUTCOME_MINUTES - 1)
+        minutes = [_at(first + timedelta(minutes=i))[:16] for i in range(OUTCOME_MINUTES)]
+        by_minute: dict[str, dict[str, int]] = {m: {} for m in minutes}
+        start = now - ONLINE_SPAN
+        with self.store.db.read() as db:
+            for r in db.execute(SQL_OUTCOMES, (_at(first), *FINAL)):
+                if r["minute"] in by_minute:
+                    by_minute[r["minute"]][r["state"]] = int(r["n"])
+            online_now = sum(1 for n in db.execute(SQL_NODE_STATES) if n["state"] == "online")
+            moves = [(r["at"], json.loads(r["body"])) for r in db.execute(
+                SQL_NODE_EVENTS, (_at(start),))]
+        outcomes = [{"minute": m + ":00.000Z", "succeeded": c.get("succeeded", 0),
+                     "failed": sum(c.get(s, 0) for s in FAILED),
+                     "canceled": c.get("canceled", 0)} for m, c in by_minute.items()]
+        return {"at": _at(now), "outcomes": outcomes,
+                "online": _online_over(online_now, moves, now, start)}
+
+
+def _online_over(online_now: int, moves: list[tuple[str, JSONObject]], now: datetime,
+                 start: datetime) -> list[JSONObject]:
+    """Nodes online at each 15-minute mark from `start` to `now`: today's count, undone
+    transition by transition going back (`moves` newest first)."""
+    points: list[JSONObject] = []
+    count, i = online_now, 0
+    mark = now
+    while mark >= start:
+        text = _at(mark)
+        while i < len(moves) and moves[i][0] > text:
+            body = moves[i][1]
+            was, became = body.get("previous"), body.get("state")
+            if was != became:
+                count += (was == "online") - (became == "online")
+            i += 1
+        points.append({"at": text, "online": max(count, 0)})
+        mark -= ONLINE_STEP
+    points.reverse()
+    return points
+
+
+def _failure(r: Any) -> JSONObject:
+    return {"node": r["node"], "id": r["id"], "type": r["type"], "state": r["state"],
+            "exit_code": r["exit_code"], "updated_at": r["updated_at"], "job": r["job_id"],
+            "error": {"code": r["error_code"], "message": r["error_message"]}
+            if r["error_code"] else None}
+
+
+class JobTasks:
+    """A job's tasks for the console's job view: filtered by state, failures first."""
+
+    def __init__(self, h: Handlers) -> None:
+        self.h, self.store = h, h.store
+
+    def about(self, job: JSONObject) -> JSONObject:
+        """The job's creator (from the audit log, while it keeps it), start and end."""
+        with self.store.db.read() as db:
+            times = db.execute(SQL_JOB_TIMES, (*FINAL, job["id"])).fetchone()
+            row = db.execute(SQL_JOB_CREATOR,
+                             (f'%"action": "job"%"job": {json.dumps(job["id"])}%',)).fetchone()
+        creator = json.loads(row["body"]).get("by") if row is not None else None
+        open_tasks = int(times["open"] or 0)
+        return {"id": job["id"], "name": job["id"], "creator": creator,
+                "created_at": job["created_at"], "started_at": times["started"],
+                "ended_at": times["ended"] if times["ended"] and not open_tasks else None,
+                "graph": any(isinstance(s, dict) and s.get("name") for s in job["steps"])}
+
+    def tasks(self, job_id: str, q: dict[str, list[str]]) -> JSONObject:
+        job = self.store.job(job_id)
+        if job is None:
+            raise NotFound(f"no job {job_id!r}")
+        state = edge.one(q, "state")
+        wanted: tuple[str, ...] = ()
+        if state == "bad":
+            wanted = BAD
+        elif state == "active":
+            wanted = ("queued", *ACTIVE)
+        elif state:
+            wanted = (edge.state(q) or state,)
+        size = edge.limit(q, 100)
+        offset = edge.cursor_int(q) or 0
+        where = f"AND state IN ({','.join('?' * len(wanted))})" if wanted else ""
+        with self.store.db.read() as db:
+            counts = {r["state"]: int(r["n"]) for r in db.execute(SQL_JOB_COUNTS, (job_id,))}
+            rows = list(db.execute(SQL_JOB_TASKS.format(state=where),
+                                   (job_id, *wanted, *BAD, *ACTIVE, size + 1, offset)))
+        total = sum(n for s, n in counts.items() if not wanted or s in wanted)
+        page = [{"node": r["node"], "id": r["id"], "step": r["step"], "state": r["state"],
+                 "exit_code": r["exit_code"], "updated_at": r["updated_at"],
+                 "error": {"code": r["error_code"], "message": r["error_message"]}
+                 if r["error_code"] else None} for r in rows[:size]]
+        counts_by_step = self.store.job_progress(job_id)
+        return {"job": {**self.about(job), "steps": job["steps"],
+                        "nodes": len(job["nodes"]),
+                        "progress": progress_of(counts_by_step, len(job["steps"]),
+                                                len(job["nodes"]))},
+                "counts": counts, "total": total, "tasks": page,
+                "next": str(offset + size) if len(rows) > size else None}
+
+
+def overview_routes(h: Handlers, endpoint: Callable[..., Any]) -> dict[str, dict[str, Any]]:
+    """The overview's and job view's read routes, in the API's route table shape."""
+    overview, jobs = Overview(h.store), JobTasks(h)
+    return {
+        "/v1/overview": {"GET": endpoint("viewer", "reading", lambda: overview.summary())},
+        "/v1/overview/series": {"GET": endpoint("viewer", "reading",
+                                                lambda: overview.series())},
+        "/v1/jobs/{id}/tasks": {"GET": endpoint("viewer", "reading", jobs.tasks,
+                                                query=("state", "limit", "cursor"))},
+    }

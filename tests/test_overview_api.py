@@ -1,0 +1,118 @@
+"""The overview's aggregates and the job view's filtered tasks, over HTTP against a live
+service with simulated nodes (retained status messages) on a private Mosquitto."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+
+import pytest
+
+from edgerun.protocol import format_time
+
+from .apikit import FakeFleet, Stack, stack, wait_for
+
+SIMS = [f"ov-{i:02d}" for i in range(12)]
+
+
+@pytest.fixture(scope="module")
+def s(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    with stack(tmp_path_factory.mktemp("overview"), node="ov-agent") as st:
+        yield st
+
+
+@pytest.fixture(scope="module")
+def fleet(s: Stack) -> Iterator[FakeFleet]:
+    fake = FakeFleet(s.mosquitto.url)
+    fake.online(SIMS)
+    api = s.api()
+    wait_for(lambda: api.get("/nodes", match="ov-??", online=1)["total"] == len(SIMS), 60)
+    yield fake
+    fake.close()
+
+
+def go_offline(fleet: FakeFleet, node: str) -> None:
+    body = {"v": 1, "kind": "status", "node": node, "state": "offline", "at": format_time(),
+            "agent": "fake", "running": []}
+    fleet.client.publish(f"edgerun/nodes/{node}/status", json.dumps(body), qos=1,
+                         retain=True).wait_for_publish(30)
+
+
+def test_overview_counts_nodes_tasks_and_links_the_latest_failures(
+        s: Stack, fleet: FakeFleet) -> None:
+    api = s.api(s.operator)
+    job = api.post("/jobs", {"id": "ov-job", "targets": ["ov-0*"],
+                             "steps": [{"type": "shell", "command": "true"}]})
+    assert job["progress"]["tasks"] == 10
+    for node in SIMS[:7]:
+        fleet.finish(node, "ov-job.0")
+    for node in SIMS[7:10]:
+        fleet.finish(node, "ov-job.0", state="failed", exit_code=1)
+    wait_for(lambda: api.get("/jobs/ov-job")["progress"]["done"] == 10, 60)
+    about = api.get("/jobs/ov-job/tasks")["job"]
+    assert about["ended_at"] is not None and about["ended_at"] >= about["started_at"]
+    go_offline(fleet, "ov-11")
+    wait_for(lambda: api.get("/overview")["nodes"]["recently_lost"] >= 1, 30)
+
+    view = s.api(s.viewer).get("/overview")  # a viewer reads it
+    assert view["nodes"]["online"] == 12  # 11 simulated + the real agent
+    assert view["nodes"]["offline"] == 1
+    assert view["nodes"]["lost"][0]["node"] == "ov-11"
+    assert view["tasks"]["failed_last_hour"] == 3
+    assert view["tasks"]["queued"] == 0
+    failed = {(f["node"], f["id"]) for f in view["failures"]}
+    assert failed == {(n, "ov-job.0") for n in SIMS[7:10]}
+    assert all(f["job"] == "ov-job" and f["error"]["code"] == "exit_status"
+               for f in view["failures"])
+
+    series = api.get("/overview/series")
+    assert len(series["outcomes"]) == 60 and len(series["online"]) == 97
+    assert sum(m["succeeded"] for m in series["outcomes"]) == 7
+    assert sum(m["failed"] for m in series["outcomes"]) == 3
+    assert series["outcomes"][-1]["minute"] <= series["at"]
+    assert series["online"][-1]["online"] == 12
+    # before the test's nodes came online the count was lower: rebuilt from the event log
+    assert series["online"][0]["online"] < 12
+
+
+def test_overview_needs_a_token(s: Stack) -> None:
+    reply = s.http("GET", "/v1/overview")
+    assert reply.status == 401 and reply.body["code"] == "unauthorized"
+    reply = s.http("GET", "/v1/overview/series", token=s.viewer)
+    assert reply.status == 200
+
+
+def test_job_tasks_filter_by_state_failures_first_with_creator_and_times(
+        s: Stack, fleet: FakeFleet) -> None:
+    api = s.api(s.operator)
+    api.post("/jobs", {"id": "ov-filter", "targets": ["ov-0*"],
+                       "steps": [{"type": "shell", "command": "true"}]})
+    for node in SIMS[:4]:
+        fleet.finish(node, "ov-filter.0")
+    fleet.finish("ov-05", "ov-filter.0", state="failed", exit_code=1)
+    wait_for(lambda: api.get("/jobs/ov-filter")["progress"]["done"] == 5, 60)
+
+    everything = api.get("/jobs/ov-filter/tasks")
+    assert everything["total"] == 10 and len(everything["tasks"]) == 10
+    assert everything["tasks"][0]["node"] == "ov-05"  # the failure first
+    assert everything["tasks"][0]["state"] == "failed"
+    about = everything["job"]
+    assert about["creator"] == "ops" and about["started_at"] and about["ended_at"] is None
+    assert about["progress"]["tasks"] == 10 and about["graph"] is False
+    assert everything["counts"]["succeeded"] == 4
+
+    bad = api.get("/jobs/ov-filter/tasks", state="bad")
+    assert [t["node"] for t in bad["tasks"]] == ["ov-05"] and bad["total"] == 1
+    ok = api.get("/jobs/ov-filter/tasks", state="succeeded", limit=3)
+    assert [t["node"] for t in ok["tasks"]] == ["ov-00", "ov-01", "ov-02"]
+    rest = api.get("/jobs/ov-filter/tasks", state="succeeded", limit=3, cursor=ok["next"])
+    assert [t["node"] for t in rest["tasks"]] == ["ov-03"] and rest["next"] is None
+
+    wrong = s.http("GET", "/v1/jobs/ov-filter/tasks?state=exploded", token=s.viewer)
+    assert wrong.status == 422 and wrong.body["field"] == "state"
+    wrong = s.http("GET", "/v1/jobs/ov-filter/tasks?cursor=-1", token=s.viewer)
+    assert wrong.status == 422 and wrong.body["field"] == "cursor"
+    missing = s.http("GET", "/v1/jobs/nope/tasks", token=s.viewer)
+    assert missing.status == 404
+    api.post("/jobs/ov-filter/cancel", {})
+
