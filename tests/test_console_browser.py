@@ -72,6 +72,8 @@ def login(page: Any, s: Stack, token: str) -> None:
 def test_log_in_and_watch_a_node_come_online_without_reloading(
         page: Any, s: Stack, shots: Path, tmp_path: Path) -> None:
     login(page, s, s.operator)
+    page.wait_for_selector("#overview:not([hidden])")  # the landing view
+    page.click("nav a[data-tab='fleet']")
     page.wait_for_selector(f"#nodes tr[data-node='{s.node}'] td[data-state='online']")
     page.evaluate("window.__not_reloaded = true")
     agent = start_agent(s.mosquitto.url, "web-b", tmp_path)
@@ -156,7 +158,7 @@ def test_a_job_on_1000_nodes_shows_one_aggregated_row_and_paged_targets(
         page.goto(f"{s.url}/#/job/{job_id}")
         page.wait_for_selector("#job-summary[data-tasks='2000']")
         page.wait_for_selector("#job-targets tr[data-node='sim-0099']")
-        assert page.locator("#job-targets tr").count() == 100  # targets paged, not 1,000 rows
+        assert page.locator("#job-targets tr").count() == 100  # tasks paged, not 2,000 rows
         for node in nodes:  # every simulated node runs step 1
             fleet.finish(node, f"{job_id}.0")
         for node in nodes[:10]:  # ten fail step 2, so their job ends there
@@ -167,9 +169,18 @@ def test_a_job_on_1000_nodes_shows_one_aggregated_row_and_paged_targets(
         assert page.locator("#job-steps tr").count() == 2
         width = page.evaluate("document.querySelector('#job-summary .bar .ok').style.width")
         assert width == "50%"  # 1,000 of 2,000 succeeded
+        # failures first: the ten failed tasks head the list without any filter
+        page.wait_for_selector("#job-targets tr:first-child td[data-state='failed']")
+        states = page.eval_on_selector_all("#job-targets tr td.state", "c => c.map(x => x.dataset.state)")
+        assert states[:10] == ["failed"] * 10 and "failed" not in states[10:]
         page.screenshot(path=str(shots / "job-1000.png"), full_page=False)
+        page.select_option("#job-state", "failed")
+        page.wait_for_function("() => document.querySelectorAll('#job-targets tr').length === 10")
+        assert page.is_disabled("#job-next")
+        page.select_option("#job-state", "")
+        page.wait_for_function("() => document.querySelectorAll('#job-targets tr').length === 100")
         page.click("#job-next")
-        page.wait_for_selector("#job-targets tr[data-node='sim-0100']")
+        page.wait_for_selector("#job-prev:not([disabled])")
         assert page.locator("#job-targets tr").count() == 100
         page.goto(f"{s.url}/#/jobs")
         row = page.wait_for_selector(f"#job-rows tr[data-job='{job_id}']")

@@ -3,16 +3,20 @@
 "use strict";
 
 const FINAL = new Set(["succeeded", "failed", "timed_out", "canceled", "rejected", "lost"]);
+const BAD = new Set(["failed", "timed_out", "canceled", "rejected", "lost"]);
 const STATES = ["queued", "dispatched", "accepted", "running", "succeeded", "failed",
   "timed_out", "canceled", "rejected", "lost"];
 const OUTPUT_CAP = 256 * 1024;   // characters of output kept in the page per task
 const TASK_ROWS_CAP = 500;       // rows kept in the live task list
 const TARGETS_PAGE = 100;
+const ROLLOUT_ROWS = 200;        // rollout targets shown at once (failures first)
+const CONFIRM_OVER = 10;         // default: type the count to send to more nodes than this
+const SVGNS = "http://www.w3.org/2000/svg";
 
 const $ = (id) => document.getElementById(id);
 const state = { token: sessionStorage.getItem("edgerun-token"), who: null, stream: null,
-  output: null, nodesNext: null, tasksNext: null, jobsNext: null, jobTimer: null,
-  jobCursors: [null], jobPage: 0 };
+  output: null, nodesNext: null, tasksNext: null, jobsNext: null, timer: null,
+  jobCursors: [null], jobPage: 0, pending: null };
 
 // --- helpers -------------------------------------------------------------------------
 function el(tag, attrs, ...children) {
@@ -28,16 +32,44 @@ function el(tag, attrs, ...children) {
   }
   return node;
 }
+function svg(tag, attrs, ...children) {
+  const node = document.createElementNS(SVGNS, tag);
+  for (const [k, v] of Object.entries(attrs || {})) node.setAttribute(k, String(v));
+  for (const child of children) node.append(child instanceof Node ? child : String(child));
+  return node;
+}
 const stateCell = (s) => el("td", { class: "state s-" + s, "data-state": s }, s);
-const time = (t) => (t || "").replace("T", " ").slice(0, 19);
 const isOperator = () => state.who && (state.who.role === "operator" || state.who.role === "admin");
+const taskHref = (id, node) => `#/task/${encodeURIComponent(id)}/${encodeURIComponent(node)}`;
+const link = (href, text) => el("a", { href }, text);
 
 function showError(message) { $("error").textContent = message || ""; }
+function announce(message) { $("announce").textContent = message; }
 
-async function api(method, path, body) {
+// --- times: relative, the UTC time on hover, the zone always said ----------------------
+const utc = (t) => (t || "").replace("T", " ").slice(0, 19) + " UTC";
+function ago(t, now) {
+  const seconds = Math.round(((now || Date.now()) - Date.parse(t)) / 1000);
+  const future = seconds < 0, s = Math.abs(seconds);
+  const text = s < 10 ? "just now" : s < 60 ? `${s} s` : s < 3600 ? `${Math.floor(s / 60)} min`
+    : s < 86400 ? `${Math.floor(s / 3600)} h` : `${Math.floor(s / 86400)} d`;
+  return s < 10 ? text : future ? `in ${text}` : `${text} ago`;
+}
+function when(t) {
+  if (!t) return "";
+  return el("time", { datetime: t, title: utc(t), "data-rel": "1" }, ago(t));
+}
+function refreshTimes() {
+  const now = Date.now();
+  for (const node of document.querySelectorAll("time[data-rel]")) node.textContent = ago(node.getAttribute("datetime"), now);
+}
+setInterval(refreshTimes, 15000);
+
+// --- the API ---------------------------------------------------------------------------
+async function api(method, path, body, headers) {
   const response = await fetch("/v1" + path, {
     method, headers: { "Authorization": "Bearer " + state.token,
-      ...(body ? { "Content-Type": "application/json" } : {}) },
+      ...(body ? { "Content-Type": "application/json" } : {}), ...(headers || {}) },
     body: body ? JSON.stringify(body) : undefined });
   let data = null;
   try { data = await response.json(); } catch (e) { data = null; }
@@ -60,6 +92,19 @@ function query(params) {
   return text ? "?" + text : "";
 }
 
+function newKey() {   // an Idempotency-Key: one per form submission
+  if (window.crypto && crypto.randomUUID) return crypto.randomUUID();
+  const b = crypto.getRandomValues(new Uint8Array(16));
+  b[6] = (b[6] & 0x0f) | 0x40; b[8] = (b[8] & 0x3f) | 0x80;
+  const h = [...b].map((x) => x.toString(16).padStart(2, "0")).join("");
+  return `${h.slice(0, 8)}-${h.slice(8, 12)}-${h.slice(12, 16)}-${h.slice(16, 20)}-${h.slice(20)}`;
+}
+
+// The one place a live stream is opened and authenticated: change the auth here only.
+function eventStream(params) {
+  return new EventSource("/v1/events" + query({ ...params, access_token: state.token }));
+}
+
 // --- login ---------------------------------------------------------------------------
 async function login(token) {
   state.token = token;
@@ -77,10 +122,10 @@ async function login(token) {
   $("nav").hidden = false;
   $("logout").hidden = false;
   for (const node of document.querySelectorAll(".operator-only")) {
-    if (!isOperator()) node.remove();   // a viewer gets no dispatch or cancel controls
+    if (!isOperator()) node.remove();   // a viewer gets no dispatch, cancel or rollout controls
   }
   openStream();
-  if (!location.hash || location.hash === "#/login") location.hash = "#/fleet";
+  if (!location.hash || location.hash === "#/login") location.hash = "#/overview";
   else route();
   return true;
 }
@@ -98,14 +143,74 @@ $("logout").addEventListener("click", () => {
 // --- live events (Server-Sent Events) ----------------------------------------------
 function openStream() {
   if (state.stream) state.stream.close();
-  const url = "/v1/events" + query({ channel: ["nodes", "tasks"], access_token: state.token });
-  const source = new EventSource(url);
+  const source = eventStream({ channel: ["nodes", "tasks"] });
   state.stream = source;
   source.addEventListener("open", () => { $("live").textContent = "● live"; });
   source.addEventListener("error", () => { $("live").textContent = "○ reconnecting"; });
   source.addEventListener("node_event", (ev) => onNode(JSON.parse(ev.data).info));
   source.addEventListener("task_event", (ev) => onTask(JSON.parse(ev.data).task));
   source.addEventListener("reset", () => route());  // we missed events: read again
+}
+
+// --- overview ------------------------------------------------------------------------------
+async function loadOverview() {
+  const [o, series] = await Promise.all([api("GET", "/overview"), api("GET", "/overview/series")]);
+  $("ov-online").textContent = o.nodes.online;
+  $("ov-offline").textContent = o.nodes.offline;
+  $("ov-lost").textContent = o.nodes.recently_lost;
+  $("ov-lost").className = "big" + (o.nodes.recently_lost ? " s-lost" : "");
+  $("ov-lost-list").replaceChildren(...o.nodes.lost.map((n) => el("li", {}, `${n.node} `, when(n.at))));
+  $("ov-running").textContent = o.tasks.running;
+  $("ov-queued").textContent = o.tasks.queued;
+  $("ov-failed").textContent = o.tasks.failed_last_hour;
+  $("ov-failed").className = "big" + (o.tasks.failed_last_hour ? " s-failed" : "");
+  $("ov-failures").replaceChildren(...o.failures.map((f) => el("tr", { "data-task": f.id, "data-node": f.node },
+    el("td", {}, link(taskHref(f.id, f.node), f.id)), el("td", {}, f.node), stateCell(f.state),
+    el("td", {}, when(f.updated_at)), el("td", {}, f.error ? `${f.error.code}: ${f.error.message}` : ""))));
+  if (!o.failures.length) $("ov-failures").append(el("tr", {}, el("td", { colspan: "5", class: "muted" }, "no failures")));
+  $("ov-outcomes").replaceChildren(outcomeChart(series.outcomes));
+  $("ov-online-chart").replaceChildren(onlineChart(series.online));
+  $("overview").dataset.loaded = "1";
+}
+
+function chartFrame(label, max, first, last) {
+  const frame = svg("svg", { viewBox: "0 0 600 150", role: "img", "aria-label": label,
+    preserveAspectRatio: "none" }, svg("title", {}, label));
+  frame.append(svg("text", { x: 2, y: 10, class: "axis" }, String(max)),
+    svg("text", { x: 2, y: 148, class: "axis" }, first),
+    svg("text", { x: 598, y: 148, class: "axis", "text-anchor": "end" }, last));
+  return frame;
+}
+
+function outcomeChart(points) {
+  const max = Math.max(1, ...points.map((p) => p.succeeded + p.failed + p.canceled));
+  const total = points.reduce((a, p) => a + p.succeeded, 0);
+  const bad = points.reduce((a, p) => a + p.failed + p.canceled, 0);
+  const hhmm = (t) => t.slice(11, 16);
+  const frame = chartFrame(`Task outcomes per minute: ${total} succeeded, ${bad} failed or canceled in the last hour`,
+    max, hhmm(points[0].minute) + " UTC", hhmm(points[points.length - 1].minute) + " UTC");
+  const w = 600 / points.length, h = 125;
+  points.forEach((p, i) => {
+    const ok = (h * p.succeeded) / max, no = (h * (p.failed + p.canceled)) / max;
+    const tip = `${hhmm(p.minute)} UTC: ${p.succeeded} succeeded, ${p.failed} failed, ${p.canceled} canceled`;
+    if (ok) frame.append(svg("rect", { x: i * w + 1, y: 135 - ok, width: w - 2, height: ok, class: "ok" }, svg("title", {}, tip)));
+    if (no) frame.append(svg("rect", { x: i * w + 1, y: 135 - ok - no, width: w - 2, height: no, class: "bad" }, svg("title", {}, tip)));
+  });
+  frame.dataset.succeeded = total;
+  frame.dataset.failed = bad;
+  return frame;
+}
+
+function onlineChart(points) {
+  const max = Math.max(1, ...points.map((p) => p.online));
+  const last = points[points.length - 1];
+  const frame = chartFrame(`Nodes online over 24 hours, now ${last.online}`, max,
+    points[0].at.slice(11, 16) + " UTC", last.at.slice(11, 16) + " UTC");
+  const step = 600 / Math.max(1, points.length - 1);
+  const coords = points.map((p, i) => `${(i * step).toFixed(1)},${(135 - (125 * p.online) / max).toFixed(1)}`);
+  frame.append(svg("polyline", { points: coords.join(" "), class: "line" }));
+  frame.dataset.now = last.online;
+  return frame;
 }
 
 // --- fleet -------------------------------------------------------------------------------
@@ -119,7 +224,7 @@ function nodeRow(n) {
   const ips = Object.values(f.ips || {}).flat().map((a) => String(a).split("/")[0])
     .filter((a) => !a.startsWith("127.") && !a.startsWith("fe80:") && a !== "::1");
   return el("tr", { "data-node": n.node },
-    el("td", {}, n.node), stateCell(n.state), el("td", {}, time(n.last_seen)),
+    el("td", {}, n.node), stateCell(n.state), el("td", {}, when(n.last_seen)),
     el("td", {}, f.hostname || ""), el("td", {}, f.arch || ""), el("td", {}, f.cpus || ""),
     el("td", {}, ips.join(" ")), el("td", {}, n.agent || ""));
 }
@@ -171,14 +276,24 @@ $("fleet-filter").addEventListener("submit", (ev) => { ev.preventDefault(); load
 $("nodes-more").addEventListener("click", () => loadNodes(true).catch((e) => showError(e.message)));
 
 // --- tasks ---------------------------------------------------------------------------------
-for (const s of STATES) $("tasks-state").append(el("option", { value: s }, s));
+for (const s of STATES) {
+  $("tasks-state").append(el("option", { value: s }, s));
+  $("job-state").append(el("option", { value: s }, s));
+}
+
+// a row opens by its link (keyboard: Tab, Enter) or a click anywhere on it
+function clickable(tr, href) {
+  tr.classList.add("clickable");
+  tr.addEventListener("click", (ev) => { if (!ev.target.closest("a")) location.hash = href; });
+  return tr;
+}
 
 function taskRow(t) {
   const error = t.error ? `${t.error.code}: ${t.error.message}` : "";
-  return el("tr", { class: "clickable", "data-task": t.id, "data-node": t.node,
-    onclick: () => { location.hash = `#/task/${encodeURIComponent(t.id)}/${encodeURIComponent(t.node)}`; } },
-    el("td", {}, t.id), el("td", {}, t.node), el("td", {}, t.type || ""), stateCell(t.state),
-    el("td", {}, t.exit_code ?? ""), el("td", {}, time(t.updated_at)), el("td", {}, error));
+  const href = taskHref(t.id, t.node);
+  return clickable(el("tr", { "data-task": t.id, "data-node": t.node },
+    el("td", {}, link(href, t.id)), el("td", {}, t.node), el("td", {}, t.type || ""), stateCell(t.state),
+    el("td", {}, t.exit_code ?? ""), el("td", {}, when(t.updated_at)), el("td", {}, error)), href);
 }
 
 function taskFilters() {
@@ -197,6 +312,8 @@ async function loadTasks(more) {
 
 function onTask(t) {
   if (!t) return;
+  if (state.detail && state.detail.id === t.id && state.detail.node === t.node) showTaskState(t);
+  if ($("tasks").hidden) return;
   const selector = `#task-rows tr[data-task="${CSS.escape(t.id)}"][data-node="${CSS.escape(t.node)}"]`;
   const existing = document.querySelector(selector);
   const f = taskFilters();
@@ -207,7 +324,6 @@ function onTask(t) {
     $("task-rows").prepend(taskRow(t));
     while ($("task-rows").children.length > TASK_ROWS_CAP) $("task-rows").lastChild.remove();
   }
-  if (state.detail && state.detail.id === t.id && state.detail.node === t.node) showTaskState(t);
 }
 
 $("task-filter").addEventListener("submit", (ev) => { ev.preventDefault(); loadTasks(false).catch((e) => showError(e.message)); });
@@ -234,10 +350,15 @@ function showTaskState(t) {
   if (cancel) cancel.hidden = FINAL.has(t.state);
   const fields = [["type", t.type], ["exit code", t.exit_code],
     ["error", t.error ? `${t.error.code}: ${t.error.message}` : null],
-    ["command", t.spec && (t.spec.command || t.spec.url)], ["created", t.created_at],
-    ["updated", t.updated_at], ["timeout", t.timeout], ["job", t.job]];
-  $("task-fields").replaceChildren(...fields.filter(([, v]) => v !== null && v !== undefined)
+    ["command", t.spec && (t.spec.command || t.spec.url)], ["created", when(t.created_at)],
+    ["updated", when(t.updated_at)], ["timeout", t.timeout ? `${t.timeout} s` : null],
+    ["job", t.job ? link("#/job/" + encodeURIComponent(t.job), t.job) : null]];
+  $("task-fields").replaceChildren(...fields.filter(([, v]) => v !== null && v !== undefined && v !== "")
     .flatMap(([k, v]) => [el("dt", {}, k), el("dd", {}, Array.isArray(v) ? v.join(" ") : v)]));
+}
+
+function showUpdates(t) {
+  $("task-updates").replaceChildren(...(t.updates || []).map((u) => el("li", {}, when(u.at), ` ${u.state}`)));
 }
 
 async function showTask(id, node) {
@@ -248,9 +369,7 @@ async function showTask(id, node) {
   $("output").replaceChildren();
   $("output-note").textContent = "";
   // subscribe first, then read: no output falls between the two
-  const url = "/v1/events" + query({ channel: ["output", "tasks"], task: id, node,
-    access_token: state.token });
-  const source = new EventSource(url);
+  const source = eventStream({ channel: ["output", "tasks"], task: id, node });
   state.output = source;
   let live = false;
   source.addEventListener("output", (ev) => { live = true; const o = JSON.parse(ev.data); appendOutput(o.stream, o.data); });
@@ -266,14 +385,14 @@ async function showTask(id, node) {
   const data = await api("GET", `/tasks/${encodeURIComponent(id)}` + query({ node }));
   const t = data.tasks[0];
   showTaskState(t);
-  $("task-updates").replaceChildren(...(t.updates || []).map((u) => el("li", {}, `${time(u.at)} ${u.state}`)));
+  showUpdates(t);
   if (FINAL.has(t.state) && !live) showTails(t);
 }
 
 async function refreshDetail(id, node, tails) {
   const data = await api("GET", `/tasks/${encodeURIComponent(id)}` + query({ node }));
   const t = data.tasks[0];
-  $("task-updates").replaceChildren(...(t.updates || []).map((u) => el("li", {}, `${time(u.at)} ${u.state}`)));
+  showUpdates(t);
   if (tails) showTails(t);
 }
 
@@ -288,10 +407,11 @@ function showTails(t) {
 if ($("task-cancel")) $("task-cancel").addEventListener("click", async () => {
   try {
     await api("POST", `/tasks/${encodeURIComponent(state.detail.id)}/cancel`, { node: state.detail.node });
+    announce("cancel sent");
   } catch (e) { showError(e.message); }
 });
 
-// --- jobs: one aggregated row each, targets paged --------------------------------------------
+// --- jobs: one aggregated row each, targets filtered and paged ---------------------------------
 function bar(p) {
   const total = p.tasks || 1;
   const ok = (100 * p.succeeded) / total, bad = (100 * p.failed) / total;
@@ -299,7 +419,8 @@ function bar(p) {
   // through the CSSOM: the page's Content-Security-Policy allows no inline styles
   Object.assign(okPart.style, { left: "0", width: `${ok}%` });
   Object.assign(badPart.style, { left: `${ok}%`, width: `${bad}%` });
-  return el("span", {}, el("span", { class: "bar" }, okPart, badPart),
+  return el("span", {}, el("span", { class: "bar", role: "img",
+    "aria-label": `${p.succeeded} succeeded, ${p.failed} failed of ${p.tasks}` }, okPart, badPart),
     ` ${p.done}/${p.tasks} done, ${p.failed} failed`);
 }
 
@@ -307,48 +428,56 @@ async function loadJobs(more) {
   const data = await api("GET", "/jobs" + query({ limit: 50, cursor: more ? state.jobsNext : null }));
   if (!more) $("job-rows").replaceChildren();
   for (const j of data.jobs) {
-    $("job-rows").append(el("tr", { class: "clickable", "data-job": j.id,
-      onclick: () => { location.hash = "#/job/" + encodeURIComponent(j.id); } },
-      el("td", {}, j.id), el("td", {}, time(j.created_at)), el("td", {}, j.nodes),
-      el("td", {}, j.steps.length), el("td", { class: "progress" }, bar(j.progress))));
+    const href = "#/job/" + encodeURIComponent(j.id);
+    $("job-rows").append(clickable(el("tr", { "data-job": j.id },
+      el("td", {}, link(href, j.id)), el("td", {}, when(j.created_at)), el("td", {}, j.nodes),
+      el("td", {}, j.steps.length), el("td", { class: "progress" }, bar(j.progress))), href));
   }
   state.jobsNext = data.next;
   $("jobs-more").hidden = !data.next;
 }
 $("jobs-more").addEventListener("click", () => loadJobs(true).catch((e) => showError(e.message)));
 
+const stepLabel = (spec, i) => spec.name || String(i + 1);
+const what = (spec) => { const w = spec.command || spec.url || ""; return Array.isArray(w) ? w.join(" ") : w; };
+
 async function refreshJob(id) {
-  const job = await api("GET", "/jobs/" + encodeURIComponent(id));
-  const p = job.progress;
+  const cursor = state.jobCursors[state.jobPage];
+  const data = await api("GET", `/jobs/${encodeURIComponent(id)}/tasks` +
+    query({ state: $("job-state").value, limit: TARGETS_PAGE, cursor }));
+  const job = data.job, p = job.progress;
   $("job-id").textContent = job.id;
-  $("job-summary").replaceChildren(`${job.nodes} nodes × ${job.steps.length} steps: `, bar(p));
-  $("job-summary").dataset.done = p.done;
-  $("job-summary").dataset.failed = p.failed;
-  $("job-summary").dataset.tasks = p.tasks;
+  const about = [["name", job.name], ["created by", job.creator || "unknown (older than the audit log)"],
+    ["created", when(job.created_at)], ["started", job.started_at ? when(job.started_at) : "not yet"],
+    ["ended", job.ended_at ? when(job.ended_at) : "not yet"],
+    ["shape", job.graph ? "graph" : job.steps.length > 1 ? "ordered steps" : "one step"]];
+  $("job-about").replaceChildren(...about.flatMap(([k, v]) => [el("dt", {}, k), el("dd", {}, v)]));
+  $("job-summary").replaceChildren(`${job.nodes} nodes, ${p.tasks} tasks: `, bar(p));
+  Object.assign($("job-summary").dataset, { done: p.done, failed: p.failed, tasks: p.tasks });
   $("job-steps").replaceChildren(...p.steps.map((s) => {
     const spec = job.steps[s.step] || {};
+    const nodes = spec.nodes;
+    const targets = nodes ? (nodes.length <= 5 ? nodes.join(" ") : `${nodes.length} nodes: ${nodes.slice(0, 3).join(" ")} …`)
+      : `all ${job.nodes}`;
     const states = Object.entries(s.states).sort().map(([k, n]) => `${n} ${k}`).join(", ");
-    const done = Object.entries(s.states).filter(([k]) => FINAL.has(k)).reduce((a, [, n]) => a + n, 0);
-    return el("tr", {}, el("td", {}, s.step + 1), el("td", {}, spec.command || spec.url || ""),
-      el("td", {}, `${done}/${job.nodes}`), el("td", {}, states));
+    return el("tr", { "data-step": stepLabel(spec, s.step) }, el("td", {}, stepLabel(spec, s.step)),
+      el("td", {}, what(spec)), el("td", {}, (spec.needs || []).join(", ")), el("td", {}, targets),
+      el("td", { class: "step-progress" }, `${s.done}/${s.tasks}`), el("td", {}, states));
   }));
   const cancel = $("job-cancel");
   if (cancel) cancel.hidden = p.done >= p.tasks;
-  const cursor = state.jobCursors[state.jobPage];
-  const page = await api("GET", `/jobs/${encodeURIComponent(id)}/targets` + query({ limit: TARGETS_PAGE, cursor }));
-  $("job-targets-head").replaceChildren(el("tr", {}, el("th", {}, "node"),
-    ...job.steps.map((_, i) => el("th", {}, `step ${i + 1}`))));
-  $("job-targets").replaceChildren(...page.targets.map((t) => el("tr", { "data-node": t.node },
-    el("td", {}, t.node), ...t.steps.map((s) => {
-      const cell = stateCell(s.state);
-      cell.classList.add("clickable");
-      cell.addEventListener("click", () => { location.hash = `#/task/${encodeURIComponent(s.id)}/${encodeURIComponent(t.node)}`; });
-      return cell;
-    }))));
-  state.jobCursors[state.jobPage + 1] = page.next;
-  $("job-next").disabled = !page.next;
+  $("job-targets").replaceChildren(...data.tasks.map((t) => {
+    const href = taskHref(t.id, t.node);
+    const spec = job.steps[t.step] || {};
+    return clickable(el("tr", { "data-node": t.node, "data-step": stepLabel(spec, t.step) },
+      el("td", {}, link(href, t.node)), el("td", {}, stepLabel(spec, t.step)), stateCell(t.state),
+      el("td", {}, t.exit_code ?? ""), el("td", {}, when(t.updated_at)),
+      el("td", {}, t.error ? `${t.error.code}: ${t.error.message}` : "")), href);
+  }));
+  state.jobCursors[state.jobPage + 1] = data.next;
+  $("job-next").disabled = !data.next;
   $("job-prev").disabled = state.jobPage === 0;
-  $("job-page-note").textContent = `page ${state.jobPage + 1}, ${TARGETS_PAGE} a page`;
+  $("job-page-note").textContent = `${data.total} shown by this filter; page ${state.jobPage + 1}, ${TARGETS_PAGE} a page`;
 }
 
 function showJob(id) {
@@ -356,66 +485,251 @@ function showJob(id) {
   state.jobPage = 0;
   const tick = () => refreshJob(id).catch((e) => showError(e.message));
   tick();
-  state.jobTimer = setInterval(tick, 1500);   // one aggregated row: cheap at any fleet size
+  state.timer = setInterval(tick, 1500);   // one aggregated read: cheap at any fleet size
 }
 $("job-next").addEventListener("click", () => { state.jobPage += 1; refreshJob($("job-id").textContent); });
 $("job-prev").addEventListener("click", () => { state.jobPage = Math.max(0, state.jobPage - 1); refreshJob($("job-id").textContent); });
+$("job-state").addEventListener("change", () => {
+  state.jobCursors = [null]; state.jobPage = 0;
+  refreshJob($("job-id").textContent).catch((e) => showError(e.message));
+});
 if ($("job-cancel")) $("job-cancel").addEventListener("click", async () => {
-  try { await api("POST", `/jobs/${encodeURIComponent($("job-id").textContent)}/cancel`, {}); }
+  try { await api("POST", `/jobs/${encodeURIComponent($("job-id").textContent)}/cancel`, {}); announce("cancel sent"); }
   catch (e) { showError(e.message); }
 });
 
-// --- dispatch ------------------------------------------------------------------------------------
+// --- rollouts: batches, the abort rule and its figures, pause / resume / abort ----------------
+function shape(o) {
+  const parts = [];
+  if (o.batch) parts.push(`batches of ${o.batch} at once`);
+  if (o.rate) parts.push(`${o.rate}/min`);
+  return parts.join(", ") || "all at once";
+}
+function abortRule(o) {
+  if (o.abort_count) return `abort after ${o.abort_count} failed`;
+  if (o.abort_percent) return `abort at ${o.abort_percent}% failed, once ${o.abort_min} finished`;
+  return "none";
+}
+
+async function loadRollouts() {
+  const data = await api("GET", "/rollouts");
+  $("rollout-rows").replaceChildren(...data.rollouts.map((r) => {
+    const href = "#/rollout/" + encodeURIComponent(r.id);
+    return clickable(el("tr", { "data-rollout": r.id }, el("td", {}, link(href, r.id)), stateCell(r.state),
+      el("td", {}, when(r.created_at)), el("td", {}, r.nodes.length), el("td", {}, shape(r.options)),
+      el("td", {}, r.reason || "")), href);
+  }));
+  if (!data.rollouts.length) $("rollout-rows").append(el("tr", {}, el("td", { colspan: "6", class: "muted" }, "no rollouts")));
+}
+
+const FAILED_PHASE = (phase) => !["pending", "active", "succeeded", "skipped"].includes(phase);
+
+async function refreshRollout(id) {
+  const r = await api("GET", "/rollouts/" + encodeURIComponent(id));
+  const c = r.counts, o = r.options;
+  $("rollout-id").textContent = r.id;
+  $("rollout-state").textContent = r.state;
+  $("rollout-state").className = "state s-" + r.state;
+  $("rollout-state").dataset.state = r.state;
+  const share = c.finished ? Math.round((100 * c.failed) / c.finished) : 0;
+  const figures = o.abort_count ? `${c.failed} of ${o.abort_count} allowed failures`
+    : o.abort_percent ? `${c.failed} of ${c.finished} finished failed (${share}%; limit ${o.abort_percent}% from ${o.abort_min} finished)`
+      : `${c.failed} failed`;
+  const about = [["task", link(taskHref(r.task_id, (r.targets[0] || {}).node || ""), r.task_id)],
+    ["created", when(r.created_at)], ["batches", shape(o)], ["abort rule", abortRule(o)],
+    ["now", figures], ["reason", r.reason]];
+  $("rollout-about").replaceChildren(...about.filter(([, v]) => v).flatMap(([k, v]) => [el("dt", {}, k), el("dd", {}, v)]));
+  $("rollout-summary").replaceChildren(`${c.total} targets: ${c.pending} pending, ${c.active} active, ` +
+    `${c.succeeded} succeeded, ${c.failed} failed, ${c.skipped} skipped`);
+  Object.assign($("rollout-summary").dataset, { total: c.total, failed: c.failed, succeeded: c.succeeded });
+  if ($("rollout-pause")) {
+    $("rollout-pause").hidden = r.state !== "running";
+    $("rollout-resume").hidden = r.state !== "paused";
+    $("rollout-abort").hidden = !["running", "paused"].includes(r.state);
+  }
+  const phase = $("rollout-phase").value;
+  const rows = r.targets.filter((t) => !phase || (phase === "failed" ? FAILED_PHASE(t.phase) : t.phase === phase))
+    .sort((a, b) => FAILED_PHASE(b.phase) - FAILED_PHASE(a.phase));
+  $("rollout-targets").replaceChildren(...rows.slice(0, ROLLOUT_ROWS).map((t) => {
+    const href = taskHref(t.task, t.node);
+    return clickable(el("tr", { "data-node": t.node }, el("td", {}, link(href, t.node)), stateCell(t.phase),
+      el("td", {}, t.task), el("td", {}, t.attempts), el("td", {}, t.error ? `${t.error.code}: ${t.error.message}` : "")), href);
+  }));
+  if (rows.length > ROLLOUT_ROWS) $("rollout-targets").append(el("tr", {}, el("td", { colspan: "5", class: "muted" },
+    `${rows.length - ROLLOUT_ROWS} more not shown; filter by phase`)));
+}
+
+function showRollout(id) {
+  const tick = () => refreshRollout(id).catch((e) => showError(e.message));
+  tick();
+  state.timer = setInterval(tick, 1500);
+}
+$("rollout-phase").addEventListener("change", () => refreshRollout($("rollout-id").textContent).catch((e) => showError(e.message)));
+for (const action of ["pause", "resume", "abort"]) {
+  const button = $("rollout-" + action);
+  if (!button) continue;
+  button.addEventListener("click", async () => {
+    const id = $("rollout-id").textContent;
+    button.disabled = true;
+    try {
+      await api("POST", `/rollouts/${encodeURIComponent(id)}/${action}`, {});
+      announce(`rollout ${action} done`);
+      await refreshRollout(id);
+    } catch (e) { showError(e.message); }
+    finally { button.disabled = false; }
+  });
+}
+
+// --- dispatch: only the chosen type's fields; count, confirm, send once ------------------------
 function showTypeFields() {
   const type = $("d-type").value;
   for (const kind of ["shell", "download", "job"]) {
     for (const node of document.querySelectorAll(".for-" + kind)) node.hidden = kind !== type;
   }
 }
-if ($("d-type")) $("d-type").addEventListener("change", showTypeFields);
+if ($("d-type")) {
+  $("d-type").addEventListener("change", showTypeFields);
+  showTypeFields();
+  const saved = Number(localStorage.getItem("edgerun-confirm-over"));
+  if (saved > 0) $("d-confirm-over").value = saved;
+  $("d-confirm-over").addEventListener("change", () => localStorage.setItem("edgerun-confirm-over", $("d-confirm-over").value));
+}
 
-if ($("dispatch-form")) $("dispatch-form").addEventListener("submit", async (ev) => {
-  ev.preventDefault();
+function busy(on, text) {
+  const submit = $("d-submit");
+  submit.disabled = on;
+  submit.setAttribute("aria-busy", on ? "true" : "false");
+  submit.textContent = on ? (text || "Sending…") : "Dispatch";
+  $("dispatch-form").setAttribute("aria-busy", on ? "true" : "false");
+}
+
+function readForm() {
   const targets = $("d-targets").value.split(/[\s,]+/).filter(Boolean);
   const online = $("d-online").checked;
   const timeout = Number($("d-timeout").value) || undefined;
   const type = $("d-type").value;
+  const name = $("d-name").value.trim().replace(/[^A-Za-z0-9_.:-]+/g, "-").slice(0, 60);
+  let steps;
+  if (type === "job") {
+    steps = $("d-steps").value.split("\n").map((c) => c.trim()).filter(Boolean)
+      .map((command) => ({ type: "shell", command, timeout }));
+  } else {
+    steps = [type === "shell" ? { type, command: $("d-command").value, timeout }
+      : { type, url: $("d-url").value, dest: $("d-dest").value, timeout,
+        ...($("d-sha256").value ? { sha256: $("d-sha256").value } : {}) }];
+  }
+  return { targets, online, type, name, steps };
+}
+
+async function countTargets(form) {
+  if (!form.targets.length && !form.online) return 0;
+  const data = await api("GET", "/nodes" + query({ match: form.targets, online: form.online ? "1" : "", limit: 1 }));
+  return data.total;
+}
+
+async function send(p) {
+  const { form, key, count } = p;
+  busy(true, `Sending to ${count} node${count === 1 ? "" : "s"}…`);
   try {
-    if (type === "job") {
-      const steps = $("d-steps").value.split("\n").map((c) => c.trim()).filter(Boolean)
-        .map((command) => ({ type: "shell", command, timeout }));
-      const job = await api("POST", "/jobs", { targets, online, steps });
+    // several nodes, or a job: one job with one aggregated progress row
+    if (form.type === "job" || count > 1) {
+      const id = (form.name ? form.name + "-" : "") + key.slice(0, 8);
+      const job = await api("POST", "/jobs", { id, targets: form.targets, online: form.online, steps: form.steps },
+        { "Idempotency-Key": key });
+      state.pending = null;
       location.hash = "#/job/" + encodeURIComponent(job.id);
       return;
     }
-    const task = type === "shell" ? { type, command: $("d-command").value, timeout }
-      : { type, url: $("d-url").value, dest: $("d-dest").value, timeout,
-        ...($("d-sha256").value ? { sha256: $("d-sha256").value } : {}) };
-    const data = await api("POST", "/tasks", { targets, online, task });
+    const data = await api("POST", "/tasks", { targets: form.targets, online: form.online, task: form.steps[0] },
+      { "Idempotency-Key": key });
+    state.pending = null;
     const first = data.tasks[0];
-    if (data.tasks.length === 1) location.hash = `#/task/${encodeURIComponent(first.id)}/${encodeURIComponent(first.node)}`;
-    else { $("tasks-node").value = ""; location.hash = "#/tasks"; }
+    location.hash = taskHref(first.id, first.node);
   } catch (e) {
     $("dispatch-result").textContent = e.message;
     $("dispatch-result").className = "error";
+  } finally {
+    busy(false);
   }
+}
+
+if ($("dispatch-form")) $("dispatch-form").addEventListener("submit", async (ev) => {
+  ev.preventDefault();
+  if ($("d-submit").disabled) return;   // already sending: a double click sends once
+  $("dispatch-result").textContent = "";
+  const form = readForm();
+  busy(true, "Counting targets…");
+  let count;
+  try { count = await countTargets(form); }
+  catch (e) { busy(false); $("dispatch-result").textContent = e.message; $("dispatch-result").className = "error"; return; }
+  if (!count) {
+    busy(false);
+    $("dispatch-result").textContent = "no node matches these targets";
+    $("dispatch-result").className = "error";
+    return;
+  }
+  state.pending = { form, count, key: newKey() };   // one key for this submission
+  const over = Number($("d-confirm-over").value) || CONFIRM_OVER;
+  if (count > over) {
+    busy(false);
+    $("d-submit").disabled = true;
+    $("d-confirm").hidden = false;
+    $("d-confirm-text").textContent = `This sends to ${count} nodes. Type ${count} to confirm.`;
+    $("d-confirm-count").value = "";
+    $("d-confirm-count").focus();
+    return;
+  }
+  await send(state.pending);
 });
 
+function closeConfirm() {
+  $("d-confirm").hidden = true;
+  $("d-submit").disabled = false;
+}
+if ($("d-confirm-go")) {
+  $("d-confirm-go").addEventListener("click", async () => {
+    const p = state.pending;
+    if (!p || $("d-confirm-go").disabled) return;
+    if ($("d-confirm-count").value.trim() !== String(p.count)) {
+      $("d-confirm-text").textContent = `That is not ${p.count}. Type ${p.count} to send to ${p.count} nodes.`;
+      return;
+    }
+    $("d-confirm-go").disabled = true;
+    try { await send(p); } finally { $("d-confirm-go").disabled = false; closeConfirm(); }
+  });
+  $("d-confirm-count").addEventListener("keydown", (ev) => { if (ev.key === "Enter") { ev.preventDefault(); $("d-confirm-go").click(); } });
+  $("d-confirm-back").addEventListener("click", () => { state.pending = null; closeConfirm(); });
+}
+
 // --- routing -------------------------------------------------------------------------------------
+const TITLES = { overview: "Overview", fleet: "Fleet", tasks: "Tasks", task: "Task", jobs: "Jobs",
+  job: "Job", rollouts: "Rollouts", rollout: "Rollout", dispatch: "Dispatch", login: "Log in" };
+
 function route() {
   showError("");
-  if (state.jobTimer) { clearInterval(state.jobTimer); state.jobTimer = null; }
+  if (state.timer) { clearInterval(state.timer); state.timer = null; }
   if (state.output) { state.output.close(); state.output = null; state.detail = null; }
   const [, view, a, b] = (location.hash || "#/").split("/").map(decodeURIComponent);
-  const name = !state.who ? "login" : (view || "fleet");
+  const name = !state.who ? "login" : (TITLES[view] ? view : "overview");
   for (const section of document.querySelectorAll(".view")) section.hidden = section.id !== name;
-  for (const link of document.querySelectorAll("nav a")) link.classList.toggle("active", link.dataset.tab === name);
+  for (const item of document.querySelectorAll("nav a")) {
+    const on = item.dataset.tab === name || item.dataset.tab + "s" === name || item.dataset.tab === name + "s";
+    item.classList.toggle("active", on);
+    if (on) item.setAttribute("aria-current", "page"); else item.removeAttribute("aria-current");
+  }
+  document.title = `${TITLES[name]} · edgerun console`;
+  if (state.who) announce(`${TITLES[name]} view`);
   const fail = (e) => showError(e.message);
-  if (name === "fleet") loadNodes(false).catch(fail);
+  if (name === "overview") {
+    loadOverview().catch(fail);
+    state.timer = setInterval(() => loadOverview().catch(fail), 10000);
+  } else if (name === "fleet") loadNodes(false).catch(fail);
   else if (name === "tasks") loadTasks(false).catch(fail);
   else if (name === "task") showTask(a, b).catch(fail);
   else if (name === "jobs") loadJobs(false).catch(fail);
   else if (name === "job") showJob(a);
+  else if (name === "rollouts") loadRollouts().catch(fail);
+  else if (name === "rollout") showRollout(a);
   else if (name === "dispatch" && !$("dispatch-form")) showError("your role may not dispatch");
 }
 window.addEventListener("hashchange", route);
