@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import http.client
 import json
+import logging
 import ssl
+import time
+import uuid
 from collections.abc import Iterator
 from typing import Any
 from urllib.parse import quote, urlencode, urlsplit
@@ -35,12 +38,18 @@ CODES: dict[str, type[SchedulerError]] = {
     "unauthorized": Unauthorized, "forbidden": Forbidden,
 }
 PREFIX = "/v1"
+RETRY_PAUSES_S = (0.2, 0.6, 1.2)  # between the attempts of one call: 4 in about 2 s
+log = logging.getLogger(__name__)
 
 
 class ServiceUnreachable(SchedulerError):
     """The scheduler's API did not answer."""
 
     exit_code = EXIT_UNREACHABLE
+
+
+class TlsFailed(ServiceUnreachable):
+    """The TLS handshake failed: sending again would fail the same way."""
 
 
 class Client:
@@ -67,6 +76,8 @@ class Client:
             if token is None:
                 raise ConfigError(f"cannot read a token from {token_file}")
         self._token = token
+        self.invocation = uuid.uuid4().hex  # the stem of this invocation's idempotency keys
+        self._posts = 0
 
     @property
     def token(self) -> str | None:
@@ -95,30 +106,58 @@ class Client:
 
     def request(self, method: str, path: str, body: Any = None,
                 query: dict[str, Any] | None = None) -> Any:
+        """One API call. A POST carries an Idempotency-Key (this invocation's, numbered),
+        so that it, like every other call, can be sent again after a timeout, a lost
+        connection or a 503 (a broker failover): the service answers a repeat with the
+        first answer instead of doing the work twice."""
         path = PREFIX + path
         if query:
             path += "?" + urlencode({k: v for k, v in query.items() if v is not None},
                                     doseq=True)
+        data = json.dumps(body).encode() if body is not None else None
+        headers = self._headers(data is not None)
+        if method == "POST":
+            self._posts += 1
+            headers["Idempotency-Key"] = f"{self.invocation}-{self._posts}"
+        for attempt, pause in enumerate((*RETRY_PAUSES_S, None)):
+            try:
+                status, raw = self._send(method, path, data, headers)
+            except ServiceUnreachable as exc:
+                if pause is None or isinstance(exc, TlsFailed):
+                    raise
+                log.debug("attempt %d of %s %s failed; again in %.1f s", attempt + 1, method,
+                          path, pause)
+                time.sleep(pause)
+                continue
+            if status == 503 and pause is not None:
+                time.sleep(pause)
+                continue
+            break
+        return self._answer(status, raw)
+
+    def _send(self, method: str, path: str, data: bytes | None,
+              headers: dict[str, str]) -> tuple[int, bytes]:
         conn = self._connect(self.timeout)
         try:
-            data = json.dumps(body).encode() if body is not None else None
-            conn.request(method, path, body=data, headers=self._headers(data is not None))
+            conn.request(method, path, body=data, headers=headers)
             response = conn.getresponse()
-            raw = response.read()
+            return response.status, response.read()
         except ssl.SSLError as exc:
-            raise ServiceUnreachable(f"TLS with {self.url} failed: {exc.reason or exc} "
+            raise TlsFailed(f"TLS with {self.url} failed: {exc.reason or exc} "
                                      f"(give the API's CA with --api-ca-file)") from None
         except (OSError, http.client.HTTPException) as exc:
             raise self._unreachable(exc) from None
         finally:
             conn.close()
+
+    def _answer(self, status: int, raw: bytes) -> Any:
         try:
             answer = json.loads(raw)
         except ValueError:
-            raise SchedulerError(f"{self.url} answered {response.status} with something that "
+            raise SchedulerError(f"{self.url} answered {status} with something that "
                                  f"is not JSON: is it an edgerun service?") from None
-        if response.status >= 400:
-            raise error_of(response.status, answer)
+        if status >= 400:
+            raise error_of(status, answer)
         return answer
 
     def get(self, path: str, **query: Any) -> Any:

@@ -32,15 +32,15 @@ from edgerun.control.errors import (
 from edgerun.control.tokens import is_loopback
 from edgerun.errors import ConfigError
 from edgerun.protocol import JSONObject
-from edgerun.scheduler.api import edge
+from edgerun.scheduler.api import edge, idem
 from edgerun.scheduler.api.auth import Principal
 from edgerun.scheduler.api.handlers import ApiError, Handlers, classify
 from edgerun.scheduler.api.fleetapi import rollout_routes
 from edgerun.scheduler.api.overview import overview_routes
-from edgerun.scheduler.api.overview import overview_routes
 from edgerun.scheduler.errors import ListenError
 from edgerun.scheduler.metrics import CONTENT_TYPE as METRICS_TYPE
 from edgerun.scheduler.service import Service
+from edgerun.scheduler.store.idempotency import Idempotency
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +93,7 @@ def build_app(service: Service, config: ApiConfig, on_stream: Any = None) -> Any
     from edgerun.scheduler.api.openapi import document
 
     h = Handlers(service)
+    keys = Idempotency(service.store.db)
 
     def answer(status: int, body: Any) -> Response:
         data = edge.dumps(body).encode("utf-8") + b"\n"
@@ -126,6 +127,7 @@ def build_app(service: Service, config: ApiConfig, on_stream: Any = None) -> Any
                                           None, role, what)
             for name, value in request.path_params.items():
                 edge.path_value(name, value)
+            key = idem.key_of(request) if body else None
             payload = await read_body(request) if body else None
 
             def run() -> Any:
@@ -136,10 +138,15 @@ def build_app(service: Service, config: ApiConfig, on_stream: Any = None) -> Any
                 if payload is not None:
                     args.append(payload)
                 return work(who, *args) if with_who else work(*args)
-            result = await run_in_threadpool(run)
-            if isinstance(result, Response):
-                return result
-            return answer(status, result)
+
+            async def respond() -> Response:
+                result = await run_in_threadpool(run)
+                if isinstance(result, Response):
+                    return result
+                return answer(status, result)
+            if key is None:
+                return await respond()
+            return await idem.once(keys, who.name, key, request, payload, respond)
         return handle
 
     def metrics() -> Response:
@@ -214,7 +221,6 @@ def build_app(service: Service, config: ApiConfig, on_stream: Any = None) -> Any
     }
 
     table.update(rollout_routes(h, endpoint))
-    table.update(overview_routes(h, endpoint))
     table.update(overview_routes(h, endpoint))
 
     def by_method(handlers: dict[str, Handler]) -> Handler:
