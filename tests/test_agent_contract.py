@@ -78,3 +78,32 @@ def test_the_scheduler_ignores_a_refused_cancel_and_keeps_output_dropped(
         shown = io.StringIO()
         show_task(task, shown)
         assert "123456 bytes of live output were not sent" in shown.getvalue()
+
+
+def test_cancel_if_queued_withdraws_a_queued_task_and_never_kills_a_running_one(
+        mosquitto: Mosquitto, observer: Observer, tmp_path: Path) -> None:
+    agent = AgentProcess(mosquitto.url, "node-w", tmp_path / "w").start()
+    agent.wait_online(observer)
+    observer.send("node-w", shell("w-run", "sleep 1; echo finished"))
+    observer.wait("update", id="w-run", state="running")
+    observer.send("node-w", shell("w-queued", "echo never"))
+    observer.wait("update", id="w-queued", state="accepted")
+    for task_id in ("w-run", "w-queued", "w-unknown"):
+        observer.send("node-w", {"v": 1, "kind": "cancel", "id": task_id, "if_queued": True})
+    assert wait_until(lambda: any(u["state"] == "canceled"
+                                  for u in observer.updates("w-queued")))
+    queued = next(u for u in observer.updates("w-queued") if u["state"] == "canceled")
+    assert queued["error"]["message"] == "canceled before it started"
+    assert wait_until(lambda: any(u["state"] in ("succeeded", "canceled", "failed")
+                                  for u in observer.updates("w-run")))
+    final = observer.updates("w-run")[-1]
+    assert final["state"] == "succeeded" and final["stdout"] == "finished\n"
+    assert observer.updates("w-unknown") == []
+    # `if_queued` that is not a boolean is refused, marked as the cancel's
+    observer.send("node-w", shell("w-two", "sleep 1"))
+    observer.wait("update", id="w-two", state="running")
+    observer.send("node-w", {"v": 1, "kind": "cancel", "id": "w-two", "if_queued": "yes"})
+    refusal = observer.wait("update", id="w-two", state="rejected")[0]
+    assert refusal["of"] == "cancel" and "if_queued" in refusal["error"]["message"]
+    assert wait_until(lambda: observer.updates("w-two")[-1]["state"] == "succeeded")
+    assert agent.terminate() == 0

@@ -253,7 +253,7 @@ class Agent:
                           remember=exc.code != ErrorCode.BAD_SIGNATURE and of is None)
             return
         if isinstance(command, Cancel):
-            self._cancel(command.id)
+            self._cancel(command.id, command.if_queued)
         else:
             self._accept(command)
 
@@ -280,13 +280,15 @@ class Agent:
         log.warning("task %s rejected (%s): %s", task_id, code, message)
         self._publish(rejected(self.node, task_id, code, message).to_dict())
 
-    def _cancel(self, task_id: str) -> None:
+    def _cancel(self, task_id: str, if_queued: bool = False) -> None:
         with self._lock:
             entry = self._queued.pop(task_id, None)
             control = self._running.get(task_id)
         if entry is not None:
             self._final(task_id, failure(ErrorCode.CANCELED, "canceled before it started",
                                          state=State.CANCELED))
+        elif control is not None and if_queued:
+            log.info("task %s has started: a cancel if_queued leaves it to finish", task_id)
         elif control is not None:
             control.stop("canceled by request while running")
         # an unknown or finished task: nothing to answer (PROTOCOL.md, "cancel")

@@ -85,9 +85,13 @@ Task = ShellTask | DownloadTask
 @dataclass(frozen=True)
 class Cancel:
     id: str
+    if_queued: bool = False  # withdraw only a task that has not started (PROTOCOL.md)
 
     def to_dict(self) -> JSONObject:
-        return {"v": VERSION, "kind": "cancel", "id": self.id}
+        out: JSONObject = {"v": VERSION, "kind": "cancel", "id": self.id}
+        if self.if_queued:
+            out["if_queued"] = True
+        return out
 
 
 @dataclass(frozen=True)

@@ -213,7 +213,10 @@ def parse_command(obj: JSONObject) -> Task | Cancel:
         raise ProtocolError(BAD, "`id` is missing or not a valid task id "
                                  "(1-128 of A-Z a-z 0-9 _ . : -)")
     if kind == "cancel":
-        return Cancel(task_id)
+        if_queued = obj.get("if_queued", False)
+        if not isinstance(if_queued, bool):
+            raise ProtocolError(BAD, "`if_queued` must be true or false", task_id)
+        return Cancel(task_id, if_queued)
     if kind != "task":
         raise ProtocolError(BAD, f"`kind` must be task or cancel, got {kind!r:.40}", task_id)
     fields = _Fields(obj, task_id)

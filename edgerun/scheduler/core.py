@@ -167,8 +167,9 @@ class Core:
         broker has it (queue work with `submit` from there, never block)."""
         self.messenger.send(node, self.wire(task), on_sent)
 
-    def send_cancel(self, node: str, task_id: str) -> None:
-        self.messenger.send(node, self.wire(Cancel(task_id)), self.metrics.dispatched.inc)
+    def send_cancel(self, node: str, task_id: str, if_queued: bool = False) -> None:
+        self.messenger.send(node, self.wire(Cancel(task_id, if_queued)),
+                            self.metrics.dispatched.inc)
 
     def wire(self, message: Task | Cancel) -> bytes:
         """The bytes to send: signed when the service has a private key."""

@@ -13,8 +13,10 @@
   a failure; a task sent to a node that then goes offline ends `lost` after
   `--offline-grace`. No offline node holds a window slot for longer.
 - On abort: nothing more is started; targets not yet started are canceled in
-  the store (never sent) and those sent but not yet running get a `cancel`;
-  running ones finish. The reason is recorded.
+  the store (never sent) and those sent but not yet running get a `cancel`
+  with `"if_queued": true`: withdrawn if still queued on the node, left to
+  finish (and counted) if it started meanwhile, whatever the scheduler last
+  heard. A rollout never kills running work. The reason is recorded.
 
 Every target's task exists from the start (state `queued`, hold `rollout`), so
 the store shows each target's state from the first moment, and a restarted
@@ -373,5 +375,5 @@ class RolloutEngine:
                 if change is not None:
                     self.core.emit(change)
             elif task["state"] in ("queued", "dispatched", "accepted"):
-                self.core.send_cancel(node, task["id"])
+                self.core.send_cancel(node, task["id"], if_queued=True)
         return True
