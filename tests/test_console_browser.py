@@ -171,7 +171,8 @@ def test_a_job_on_1000_nodes_shows_one_aggregated_row_and_paged_targets(
         assert width == "50%"  # 1,000 of 2,000 succeeded
         # failures first: the ten failed tasks head the list without any filter
         page.wait_for_selector("#job-targets tr:first-child td[data-state='failed']")
-        states = page.eval_on_selector_all("#job-targets tr td.state", "c => c.map(x => x.dataset.state)")
+        states = page.eval_on_selector_all("#job-targets tr td.state",
+                                           "c => c.map(x => x.dataset.state)")
         assert states[:10] == ["failed"] * 10 and "failed" not in states[10:]
         page.screenshot(path=str(shots / "job-1000.png"), full_page=False)
         page.select_option("#job-state", "failed")

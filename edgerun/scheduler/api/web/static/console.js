@@ -205,7 +205,7 @@ function onlineChart(points) {
   const max = Math.max(1, ...points.map((p) => p.online));
   const last = points[points.length - 1];
   const frame = chartFrame(`Nodes online over 24 hours, now ${last.online}`, max,
-    points[0].at.slice(11, 16) + " UTC", last.at.slice(11, 16) + " UTC");
+    points[0].at.slice(5, 16).replace("T", " ") + " UTC", last.at.slice(5, 16).replace("T", " ") + " UTC");
   const step = 600 / Math.max(1, points.length - 1);
   const coords = points.map((p, i) => `${(i * step).toFixed(1)},${(135 - (125 * p.online) / max).toFixed(1)}`);
   frame.append(svg("polyline", { points: coords.join(" "), class: "line" }));
