@@ -258,22 +258,42 @@ def test_ws_heartbeat(s: Stack, monkeypatch: pytest.MonkeyPatch) -> None:
         assert "last_id" in recv(ws, "heartbeat")
 
 
-def test_hub_delivers_another_instances_logged_event_without_logging_it() -> None:
+def test_hub_hands_out_committed_events_in_id_order_each_once() -> None:
+    """Pure logic of the hub (no I/O): ids are dense and given in commit order, so an id
+    that arrives early (another instance's, another thread's) makes the hub read the ones
+    before it from the log first; one handed out already is never handed out again."""
     class Log:
-        appended = 0
+        def __init__(self) -> None:
+            self.rows = {i: {"kind": "task_event", "id": f"t{i}", "node": "n"}
+                         for i in range(7, 10)}
+            self.logged: list[tuple[str | None, dict]] = []
 
-        def append_event(self, *args: Any, **kw: Any) -> int:
-            self.appended += 1
-            return 7
+        def log_event(self, channel: str | None, event: dict) -> None:
+            self.logged.append((channel, event))
+
+        def hold_live(self, event: dict) -> bool:
+            return False
 
         def event_horizon(self) -> tuple[int, int]:
             return 0, 6
 
+        def events_after(self, after: int, limit: int = 1000,
+                         through: int | None = None) -> list[tuple[int, dict]]:
+            top = through if through is not None else 10**9
+            return [(i, e) for i, e in sorted(self.rows.items()) if after < i <= top][:limit]
+
     log = Log()
     hub = EventHub(log)
     sub = hub.subscribe(kinds=["task_event"])
-    hub.deliver(42, {"kind": "task_event", "id": "t", "node": "n"})
-    assert sub.queue.get_nowait() == (42, {"kind": "task_event", "id": "t", "node": "n"})
-    assert hub.last_id == 42 and log.appended == 0
-    assert hub.publish({"kind": "task_event", "id": "u", "node": "n"}) == 7
-    assert log.appended == 1 and sub.queue.get_nowait()[0] == 7
+    hub.deliver(10, {"kind": "task_event", "id": "t10", "node": "n"})
+    hub.deliver(8, {"kind": "task_event", "id": "t8", "node": "n"})  # a late copy
+    got = []
+    while not sub.queue.empty():
+        item = sub.queue.get_nowait()
+        assert item is not None
+        got.append(item[0])
+    assert got == [7, 8, 9, 10] and hub.last_id == 10
+    # an event published here is logged, and handed out only once its commit says so
+    hub.publish({"kind": "task_event", "id": "u", "node": "n"})
+    assert log.logged == [("tasks", {"kind": "task_event", "id": "u", "node": "n"})]
+    assert sub.queue.empty()

@@ -429,9 +429,10 @@ def test_another_instances_events_reach_the_listener_with_their_log_ids(
         first = one.append_event("tasks", "n1", "t", {"kind": "task_event", "id": "t"}, keep=0)
         second = one.append_event("tasks", "n1", "big", big, keep=0)
         assert wait_for(lambda: len(heard) >= 2)
-        assert [m["e"] for m in heard] == [first, second]  # not its own event
-        assert heard[0]["body"]["id"] == "t" and "body" not in heard[1]
-        assert two.event(second) == big  # what the relay reads back instead
+        # not its own event; each commit's range of ids, the bodies read from the log
+        assert [(m["a"], m["b"]) for m in heard] == [(first, first), (second, second)]
+        assert listener.read(first - 1, second) == [
+            (first, {"kind": "task_event", "id": "t"}), (second, big)]
     finally:
         listener.stop()
         one.close()
@@ -448,7 +449,7 @@ def test_the_tracker_runs_the_duties_and_retention_when_it_leads(tmp_path: Path)
                       duties=calls.append, keep_days=1.0, sweep_every=10.0)
     store.add_task("n1", ShellTask(id="old", command="true"), source="api")
     apply(store, "old", "succeeded", exit_code=0)
-    with store._write() as db:  # finished three days ago
+    with store.transaction() as db:  # finished three days ago
         db.execute("UPDATE tasks SET updated_at='2000-01-01T00:00:00.000Z'")
     assert tracker.tick(now=100.0) is True
     assert calls == [True] and store.tasks() == []  # took the lead: resume, then pruned
@@ -488,7 +489,7 @@ def test_store_and_listener_come_back_after_their_sessions_are_killed(
     monkeypatch.setattr(dbmod, "PROBE_AFTER_IDLE_S", 0.0)  # "idle": probe before each use
     one, two = Store(pg_url), Store(pg_url)
     heard: list[int] = []
-    listener = two.listen(lambda m: heard.append(m["e"]))
+    listener = two.listen(lambda m: heard.append(m["b"]))
     try:
         assert listener.ready.wait(10)
         assert _terminate_backends(pg_url) >= 3  # both stores' and the listener's

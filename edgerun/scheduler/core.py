@@ -5,6 +5,14 @@ checks, sending to the broker and announcing a change.
 `RolloutEngine`; none of them sees the service itself. A task's path runs one way:
 the API thread stores it (Service), the worker paces and claims it (Fleet), the
 core sends it; the broker's confirm comes back to Fleet as work on the worker.
+
+Group commit: the worker takes everything waiting in its inbox (up to BATCH_MAX)
+and records it in one transaction (store/tx.py). What must follow the commit
+waits for it: acks to the broker (so at-least-once is unchanged: a message is
+acked only once what it changed is durable), sends, events to readers, answers
+to API calls. If the batch fails (a database error), it is rolled back and each
+item is done again in a transaction of its own, so one bad item costs only
+itself. An API call (`call`) always runs in a transaction of its own.
 """
 
 from __future__ import annotations
@@ -14,6 +22,7 @@ import logging
 import queue
 import threading
 import uuid
+from functools import partial
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -35,6 +44,7 @@ from edgerun.protocol import (
 from edgerun.scheduler.echoes import Echoes
 from edgerun.scheduler.fleet.targets import parse_wheres, select_nodes
 from edgerun.scheduler.fleet.tracker import Verdict
+from edgerun.scheduler.errors import StoreError
 from edgerun.scheduler.messaging import Incoming, Messenger
 from edgerun.scheduler.metrics import Metrics
 from edgerun.scheduler.store.events import EventHub, task_event
@@ -43,8 +53,22 @@ from edgerun.signing import Signer
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-Work = Incoming | Callable[[], None] | None
 CALL_TIMEOUT_S = 600.0  # a rollout or job over tens of thousands of nodes is stored here
+BATCH_MAX = 256  # items a transaction: long enough to share a commit, short enough not to
+# keep the API's reads waiting on the store's lock
+
+
+class _Retry(Exception):
+    """A database error inside a batch: roll it back and do its items one by one."""
+
+
+@dataclass(eq=False)
+class _Call:
+    work: Callable[[], Any]
+    future: Future[Any]
+
+
+Work = Incoming | Callable[[], None] | _Call | None
 
 
 @dataclass(frozen=True)
@@ -82,6 +106,7 @@ class Core:
         # its own tasks coming back on the tasks subscription: not parsed again
         self.echoes = Echoes() if cfg.record_external else None
         self.hub = EventHub(store)
+        store.on_events = self.hub.committed
         self.metrics = Metrics(self._snapshot)
         self.stopping = threading.Event()
         self._inbox: queue.SimpleQueue[Work] = queue.SimpleQueue()
@@ -105,31 +130,83 @@ class Core:
         self._inbox.put(work)
 
     def call(self, work: Callable[[], T]) -> T:
-        """Run `work` on the worker thread and return its result (API threads)."""
+        """Run `work` on the worker thread in a transaction of its own and return its
+        result once that has committed (API threads); its exception, all of it undone."""
         future: Future[T] = Future()
-
-        def run() -> None:
-            try:
-                future.set_result(work())
-            except BaseException as exc:  # handed back to the caller
-                future.set_exception(exc)
-        self._inbox.put(run)
+        self._inbox.put(_Call(work, future))
         return future.result(CALL_TIMEOUT_S)
 
     def _work(self, handle: Callable[[Incoming], None]) -> None:
         while True:
-            item = self._inbox.get()
-            if item is None:
-                return
-            try:
-                if isinstance(item, Incoming):
-                    handle(item)
+            batch: list[Any] = [self._inbox.get()]
+            while batch[-1] is not None and len(batch) < BATCH_MAX:
+                try:
+                    batch.append(self._inbox.get_nowait())
+                except queue.Empty:
+                    break
+            stop = batch[-1] is None
+            group: list[Any] = []
+            for item in batch[:-1] if stop else batch:
+                if isinstance(item, _Call):
+                    self._group(group, handle)
+                    group = []
+                    self._call(item)
                 else:
-                    item()
+                    group.append(item)
+            self._group(group, handle)
+            if stop:
+                return
+
+    def _group(self, items: list[Any], handle: Callable[[Incoming], None]) -> None:
+        """Items in one transaction; after a database error, each in its own."""
+        if not items:
+            return
+        if len(items) > 1:
+            try:
+                with self.store.transaction():
+                    for item in items:
+                        self._one(item, handle, strict=True)
+                return
+            except (_Retry, StoreError) as exc:
+                log.warning("a batch of %d was rolled back (%s); recording them one by one",
+                            len(items), exc.__cause__ or exc)
+        for item in items:
+            try:
+                with self.store.transaction():
+                    self._one(item, handle, strict=False)
             except SchedulerError as exc:
                 log.error("%s", exc)
             except Exception:  # one bad message must not stop the service
                 log.exception("internal error; the service goes on")
+
+    def _one(self, item: Any, handle: Callable[[Incoming], None], strict: bool) -> None:
+        try:
+            if isinstance(item, Incoming):
+                handle(item)
+            else:
+                item()
+        except self._db_errors as exc:
+            if strict:  # the transaction may be unusable now (PostgreSQL): start again
+                raise _Retry(str(exc).strip().splitlines()[0] if str(exc).strip()
+                             else type(exc).__name__) from exc
+            raise
+        except SchedulerError as exc:
+            log.error("%s", exc)
+        except Exception:  # one bad message must not stop the service
+            log.exception("internal error; the service goes on")
+
+    @property
+    def _db_errors(self) -> tuple[type[BaseException], ...]:
+        return (StoreError, *self.store.db.errors)
+
+    def _call(self, call: _Call) -> None:
+        try:
+            with self.store.transaction():
+                result = call.work()
+        except BaseException as exc:  # handed back to the caller
+            call.future.set_exception(exc)
+        else:
+            call.future.set_result(result)
 
     # --- requests' checks (API threads) -------------------------------------------------
     def resolve(self, targets: Sequence[str], online: bool, where: Any = None) -> list[str]:
@@ -163,13 +240,20 @@ class Core:
 
     # --- outbound --------------------------------------------------------------------------
     def send(self, node: str, task: Task, on_sent: Callable[[], None]) -> None:
-        """Hand a task to the broker; `on_sent` runs on the messenger's thread once the
-        broker has it (queue work with `submit` from there, never block)."""
-        self.messenger.send(node, self.wire(task), on_sent)
+        """Hand a task to the broker once the open transaction (its claim) has committed;
+        `on_sent` runs on the messenger's thread once the broker has it (queue work with
+        `submit` from there, never block)."""
+        payload = self.wire(task)
+        self.store.after_commit(lambda: self.messenger.send(node, payload, on_sent))
 
     def send_cancel(self, node: str, task_id: str, if_queued: bool = False) -> None:
-        self.messenger.send(node, self.wire(Cancel(task_id, if_queued)),
-                            self.metrics.dispatched.inc)
+        payload = self.wire(Cancel(task_id, if_queued))
+        self.store.after_commit(
+            lambda: self.messenger.send(node, payload, self.metrics.dispatched.inc))
+
+    def ack(self, message: Incoming) -> None:
+        """The broker may forget `message` once the open transaction has committed."""
+        self.store.after_commit(lambda: self.messenger.ack(message))
 
     def wire(self, message: Task | Cancel) -> bytes:
         """The bytes to send: signed when the service has a private key."""
@@ -188,29 +272,38 @@ class Core:
 
     # --- changes --------------------------------------------------------------------------
     def on_change(self, listener: Callable[[Change], None]) -> None:
-        """Call `listener` after every change is announced (on the thread that made it)."""
+        """Call `listener` after every change is committed (on the thread that made it)."""
         self._listeners.append(listener)
 
     def emit(self, change: Change) -> None:
-        """Announce a stored change: followers, other instances, the listeners."""
+        """Announce a stored change: logged with the transaction that made it (call it
+        inside that one), then, once committed, to followers, other instances and the
+        listeners."""
         task = change.task
         self.metrics.changes.labels(task["state"]).inc()
-        self.publish(task_event(change.previous, task), "tasks", task["node"], task["state"])
-        for listener in self._listeners:
-            listener(change)
+        with self.store.transaction():
+            self.publish(task_event(change.previous, task), "tasks", task["node"],
+                         task["state"])
+            for listener in self._listeners:
+                self.store.after_commit(partial(listener, change))
 
     def publish(self, event: JSONObject, kind: str, node: str, state: str) -> None:
-        """An event to the followers here and on the broker's event exchange."""
-        self.hub.publish(event)
-        self.messenger.publish_event(kind, node, state, canonical_json(event))
+        """An event to the log (with the open transaction), then to the followers here and
+        on the broker's event exchange."""
+        with self.store.transaction():
+            self.hub.publish(event)
+            payload = canonical_json(event)
+            self.store.after_commit(
+                lambda: self.messenger.publish_event(kind, node, state, payload))
 
     def lose(self, task: JSONObject, verdict: Verdict) -> None:
-        change = self.store.mark_lost(task["node"], task["id"], task["state"], verdict.code,
-                                      verdict.message)
-        if change is not None:
-            log.warning("task %s on node %s is lost: %s", task["id"], task["node"],
-                        verdict.message)
-            self.emit(change)
+        with self.store.transaction():
+            change = self.store.mark_lost(task["node"], task["id"], task["state"],
+                                          verdict.code, verdict.message)
+            if change is not None:
+                log.warning("task %s on node %s is lost: %s", task["id"], task["node"],
+                            verdict.message)
+                self.emit(change)
 
     # --- metrics ---------------------------------------------------------------------------
     def broker_node(self) -> str | None:

@@ -77,8 +77,12 @@ class Service:
         self.messenger.start(self.core.submit)
         self.fleet.start()
         self.tracker.start()  # its first round sends again what never reached the broker
-        self._listener = self.store.listen(  # other instances' events (PostgreSQL only)
-            lambda message: relay(self.hub, message, self.store.event))
+        listener: Listener | None = self.store.listen(  # other instances' (PostgreSQL only)
+            lambda message: relay(self.hub, message, listener.read) if listener else None,
+            lambda: self.hub.catch_up(listener.latest(), listener.read) if listener else None,
+            start=False)
+        if listener is not None:
+            self._listener = listener.start()
 
     def stop(self) -> None:
         self.core.stop()
@@ -103,26 +107,25 @@ class Service:
     def dispatch(self, targets: Sequence[str], online: bool, spec: Any, *,
                  where: Any = None, retry: Any = None) -> list[JSONObject]:
         """Store the task for each node; the worker sends it, paced (fleet.py)."""
-        nodes = self.core.resolve(targets, online, where)
+        nodes = list(dict.fromkeys(self.core.resolve(targets, online, where)))
         task = self.core.build_task(spec)
         policy = parse_retry(retry)
         check_room(task.id, policy)
         self.core.require_broker()
-        for node in nodes:
-            if self.store.get(node, task.id) is not None:
+        # one transaction, a few multi-row statements: every task and its event, or none
+        with self.store.transaction():
+            changes = self.store.add_tasks(nodes, task, source="api",
+                                           retry=policy.to_json() if policy else None)
+            if len(changes) != len(nodes):
+                made = {c.task["node"] for c in changes}
+                node = next(n for n in nodes if n not in made)
                 raise Conflict(f"task id {task.id!r} already exists for node {node}; "
-                                 f"leave the id out to get a fresh one")
-        out = []
-        for node in nodes:
-            change = self.store.add_task(node, task, source="api")
-            if change is None:
-                raise Conflict(f"task id {task.id!r} already exists for node {node}")
-            if policy is not None:
-                change = self.fleet.with_retry(change, policy)
-            self.core.emit(change)
-            out.append(change.task)
-        self.core.submit(lambda: self.fleet.pump_nodes(nodes))
-        return out
+                               f"leave the id out to get a fresh one")
+            for change in changes:
+                self.core.emit(change)
+            self.store.after_commit(
+                lambda: self.core.submit(lambda: self.fleet.pump_nodes(nodes)))
+        return [change.task for change in changes]
 
     def create_job(self, targets: Sequence[str], online: bool, steps: Sequence[JSONObject],
                    job_id: str | None = None, *, where: Any = None) -> JSONObject:
@@ -158,7 +161,7 @@ class Service:
         self.metrics.messages.labels(str(msg.channel)).inc()
         echoes = self.core.echoes
         if msg.channel == Channel.TASKS and echoes is not None and echoes.take(msg.payload):
-            self.messenger.ack(msg)  # our own task, stored before it was sent (echoes.py)
+            self.core.ack(msg)  # our own task, stored before it was sent (echoes.py)
             return
         try:
             if msg.channel == Channel.OUTPUT:
@@ -173,7 +176,7 @@ class Service:
             self.metrics.bad_messages.inc()
             log.warning("dropped a bad %s message from node %s: %s", msg.channel, msg.node,
                         exc.message)
-        self.messenger.ack(msg)
+        self.core.ack(msg)  # once what it changed has committed (core.py)
 
     def _on_update(self, node: str, obj: JSONObject) -> None:
         update = parse_update(obj)

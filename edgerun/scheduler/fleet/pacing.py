@@ -128,12 +128,14 @@ class Fleet:
             self._send(node, self.core.task_of(row))
 
     def pump_nodes(self, nodes: list[str]) -> None:
-        for node in nodes:
-            self.pump(node)
+        """`pump` for many nodes at once (a fan-out): a few statements per 500 nodes."""
+        claimed = self.db.claim_many(nodes, self.pace, time.time(), self.claim_ttl,
+                                     self.owner)
+        for row in claimed:
+            self._send(row["node"], self.core.task_of(row))
 
     def pump_all(self) -> None:
-        for node in self.db.nodes_with_ready(time.time(), self.pace):
-            self.pump(node)
+        self.pump_nodes(self.db.nodes_with_ready(time.time(), self.pace))
 
     def is_sending(self, task: JSONObject) -> bool:
         """Claimed for sending and not yet confirmed by the broker (the claim not lapsed)."""

@@ -8,14 +8,16 @@ duties, and how each instance hears of the others' changes.
   the lock; the next instance to ask (every `--tick`) takes over. No clocks, no
   lease renewals, no home-made consensus: PostgreSQL is already the one thing every
   instance must reach.
-- `Listener`: every event goes into the store's durable event log, and the store
-  NOTIFYs each one inside the transaction that logs it (store.py); each instance
-  LISTENs on a connection of its own and hands the other instances' events, with
-  their log ids, to its own hub's readers (`relay`: not logged again), so an event
-  stream opened on any instance sees every event. NOTIFY rather than the broker: it
-  is delivered only if the event is committed to the log, in commit order, from the
-  one source of truth, in MQTT and AMQP mode alike, with no broker topology to add
-  and no second copy to keep consistent with the log.
+- `Listener`: every event goes into the store's durable event log with the change
+  it describes, and the transaction NOTIFYs the range of ids it logged (store/tx.py);
+  each instance LISTENs on a connection of its own, reads the other instances'
+  events of that range from the log on a second one, and hands them to its own
+  hub (`relay`: not logged again), which delivers every id once, in id order, so an
+  event stream opened on any instance sees every event in the one order. NOTIFY
+  rather than the broker: it is delivered only if the events are committed, in
+  commit order, in MQTT and AMQP mode alike, with no broker topology to add. A
+  notification missed while the listener was away costs nothing: on reconnecting
+  it reads the log up to the latest id.
 
 On SQLite (one instance) the lease is always held and there is nothing to listen to.
 """
@@ -33,7 +35,7 @@ from edgerun.protocol import JSONObject
 from edgerun.scheduler.errors import StoreError
 from edgerun.scheduler.store.db import PostgresDatabase, pg_connect
 from edgerun.settings import redact
-from edgerun.scheduler.store.events import EventHub
+from edgerun.scheduler.store.events import EventHub, ReadLog
 
 log = logging.getLogger(__name__)
 
@@ -86,8 +88,11 @@ class Lease:
 class Listener:
     """LISTENs for the other instances' changes; `deliver` gets each message (a dict)."""
 
-    def __init__(self, url: str, origin: str, deliver: Callable[[JSONObject], None]) -> None:
+    def __init__(self, url: str, origin: str, deliver: Callable[[JSONObject], None],
+                 on_connect: Callable[[], None] | None = None) -> None:
         self.url, self.origin, self.deliver = url, origin, deliver
+        self.on_connect = on_connect
+        self._reader: Any = None  # a second connection, for reading the log
         self._stop = threading.Event()
         self.ready = threading.Event()
         self.connections = 0  # LISTENs so far: more than one means it came back
@@ -109,6 +114,8 @@ class Listener:
                 conn = pg_connect(self.url)
                 conn.execute(f"LISTEN {PostgresDatabase.CHANNEL}")
                 self.connections += 1
+                if self.on_connect is not None:
+                    self.on_connect()  # what was committed while no one listened
                 self.ready.set()
                 backoff.reset()
                 while not self._stop.is_set():
@@ -128,6 +135,38 @@ class Listener:
                         log.debug("closing the listener connection: %s", exc)
             if self._stop.is_set() or backoff.wait():
                 break
+        self._close_reader()
+
+    def read(self, after: int, through: int) -> list[tuple[int, JSONObject]]:
+        """The logged events with after < id <= through, oldest first, read on the
+        listener's own second connection (never waiting for the store's lock)."""
+        try:
+            if self._reader is None or self._reader.closed or self._reader.broken:
+                self._close_reader()
+                self._reader = pg_connect(self.url)
+            rows = self._reader.execute(
+                "SELECT id, body FROM events WHERE id > %s AND id <= %s ORDER BY id LIMIT 1000",
+                (after, through)).fetchall()
+        except Exception:
+            self._close_reader()
+            raise
+        return [(int(r[0]), json.loads(r[1])) for r in rows]
+
+    def latest(self) -> int:
+        """The highest event id committed."""
+        if self._reader is None or self._reader.closed or self._reader.broken:
+            self._close_reader()
+            self._reader = pg_connect(self.url)
+        row = self._reader.execute("SELECT value FROM meta WHERE key='event_seq'").fetchone()
+        return int(row[0]) if row is not None else 0
+
+    def _close_reader(self) -> None:
+        reader, self._reader = self._reader, None
+        if reader is not None:
+            try:
+                reader.close()
+            except Exception as exc:  # already broken
+                log.debug("closing the listener's reader: %s", exc)
 
     def _handle(self, payload: str) -> None:
         try:
@@ -143,16 +182,9 @@ class Listener:
             log.exception("store listener: cannot deliver a notification")
 
 
-def relay(hub: EventHub, message: JSONObject,
-          read_event: Callable[[int], JSONObject | None]) -> None:
-    """Hand another instance's logged event to this hub's readers, with its log id and
-    without logging it again. A body too big for NOTIFY is read back from the log."""
-    event_id = message.get("e")
-    if not isinstance(event_id, int):
-        return
-    event = message.get("body")
-    if not isinstance(event, dict):
-        event = read_event(event_id)
-        if event is None:  # already dropped by retention
-            return
-    hub.deliver(event_id, event)
+def relay(hub: EventHub, message: JSONObject, read: ReadLog) -> None:
+    """Another instance committed the events `a`..`b`: hand them (and any before them
+    this hub has not handed out) to its readers, read from the log, not logged again."""
+    through = message.get("b")
+    if isinstance(through, int) and not isinstance(through, bool):
+        hub.catch_up(through, read)

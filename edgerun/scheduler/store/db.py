@@ -86,11 +86,28 @@ class Database(ABC):
         self.name = redact(target)
         self.origin = uuid.uuid4().hex[:12]  # tells this process's notifications apart
         self._lock = threading.RLock()
+        self._in_tx = False  # a read inside the open transaction must not reconnect
 
     # --- what each back end provides --------------------------------------------------
     @abstractmethod
     def execute(self, sql: str, args: Sequence[Any] = ()) -> Cursor:
         ...
+
+    def execute_values(self, head: str, rows: Sequence[Sequence[Any]], tail: str = "",
+                       chunk: int = 500) -> list[Any]:
+        """`head VALUES (?,..),(?,..) tail` for many rows in a few statements (chunks of
+        `chunk` rows): one round trip per chunk instead of one per row. Returns the rows
+        a `tail` of `RETURNING ...` gives back."""
+        out: list[Any] = []
+        for start in range(0, len(rows), chunk):
+            part = rows[start:start + chunk]
+            one = "(" + ",".join("?" * len(part[0])) + ")"
+            sql = f"{head} VALUES {','.join([one] * len(part))} {tail}"
+            args = [value for row in part for value in row]
+            cur = self.execute(sql, args)
+            if "RETURNING" in tail.upper():
+                out.extend(cur.fetchall())
+        return out
 
     @abstractmethod
     def _begin(self) -> None:
@@ -126,15 +143,23 @@ class Database(ABC):
     # --- shared -------------------------------------------------------------------------
     @contextmanager
     def write(self) -> Iterator[Database]:
+        """A transaction; inside one this thread has open already (the lock is ours), that
+        one: it commits with the outermost."""
         with self._lock:
+            if self._in_tx:
+                yield self
+                return
             try:
                 self._healthy()
                 self._begin()
+                self._in_tx = True
                 try:
                     yield self
                 except BaseException:
+                    self._in_tx = False
                     self._end(False)
                     raise
+                self._in_tx = False
                 self._end(True)
             except self.errors as exc:
                 raise StoreError(f"task store {self.name}: {_first_line(exc)}") from None
@@ -143,7 +168,8 @@ class Database(ABC):
     def read(self) -> Iterator[Database]:
         with self._lock:
             try:
-                self._healthy()
+                if not self._in_tx:
+                    self._healthy()
                 yield self
             except self.errors as exc:
                 raise StoreError(f"task store {self.name}: {_first_line(exc)}") from None
@@ -292,7 +318,16 @@ class PostgresDatabase(Database):
 
     def _end(self, commit: bool) -> None:
         if self._conn.broken or self._conn.closed:
+            if commit:
+                raise StoreError(f"task store {self.name}: the connection broke before COMMIT")
             return
+        if commit and self._conn.info.transaction_status == \
+                self._psycopg.pq.TransactionStatus.INERROR:
+            # a statement failed and someone caught its error: COMMIT would only roll back,
+            # silently; say so, so nothing is acked as if it were recorded
+            self._conn.execute("ROLLBACK")
+            raise StoreError(f"task store {self.name}: a statement of the transaction failed; "
+                             f"it was rolled back")
         self._conn.execute("COMMIT" if commit else "ROLLBACK")
 
     def _lock_migrations(self) -> None:

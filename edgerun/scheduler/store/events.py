@@ -1,8 +1,13 @@
 """Full-data events: what changed, with everything known, so no reader needs a second lookup.
 
-`EventHub` numbers every node, task and audit event through the store's durable
-event log (`Store.append_event`, the one append point) and fans it out to live
-subscribers through bounded queues. Live `output` is best effort (QoS 0 on the
+`EventHub` hands every node, task and audit event to live subscribers through
+bounded queues, once it is committed to the store's durable event log: the store
+logs it in the transaction of the change it describes (`Store.log_event`,
+store/tx.py) and gives it back with its id after the commit (`committed`); the
+other instances' come through cluster.py. Ids are handed out in commit order with
+no holes, so the hub delivers them strictly in id order, each once: an id that
+arrives early (another thread's or instance's commit not handed over yet) makes
+it read the ones before from the log first. Live `output` is best effort (QoS 0 on the
 wire) and is not logged: it carries the id of the latest logged event, so a
 reader resuming from it misses no logged event. A subscriber that falls
 `QUEUE_LIMIT` events behind is cut off with a reason rather than slowing the
@@ -60,16 +65,26 @@ def without_tails(task: JSONObject) -> JSONObject:
     if not isinstance(result, dict) or not any(k in result for k in LIVE_OUTPUT_FIELDS):
         return task
     trimmed = {k: v for k, v in result.items() if k not in LIVE_OUTPUT_FIELDS}
+    # only what there is: {"stdout": 0} would read as "has output" (cli/follow.py)
     trimmed["output"] = {k: len(result[k]) for k in LIVE_OUTPUT_FIELDS
-                         if isinstance(result.get(k), str)}
+                         if isinstance(result.get(k), str) and result[k]}
     return {**task, "result": trimmed}
 
 
 class EventLog(Protocol):
-    def append_event(self, channel: str, node: str | None, task_id: str | None,
-                     body: JSONObject, keep: int) -> int: ...
+    def log_event(self, channel: str | None, event: JSONObject) -> None: ...
+
+    def hold_live(self, event: JSONObject) -> bool: ...
 
     def event_horizon(self) -> tuple[int, int]: ...
+
+    def events_after(self, after: int, limit: int = ...,
+                     through: int | None = None) -> list[tuple[int, JSONObject]]: ...
+
+
+ReadLog = Callable[[int, int], list[tuple[int, JSONObject]]]
+"""(after, through) -> the logged events with after < id <= through, oldest first."""
+CATCH_UP_PAGE = 1000
 
 
 @dataclass(eq=False)
@@ -114,7 +129,7 @@ class EventHub:
     def __init__(self, store: EventLog | None = None, keep: int = LOG_KEEP) -> None:
         self._subs: list[Subscription] = []
         self._lock = threading.Lock()
-        self._publish_lock = threading.Lock()  # ids reach readers in the order they were given
+        self._publish_lock = threading.Lock()  # ids reach readers in id order, each once
         self._store, self._keep = store, keep
         self.last_id = 0
         if store is not None:
@@ -136,28 +151,75 @@ class EventHub:
                 self._subs.remove(sub)
 
     def publish(self, event: JSONObject) -> int:
-        """Log the event (not live output) and hand it to every subscriber that wants it.
-        Returns its id: for output, the id of the latest logged event."""
+        """Live output: to the subscribers now (best effort, not logged), with the id of
+        the latest logged event. Any other event: logged with the calling thread's open
+        transaction (or one of its own), and handed out when that commits. Returns the
+        latest id handed out."""
         kind = event.get("kind")
         if kind == TASK_EVENT and isinstance(event.get("task"), dict):
             event = {**event, "task": without_tails(event["task"])}
+        if kind == OUTPUT:
+            if self._store is None or not self._store.hold_live(event):
+                self._fan_out(self.last_id, event)
+        elif self._store is not None:
+            self._store.log_event(_channel(kind), event)
+        else:  # no log (unit tests of readers): numbered here
+            with self._publish_lock:
+                self.last_id += 1
+                self._fan_out(self.last_id, event)
+        return self.last_id
+
+    def committed(self, events: list[tuple[int, JSONObject]],
+                  read: ReadLog | None = None) -> None:
+        """Logged events, in id order, committed by this process or (cluster.py) another
+        instance: to the readers in id order, each once. A hole before them is read
+        from the log first (`read`, else the store): ids are dense and given in commit
+        order, so every id below a committed one is committed too."""
         with self._publish_lock:
-            if kind != OUTPUT and self._store is not None:
-                try:
-                    self.last_id = self._store.append_event(
-                        _channel(kind), event.get("node"), event.get("id"), event, self._keep)
-                except Exception as exc:  # the live stream goes on; resuming may then miss it
-                    log.error("event log: %s", exc)
-            event_id = self.last_id
-            self._fan_out(event_id, event)
-        return event_id
+            for event_id, event in events:
+                if event_id == 0:  # live only (output), in its place
+                    self._fan_out(self.last_id, event)
+                    continue
+                if event_id > self.last_id + 1:
+                    self._catch_up(event_id - 1, read)
+                if event_id <= self.last_id:
+                    continue  # handed out already (read from the log, or ours)
+                self.last_id = event_id
+                self._fan_out(event_id, event)
 
     def deliver(self, event_id: int, event: JSONObject) -> None:
-        """An event another instance logged (id `event_id`): to this hub's readers, without
-        logging it again (cluster.py's relay of PostgreSQL notifications)."""
+        """One logged event (see `committed`)."""
+        self.committed([(event_id, event)])
+
+    def catch_up(self, through: int, read: ReadLog | None = None) -> None:
+        """Hand out every logged event up to id `through` not handed out yet."""
         with self._publish_lock:
-            self.last_id = max(self.last_id, event_id)
-            self._fan_out(event_id, event)
+            self._catch_up(through, read)
+
+    def _catch_up(self, through: int, read: ReadLog | None) -> None:
+        if read is None:
+            store = self._store
+            if store is None:
+                return
+
+            def read(after: int, upto: int) -> list[tuple[int, JSONObject]]:
+                assert store is not None
+                return store.events_after(after, CATCH_UP_PAGE, upto)
+        while self.last_id < through:
+            try:
+                page = read(self.last_id, through)
+            except Exception as exc:  # the next commit tries again
+                log.warning("event log: cannot read events after %d: %s", self.last_id, exc)
+                return
+            if not page:  # dropped by retention meanwhile: nothing left to hand out
+                log.warning("event log: events %d-%d were dropped before they could be "
+                            "handed out", self.last_id + 1, through)
+                self.last_id = through
+                return
+            for event_id, event in page:
+                if event_id > self.last_id:
+                    self.last_id = event_id
+                    self._fan_out(event_id, event)
 
     def _fan_out(self, event_id: int, event: JSONObject) -> None:
         with self._lock:

@@ -1,7 +1,8 @@
 """The store queries of fleet operations (pacing, liveness, retries, rollouts, graph jobs).
 
-Plain SQL with `?` placeholders through the store's own transactions
-(`Store._write` / `Store._read`), so it runs on every back end the store has.
+Plain SQL with `?` placeholders through the store's public transactions
+(`Store.transaction` / `Store.read`), so it runs on every back end the store has
+and joins the caller's open transaction (group commit, store/tx.py).
 State changes of tasks still go through the store's state machine
 (`mark_lost`, `cancel_queued`, `add_task`); these only read, and set the
 columns a state change does not cover (`hold`, `not_before`, attempts, rollouts).
@@ -48,7 +49,7 @@ class FleetDB:
 
     # --- reads ---------------------------------------------------------------------------
     def task(self, node: str, task_id: str) -> JSONObject | None:
-        with self.store._read() as db:
+        with self.store.read() as db:
             row = db.execute("SELECT * FROM tasks WHERE node=? AND id=?",
                              (node, task_id)).fetchone()
             return fleet_task(row) if row is not None else None
@@ -56,7 +57,7 @@ class FleetDB:
     def outstanding(self, node: str, now: float) -> int:
         """Tasks the node holds or is about to: dispatched, accepted, running, or claimed
         for sending (by any instance) and not yet confirmed by the broker."""
-        with self.store._read() as db:
+        with self.store.read() as db:
             return self._outstanding(db, node, now)
 
     @staticmethod
@@ -73,7 +74,10 @@ class FleetDB:
         instance died before the broker took the task lapses, and the task is free
         again). One transaction, the node's row locked: several instances never
         claim the same task, nor more than `pace` together."""
-        with self.store._write() as db:
+        with self.store.transaction() as db:
+            if db.execute("SELECT 1 FROM tasks WHERE node=? AND state='queued' LIMIT 1",
+                          (node,)).fetchone() is None:
+                return []  # the usual case after a task ends: nothing waits
             db.execute("SELECT node FROM nodes WHERE node=? FOR UPDATE", (node,))
             room = pace - self._outstanding(db, node, now)
             if room <= 0:
@@ -85,25 +89,67 @@ class FleetDB:
                            (f"{SENDING}:{owner}", now + ttl, node, row["id"]))
             return [fleet_task(r) for r in rows]
 
+    def claim_many(self, nodes: list[str], pace: int, now: float, ttl: float,
+                   owner: str = "") -> list[JSONObject]:
+        """`claim` for many nodes in a few statements per 500 nodes instead of four round
+        trips per node: the nodes' rows locked (in node order: two instances never
+        deadlock on them), their outstanding counted in one grouped read, their free
+        queued tasks read in one, the claimed ones marked in one UPDATE."""
+        out: list[JSONObject] = []
+        hold = f"{SENDING}:{owner}"
+        for start in range(0, len(nodes), 500):
+            part = sorted(set(nodes[start:start + 500]))
+            marks = ",".join("?" * len(part))
+            with self.store.transaction() as db:
+                ready = db.execute(READY + f" AND node IN ({marks}) ORDER BY seq",
+                                   (SENDING_LIKE, now, now, *part)).fetchall()
+                if not ready:
+                    continue
+                waiting = sorted({r["node"] for r in ready})
+                marks = ",".join("?" * len(waiting))
+                db.execute(f"SELECT node FROM nodes WHERE node IN ({marks}) "  # noqa: S608
+                           f"ORDER BY node FOR UPDATE", waiting)
+                busy = {r[0]: int(r[1]) for r in db.execute(
+                    f"SELECT node, COUNT(*) FROM tasks WHERE node IN ({marks}) AND "  # noqa: S608
+                    f"(state IN (?,?,?) OR (state='queued' AND hold LIKE ? AND not_before > ?)) "
+                    f"GROUP BY node", (*waiting, *OUTSTANDING, SENDING_LIKE, now))}
+                # read again now that the nodes are locked: another instance may have
+                # claimed some meanwhile
+                ready = db.execute(READY + f" AND node IN ({marks}) ORDER BY seq",
+                                   (SENDING_LIKE, now, now, *waiting)).fetchall()
+                room = {n: pace - busy.get(n, 0) for n in waiting}
+                claimed = []
+                for row in ready:
+                    if room[row["node"]] > 0:
+                        room[row["node"]] -= 1
+                        claimed.append(row)
+                if not claimed:
+                    continue
+                seqs = [int(r["seq"]) for r in claimed]
+                db.execute(f"UPDATE tasks SET hold=?, not_before=? WHERE seq IN "  # noqa: S608
+                           f"({','.join('?' * len(seqs))})", (hold, now + ttl, *seqs))
+                out.extend(fleet_task(r) for r in claimed)
+        return out
+
     def nodes_with_ready(self, now: float, pace: int) -> list[str]:
         """Nodes with a task free to go and room for it (fewer than `pace` outstanding):
         one read, so that a tick over thousands of paced nodes writes nothing."""
         sql = ("SELECT q.node FROM (" + READY.replace("SELECT *", "SELECT DISTINCT node", 1)  # noqa: S608
                + ") q WHERE (SELECT COUNT(*) FROM tasks t WHERE t.node=q.node AND (t.state IN "
                "(?,?,?) OR (t.state='queued' AND t.hold LIKE ? AND t.not_before > ?))) < ?")
-        with self.store._read() as db:
+        with self.store.read() as db:
             rows = db.execute(sql, (SENDING_LIKE, now, now, *OUTSTANDING, SENDING_LIKE, now,
                                     pace))
             return [r[0] for r in rows]
 
     def next_not_before(self) -> float | None:
-        with self.store._read() as db:
+        with self.store.read() as db:
             row = db.execute("SELECT MIN(not_before) FROM tasks WHERE state='queued' AND "
                              "not_before IS NOT NULL").fetchone()
             return float(row[0]) if row is not None and row[0] is not None else None
 
     def in_flight(self, node: str) -> list[JSONObject]:
-        with self.store._read() as db:
+        with self.store.read() as db:
             rows = db.execute("SELECT * FROM tasks WHERE node=? AND state IN (?,?,?) "
                               "ORDER BY seq", (node, *OUTSTANDING))
             return [fleet_task(r) for r in rows]
@@ -111,7 +157,7 @@ class FleetDB:
     def stranded(self, offline_before: str) -> list[JSONObject]:
         """Tasks on nodes offline since before `offline_before` (RFC 3339): accepted or
         running ones, and a rollout's dispatched ones (a rollout must not wait for them)."""
-        with self.store._read() as db:
+        with self.store.read() as db:
             rows = db.execute(
                 "SELECT t.* FROM tasks t JOIN nodes n ON n.node=t.node WHERE n.state='offline' "
                 "AND n.changed_at <= ? AND (t.state IN ('accepted','running') OR "
@@ -121,13 +167,13 @@ class FleetDB:
 
     def expired_queued(self, now_text: str) -> list[JSONObject]:
         """Queued tasks whose expires_at passed while the scheduler held them."""
-        with self.store._read() as db:
+        with self.store.read() as db:
             rows = db.execute("SELECT * FROM tasks WHERE state='queued' AND expires_at IS NOT "
                               "NULL AND expires_at < ? ORDER BY seq", (now_text,))
             return [fleet_task(r) for r in rows]
 
     def attempts(self, node: str, root: str) -> list[JSONObject]:
-        with self.store._read() as db:
+        with self.store.read() as db:
             rows = db.execute("SELECT * FROM tasks WHERE node=? AND (id=? OR root_id=?) "
                               "ORDER BY seq", (node, root, root))
             return [fleet_task(r) for r in rows]
@@ -136,7 +182,7 @@ class FleetDB:
         """Every attempt of a rollout's targets, only what its progress needs: light
         enough to read after each end in a rollout of thousands of nodes."""
         policies: dict[str, Any] = {}
-        with self.store._read() as db:
+        with self.store.read() as db:
             rows = db.execute("SELECT node, id, state, hold, not_before, attempt, error_code, "
                               "error_message, retry FROM tasks WHERE rollout_id=? ORDER BY seq",
                               (rollout_id,)).fetchall()
@@ -154,7 +200,7 @@ class FleetDB:
         return out
 
     def rollout_tasks(self, rollout_id: str) -> list[JSONObject]:
-        with self.store._read() as db:
+        with self.store.read() as db:
             rows = db.execute("SELECT * FROM tasks WHERE rollout_id=? ORDER BY seq",
                               (rollout_id,))
             return [fleet_task(r) for r in rows]
@@ -164,14 +210,14 @@ class FleetDB:
         if not task_ids:
             return 0
         marks = ",".join("?" * len(task_ids))
-        with self.store._read() as db:
+        with self.store.read() as db:
             row = db.execute(f"SELECT COUNT(*) FROM tasks WHERE job_id=? AND id IN ({marks}) "  # noqa: S608
                              f"AND state <> 'succeeded'", (job_id, *task_ids)).fetchone()
             return int(row[0])
 
     def job_release(self, job_id: str, task_id: str) -> list[str]:
         """Lift the hold of one step of a job on all its nodes; the nodes it was lifted on."""
-        with self.store._write() as db:
+        with self.store.transaction() as db:
             rows = db.execute("SELECT node FROM tasks WHERE job_id=? AND id=? AND "
                               "state='queued' AND hold='job'", (job_id, task_id)).fetchall()
             db.execute("UPDATE tasks SET hold=NULL WHERE job_id=? AND id=? AND state='queued' "
@@ -180,7 +226,7 @@ class FleetDB:
 
     def job_queued(self, job_id: str, task_id: str) -> list[JSONObject]:
         """One step's tasks still queued, with what a cancel needs."""
-        with self.store._read() as db:
+        with self.store.read() as db:
             rows = db.execute("SELECT node, id, state, hold, not_before FROM tasks WHERE "
                               "job_id=? AND id=? AND state='queued'", (job_id, task_id))
             return [{"node": r["node"], "id": r["id"], "state": r["state"], "hold": r["hold"],
@@ -198,27 +244,27 @@ class FleetDB:
         names = sorted(columns)
         values = [json.dumps(columns[n]) if n == "retry" and columns[n] is not None
                   else columns[n] for n in names]
-        with self.store._write() as db:
+        with self.store.transaction() as db:
             db.execute(f"UPDATE tasks SET {', '.join(f'{n}=?' for n in names)} "  # noqa: S608
                        f"WHERE node=? AND id=?", (*values, node, task_id))  # names: allowed
 
     def drop_claims(self) -> None:
         """Free every task claimed for sending and still queued (a single service's start:
         nothing else can be sending them)."""
-        with self.store._write() as db:
+        with self.store.transaction() as db:
             db.execute("UPDATE tasks SET hold=NULL, not_before=NULL WHERE state='queued' AND "
                        "hold LIKE ?", (SENDING_LIKE,))
 
     def renew_claims(self, owner: str, until: float) -> None:
         """This instance is alive: its claims hold until `until` (from the ticker's own
         thread, so that a busy worker never lets them lapse)."""
-        with self.store._write() as db:
+        with self.store.transaction() as db:
             db.execute("UPDATE tasks SET not_before=? WHERE state='queued' AND hold=?",
                        (until, f"{SENDING}:{owner}"))
 
     def release(self, node: str, task_id: str) -> None:
         """Lift a queued task's hold: it may go (subject to pacing)."""
-        with self.store._write() as db:
+        with self.store.transaction() as db:
             db.execute("UPDATE tasks SET hold=NULL WHERE node=? AND id=? AND state='queued' "
                        "AND hold IN ('job', 'rollout')", (node, task_id))
 
@@ -228,7 +274,7 @@ class FleetDB:
         """Start one target of a rollout if the window and the rate allow it now: one
         transaction with the rollout's row locked, so that several instances never start
         more than `batch` at once nor two within `interval` seconds."""
-        with self.store._write() as db:
+        with self.store.transaction() as db:
             row = db.execute("SELECT state, released_at FROM rollouts WHERE id=? FOR UPDATE",
                              (rollout_id,)).fetchone()
             if row is None or row["state"] != "running":
@@ -253,14 +299,14 @@ class FleetDB:
     def add_rollout(self, rollout_id: str, task_id: str, options: JSONObject,
                     nodes: list[str]) -> None:
         now = format_time()
-        with self.store._write() as db:
+        with self.store.transaction() as db:
             db.execute("INSERT INTO rollouts (id, task_id, created_at, updated_at, state, "
                        "options, nodes) VALUES (?,?,?,?,?,?,?)",
                        (rollout_id, task_id, now, now, "running", json.dumps(options),
                         json.dumps(nodes)))
 
     def rollout(self, rollout_id: str) -> JSONObject | None:
-        with self.store._read() as db:
+        with self.store.read() as db:
             row = db.execute("SELECT * FROM rollouts WHERE id=?", (rollout_id,)).fetchone()
             return _rollout_dict(row) if row is not None else None
 
@@ -270,7 +316,7 @@ class FleetDB:
         if state is not None:
             sql += " WHERE state=?"
             args.append(state)
-        with self.store._read() as db:
+        with self.store.read() as db:
             rows = db.execute(sql + " ORDER BY created_at DESC LIMIT ?", (*args, limit))
             return [_rollout_dict(r) for r in rows]
 
@@ -290,7 +336,7 @@ class FleetDB:
         if expect:
             sql += f" AND state IN ({','.join('?' * len(expect))})"
             args.extend(expect)
-        with self.store._write() as db:
+        with self.store.transaction() as db:
             return db.execute(sql, args).rowcount > 0
 
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-SCHEMA_VERSION = 3
-
 MIGRATIONS: dict[int, str] = {
     1: """
     CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -114,4 +112,26 @@ MIGRATIONS: dict[int, str] = {
         released_at REAL
     );
     """,
+    # 4: event ids from one counter row, bumped as the last statement of the transaction
+    # that logs the events (store/tx.py): ids in commit order across instances, no holes
+    4: """
+    INSERT INTO meta (key, value) SELECT 'event_seq', CAST(COALESCE(MAX(id), 0) AS TEXT)
+        FROM events
+    """,
+    # 5: idempotency keys of API POSTs (store/idempotency.py, issue 23): the first
+    # answer to a token's key, kept 48 h so a retry gets it again on any instance
+    5: """
+    CREATE TABLE idempotency (
+        owner        TEXT NOT NULL,
+        key          TEXT NOT NULL,
+        fingerprint  TEXT NOT NULL,
+        status       INTEGER,
+        response     TEXT,
+        created_at   REAL NOT NULL,
+        PRIMARY KEY (owner, key)
+    );
+    CREATE INDEX idempotency_by_age ON idempotency (created_at)
+    """,
 }
+
+SCHEMA_VERSION = max(MIGRATIONS)

@@ -14,6 +14,8 @@ other instances' event streams).
 from __future__ import annotations
 
 import json
+import logging
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -33,13 +35,22 @@ from edgerun.protocol import (
     is_final,
     parse_time,
 )
+from edgerun.scheduler.errors import StoreError
 from edgerun.scheduler.store.db import Database, Row, open_database
 from edgerun.scheduler.store.schema import MIGRATIONS, SCHEMA_VERSION
+from edgerun.scheduler.store.tx import Tx, flush_events, run_after
+
+log = logging.getLogger(__name__)
 
 RESULT_FIELDS = ("exit_code", "stdout", "stderr", "truncated", "duration_s", "bytes", "sha256",
                  "dest", "output_dropped")
 TOUCH_EVERY_S = 1.0
-NOTIFY_LIMIT = 7_800  # PostgreSQL refuses NOTIFY payloads of 8,000 bytes and more
+LOG_KEEP = 100_000
+# the agent's order of a task's states: a history lists them so whatever order they
+# arrived in (several instances, redelivery); the same rank keeps arrival order
+HISTORY_SQL = ("SELECT body, received_at FROM updates WHERE node=? AND task_id=? ORDER BY "
+               "CASE state WHEN 'queued' THEN 0 WHEN 'dispatched' THEN 1 WHEN 'accepted' THEN 2 "
+               "WHEN 'running' THEN 3 ELSE 4 END, seq")
 
 
 @dataclass(frozen=True)
@@ -65,20 +76,74 @@ class Store:
             raise
         self._lease: Any = None
         self._touched: dict[str, float] = {}
+        self._local = threading.local()
+        self.event_keep = LOG_KEEP
+        self.on_events: Callable[[list[tuple[int, JSONObject]]], None] | None = None
+        """Called after each commit with the events it logged, (id, event) in id order."""
 
     # --- plumbing -----------------------------------------------------------------
     @property
     def schema_version(self) -> int:
-        with self._read() as db:
+        with self.read() as db:
             return db.schema_version()
 
     @contextmanager
-    def _write(self) -> Iterator[Database]:
+    def transaction(self) -> Iterator[Tx]:
+        """The calling thread's transaction: opened here, or joined when one is open
+        already (then it commits with the outermost). Events logged in it (`log_event`)
+        are written with it; `Tx.after_commit` callbacks run once it has committed."""
+        tx: Tx | None = getattr(self._local, "tx", None)
+        if tx is not None:
+            yield tx
+            return
         with self.db.write() as db:
-            yield db
+            tx = Tx(db)
+            self._local.tx = tx
+            try:
+                yield tx
+                logged = flush_events(tx, origin=self.origin, shared=self.shared,
+                                      keep=self.event_keep)
+            finally:
+                self._local.tx = None
+        if logged and self.on_events is not None:
+            try:
+                self.on_events(logged)
+            except Exception:  # the log has them; readers catch up from it
+                log.exception("handing committed events to the hub")
+        run_after(tx.after)
+        if tx.touched:
+            self._flush_touched(sorted(tx.touched))
+
+    def _flush_touched(self, nodes: list[str]) -> None:
+        """Refresh the last_seen of the nodes a transaction heard from, after it and in
+        a transaction of their own: no node row stays locked through a batch (two
+        instances taking them in different orders would deadlock)."""
+        stamp = format_time()
+        try:
+            with self.db.write() as db:
+                for start in range(0, len(nodes), 500):
+                    part = nodes[start:start + 500]
+                    db.execute(f"UPDATE nodes SET last_seen=? WHERE node IN "  # noqa: S608
+                               f"({','.join('?' * len(part))})", (stamp, *part))
+        except StoreError as exc:
+            log.warning("refreshing last_seen: %s", exc)
+
+    @property
+    def in_transaction(self) -> bool:
+        return getattr(self._local, "tx", None) is not None
+
+    def after_commit(self, callback: Callable[[], None]) -> None:
+        """`callback` after the open transaction commits; at once when none is open."""
+        tx: Tx | None = getattr(self._local, "tx", None)
+        if tx is None:
+            callback()
+        else:
+            tx.after_commit(callback)
 
     @contextmanager
-    def _read(self) -> Iterator[Database]:
+    def read(self) -> Iterator[Database]:
+        """A read: on the open transaction of this thread if there is one (it sees its
+        own writes), else outside any."""
         with self.db.read() as db:
             yield db
 
@@ -103,52 +168,64 @@ class Store:
             self._lease = Lease(self.db.target)
         return bool(self._lease.check())
 
-    def listen(self, deliver: Callable[[JSONObject], None]) -> Any:
-        """Start hearing the other instances' changes (a cluster.Listener); None on SQLite."""
+    def listen(self, deliver: Callable[[JSONObject], None],
+               on_connect: Callable[[], None] | None = None, *, start: bool = True) -> Any:
+        """Hear the other instances' changes (a cluster.Listener, started unless `start` is
+        False); None on SQLite."""
         if not self.shared:
             return None
         from edgerun.scheduler.store.cluster import Listener
-        return Listener(self.db.target, self.origin, deliver).start()
-
-    def _announce(self, db: Database, event_id: int, channel: str, body: JSONObject) -> None:
-        """NOTIFY the other instances of a logged event, in the transaction that logs it
-        (PostgreSQL only): delivered when it commits, in commit order, never for a
-        rolled-back one. Too big for NOTIFY (output tails): the listener reads it back."""
-        if not self.shared:
-            return
-        message: JSONObject = {"o": self.origin, "e": event_id, "c": channel, "body": body}
-        payload = json.dumps(message, separators=(",", ":"))
-        if len(payload.encode()) > NOTIFY_LIMIT:
-            del message["body"]
-            payload = json.dumps(message, separators=(",", ":"))
-        db.notify(payload)
+        listener = Listener(self.db.target, self.origin, deliver, on_connect)
+        return listener.start() if start else listener
 
     def event(self, event_id: int) -> JSONObject | None:
         """One logged event's body (None once retention dropped it)."""
-        with self._read() as db:
+        with self.read() as db:
             row = db.execute("SELECT body FROM events WHERE id=?", (event_id,)).fetchone()
             return json.loads(row["body"]) if row is not None else None
+
+    def log_event(self, channel: str | None, event: JSONObject) -> None:
+        """Log an event with the open transaction (one of its own when none is open):
+        it gets its id, and reaches the hub, when that commits. Channel None: a live-only
+        event (output), not logged, handed out after the commit in its place."""
+        node, task_id = event.get("node"), event.get("id")
+        with self.transaction() as tx:
+            tx.events.append((channel, node if isinstance(node, str) else None,
+                              task_id if isinstance(task_id, str) else None, event))
 
     # --- tasks: writes ------------------------------------------------------------
     def add_task(self, node: str, task: Task, *, source: str, state: State = State.QUEUED,
                  job_id: str | None = None, step: int | None = None,
                  deadline: float | None = None) -> Change | None:
         """Insert a task; None (and nothing written) when (node, id) is already known."""
+        changes = self.add_tasks([node], task, source=source, state=state, job_id=job_id,
+                                 step=step, deadline=deadline)
+        return changes[0] if changes else None
+
+    def add_tasks(self, nodes: list[str], task: Task, *, source: str,
+                  state: State = State.QUEUED, job_id: str | None = None,
+                  step: int | None = None, deadline: float | None = None,
+                  retry: JSONObject | None = None) -> list[Change]:
+        """Insert one task for many nodes in a few multi-row statements; the changes of
+        the rows inserted, in node order (a (node, id) already known is left out)."""
+        if not nodes:
+            return []
         spec = task.to_dict()
         now = format_time()
         expires = spec.get("expires_at")
-        with self._write() as db:
-            cur = db.execute(
-                "INSERT OR IGNORE INTO tasks (node, id, type, spec, source, state, created_at, "
+        expires_ts = task.expires_at.timestamp() if task.expires_at and state != State.QUEUED \
+            else None
+        common = (task.id, task.type, json.dumps(spec), source, str(state), now, now,
+                  now if state == State.DISPATCHED else None, task.timeout, expires,
+                  expires_ts, deadline, job_id, step, _json_or_none(retry))
+        with self.transaction() as tx:
+            rows = tx.execute_values(
+                "INSERT INTO tasks (node, id, type, spec, source, state, created_at, "
                 "updated_at, dispatched_at, timeout, expires_at, expires_ts, deadline, job_id, "
-                "step) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
-                (node, task.id, task.type, json.dumps(spec), source, str(state), now, now,
-                 now if state == State.DISPATCHED else None, task.timeout, expires,
-                 task.expires_at.timestamp() if task.expires_at and state != State.QUEUED
-                 else None, deadline, job_id, step))
-            if cur.rowcount == 0:
-                return None
-            return Change(None, self._task(db, node, task.id))
+                "step, retry)", [(node, *common) for node in nodes],
+                "ON CONFLICT DO NOTHING RETURNING *", chunk=1000)
+        rows.sort(key=lambda r: int(r["seq"]))
+        return [Change(None, task_dict(r)) for r in rows]
 
     def note_task_seen(self, node: str, task: Task, *, deadline: float) -> Change | None:
         """A task message seen on the wire (ours echoed, or another client's).
@@ -156,31 +233,33 @@ class Store:
         Unknown: recorded as `dispatched` by an external source. Known only
         from its updates: its spec is filled in. Known: nothing to do.
         """
-        with self._write() as db:
-            row = db.execute("SELECT spec FROM tasks WHERE node=? AND id=? FOR UPDATE",
+        with self.transaction() as tx:
+            row = tx.execute("SELECT spec FROM tasks WHERE node=? AND id=? FOR UPDATE",
                              (node, task.id)).fetchone()
             if row is not None:
                 if row["spec"] is None:
-                    db.execute("UPDATE tasks SET spec=?, type=?, timeout=?, expires_at=? "
+                    tx.execute("UPDATE tasks SET spec=?, type=?, timeout=?, expires_at=? "
                                "WHERE node=? AND id=?",
                                (json.dumps(task.to_dict()), task.type, task.timeout,
                                 task.to_dict().get("expires_at"), node, task.id))
                 return None
-        return self.add_task(node, task, source="external", state=State.DISPATCHED,
-                             deadline=deadline)
+            return self.add_task(node, task, source="external", state=State.DISPATCHED,
+                                 deadline=deadline)
 
     def mark_dispatched(self, node: str, task_id: str, deadline: float) -> Change | None:
         """The broker took the task (PUBACK / publisher confirm)."""
-        def apply(db: Database, row: Row) -> None:
-            db.execute("UPDATE tasks SET dispatched_at=?, deadline=?, expires_ts=? "
-                       "WHERE node=? AND id=?",
-                       (format_time(), deadline, _expires_ts(row["expires_at"]), node, task_id))
-        return self._transition(node, task_id, State.DISPATCHED, apply)
+        def apply(row: Row) -> tuple[str, tuple[Any, ...]]:
+            return ("dispatched_at=?, deadline=?, expires_ts=?",
+                    (format_time(), deadline, _expires_ts(row["expires_at"])))
+        with self.transaction():
+            return self._transition(node, task_id, State.DISPATCHED, apply)
 
     def apply_update(self, update: Update, body: JSONObject, *, grace: float,
                      now: float) -> Change | None:
         """Apply an agent's update if the state machine allows it; None when it is a
-        duplicate or stale. A task known only from its updates is recorded too.
+        duplicate or stale (a late `running` never reopens a final task). A task known
+        only from its updates is recorded too; every state's first copy is kept in the
+        history, which lists them in the agent's order (`updates`).
 
         An accepted or running task gets the deadline now + its timeout + grace."""
         assert update.id is not None
@@ -188,45 +267,47 @@ class Store:
         final = is_final(state)
         error = update.error
 
-        def apply(db: Database, row: Row) -> None:
+        def apply(row: Row) -> tuple[str, tuple[Any, ...]]:
             result = {k: body[k] for k in RESULT_FIELDS if k in body} if final else None
             deadline = None if final else now + (row["timeout"] or DEFAULT_TIMEOUT_S) + grace
-            db.execute(
-                "UPDATE tasks SET deadline=?, expires_ts=NULL, exit_code=COALESCE(?, exit_code), "
-                "error_code=?, error_message=?, result=COALESCE(?, result) "
-                "WHERE node=? AND id=?",
-                (deadline, update.exit_code, error.code if error else None,
-                 error.message if error else None,
-                 json.dumps(result) if result is not None else None, node, task_id))
-            db.execute("INSERT INTO updates (node, task_id, state, at, received_at, body) "
-                       "VALUES (?,?,?,?,?,?)",
-                       (node, task_id, str(state), update.at, format_time(), json.dumps(body)))
-        with self._write() as db:
-            stamp = format_time()
-            db.execute("INSERT OR IGNORE INTO tasks (node, id, source, state, created_at, "
-                       "updated_at) VALUES (?,?,?,?,?,?)",
-                       (node, task_id, "update", "__new__", stamp, stamp))
-            change = self._transition_in(db, node, task_id, state, apply)
-            db.execute("DELETE FROM tasks WHERE node=? AND id=? AND state='__new__'",
-                       (node, task_id))
-            if change is None:
+            return ("deadline=?, expires_ts=NULL, exit_code=COALESCE(?, exit_code), "
+                    "error_code=?, error_message=?, result=COALESCE(?, result)",
+                    (deadline, update.exit_code, error.code if error else None,
+                     error.message if error else None,
+                     json.dumps(result) if result is not None else None))
+        history = (node, task_id, str(state), update.at, format_time(), json.dumps(body))
+        with self.transaction() as tx:
+            placeholder = False
+            if tx.execute("SELECT 1 FROM tasks WHERE node=? AND id=?",
+                          (node, task_id)).fetchone() is None:
+                stamp = format_time()
+                placeholder = tx.execute(
+                    "INSERT OR IGNORE INTO tasks (node, id, source, state, created_at, "
+                    "updated_at) VALUES (?,?,?,?,?,?)",
+                    (node, task_id, "update", "__new__", stamp, stamp)).rowcount == 1
+            change = self._transition(node, task_id, state, apply)
+            if placeholder and change is None:
+                tx.execute("DELETE FROM tasks WHERE node=? AND id=? AND state='__new__'",
+                           (node, task_id))
+            if change is not None:
+                tx.execute("INSERT INTO updates (node, task_id, state, at, received_at, body) "
+                           "VALUES (?,?,?,?,?,?)", history)
+            else:
                 # Not applied (a duplicate, or late: with several instances `accepted` may
                 # be handled after `running`), yet the first copy of each state is part
                 # of the record. The task row is locked (FOR UPDATE), so two instances
                 # never both insert it.
-                db.execute(
+                tx.execute(
                     "INSERT INTO updates (node, task_id, state, at, received_at, body) "
                     "SELECT ?,?,?,?,?,? WHERE EXISTS (SELECT 1 FROM tasks WHERE node=? AND "
                     "id=?) AND NOT EXISTS (SELECT 1 FROM updates WHERE node=? AND task_id=? "
-                    "AND state=?)",
-                    (node, task_id, str(state), update.at, format_time(), json.dumps(body),
-                     node, task_id, node, task_id, str(state)))
+                    "AND state=?)", (*history, node, task_id, node, task_id, str(state)))
             return change
 
     def record_rejected_without_id(self, node: str, body: JSONObject) -> None:
         """A `rejected` update with `"id": null`: no task to attach it to, kept for the audit."""
-        with self._write() as db:
-            db.execute("INSERT INTO updates (node, task_id, state, at, received_at, body) "
+        with self.transaction() as tx:
+            tx.execute("INSERT INTO updates (node, task_id, state, at, received_at, body) "
                        "VALUES (?,NULL,?,?,?,?)", (node, str(State.REJECTED), body.get("at"),
                                                    format_time(), json.dumps(body)))
 
@@ -241,69 +322,68 @@ class Store:
 
     def _verdict(self, node: str, task_id: str, expected: str, state: State, code: str,
                  message: str) -> Change | None:
-        def apply(db: Database, _row: Row) -> None:
-            db.execute("UPDATE tasks SET deadline=NULL, expires_ts=NULL, error_code=?, "
-                       "error_message=? WHERE node=? AND id=?", (code, message, node, task_id))
-            body = {"v": 1, "kind": "update", "id": task_id, "node": node, "state": str(state),
-                    "at": format_time(), "error": {"code": code, "message": message},
-                    "by": "scheduler"}
-            db.execute("INSERT INTO updates (node, task_id, state, at, received_at, body) "
-                       "VALUES (?,?,?,?,?,?)", (node, task_id, str(state), body["at"],
-                                                body["at"], json.dumps(body)))
-        with self._write() as db:
-            row = db.execute("SELECT state FROM tasks WHERE node=? AND id=? FOR UPDATE",
-                             (node, task_id)).fetchone()
-            if row is None or row["state"] != expected:
-                return None
-            return self._transition_in(db, node, task_id, state, apply)
+        def apply(_row: Row) -> tuple[str, tuple[Any, ...]]:
+            return ("deadline=NULL, expires_ts=NULL, error_code=?, error_message=?",
+                    (code, message))
+        with self.transaction() as tx:
+            change = self._transition(node, task_id, state, apply, expected=expected)
+            if change is not None:
+                body = {"v": 1, "kind": "update", "id": task_id, "node": node,
+                        "state": str(state), "at": format_time(),
+                        "error": {"code": code, "message": message}, "by": "scheduler"}
+                tx.execute("INSERT INTO updates (node, task_id, state, at, received_at, body) "
+                           "VALUES (?,?,?,?,?,?)", (node, task_id, str(state), body["at"],
+                                                    body["at"], json.dumps(body)))
+            return change
 
     def extend_deadlines(self, node: str, at_least: float) -> None:
         """A node came (back) online: its waiting tasks get a fresh chance to be taken."""
-        with self._write() as db:
-            db.execute("UPDATE tasks SET deadline=? WHERE node=? AND state=? "
+        with self.transaction() as tx:
+            tx.execute("UPDATE tasks SET deadline=? WHERE node=? AND state=? "
                        "AND deadline IS NOT NULL AND deadline < ?",
                        (at_least, node, str(State.DISPATCHED), at_least))
 
     def _transition(self, node: str, task_id: str, state: State,
-                    apply: Any) -> Change | None:
-        with self._write() as db:
-            return self._transition_in(db, node, task_id, state, apply)
-
-    def _transition_in(self, db: Database, node: str, task_id: str, state: State,
-                       apply: Any) -> Change | None:
-        row = db.execute("SELECT * FROM tasks WHERE node=? AND id=? FOR UPDATE",
-                         (node, task_id)).fetchone()
-        if row is None:
-            return None
-        current = None if row["state"] == "__new__" else State(row["state"])
-        if not can_transition(current, state):
-            return None
-        db.execute("UPDATE tasks SET state=?, updated_at=? WHERE node=? AND id=?",
-                   (str(state), format_time(), node, task_id))
-        apply(db, row)
-        return Change(str(current) if current else None, self._task(db, node, task_id))
+                    apply: Callable[[Row], tuple[str, tuple[Any, ...]]],
+                    expected: str | None = None) -> Change | None:
+        """The row locked, the state machine asked, the new state and `apply`'s columns
+        set in one UPDATE that returns the row: two statements a change."""
+        with self.transaction() as tx:
+            row = tx.execute("SELECT * FROM tasks WHERE node=? AND id=? FOR UPDATE",
+                             (node, task_id)).fetchone()
+            if row is None or (expected is not None and row["state"] != expected):
+                return None
+            current = None if row["state"] == "__new__" else State(row["state"])
+            if not can_transition(current, state):
+                return None
+            sets, args = apply(row)
+            new = tx.execute(f"UPDATE tasks SET state=?, updated_at=?, {sets} "  # noqa: S608
+                             f"WHERE node=? AND id=? RETURNING *",  # sets: fixed texts above
+                             (str(state), format_time(), *args, node, task_id)).fetchone()
+            return Change(str(current) if current else None, task_dict(new))
 
     # --- tasks: reads ---------------------------------------------------------------
-    def _task(self, db: Database, node: str, task_id: str) -> JSONObject:
-        row = db.execute("SELECT * FROM tasks WHERE node=? AND id=?", (node, task_id)).fetchone()
-        return task_dict(row)
-
     def get(self, node: str, task_id: str) -> JSONObject | None:
-        with self._read() as db:
+        with self.read() as db:
             row = db.execute("SELECT * FROM tasks WHERE node=? AND id=?",
                              (node, task_id)).fetchone()
             return task_dict(row) if row is not None else None
 
-    def find(self, task_id: str) -> list[JSONObject]:
-        """Every task with this id (ids are unique per node; other clients may reuse them)."""
-        with self._read() as db:
+    def find(self, task_id: str, node: str | None = None) -> list[JSONObject]:
+        """Every task with this id (ids are unique per node; other clients may reuse them);
+        with `node`, that node's one (a single-row read)."""
+        if node is not None:
+            task = self.get(node, task_id)
+            return [task] if task is not None and task["state"] != "__new__" else []
+        with self.read() as db:
             rows = db.execute("SELECT * FROM tasks WHERE id=? ORDER BY seq", (task_id,))
             return [task_dict(r) for r in rows]
 
     def updates(self, node: str, task_id: str) -> list[JSONObject]:
-        with self._read() as db:
-            rows = db.execute("SELECT body, received_at FROM updates WHERE node=? AND task_id=? "
-                              "ORDER BY seq", (node, task_id))
+        """A task's history in the agent's order: accepted < running < final, whatever
+        order they arrived in; updates of the same rank in arrival order."""
+        with self.read() as db:
+            rows = db.execute(HISTORY_SQL, (node, task_id))
             return [{**json.loads(r["body"]), "received_at": r["received_at"]} for r in rows]
 
     def tasks(self, *, node: str | None = None, state: str | None = None,
@@ -316,19 +396,19 @@ class Store:
                 args.append(value)
         sql = "SELECT * FROM tasks WHERE state != '__new__'"
         sql += "".join(f" AND {w}" for w in where) + " ORDER BY seq DESC LIMIT ?"
-        with self._read() as db:
+        with self.read() as db:
             return [task_dict(r) for r in db.execute(sql, (*args, limit))]
 
     def due(self, now: float) -> list[JSONObject]:
         """Unfinished tasks past their deadline or expiry: for the tracker to judge."""
-        with self._read() as db:
+        with self.read() as db:
             rows = db.execute("SELECT * FROM tasks WHERE (deadline IS NOT NULL AND deadline <= ?)"
                               " OR (expires_ts IS NOT NULL AND expires_ts <= ?) ORDER BY seq",
                               (now, now))
             return [task_dict(r) for r in rows]
 
     def count_by_state(self) -> dict[str, int]:
-        with self._read() as db:
+        with self.read() as db:
             rows = db.execute("SELECT state, COUNT(*) AS n FROM tasks GROUP BY state")
             return {r["state"]: int(r["n"]) for r in rows if r["state"] != "__new__"}
 
@@ -339,7 +419,7 @@ class Store:
         The row is created first (a no-op when it exists) and then read FOR UPDATE,
         so two instances recording the same status agree on one `previous`."""
         now = format_time()
-        with self._write() as db:
+        with self.transaction() as db:
             db.execute("INSERT OR IGNORE INTO nodes (node, state, first_seen, last_seen, "
                        "changed_at) VALUES (?,?,?,?,?)", (status.node, "__new__", now, now, now))
             row = db.execute("SELECT state FROM nodes WHERE node=? FOR UPDATE",
@@ -366,31 +446,31 @@ class Store:
         if len(self._touched) > 100_000:
             self._touched.clear()
         self._touched[node] = now
-        with self._write() as db:
-            db.execute("UPDATE nodes SET last_seen=? WHERE node=?", (format_time(), node))
+        with self.transaction() as tx:
+            tx.touched.add(node)
 
     def nodes(self) -> list[JSONObject]:
-        with self._read() as db:
+        with self.read() as db:
             return [node_dict(r) for r in db.execute("SELECT * FROM nodes ORDER BY node")]
 
     def node(self, node: str) -> JSONObject | None:
-        with self._read() as db:
+        with self.read() as db:
             row = db.execute("SELECT * FROM nodes WHERE node=?", (node,)).fetchone()
             return node_dict(row) if row is not None else None
 
     def count_nodes_by_state(self) -> dict[str, int]:
-        with self._read() as db:
+        with self.read() as db:
             rows = db.execute("SELECT state, COUNT(*) AS n FROM nodes GROUP BY state")
             return {r["state"]: int(r["n"]) for r in rows}
 
     def online_nodes(self) -> set[str]:
-        with self._read() as db:
+        with self.read() as db:
             return {r["node"] for r in db.execute("SELECT node FROM nodes WHERE state='online'")}
 
     def forget_node(self, node: str) -> bool:
         """Remove a node from the registry (its task history stays until pruned).
         False when it was not known. A node still alive comes back with its next status."""
-        with self._write() as db:
+        with self.transaction() as db:
             return bool(db.execute("DELETE FROM nodes WHERE node=?", (node,)).rowcount)
 
     # --- retention and re-sending ------------------------------------------------------
@@ -399,7 +479,7 @@ class Store:
         ago, id-less `rejected` updates as old, and jobs left with no task."""
         stamp = format_time(datetime.fromtimestamp(now if now is not None else time.time(), UTC)
                             - timedelta(days=keep_days))
-        with self._write() as db:
+        with self.transaction() as db:
             updates = db.execute(
                 "DELETE FROM updates WHERE (task_id IS NULL AND received_at < ?) OR EXISTS "
                 "(SELECT 1 FROM tasks t WHERE t.node=updates.node AND t.id=updates.task_id AND "
@@ -416,7 +496,7 @@ class Store:
         """Queued tasks (not job steps) created more than `older_than_s` ago: sent by an
         instance that died before the broker took them."""
         stamp = format_time(datetime.now(UTC) - timedelta(seconds=older_than_s))
-        with self._read() as db:
+        with self.read() as db:
             rows = db.execute("SELECT * FROM tasks WHERE state=? AND job_id IS NULL AND "
                               "spec IS NOT NULL AND created_at < ? ORDER BY seq",
                               (str(State.QUEUED), stamp))
@@ -425,19 +505,19 @@ class Store:
     def unaccepted(self, node: str) -> list[JSONObject]:
         """Tasks sent to `node` that it has not acknowledged yet (state `dispatched`), oldest
         first: what a broker that lost its queue should get again."""
-        with self._read() as db:
+        with self.read() as db:
             rows = db.execute("SELECT * FROM tasks WHERE node=? AND state=? AND spec IS NOT NULL "
                               "ORDER BY seq", (node, str(State.DISPATCHED)))
             return [task_dict(r) for r in rows]
 
     # --- jobs ------------------------------------------------------------------------
     def add_job(self, job_id: str, nodes: list[str], steps: list[JSONObject]) -> None:
-        with self._write() as db:
+        with self.transaction() as db:
             db.execute("INSERT INTO jobs (id, created_at, nodes, steps) VALUES (?,?,?,?)",
                        (job_id, format_time(), json.dumps(nodes), json.dumps(steps)))
 
     def job(self, job_id: str) -> JSONObject | None:
-        with self._read() as db:
+        with self.read() as db:
             row = db.execute("SELECT * FROM jobs WHERE id=?", (job_id,)).fetchone()
             if row is None:
                 return None
@@ -448,14 +528,14 @@ class Store:
                     "tasks": [task_dict(t) for t in tasks]}
 
     def job_steps(self, job_id: str, node: str) -> list[JSONObject]:
-        with self._read() as db:
+        with self.read() as db:
             rows = db.execute("SELECT * FROM tasks WHERE job_id=? AND node=? ORDER BY step",
                               (job_id, node))
             return [task_dict(r) for r in rows]
 
     def queued_job_heads(self) -> list[JSONObject]:
         """Job steps that may go now: queued, and every earlier step of the node succeeded."""
-        with self._read() as db:
+        with self.read() as db:
             rows = db.execute(
                 "SELECT * FROM tasks t WHERE t.job_id IS NOT NULL AND t.state='queued' AND NOT "
                 "EXISTS (SELECT 1 FROM tasks p WHERE p.job_id=t.job_id AND p.node=t.node AND "
@@ -475,7 +555,7 @@ class Store:
                 where.append(f"{column} < ?" if column == "seq" else f"{column}=?")
                 args.append(value)
         sql = f"SELECT * FROM tasks WHERE {' AND '.join(where)} ORDER BY seq DESC LIMIT ?"  # noqa: S608
-        with self._read() as db:
+        with self.read() as db:
             rows = list(db.execute(sql, (*args, limit + 1)))
         more = len(rows) > limit
         rows = rows[:limit]
@@ -483,7 +563,7 @@ class Store:
 
     def task_ids_with_prefix(self, prefix: str, limit: int = 10) -> list[str]:
         """Distinct task ids that start with `prefix`, in order (for git-like short ids)."""
-        with self._read() as db:
+        with self.read() as db:
             rows = db.execute("SELECT DISTINCT id FROM tasks WHERE id >= ? AND id < ? "
                               "AND state != '__new__' ORDER BY id LIMIT ?",
                               (prefix, prefix + "\U0010ffff", limit))
@@ -492,7 +572,7 @@ class Store:
     def jobs(self, before: str | None = None, limit: int = 50) -> list[JSONObject]:
         """Newest first, created before the cursor `before` (a created_at): id, created_at,
         the number of nodes, the steps."""
-        with self._read() as db:
+        with self.read() as db:
             rows = db.execute("SELECT id, created_at, nodes, steps FROM jobs WHERE "
                               "created_at < ? ORDER BY created_at DESC, id DESC LIMIT ?",
                               (before or "9999", limit))
@@ -502,7 +582,7 @@ class Store:
 
     def job_progress(self, job_id: str) -> dict[int, dict[str, int]]:
         """{step: {state: count}} over every node of the job, counted by the database."""
-        with self._read() as db:
+        with self.read() as db:
             rows = db.execute("SELECT step, state, COUNT(*) AS n FROM tasks WHERE job_id=? "
                               "GROUP BY step, state", (job_id,))
             out: dict[int, dict[str, int]] = {}
@@ -513,7 +593,7 @@ class Store:
     def job_targets(self, job_id: str, after: str | None = None,
                     limit: int = 100) -> list[JSONObject]:
         """One row per node, by node id after `after`: its steps' id, state, exit code."""
-        with self._read() as db:
+        with self.read() as db:
             nodes = [r["node"] for r in db.execute(
                 "SELECT DISTINCT node FROM tasks WHERE job_id=? AND node > ? ORDER BY node "
                 "LIMIT ?", (job_id, after or "", limit))]
@@ -535,7 +615,7 @@ class Store:
     def add_token(self, name: str, role: str, digest: str, hint: str,
                   created_by: str | None) -> JSONObject | None:
         """None when a token of that name exists already."""
-        with self._write() as db:
+        with self.transaction() as db:
             cur = db.execute("INSERT OR IGNORE INTO tokens (name, role, hash, hint, created_at, "
                              "created_by) VALUES (?,?,?,?,?,?)",
                              (name, role, digest, hint, format_time(), created_by))
@@ -546,22 +626,22 @@ class Store:
 
     def token_by_hash(self, digest: str) -> JSONObject | None:
         """The live (not revoked) token with this hash."""
-        with self._read() as db:
+        with self.read() as db:
             row = db.execute("SELECT * FROM tokens WHERE hash=? AND revoked_at IS NULL",
                              (digest,)).fetchone()
             return _token_dict(row) if row is not None else None
 
     def tokens(self) -> list[JSONObject]:
-        with self._read() as db:
+        with self.read() as db:
             return [_token_dict(r) for r in db.execute("SELECT * FROM tokens ORDER BY id")]
 
     def count_tokens(self) -> int:
-        with self._read() as db:
+        with self.read() as db:
             return int(db.execute("SELECT COUNT(*) FROM tokens").fetchone()[0])
 
     def revoke_token(self, name: str) -> JSONObject | None:
         """None when no live token has that name."""
-        with self._write() as db:
+        with self.transaction() as db:
             cur = db.execute("UPDATE tokens SET revoked_at=? WHERE name=? AND revoked_at IS NULL",
                              (format_time(), name))
             if cur.rowcount == 0:
@@ -570,43 +650,46 @@ class Store:
             return _token_dict(row)
 
     def touch_token(self, token_id: int) -> None:
-        with self._write() as db:
+        with self.transaction() as db:
             db.execute("UPDATE tokens SET last_used_at=? WHERE id=?", (format_time(), token_id))
 
     # --- the event log (what /v1/events resumes from) -------------------------------
     def append_event(self, channel: str, node: str | None, task_id: str | None,
                      body: JSONObject, keep: int) -> int:
-        """THE append point of the durable event log: returns the event's id, ids only
-        increase. Keeps the newest `keep` events; the highest id dropped is remembered
-        so a reader asking for older ones can be told (`events_dropped_through`)."""
-        with self._write() as db:
-            cur = db.execute("INSERT INTO events (at, channel, node, task_id, body) "
-                             "VALUES (?,?,?,?,?) RETURNING id",
-                             (format_time(), channel, node, task_id, json.dumps(body)))
-            event_id = int(cur.fetchone()[0])
-            self._announce(db, event_id, channel, body)
-            if keep > 0 and event_id % 500 == 0 and event_id > keep:
-                horizon = event_id - keep
-                db.execute("DELETE FROM events WHERE id <= ?", (horizon,))
-                db.execute("INSERT INTO meta (key, value) VALUES ('events_dropped_through', ?) "
-                           "ON CONFLICT(key) DO UPDATE SET value=excluded.value",
-                           (str(horizon),))
-            return event_id
+        """Log one event in a transaction of its own; its id (0 when it joined an open
+        transaction: the id is given at its commit). Keeps the newest `keep` events;
+        the highest id dropped is remembered so a reader asking for older ones can be
+        told (`events_dropped_through`)."""
+        with self.transaction() as tx:
+            tx.events.append((channel, node, task_id, body))
+            tx.keep = keep
+        return tx.logged[-1][0] if tx.logged else 0
 
-    def events_after(self, after: int, limit: int = 1000) -> list[tuple[int, JSONObject]]:
-        """(id, body) of logged events with id > `after`, oldest first."""
-        with self._read() as db:
-            rows = db.execute("SELECT id, body FROM events WHERE id > ? ORDER BY id LIMIT ?",
-                              (after, limit))
+    def hold_live(self, event: JSONObject) -> bool:
+        """Hold a live-only event until the open transaction commits, so that it reaches
+        readers after the events logged before it (False: no transaction is open)."""
+        tx: Tx | None = getattr(self._local, "tx", None)
+        if tx is None:
+            return False
+        tx.events.append((None, None, None, event))
+        return True
+
+    def events_after(self, after: int, limit: int = 1000,
+                     through: int | None = None) -> list[tuple[int, JSONObject]]:
+        """(id, body) of logged events with id > `after` (and <= `through`), oldest first."""
+        with self.read() as db:
+            rows = db.execute("SELECT id, body FROM events WHERE id > ? AND id <= ? "
+                              "ORDER BY id LIMIT ?",
+                              (after, through if through is not None else 2**62, limit))
             return [(int(r["id"]), json.loads(r["body"])) for r in rows]
 
     def event_horizon(self) -> tuple[int, int]:
         """(highest id dropped by retention, highest id written); 0 when none."""
-        with self._read() as db:
+        with self.read() as db:
             row = db.execute("SELECT value FROM meta WHERE key='events_dropped_through'"
                              ).fetchone()
-            last = db.execute("SELECT COALESCE(MAX(id), 0) FROM events").fetchone()
-            return (int(row["value"]) if row else 0, int(last[0]))
+            last = db.execute("SELECT value FROM meta WHERE key='event_seq'").fetchone()
+            return (int(row["value"]) if row else 0, int(last[0]) if last else 0)
 
 
 def _expires_ts(expires_at: str | None) -> float | None:
