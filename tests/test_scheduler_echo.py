@@ -39,7 +39,7 @@ def test_own_tasks_are_not_parsed_again_others_are_recorded(
         mosquitto: Mosquitto, observer: Observer, tmp_path: Path) -> None:
     with running_app(mosquitto.url, tmp_path) as app:
         service = app.service
-        assert service is not None and service.echoes is not None
+        assert service is not None and service.core.echoes is not None
         parsed: list[str] = []
         real = service._on_task
 
@@ -56,8 +56,8 @@ def test_own_tasks_are_not_parsed_again_others_are_recorded(
                    for i in range(3)]
             for task_id in ids:
                 api.wait_state(task_id, "node-e", "succeeded")
-            assert wait_until(lambda: service.echoes is not None
-                              and service.echoes.skipped == 3, 20)
+            assert wait_until(lambda: service.core.echoes is not None
+                              and service.core.echoes.skipped == 3, 20)
             observer.send("node-e", shell("from-elsewhere", "echo other"))
             done = api.wait_state("from-elsewhere", "node-e", "succeeded")
             assert done["source"] == "external" and done["result"]["stdout"] == "other\n"
@@ -65,12 +65,12 @@ def test_own_tasks_are_not_parsed_again_others_are_recorded(
             ours = api.task(ids[0], "node-e")["spec"]
             observer.send("node-e", json.dumps(ours, separators=(",", ":")).encode())
             assert wait_until(lambda: ids[0] in parsed, 20)
-            assert parsed == ["from-elsewhere", ids[0]] and service.echoes.skipped == 3
-            assert len(service.echoes) == 0
+            assert parsed == ["from-elsewhere", ids[0]] and service.core.echoes.skipped == 3
+            assert len(service.core.echoes) == 0
         finally:
             assert agent.terminate() == 0
 
 
 def test_no_echo_memory_without_record_external(mosquitto: Mosquitto, tmp_path: Path) -> None:
     with running_app(mosquitto.url, tmp_path, record_external=False) as app:
-        assert app.service is not None and app.service.echoes is None
+        assert app.service is not None and app.service.core.echoes is None
