@@ -21,7 +21,8 @@ import os
 import secrets
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from contextlib import AbstractContextManager
+from typing import Any, Protocol
 
 from edgerun.control.errors import BadRequest, Conflict, Forbidden, Unauthorized
 from edgerun.control.tokens import ROLES, TOKEN_PREFIX, admin_token_file, read_token_file, state_dir
@@ -55,6 +56,8 @@ class TokenStore(Protocol):
     def token_by_hash(self, digest: str) -> JSONObject | None: ...
 
     def count_tokens(self) -> int: ...
+
+    def transaction(self) -> AbstractContextManager[Any]: ...
 
 
 def new_token() -> str:
@@ -135,17 +138,24 @@ def write_secret(path: Path, text: str) -> None:
 
 def bootstrap(store: TokenStore, path: Path) -> str | None:
     """First start: create the admin token and write it to `path`; None if tokens exist.
-    The file is written first, so a token is never stored that nobody can read."""
-    if store.count_tokens() > 0:
-        return None
+
+    Race-free across instances started at once on one database: the insert and the
+    file are one transaction. Only the instance whose insert wins (the others' wait on
+    the unique name until it commits, then find it there) writes the file, before its
+    COMMIT, so a token is never stored that nobody can read, and a loser never
+    overwrites the winner's file. A failed write rolls the insert back."""
     token = new_token()
-    try:
-        write_secret(path, token)
-    except OSError as exc:
-        raise ConfigError(f"cannot write the first admin token to {path}: "
-                          f"{exc.strerror or exc}; give --admin-token-file") from None
-    if store.add_token(BOOTSTRAP_NAME, "admin", digest(token), token[:8] + "…", "serve") is None:
-        return None  # another instance made it at the same moment
+    with store.transaction():
+        if store.count_tokens() > 0:
+            return None
+        if store.add_token(BOOTSTRAP_NAME, "admin", digest(token), token[:8] + "…",
+                           "serve") is None:
+            return None  # another instance made it at the same moment
+        try:
+            write_secret(path, token)
+        except OSError as exc:
+            raise ConfigError(f"cannot write the first admin token to {path}: "
+                              f"{exc.strerror or exc}; give --admin-token-file") from None
     return token
 
 

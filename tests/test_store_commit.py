@@ -1,0 +1,320 @@
+"""One transaction per change (issue 22): a change and its event commit together, event
+ids are handed out in commit order across instances, readers resuming anywhere see
+every event once, the history is in the agent's order, bootstrap is race-free.
+
+Against a real PostgreSQL (tests/pg.py) and SQLite; the "instances" are Store objects
+with connections of their own, each with its hub and its LISTEN relay, as `serve` has.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from edgerun.protocol import ShellTask, State, parse_update
+from edgerun.scheduler.api.auth import bootstrap, digest
+from edgerun.scheduler.store.cluster import relay
+from edgerun.scheduler.store.events import EventHub, Subscription, task_event
+from edgerun.scheduler.store.tasks import Store
+
+from .brokers import wait_until
+from .mqttkit import ROOT
+from .pg import fresh_database, pg_database, pg_url  # noqa: F401  (fixtures)
+
+
+def _update(store: Store, node: str, task_id: str, state: str, **extra: Any) -> Any:
+    body = {"v": 1, "kind": "update", "id": task_id, "node": node, "state": state,
+            "at": "2026-01-01T00:00:00.000Z", **extra}
+    return store.apply_update(parse_update(body), body, grace=30.0, now=time.time())
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def target(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    if request.param == "sqlite":
+        return str(tmp_path / "s.db")
+    return str(request.getfixturevalue("pg_url"))
+
+
+# --- one transaction per change ----------------------------------------------------------
+def test_a_rolled_back_change_leaves_no_event_and_gives_its_ids_back(target: str) -> None:
+    store = Store(target)
+    hub = EventHub(store)
+    store.on_events = hub.committed
+    sub = hub.subscribe()
+    try:
+        with pytest.raises(RuntimeError), store.transaction():
+            change = store.add_task("n1", ShellTask(id="gone", command="true"), source="api")
+            assert change is not None
+            hub.publish(task_event(None, change.task))
+            raise RuntimeError("the request failed after the insert")
+        assert store.get("n1", "gone") is None and store.events_after(0) == []
+        assert sub.queue.empty()
+        with store.transaction():
+            change = store.add_task("n1", ShellTask(id="kept", command="true"), source="api")
+            assert change is not None
+            hub.publish(task_event(None, change.task))
+            assert sub.queue.empty()  # not before the commit
+        [(event_id, event)] = store.events_after(0)
+        assert event_id == 1 and event["id"] == "kept"  # no hole where the rollback was
+        assert sub.queue.get_nowait() == (1, event)
+    finally:
+        store.close()
+
+
+def test_many_updates_in_one_transaction_are_one_commit_with_their_events(target: str) -> None:
+    store = Store(target)
+    hub = EventHub(store)
+    store.on_events = hub.committed
+    sub = hub.subscribe(kinds=["task_event"])
+    acked: list[str] = []
+    try:
+        with store.transaction():
+            changes = store.add_tasks([f"n{i}" for i in range(50)],
+                                      ShellTask(id="fan", command="true"), source="api")
+            assert len(changes) == 50
+            for change in changes:
+                hub.publish(task_event(None, change.task))
+                store.after_commit(partial(acked.append, change.task["node"]))
+            assert acked == []  # acks wait for the commit
+        assert len(acked) == 50
+        ids = [sub.queue.get_nowait()[0] for _ in range(50)]  # type: ignore[index]
+        assert ids == list(range(1, 51))
+        # a second add of the same (node, id) inserts nothing
+        assert store.add_tasks(["n0", "new"], ShellTask(id="fan", command="true"),
+                               source="api")[0].task["node"] == "new"
+    finally:
+        store.close()
+
+
+# --- the history in the agent's order ------------------------------------------------------
+def test_history_is_in_the_agents_order_and_a_late_running_never_reopens(target: str) -> None:
+    store = Store(target)
+    try:
+        store.add_task("n1", ShellTask(id="t", command="true"), source="api")
+        assert _update(store, "n1", "t", "succeeded", exit_code=0, stdout="ok") is not None
+        assert _update(store, "n1", "t", "running") is None  # late: not applied
+        assert _update(store, "n1", "t", "accepted") is None
+        assert _update(store, "n1", "t", "running") is None  # a duplicate: not kept twice
+        task = store.get("n1", "t")
+        assert task is not None and task["state"] == State.SUCCEEDED and task["deadline"] is None
+        assert [u["state"] for u in store.updates("n1", "t")] == \
+            ["accepted", "running", "succeeded"]
+        # a task known only from its updates, out of order too
+        assert _update(store, "n2", "u", "running") is not None
+        assert _update(store, "n2", "u", "accepted") is None
+        assert [u["state"] for u in store.updates("n2", "u")] == ["accepted", "running"]
+    finally:
+        store.close()
+
+
+# --- ids in commit order across instances ---------------------------------------------------
+class Instance:
+    """A Store with its hub and its LISTEN relay, as one `serve` has them."""
+
+    def __init__(self, url: str) -> None:
+        self.store = Store(url)
+        self.hub = EventHub(self.store)
+        self.store.on_events = self.hub.committed
+        listener: Any = None
+
+        def deliver(message: dict[str, Any]) -> None:
+            relay(self.hub, message, listener.read)
+
+        def caught_up() -> None:
+            self.hub.catch_up(listener.latest(), listener.read)
+        listener = self.store.listen(deliver, caught_up, start=False)
+        self.listener = listener.start()
+        assert self.listener.ready.wait(10)
+
+    def close(self) -> None:
+        self.listener.stop()
+        self.store.close()
+
+
+class Reader:
+    """Resumes after `since` as streams.py does: subscribe, read the log, then the live
+    events above what the log gave."""
+
+    def __init__(self, instance: Instance, since: int) -> None:
+        self.instance, self.since = instance, since
+        self.sub: Subscription = instance.hub.subscribe()
+        self.ids: list[int] = []
+        seen = since
+        while True:
+            page = instance.store.events_after(seen, 500)
+            self.ids.extend(i for i, _ in page)
+            if len(page) < 500:
+                break
+            seen = page[-1][0]
+        self.seen_up_to = self.ids[-1] if self.ids else since
+
+    def drain(self) -> None:
+        while not self.sub.queue.empty():
+            item = self.sub.queue.get_nowait()
+            assert item is not None, self.sub.closed
+            if item[0] > self.seen_up_to:
+                self.ids.append(item[0])
+                self.seen_up_to = item[0]
+
+
+def test_three_instances_ten_thousand_events_readers_resume_anywhere(
+        pg_database: str) -> None:  # noqa: F811
+    url = fresh_database(pg_database)
+    instances = [Instance(url) for _ in range(3)]
+    total = 0
+    rng = random.Random(22)
+    readers: list[Reader] = []
+    try:
+        # every instance writes: single events and batches of up to 40, interleaved
+        batches = {i: [rng.randint(1, 40) for _ in range(110)] for i in range(3)}
+        total = sum(sum(b) for b in batches.values())
+        assert total >= 10_000 // 2
+        done = threading.Event()
+
+        def write(i: int) -> None:
+            store = instances[i].store
+            for k, size in enumerate(batches[i]):
+                with store.transaction():
+                    for j in range(size):
+                        store.log_event("tasks", {"kind": "task_event", "id": f"w{i}-{k}-{j}",
+                                                  "node": f"n{i}"})
+
+        def resume_at_random() -> None:
+            while not done.is_set():
+                inst = rng.choice(instances)
+                since = rng.randint(0, max(0, inst.hub.last_id))
+                readers.append(Reader(inst, since))
+                for reader in readers:  # within the hub's queue limit
+                    reader.drain()
+                done.wait(0.01)  # spacing the readers' starts
+        writers = [threading.Thread(target=write, args=(i,)) for i in range(3)]
+        resumer = threading.Thread(target=resume_at_random)
+        resumer.start()
+        for _round in range(2):  # twice as many events: over 10,000
+            for w in writers:
+                w.start()
+            for w in writers:
+                w.join()
+            writers = [threading.Thread(target=write, args=(i,)) for i in range(3)]
+        done.set()
+        resumer.join()
+        total *= 2
+        assert total >= 10_000
+        assert wait_until(lambda: all(x.hub.last_id == total for x in instances), 30, 0.05)
+        logged = [i for i, _ in instances[0].store.events_after(0, 100_000)]
+        assert logged == list(range(1, total + 1))  # dense: no hole, no duplicate
+        assert len(readers) > 10
+        for reader in readers:
+            reader.drain()
+            assert reader.ids == list(range(reader.since + 1, total + 1)), \
+                f"reader from {reader.since}: a gap or a repeat"
+    finally:
+        for inst in instances:
+            inst.close()
+
+
+# --- kill -9 between commit and publication ----------------------------------------------
+WRITER = """
+import sys, time
+from edgerun.protocol import ShellTask
+from edgerun.scheduler.store.events import EventHub, task_event
+from edgerun.scheduler.store.tasks import Store
+store = Store(sys.argv[1])
+hub = EventHub(store)
+store.on_events = hub.committed
+print("ready", flush=True)
+i = 0
+while True:
+    with store.transaction():
+        for j in range(5):
+            change = store.add_task(f"n{j}", ShellTask(id=f"k{sys.argv[2]}-{i}", command="true"),
+                                    source="api")
+            hub.publish(task_event(None, change.task))
+    i += 1
+"""
+
+
+def test_kill_9_between_commit_and_publication_loses_no_event(
+        target: str, tmp_path: Path) -> None:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    rng = random.Random(9)
+    for round_ in range(8):
+        proc = subprocess.Popen([sys.executable, "-c", WRITER, target, str(round_)],
+                                stdout=subprocess.PIPE, env=env, cwd=tmp_path)
+        assert proc.stdout is not None and proc.stdout.readline().strip() == b"ready"
+        time.sleep(rng.uniform(0.05, 0.4))  # a random moment in the write loop
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+        proc.stdout.close()
+    store = Store(target)
+    try:
+        with store.read() as db:
+            tasks = {(r["node"], r["id"]) for r in db.execute("SELECT node, id FROM tasks")}
+        logged = store.events_after(0, 1_000_000)
+        assert len(tasks) > 0
+        assert [i for i, _ in logged] == list(range(1, len(logged) + 1))
+        assert {(e["node"], e["id"]) for _, e in logged} == tasks  # every change, its event
+        assert len(logged) == len(tasks)
+    finally:
+        store.close()
+
+
+# --- bootstrap ------------------------------------------------------------------------------
+def _bootstrap_at_once(stores: list[Store], token_file: Path) -> list[str | None]:
+    start = threading.Barrier(len(stores))
+    made: list[str | None] = [None] * len(stores)
+
+    def boot(i: int) -> None:
+        start.wait()
+        made[i] = bootstrap(stores[i], token_file)
+    threads = [threading.Thread(target=boot, args=(i,)) for i in range(len(stores))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return made
+
+
+def test_three_instances_bootstrapping_at_once_leave_one_valid_token(
+        pg_database: str, tmp_path: Path) -> None:  # noqa: F811
+    for trial in range(6):
+        url = fresh_database(pg_database)
+        token_file = tmp_path / f"admin-token-{trial}"
+        stores = [Store(url) for _ in range(3)]
+        made = _bootstrap_at_once(stores, token_file)
+        try:
+            winners = [m for m in made if m is not None]
+            assert len(winners) == 1, made
+            text = token_file.read_text().strip()
+            assert text == winners[0]
+            assert stores[0].token_by_hash(digest(text)) is not None
+            assert stores[0].count_tokens() == 1
+        finally:
+            for store in stores:
+                store.close()
+
+
+def test_a_bootstrap_whose_file_cannot_be_written_stores_no_token(tmp_path: Path) -> None:
+    from edgerun.errors import ConfigError
+    store = Store(str(tmp_path / "s.db"))
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("x")
+    try:
+        with pytest.raises(ConfigError, match="cannot write the first admin token"):
+            bootstrap(store, blocker / "token")
+        assert store.count_tokens() == 0  # rolled back: no token nobody can read
+        assert bootstrap(store, tmp_path / "token") is not None
+        assert store.count_tokens() == 1
+    finally:
+        store.close()
+
