@@ -21,6 +21,7 @@ from edgerun import __version__
 from edgerun.cli import console as cli_console
 from edgerun.cli import fleet as cli_fleet
 from edgerun.cli import render
+from edgerun.cli import watch as cli_watch
 from edgerun.cli.client import Client, quoted
 from edgerun.cli.follow import dispatch_and_follow, exit_code, explain
 from edgerun.cmdline import closed_stdout, missing_module, require_extra
@@ -232,8 +233,14 @@ def _send(client: Client, args: argparse.Namespace, targets: list[str],
         created: list[dict[str, Any]] = client.post("/tasks", body)["tasks"]
         _note_offline(client, created)
         return created
-    done = dispatch_and_follow(client, cli_fleet.follow_ids(task["id"], args), send, prefixer)
-    _finish(done, args.json)
+    ids = cli_fleet.follow_ids(task["id"], args)
+    retries: int = getattr(args, "retries", 0) or 0
+    if rollout or retries > 0:
+        # retries and rollouts are said as they happen; a rollout's progress is its counts
+        done, _ = cli_watch.follow(client, ids, send, prefixer, rollout)
+    else:
+        done = dispatch_and_follow(client, ids, send, prefixer)
+    _finish(done, args.json, rollout)
     if rollout:
         return cli_fleet.report_rollout(client, done, args.json) or exit_code(done)
     return exit_code(done)
@@ -249,7 +256,7 @@ def _note_offline(client: Client, created: list[dict[str, Any]]) -> None:
                   file=sys.stderr, flush=True)
 
 
-def _finish(tasks: list[dict[str, Any]], as_json: bool) -> None:
+def _finish(tasks: list[dict[str, Any]], as_json: bool, rollout: bool = False) -> None:
     if as_json:
         print(json.dumps({"tasks": tasks}, indent=2))
         return
@@ -262,7 +269,10 @@ def _finish(tasks: list[dict[str, Any]], as_json: bool) -> None:
         print()
         render.summary(tasks)
     sys.stdout.flush()
-    explain(tasks)
+    if rollout:
+        cli_watch.explain_rollout(tasks)
+    else:
+        explain(tasks)
 
 
 def cmd_run(client: Client, args: argparse.Namespace) -> int:

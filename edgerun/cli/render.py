@@ -89,8 +89,15 @@ def show_task(task: dict[str, Any], out: TextIO | None = None) -> None:
     spec = task.get("spec") or {}
     what = spec.get("command") if task["type"] == "shell" else \
         f"{spec.get('url')} -> {spec.get('dest')}" if task["type"] == "download" else None
+    attempts = task.get("attempts") or []
+    if len(attempts) > 1:  # a retry chain: its outcome first, then this attempt
+        last = attempts[-1]
+        out.write(f"{'outcome:':12}{last['state']} on attempt {last['attempt']} of "
+                  f"{len(attempts)} ({last['id']})\n")
     fields = [("id", task["id"]), ("node", task["node"]), ("type", task["type"]),
-              ("what", what), ("state", task["state"]), ("exit code", task["exit_code"]),
+              ("what", what),
+              ("state", f"{task['state']} (attempt {task.get('attempt') or 1})" if attempts
+               else task["state"]), ("exit code", task["exit_code"]),
               ("error", short_error(task, 400)), ("source", task["source"]),
               ("created", task["created_at"]), ("dispatched", task["dispatched_at"]),
               ("updated", task["updated_at"]), ("timeout", task["timeout"]),
