@@ -22,7 +22,6 @@ from edgerun.control.errors import (
 from edgerun.protocol import JSONObject, State, encode, is_final
 from edgerun.scheduler.api import edge
 from edgerun.scheduler.api.auth import Principal, authenticate, create_token
-from edgerun.scheduler.api.tickets import Tickets
 from edgerun.scheduler.fleet.jobs import progress_of
 from edgerun.scheduler.service import Service
 from edgerun.scheduler.store.events import audit_event, without_tails
@@ -88,8 +87,6 @@ class Handlers:
         self.service = service
         self.store = service.store
         self._touched: dict[int, float] = {}
-        self.tickets = Tickets()
-        self.on_revoke: Callable[[int], None] | None = None  # closes the token's streams
 
     # --- auth ------------------------------------------------------------------------
     def principal(self, header: str | None, query_token: str | None, role: str,
@@ -321,9 +318,7 @@ class Handlers:
     def revoke_token(self, who: Principal, name: str) -> JSONObject:
         record = self.store.revoke_token(name)
         if record is None:
-            raise NotFound(f"no live token named {name[:64]!r}")
-        if self.on_revoke is not None:
-            self.on_revoke(int(record["id"]))
+            raise NotFound(f"no live token named {name!r}")
         self.audit(who, "token_revoke", token=name)
         return record
 
