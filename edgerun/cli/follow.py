@@ -119,7 +119,7 @@ def _replay_missed_output(client: Client, tasks: Sequence[dict[str, Any]],
     Events carry no output tails, so the tail is read from the task's detail."""
     for task in tasks:
         result = task.get("result") or {}
-        if task["node"] in prefixer.seen or not (result.get("output") or {}):
+        if task["node"] in prefixer.seen or not any((result.get("output") or {}).values()):
             continue
         try:
             [detail] = client.get(f"/tasks/{quote(task['id'], safe='')}",

@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -41,6 +42,45 @@ CHANNELS = {"tasks": TASK_EVENT, "nodes": NODE_EVENT, "output": OUTPUT, "audit":
 QUEUE_LIMIT = 10_000
 LOG_KEEP = 100_000
 LIVE_OUTPUT_FIELDS = ("stdout", "stderr")
+RECENT_OUTPUT_BYTES = 64 * 1024  # per task: what `logs -f` attached late shows first
+RECENT_OUTPUT_TASKS = 2_000
+
+
+def _seq(chunk: JSONObject) -> int:
+    seq = chunk.get("seq")
+    return seq if isinstance(seq, int) else 0
+
+
+class RecentOutput:
+    """The live output this instance heard of the tasks running lately (bounded: the
+    last RECENT_OUTPUT_BYTES of each of the RECENT_OUTPUT_TASKS latest tasks), so that
+    a follower attached late first gets what the task wrote before (with the `seq` of
+    each chunk, to go on with the live ones without a gap or a repeat)."""
+
+    def __init__(self) -> None:
+        self._tasks: OrderedDict[tuple[str, str], list[JSONObject]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def add(self, event: JSONObject) -> None:
+        node, task_id, data = event.get("node"), event.get("id"), event.get("data")
+        if not isinstance(node, str) or not isinstance(task_id, str) or \
+                not isinstance(data, str):
+            return
+        with self._lock:
+            chunks = self._tasks.setdefault((node, task_id), [])
+            self._tasks.move_to_end((node, task_id))
+            chunks.append(event)
+            size = sum(len(c["data"]) for c in chunks)
+            while size > RECENT_OUTPUT_BYTES and len(chunks) > 1:
+                size -= len(chunks.pop(0)["data"])
+            while len(self._tasks) > RECENT_OUTPUT_TASKS:
+                self._tasks.popitem(last=False)
+
+    def of(self, node: str, task_id: str) -> list[JSONObject]:
+        """The chunks kept of the task, in `seq` order."""
+        with self._lock:
+            chunks = list(self._tasks.get((node, task_id), ()))
+        return sorted(chunks, key=_seq)
 
 
 def task_event(previous: str | None, task: JSONObject) -> JSONObject:
@@ -132,6 +172,7 @@ class EventHub:
         self._publish_lock = threading.Lock()  # ids reach readers in id order, each once
         self._store, self._keep = store, keep
         self.last_id = 0
+        self.recent_output = RecentOutput()
         if store is not None:
             self.last_id = store.event_horizon()[1]
 
@@ -159,6 +200,7 @@ class EventHub:
         if kind == TASK_EVENT and isinstance(event.get("task"), dict):
             event = {**event, "task": without_tails(event["task"])}
         if kind == OUTPUT:
+            self.recent_output.add(event)
             if self._store is None or not self._store.hold_live(event):
                 self._fan_out(self.last_id, event)
         elif self._store is not None:
