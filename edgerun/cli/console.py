@@ -99,15 +99,28 @@ def cmd_logs(client: Client, args: argparse.Namespace) -> int:
     latest = {(t["node"], t["id"]): t for t in tasks}
     stream = client.events(task=[task_id], channel=["tasks", "output"],
                            node=[args.node] if args.node else None)
+    shown: dict[tuple[str, str], int] = {}  # the last output seq printed, per task
     try:
-        # a final update may have come between the read above and the subscription
+        # read again once subscribed: a final update may have come in between, and what
+        # the task wrote before is printed first, then only the live chunks after it
         for task in client.get(f"/tasks/{quoted(task_id)}", node=args.node)["tasks"]:
-            latest[(task["node"], task["id"])] = task
+            key = (task["node"], task["id"])
+            latest[key] = task
             if is_final(State(task["state"])):
-                open_keys.discard((task["node"], task["id"]))
+                open_keys.discard(key)
+                _print_tails(task, prefixer, True)
+            for chunk in task.get("live_output") or ():
+                if chunk["seq"] > shown.get(key, -1):
+                    prefixer.write(task["node"], chunk["stream"], chunk["data"])
+                    shown[key] = chunk["seq"]
         for event in stream if open_keys else ():
             kind = event.get("kind")
             if kind == "output" and (event["node"], event["id"]) in latest:
+                key = (event["node"], event["id"])
+                if isinstance(event.get("seq"), int):
+                    if event["seq"] <= shown.get(key, -1):
+                        continue  # printed already from the earlier output
+                    shown[key] = event["seq"]
                 prefixer.write(event["node"], event["stream"], event["data"])
             elif kind == "task_event":
                 key = (event["node"], event["id"])
