@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The one entry point: set-up, tests, demo, binary, image, benchmarks.
 #   ./build.sh setup   create .venv and install edgerun with its test and dev extras
-#   ./build.sh test    lint (ruff, mypy) and run every test
+#   ./build.sh test    lint (ruff, mypy) and run every test (test --quick: the fast ones)
 #   ./build.sh lint    ruff and mypy only
 #   ./build.sh demo    embedded broker, scheduler and one agent: run example tasks; prints
 #                      the console's URL and token (demo --keep: leave it running)
@@ -75,11 +75,16 @@ case "$cmd" in
         "$PY" bench/run.py "$@"
         ;;
     test)
+        # --quick: lint and the tests not marked slow (tests/conftest.py), a developer's loop
         setup
         brokers_hint
-        browser
+        args=() quick=()
+        for arg in "$@"; do
+            if [ "$arg" = --quick ]; then quick=(-m "not slow"); else args+=("$arg"); fi
+        done
+        [ ${#quick[@]} -gt 0 ] || browser  # the browser tests are slow ones
         lint
-        "$PY" -m pytest "$@"
+        "$PY" -m pytest "${quick[@]}" "${args[@]}"
         ;;
     *)
         sed -n '2,/^[^#]/s/^# \{0,1\}//p' "$0"

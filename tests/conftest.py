@@ -10,6 +10,27 @@ from .mqttkit import AgentProcess, Observer
 from .rabbit import Rabbit
 
 
+# --- markers: `./build.sh test --quick` is `pytest -m "not slow"` ------------------------
+# The one list of the long tests (minutes of load, image builds, several broker nodes, a
+# browser, kill -9 cycles); the rest run in about three minutes on two cores. A module's
+# own pytestmark may say `slow` as well. Time a module with --durations=0 before adding
+# to it or taking it out.
+MODULE_MARKS: dict[str, tuple[str, ...]] = {
+    "test_chaos": ("slow",),
+}
+# single tests of otherwise quick modules: "module::function" (every parametrisation)
+TEST_MARKS: dict[str, tuple[str, ...]] = {
+}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        module = item.nodeid.split("::", 1)[0].rpartition("/")[2].removesuffix(".py")
+        function = getattr(item, "originalname", item.name)
+        for mark in (*MODULE_MARKS.get(module, ()), *TEST_MARKS.get(f"{module}::{function}", ())):
+            item.add_marker(mark)
+
+
 @pytest.fixture(autouse=True, scope="session")
 def private_state_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
     """`edgerun serve` writes its first admin token under $XDG_STATE_HOME and the CLI reads
