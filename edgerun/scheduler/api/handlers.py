@@ -182,11 +182,13 @@ class Handlers:
     def task(self, given: str, q: dict[str, list[str]]) -> JSONObject:
         task_id = self.task_id(given)
         node = edge.one(q, "node")
-        found = [t for t in self.store.find(task_id) if node is None or t["node"] == node]
+        found = self.store.find(task_id, node)  # with a node: one row
         if not found:
             raise NotFound(f"no task {task_id!r}" + (f" on node {node}" if node else ""))
         for task in found:
             task["updates"] = self.store.updates(task["node"], task_id)
+            if not is_final(State(task["state"])):  # for `logs -f` attached late
+                task["live_output"] = self.service.hub.recent_output.of(task["node"], task_id)
             attempts = attempts_of(self.service, task)
             if attempts is not None:
                 task["attempts"] = attempts
