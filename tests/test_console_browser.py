@@ -187,6 +187,24 @@ def test_a_job_on_1000_nodes_shows_one_aggregated_row_and_paged_targets(
         row = page.wait_for_selector(f"#job-rows tr[data-job='{job_id}']")
         assert "1010/2000 done, 10 failed" in row.inner_text()
         api.post(f"/jobs/{job_id}/cancel", {})
+        # the overview at 1,000 nodes: one read of aggregates, the ten failures linked
+        page.goto(f"{s.url}/#/overview")
+        page.wait_for_selector("#overview[data-loaded='1']")
+        assert int(page.inner_text("#ov-online")) >= 1000
+        assert page.inner_text("#ov-failed") == "10"
+        assert page.locator("#ov-failures tr").count() == 10
+        # a root command to every simulated node: the operator types 1000, then one job
+        page.goto(f"{s.url}/#/dispatch")
+        page.fill("#d-targets", "sim-*")
+        page.fill("#d-command", "reboot")
+        page.click("#d-submit")
+        page.wait_for_selector("#d-confirm:not([hidden])")
+        assert "sends to 1000 nodes" in page.inner_text("#d-confirm-text")
+        page.fill("#d-confirm-count", "1000")
+        page.click("#d-confirm-go")
+        page.wait_for_selector("#job:not([hidden]) #job-summary[data-tasks='1000']",
+                               timeout=120_000)
+        api.post(f"/jobs/{page.inner_text('#job-id')}/cancel", {})
     finally:
         fleet.close()
 

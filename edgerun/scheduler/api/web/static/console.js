@@ -721,6 +721,7 @@ function route() {
   if (state.who) announce(`${TITLES[name]} view`);
   const fail = (e) => showError(e.message);
   if (name === "overview") {
+    delete $("overview").dataset.loaded;   // set again once this visit's figures are in
     loadOverview().catch(fail);
     state.timer = setInterval(() => loadOverview().catch(fail), 10000);
   } else if (name === "fleet") loadNodes(false).catch(fail);
