@@ -116,7 +116,7 @@ class Handlers:
         if 1 < len(found) <= 10:  # the attempts of one retry chain: its first attempt
             roots = {t.get("root") or t["id"] for i in found for t in self.store.find(i)}
             if len(roots) == 1 and roots <= set(found):
-                return roots.pop()
+                return str(roots.pop())
         if len(found) > 1:
             raise ApiError(409, "ambiguous", f"{given!r} is the start of several task ids; "
                            f"give more of it", candidates=found[:10])

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from edgerun.scheduler.api import fleetapi
+from edgerun.scheduler.api import fleetapi, overview
 
 ERR = {"$ref": "#/components/responses/Error"}
 COMMON = {"401": ERR, "403": ERR, "422": ERR}
@@ -141,6 +141,7 @@ def document(version: str) -> dict[str, Any]:
                                          **COMMON}}},
     }
     paths.update(fleetapi.openapi_paths(_ok, ERR, COMMON, _body))
+    paths.update(overview.openapi_paths(_ok, ERR, COMMON))
     for path, item in paths.items():
         for method, op in item.items():
             op.setdefault("security", [{"bearer": operate if method in ("post",) and

@@ -204,3 +204,30 @@ def overview_routes(h: Handlers, endpoint: Callable[..., Any]) -> dict[str, dict
         "/v1/jobs/{id}/tasks": {"GET": endpoint("viewer", "reading", jobs.tasks,
                                                 query=("state", "limit", "cursor"))},
     }
+
+
+# --- the OpenAPI document's part (openapi.py merges it) -------------------------------------
+def openapi_paths(ok: Callable[..., Any], err: Any, common: dict[str, Any]) -> dict[str, Any]:
+    job = {"name": "id", "in": "path", "required": True, "schema": {"type": "string"},
+           "description": "job id"}
+    states = ["bad", "active", "queued", "dispatched", "accepted", "running", "succeeded",
+              "failed", "timed_out", "canceled", "rejected", "lost"]
+    return {
+        "/v1/overview": {"get": {
+            "summary": "nodes online/offline/lost in the last hour; tasks running, queued and "
+                       "failed in the last hour; the latest failures",
+            "responses": {**ok("{at, nodes, tasks, failures}"), **common}}},
+        "/v1/overview/series": {"get": {
+            "summary": "task outcomes per minute over 60 min; nodes online every 15 min over "
+                       "24 h (from the event log, as far back as it keeps)",
+            "responses": {**ok("{at, outcomes, online}"), **common}}},
+        "/v1/jobs/{id}/tasks": {"get": {
+            "summary": "a job's tasks, failures first, by state (bad: failed, lost, canceled "
+                       "...; active: queued or running), with creator, start and end",
+            "parameters": [job,
+                           {"name": "state", "in": "query", "schema": {"enum": states}},
+                           {"name": "limit", "in": "query", "schema": {"type": "integer"}},
+                           {"name": "cursor", "in": "query", "schema": {"type": "string"}}],
+            "responses": {**ok("{job, counts, total, tasks, next}"), "404": err,
+                          "422": err, **common}}},
+    }
