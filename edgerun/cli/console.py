@@ -71,8 +71,8 @@ def cmd_token(client: Client, args: argparse.Namespace) -> int:
         if args.json:
             print(json.dumps({"tokens": tokens}, indent=2))
         else:
-            render.table([[t["name"], t["role"], t["hint"], t["created_at"][:19],
-                           (t["last_used_at"] or "")[:19] or None,
+            render.table([[t["name"], t["role"], t["hint"], render.utc(t["created_at"]),
+                           render.utc(t["last_used_at"]) if t["last_used_at"] else None,
                            "revoked" if t["revoked_at"] else "live"] for t in tokens],
                          ("NAME", "ROLE", "TOKEN", "CREATED", "LAST USED", "STATE"))
         return EXIT_OK

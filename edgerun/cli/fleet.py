@@ -162,7 +162,7 @@ def cmd_rollout(client: Client, args: argparse.Namespace) -> int:
             print(json.dumps({"rollouts": rollouts}, indent=2))
         else:
             render.table([[r["id"], r["state"], r["task_id"], len(r["nodes"]),
-                           _shape(r["options"]), r["created_at"], r.get("reason") or ""]
+                           _shape(r["options"]), render.utc(r["created_at"]), r.get("reason") or ""]
                           for r in rollouts],
                          ("ID", "STATE", "TASK", "NODES", "SHAPE", "CREATED", "REASON"))
         return EXIT_OK
