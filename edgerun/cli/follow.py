@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, TextIO
 from urllib.parse import quote
 
-from edgerun.cli.client import Client, ServiceUnreachable
+from edgerun.cli.client import Client, EventStream, ServiceUnreachable
 from edgerun.cli.render import Prefixer
 from edgerun.control.errors import SchedulerError
 from edgerun.control.retries import will_retry
@@ -17,6 +17,35 @@ from edgerun.protocol import State, is_final
 # What `edgerun run` on one node exits with when the task has no exit code of its own.
 STATE_EXIT = {State.TIMED_OUT: 124, State.LOST: 125, State.REJECTED: 126, State.CANCELED: 130}
 FAILED = 1
+MAX_RESUMES = 10_000
+
+
+class Resuming:
+    """An event stream that, cut off as a slow reader (a fan-out's burst of events can
+    outrun a terminal), opens again from the last event id it read: the service's log
+    gives what was missed, so nothing is lost or seen twice."""
+
+    def __init__(self, client: Client, **query: Any) -> None:
+        self.client, self.query = client, query
+        self.stream: EventStream = client.events(**query)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        for _ in range(MAX_RESUMES):
+            cut = False
+            for event in self.stream:
+                if event.get("kind") == "error" and event.get("code") == "slow_reader" \
+                        and self.stream.last_id is not None:
+                    cut = True
+                    break
+                yield event
+            if not cut:
+                return
+            last = self.stream.last_id
+            self.stream.close()
+            self.stream = EventStream(self.client, self.query, last_event_id=last)
+
+    def close(self) -> None:
+        self.stream.close()
 
 
 def _final(task: dict[str, Any]) -> bool:
@@ -57,7 +86,7 @@ def dispatch_and_follow(client: Client, ids: Sequence[str], send: Callable[[], l
     """Subscribe to the events of `ids`, call `send` (which returns the created tasks),
     and read events until every task is final. Returns the tasks' final records.
     Ctrl-C prints the tasks it leaves running, then goes on as KeyboardInterrupt."""
-    stream = client.events(task=list(ids), channel=["tasks", "output"])
+    stream = Resuming(client, task=list(ids), channel=["tasks", "output"])
     latest: dict[tuple[str, str], dict[str, Any]] = {}
     pending: set[tuple[str, str]] = set()
     try:
