@@ -48,7 +48,9 @@ class App:
         s = self.settings
         host, port = split_hostport(s.listen)
         api_config = ApiConfig(host, port, tls_cert=s.tls_cert, tls_key=s.tls_key,
-                               insecure_http=s.insecure_http)
+                               insecure_http=s.insecure_http,
+                               allowed_origins=tuple(o.strip() for o in (
+                                   s.allowed_origins or "").split(",") if o.strip()))
         api_config.check()  # a listen address that needs TLS: say so before starting anything
         try:
             if s.embedded_broker:

@@ -134,6 +134,9 @@ SERVE_OPTIONS = [
     Option("tls_key", str, None, "the key of --tls-cert (PEM)", metavar="FILE"),
     Option("insecure_http", bool, False, "allow plain HTTP on a non-loopback --listen "
            "address (behind a TLS proxy)"),
+    Option("allowed_origins", str, None, "browser origins besides the API's own that may "
+           "open its WebSocket, comma-separated (https://console.example:8443; *: any)",
+           metavar="ORIGINS"),
     Option("admin_token_file", str, None, "where the first start writes the admin token "
            "(mode 0600; default: beside --db, FILE.admin-token); each start copies it to "
            "$XDG_STATE_HOME/edgerun/admin-token-PORT, where the local CLI looks",
@@ -177,6 +180,7 @@ class ServeSettings:
     tls_cert: str | None = None
     tls_key: str | None = None
     insecure_http: bool = False
+    allowed_origins: str | None = None
     admin_token_file: str | None = None
 
     @classmethod

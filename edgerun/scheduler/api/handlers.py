@@ -22,6 +22,7 @@ from edgerun.control.errors import (
 from edgerun.protocol import JSONObject, State, encode, is_final
 from edgerun.scheduler.api import edge
 from edgerun.scheduler.api.auth import Principal, authenticate, create_token
+from edgerun.scheduler.api.tickets import Tickets
 from edgerun.scheduler.fleet.jobs import progress_of
 from edgerun.scheduler.service import Service
 from edgerun.scheduler.store.events import audit_event, without_tails
@@ -87,6 +88,8 @@ class Handlers:
         self.service = service
         self.store = service.store
         self._touched: dict[int, float] = {}
+        self.tickets = Tickets()
+        self.on_revoke: Callable[[int], None] | None = None  # closes the token's streams
 
     # --- auth ------------------------------------------------------------------------
     def principal(self, header: str | None, query_token: str | None, role: str,
@@ -320,7 +323,9 @@ class Handlers:
     def revoke_token(self, who: Principal, name: str) -> JSONObject:
         record = self.store.revoke_token(name)
         if record is None:
-            raise NotFound(f"no live token named {name!r}")
+            raise NotFound(f"no live token named {name[:64]!r}")
+        if self.on_revoke is not None:
+            self.on_revoke(int(record["id"]))
         self.audit(who, "token_revoke", token=name)
         return record
 

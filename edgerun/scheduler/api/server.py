@@ -64,6 +64,8 @@ class ApiConfig:
     tls_key: str | None = None
     insecure_http: bool = False
     max_body: int = MAX_BODY
+    # browser origins besides the server's own that may open the WebSocket ("*": any)
+    allowed_origins: tuple[str, ...] = ()
 
     def check(self) -> None:
         if bool(self.tls_cert) != bool(self.tls_key):
@@ -78,7 +80,7 @@ class ApiConfig:
                 raise ConfigError(f"TLS file {path} does not exist or is not a file")
 
 
-def build_app(service: Service, config: ApiConfig, on_stream: Any = None) -> Any:
+def build_app(service: Service, config: ApiConfig, registry: Any = None) -> Any:
     """The Starlette application: /v1 routes, /v1/events, /v1/ws, the console at /."""
     from starlette.applications import Starlette
     from starlette.concurrency import run_in_threadpool
@@ -89,10 +91,12 @@ def build_app(service: Service, config: ApiConfig, on_stream: Any = None) -> Any
     from starlette.routing import Route as StarletteRoute
     from starlette.staticfiles import StaticFiles
 
-    from edgerun.scheduler.api import streams
+    from edgerun.scheduler.api import streams, ws
     from edgerun.scheduler.api.openapi import document
 
     h = Handlers(service)
+    registry = registry if registry is not None else streams.Registry()
+    h.on_revoke = registry.revoked
     keys = Idempotency(service.store.db)
 
     def answer(status: int, body: Any) -> Response:
@@ -217,7 +221,10 @@ def build_app(service: Service, config: ApiConfig, on_stream: Any = None) -> Any
                              body=True, with_who=True)},
         "/v1/tokens/{name}": {"DELETE": endpoint("admin", "managing tokens", h.revoke_token,
                                                  with_who=True)},
-        "/v1/events": {"GET": streams.sse_endpoint(h, on_stream)},
+        "/v1/events": {"GET": streams.sse_endpoint(h, registry)},
+        "/v1/stream-tickets": {"POST": endpoint("viewer", "reading events",
+                                                lambda who: h.tickets.issue(who), status=201,
+                                                with_who=True)},
     }
 
     table.update(rollout_routes(h, endpoint))
@@ -237,7 +244,7 @@ def build_app(service: Service, config: ApiConfig, on_stream: Any = None) -> Any
         StarletteRoute("/metrics", open_metrics, methods=["GET"]),
         *[StarletteRoute(path, by_method(handlers), methods=list(handlers))
           for path, handlers in table.items()],
-        WebSocketRoute("/v1/ws", streams.ws_endpoint(h, on_stream)),
+        WebSocketRoute("/v1/ws", ws.ws_endpoint(h, registry, config.allowed_origins)),
         Mount("/static", app=StaticFiles(directory=str(STATIC)), name="static"),
     ]
     # SchedulerError is answered by the exception middleware (nothing more to log);
@@ -254,7 +261,11 @@ class ApiServer:
 
         self.service, self.config = service, config or ApiConfig()
         self.config.check()
-        self.streams: set[Any] = set()
+        from edgerun.scheduler.api import logfilter
+        from edgerun.scheduler.api.streams import Registry
+
+        logfilter.install()
+        self.streams = Registry()
         family = socket.AF_INET6 if ":" in self.config.host else socket.AF_INET
         self._sock = socket.socket(family, socket.SOCK_STREAM)
         try:
@@ -308,8 +319,7 @@ class ApiServer:
         await self._server.serve(sockets=[self._sock])
 
     def stop(self) -> None:
-        for close in list(self.streams):
-            close()
+        self.streams.stop_all()
         self._server.should_exit = True
         if self._thread is not None:
             self._thread.join(10.0)

@@ -1,7 +1,8 @@
-"""Live events for browsers and tools: Server-Sent Events at /v1/events, WebSocket at /v1/ws.
+"""Live events for browsers and tools: Server-Sent Events at /v1/events (here), WebSocket
+at /v1/ws (ws.py).
 
-Both read the same EventHub (events.py) and the same durable event log, with the
-same filters (channels nodes, tasks, output, audit; by node and by task id), so
+Both read the same EventHub (store/events.py) and the same durable event log, with
+the same filters (channels nodes, tasks, output, audit; by node and by task id), so
 docs/EVENTS.md describes one schema for both.
 
 - Resume: a reader gives the id of the last event it saw (SSE: `Last-Event-ID`,
@@ -10,9 +11,17 @@ docs/EVENTS.md describes one schema for both.
   then the live ones, without a gap: it subscribes before it reads the log, and
   skips live events the log already gave it. An id older than the log keeps
   gets an explicit `reset` event: read the current state again.
-- Bounded memory: each reader has a queue of events.QUEUE_LIMIT; one that falls
-  behind is closed with `{"code": "slow_reader", ...}` and may resume from the
-  log with its last id.
+- Bounded (issue 23): each reader holds at most MAX_PENDING_BYTES of rendered
+  events it has not sent; past that it is cut off with `slow_reader` and may
+  resume from the log with its last id. A write that the reader does not take
+  within WRITE_DEADLINE_S ends the connection: a reader that stopped reading
+  costs the service about a MiB, then nothing.
+- Revocation: every open stream belongs to a token; the Registry closes a
+  token's streams within REVOKE_CHECK_S of its revocation on any instance.
+- Authentication without a token in the URL: `Authorization: Bearer` where the
+  client can set it, else a single-use ticket (tickets.py) in `?ticket=`, or for
+  the WebSocket the token as a subprotocol (ws.py). `?access_token=` still works
+  for older clients and is redacted from every log line (logfilter.py).
 - Heartbeats every HEARTBEAT_S (SSE: a comment line; WS: a `heartbeat` message).
 """
 
@@ -21,58 +30,146 @@ from __future__ import annotations
 import asyncio
 import logging
 import queue
-from collections.abc import AsyncIterator, Callable
+import threading
+from collections import deque
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from edgerun.control.errors import Forbidden, Unauthorized
 from edgerun.protocol import JSONObject
 from edgerun.scheduler.api import edge
-from edgerun.scheduler.api.handlers import Handlers, classify
+from edgerun.scheduler.api.auth import Principal
+from edgerun.scheduler.api.handlers import Handlers
 from edgerun.scheduler.store.events import AUDIT, CHANNELS, OUTPUT, Subscription
 
 if TYPE_CHECKING:
     from starlette.requests import Request
-    from starlette.responses import Response
-    from starlette.websockets import WebSocket
-
 
 log = logging.getLogger(__name__)
 
 HEARTBEAT_S = 15.0
 BACKLOG_PAGE = 500
-STREAM_QUERY = ("channel", "node", "task", "access_token", "last_event_id")
+MAX_PENDING_BYTES = 1024 * 1024
+WRITE_DEADLINE_S = 10.0
+REVOKE_CHECK_S = 0.5
+STREAM_QUERY = ("channel", "node", "task", "access_token", "ticket", "last_event_id")
+STOPPING = "the service is stopping"
+Render = Callable[[int, JSONObject], bytes]
+
+
+class Registry:
+    """Every open stream with its token: closed all at once when the service stops, and
+    those of a token soon after it is revoked (here or on another instance)."""
+
+    def __init__(self) -> None:
+        self.open: dict[Callable[[str, str], None], int | None] = {}
+        self._watcher: asyncio.Task[None] | None = None
+
+    def add(self, stop: Callable[[str, str], None], who: Principal, h: Handlers) -> None:
+        """On the event loop: `stop(code, reason)` ends the stream from any thread."""
+        self.open[stop] = who.token_id
+        if self._watcher is None or self._watcher.done():
+            self._watcher = asyncio.get_running_loop().create_task(self._watch(h))
+
+    def discard(self, stop: Callable[[str, str], None]) -> None:
+        self.open.pop(stop, None)
+
+    def stop_all(self) -> None:
+        for stop in list(self.open):
+            stop("stopping", STOPPING)
+
+    def revoked(self, token_id: int) -> None:
+        for stop, owner in list(self.open.items()):
+            if owner == token_id:
+                stop("token_revoked", "the token of this stream was revoked")
+
+    async def _watch(self, h: Handlers) -> None:
+        from starlette.concurrency import run_in_threadpool
+
+        def live() -> set[int]:
+            return {int(t["id"]) for t in h.store.tokens() if t.get("revoked_at") is None}
+        while self.open:
+            await asyncio.sleep(REVOKE_CHECK_S)
+            try:
+                tokens = await run_in_threadpool(live)
+            except Exception as exc:  # the store is away: look again next round
+                log.debug("stream token check: %s", exc)
+                continue
+            for owner in {o for o in self.open.values() if o is not None} - tokens:
+                self.revoked(owner)
 
 
 class Feed:
-    """A hub subscription read from the event loop without blocking it."""
+    """A hub subscription read from the event loop without blocking it. Events are
+    taken off the hub's queue as they come, by the thread that published them,
+    rendered for the wire and counted: the reader holds at most MAX_PENDING_BYTES,
+    whether or not it writes, and a burst cannot outrun the count."""
 
-    def __init__(self, h: Handlers, channels: set[str], nodes: list[str],
-                 tasks: list[str], registry: set[Callable[[], None]] | None) -> None:
+    def __init__(self, h: Handlers, channels: set[str], nodes: list[str], tasks: list[str],
+                 render: Render) -> None:
         self.loop = asyncio.get_running_loop()
         self.ready = asyncio.Event()
-        self.h, self.registry = h, registry
+        self.h, self.render = h, render
+        self.pending: deque[bytes] = deque()
+        self.pending_bytes = 0
+        self.code = "slow_reader"  # why `sub.closed` ended the stream
+        self._lock = threading.Lock()
+        self._waking = False
         self.sub: Subscription = h.service.hub.subscribe(
             ids=tasks, nodes=nodes, kinds=[CHANNELS[c] for c in channels], wake=self._wake)
         self.seen_up_to = 0  # the log gave us every logged event up to this id
-        if registry is not None:
-            registry.add(self.stop)
 
-    def _wake(self) -> None:  # any thread
+    def _wake(self) -> None:  # the publishing thread
+        self._pull()
+        if self._waking:
+            return
+        self._waking = True
         try:
-            self.loop.call_soon_threadsafe(self.ready.set)
+            self.loop.call_soon_threadsafe(self._ready)
         except RuntimeError:
             pass  # the loop is closed: the reader is gone
 
-    def stop(self) -> None:  # any thread: the service is stopping
-        self.sub.closed = self.sub.closed or "the service is stopping"
-        self._wake()
+    def _ready(self) -> None:  # the loop
+        self._waking = False
+        self.ready.set()
+
+    def _pull(self) -> None:  # any thread
+        with self._lock:
+            self._pull_locked()
+
+    def _pull_locked(self) -> None:
+        while not self.sub.closed:
+            try:
+                item = self.sub.queue.get_nowait()
+            except queue.Empty:
+                break
+            if item is None:
+                self.stop("stopping", STOPPING)
+                break
+            event_id, event = item
+            if event.get("kind") != OUTPUT and event_id <= self.seen_up_to:
+                continue  # the log gave it already
+            frame = self.render(event_id, event)
+            self.pending.append(frame)
+            self.pending_bytes += len(frame)
+            if self.pending_bytes > MAX_PENDING_BYTES:
+                self.stop("slow_reader", f"this reader fell over {MAX_PENDING_BYTES} bytes "
+                                         f"behind and was cut off; resume from the last event "
+                                         f"id it read, or read the current state again")
+
+    def stop(self, code: str, reason: str) -> None:  # any thread
+        if self.sub.closed is None:
+            self.code = code
+            self.sub.closed = reason
+        self.h.service.hub.unsubscribe(self.sub)
+        self.pending.clear()  # what a cut reader had waiting is freed at once
+        self.pending_bytes = 0
+        try:
+            self.loop.call_soon_threadsafe(self.ready.set)
+        except RuntimeError:
+            pass
 
     def close(self) -> None:
-        self.h.service.hub.unsubscribe(self.sub)
-        if self.registry is not None:
-            self.registry.discard(self.stop)
-        self.sub.closed = self.sub.closed or "closed"
-        self._wake()  # a writer waiting on this feed moves on
+        self.stop("closed", "closed")
 
     def backlog(self, since: int) -> tuple[list[tuple[int, JSONObject]], str | None]:
         """(logged events after `since` that this reader wants, a reset reason or None).
@@ -96,28 +193,25 @@ class Feed:
             self.seen_up_to = max(self.seen_up_to, page[-1][0])
         return out, None
 
-    async def next(self, timeout: float) -> tuple[int, JSONObject] | str | None:
-        """The next live event; None when the stream ends; "" on a heartbeat timeout."""
+    async def next(self, timeout: float) -> bytes | None:
+        """The next rendered event; None when the stream ends; b"" on a heartbeat timeout."""
         while True:
             if self.sub.closed:
                 return None
-            try:
-                item = self.sub.queue.get_nowait()
-            except queue.Empty:
+            with self._lock:
+                if not self.pending:
+                    self._pull_locked()  # anything queued before this feed's first wake
+                if self.pending:
+                    frame = self.pending.popleft()
+                    self.pending_bytes -= len(frame)
+                    return frame
                 self.ready.clear()
-                if not self.sub.queue.empty() or self.sub.closed:
-                    continue
-                try:
-                    await asyncio.wait_for(self.ready.wait(), timeout)
-                except TimeoutError:
-                    return ""
+            if self.sub.closed:
                 continue
-            if item is None:
-                return None
-            event_id, event = item
-            if event.get("kind") != OUTPUT and event_id <= self.seen_up_to:
-                continue  # the log gave it already
-            return item
+            try:
+                await asyncio.wait_for(self.ready.wait(), timeout)
+            except TimeoutError:
+                return b""
 
 
 def channels_of(values: list[str]) -> set[str]:
@@ -126,8 +220,8 @@ def channels_of(values: list[str]) -> set[str]:
         for name in value.split(","):
             name = name.strip()
             if name not in CHANNELS:
-                raise edge.Invalid("channel", f"unknown channel {name!r}: the channels are "
-                                              f"{', '.join(CHANNELS)}")
+                raise edge.Invalid("channel", f"unknown channel {name[:40]!r}: the channels "
+                                              f"are {', '.join(CHANNELS)}")
             chosen.add(name)
     return chosen or {"nodes", "tasks", "output"}
 
@@ -135,7 +229,7 @@ def channels_of(values: list[str]) -> set[str]:
 def since_of(text: str | None, field: str) -> int | None:
     if text is None or text == "":
         return None
-    if not text.isdigit():
+    if not (text.isascii() and text.isdigit() and len(text) <= 18):
         raise edge.Invalid(field, f"`{field}` must be an event id this service gave out")
     return int(text)
 
@@ -145,276 +239,104 @@ def sse(event_id: int | None, kind: str, data: JSONObject) -> bytes:
     return (head + f"event: {kind}\ndata: {edge.dumps(data)}\n\n").encode("utf-8")
 
 
-def sse_endpoint(h: Handlers, registry: set[Callable[[], None]] | None
-                 ) -> Callable[[Request], Any]:
-    from starlette.concurrency import run_in_threadpool
-    from starlette.responses import StreamingResponse
+def sse_render(event_id: int, event: JSONObject) -> bytes:
+    return sse(event_id, str(event.get("kind")), event)
 
-    async def events(request: Request) -> Response:
-        def check() -> tuple[set[str], list[str], list[str], int | None]:
+
+def stream_principal(h: Handlers, headers: Any, q: dict[str, list[str]], what: str) -> Principal:
+    """Who opens a stream: the Authorization header, a single-use ticket, or (older
+    clients) ?access_token=."""
+    ticket = edge.one(q, "ticket")
+    if ticket is not None and not headers.get("authorization"):
+        return h.tickets.redeem(ticket)
+    return h.principal(headers.get("authorization"), edge.one(q, "access_token"),
+                       "viewer", what)
+
+
+def sse_endpoint(h: Handlers, registry: Registry) -> Callable[[Request], Any]:
+    from starlette.concurrency import run_in_threadpool
+
+    async def events(request: Request) -> Any:
+        def check() -> tuple[Principal, set[str], list[str], list[str], int | None]:
             q = edge.query(request.query_params.multi_items(), STREAM_QUERY,
                            ("channel", "node", "task"))
-            who = h.principal(request.headers.get("authorization"),
-                              edge.one(q, "access_token"), "viewer", "reading events")
+            who = stream_principal(h, request.headers, q, "reading events")
             chans = channels_of(q.get("channel", []))
             if "audit" in chans:
                 who.require("operator", "the audit channel")
             since = since_of(request.headers.get("last-event-id")
                              or edge.one(q, "last_event_id"), "last_event_id")
-            return chans, q.get("node", []), q.get("task", []), since
+            return who, chans, q.get("node", []), q.get("task", []), since
 
-        chans, nodes, tasks, since = await run_in_threadpool(check)
-        feed = Feed(h, chans, nodes, tasks, registry)
-
-        async def body() -> AsyncIterator[bytes]:
-            try:
-                yield b"retry: 2000\n\n"
-                if since is None:
-                    feed.seen_up_to = h.service.hub.last_id
-                    yield sse(feed.seen_up_to, "hello", {"v": 1, "kind": "hello",
-                                                          "last_id": feed.seen_up_to})
-                else:
-                    backlog, reset = await run_in_threadpool(feed.backlog, since)
-                    if reset is not None:
-                        yield sse(feed.seen_up_to, "reset", {
-                            "v": 1, "kind": "reset", "reason": reset,
-                            "last_id": feed.seen_up_to,
-                            "what_to_do": "read the current state again (nodes, tasks)"})
-                    for event_id, event in backlog:
-                        yield sse(event_id, str(event.get("kind")), event)
-                    yield sse(feed.seen_up_to, "hello", {"v": 1, "kind": "hello",
-                                                          "last_id": feed.seen_up_to,
-                                                          "resumed_from": since})
-                while True:
-                    item = await feed.next(HEARTBEAT_S)
-                    if item == "":
-                        yield b": heartbeat\n\n"
-                        continue
-                    if item is None:
-                        break
-                    assert not isinstance(item, str)
-                    event_id, event = item
-                    yield sse(event_id, str(event.get("kind")), event)
-                if feed.sub.closed and feed.sub.closed != "the service is stopping":
-                    yield sse(h.service.hub.last_id, "error", {
-                        "v": 1, "kind": "error", "code": "slow_reader",
-                        "error": feed.sub.closed})
-            finally:
-                feed.close()
-
-        return StreamingResponse(body(), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-store",
-                                          "X-Accel-Buffering": "no"})
+        who, chans, nodes, tasks, since = await run_in_threadpool(check)
+        return SseStream(h, registry, who, Feed(h, chans, nodes, tasks, sse_render), since)
     return events
 
 
-# --- WebSocket ----------------------------------------------------------------------------
-SUBSCRIBE_KEYS = ("op", "channels", "nodes", "tasks", "since")
+class SseStream:
+    """The /v1/events response, as an ASGI app: every write has a deadline, and a
+    client that goes away ends it at once."""
 
+    def __init__(self, h: Handlers, registry: Registry, who: Principal, feed: Feed,
+                 since: int | None) -> None:
+        self.h, self.registry, self.who, self.feed, self.since = h, registry, who, feed, since
 
-def ws_endpoint(h: Handlers, registry: set[Callable[[], None]] | None
-                ) -> Callable[[WebSocket], Any]:
-    from starlette.concurrency import run_in_threadpool
-    from starlette.responses import JSONResponse
-    from starlette.websockets import WebSocketDisconnect
-
-    async def ws(socket: WebSocket) -> None:
-        def check() -> bool:
-            q = edge.query(socket.query_params.multi_items(), ("access_token",))
-            who = h.principal(socket.headers.get("authorization"),
-                              edge.one(q, "access_token"), "viewer", "reading events")
-            return who.may("operator")
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        self.registry.add(self.feed.stop, self.who, self.h)
+        gone = asyncio.get_running_loop().create_task(self._until_disconnect(receive))
         try:
-            may_audit = await run_in_threadpool(check)
-        except (Unauthorized, Forbidden, edge.Invalid) as exc:
-            status, payload = classify(exc)
-            await socket.send_denial_response(JSONResponse(payload, status_code=status))
-            return
-        await socket.accept()
-        session = WsSession(h, socket, registry, may_audit)
-        try:
-            await session.run()
-        except WebSocketDisconnect:
-            pass
-        except Exception:  # never a dropped connection without a close code
-            log.exception("websocket session failed")
-            try:
-                await socket.close(code=1011, reason="internal error; see the service log")
-            except Exception as exc:  # the connection is gone already
-                log.debug("websocket close: %s", exc)
-        finally:
-            session.close()
-
-    return ws
-
-
-class WsSession:
-    """One connection: at most one subscription at a time; `subscribe` replaces it."""
-
-    def __init__(self, h: Handlers, socket: WebSocket, registry: set[Callable[[], None]] | None,
-                 may_audit: bool) -> None:
-        self.h, self.socket, self.registry, self.may_audit = h, socket, registry, may_audit
-        self.feed: Feed | None = None
-        self.changed = asyncio.Event()
-        self.stopping = False
-        self.closing: tuple[int, str] | None = None  # a close code of our own, and why
-        if registry is not None:
-            registry.add(self.stop)
-
-    def stop(self) -> None:  # any thread
-        self.stopping = True
-        if self.feed is not None:
-            self.feed.stop()
-
-    def close(self) -> None:
-        if self.feed is not None:
-            self.feed.close()
-        if self.registry is not None:
-            self.registry.discard(self.stop)
-
-    async def _send(self, message: JSONObject) -> None:
-        await self.socket.send_text(edge.dumps(message))
-
-    async def run(self) -> None:
-        writer = asyncio.create_task(self._write())
-        try:
-            while not writer.done():
-                receive = asyncio.create_task(self.socket.receive())
-                done, _ = await asyncio.wait({receive, writer},
-                                             return_when=asyncio.FIRST_COMPLETED)
-                if receive not in done:
-                    receive.cancel()
-                    break
-                message = receive.result()
-                if message["type"] == "websocket.disconnect":
+            await send({"type": "http.response.start", "status": 200, "headers": [
+                (b"content-type", b"text/event-stream; charset=utf-8"),
+                (b"cache-control", b"no-store"), (b"x-accel-buffering", b"no")]})
+            async for chunk in self._chunks():
+                if gone.done():
                     return
-                text = message.get("text")
-                if text is None:  # a binary frame: this protocol is JSON text only
-                    self.closing = (1003, "JSON text messages only")
-                    break
-                await self._command(text)
+                try:
+                    await asyncio.wait_for(send({"type": "http.response.body", "body": chunk,
+                                                 "more_body": True}), WRITE_DEADLINE_S)
+                except TimeoutError:
+                    log.warning("SSE reader %s took nothing for %.0f s: connection closed",
+                                self.who.name, WRITE_DEADLINE_S)
+                    return  # the server closes the connection of an unfinished response
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
         finally:
-            writer.cancel()
-            try:
-                await writer
-            except asyncio.CancelledError:
-                pass
-            except Exception as exc:  # the socket went away while writing
-                log.debug("websocket writer: %s", exc)
-        reason = self.feed.sub.closed if self.feed is not None else None
-        if self.closing is not None:
-            await self.socket.close(code=self.closing[0], reason=self.closing[1])
-        elif reason and not self.stopping:
-            await self._send({"type": "closed", "code": "slow_reader",
-                                         "reason": reason})
-            await self.socket.close(code=1008, reason="slow reader")
-        elif self.stopping:
-            await self.socket.close(code=1001, reason="service stopping")
+            gone.cancel()
+            self.registry.discard(self.feed.stop)
+            self.feed.close()
 
-    async def _error(self, code: str, message: str, field: str | None = None) -> None:
-        await self._send({"type": "error", "code": code, "error": message,
-                                     **({"field": field} if field else {})})
+    async def _until_disconnect(self, receive: Any) -> None:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+        self.feed.stop("closed", "the client went away")
 
-    async def _command(self, text: str) -> None:
+    async def _chunks(self) -> Any:
         from starlette.concurrency import run_in_threadpool
 
-        try:
-            msg = edge.parse_json(text)
-        except edge.BadJson as exc:
-            await self._error("bad_json", f"each message must be a JSON object: {exc}")
-            return
-        except edge.Invalid as exc:
-            await self._error("invalid", str(exc), exc.field)
-            return
-        op = msg.get("op")
-        try:
-            if op == "ping":
-                edge.check_keys(msg, ("op",), "a ping")
-                await self._send({"type": "pong",
-                                             "last_id": self.h.service.hub.last_id})
-            elif op == "unsubscribe":
-                edge.check_keys(msg, ("op",), "an unsubscribe")
-                if self.feed is not None:
-                    self.feed.close()
-                    self.feed = None
-                    self.changed.set()
-                await self._send({"type": "unsubscribed"})
-            elif op == "subscribe":
-                edge.check_keys(msg, SUBSCRIBE_KEYS, "a subscribe")
-                chans = channels_of(_strings(msg, "channels"))
-                if "audit" in chans and not self.may_audit:
-                    raise Forbidden("the audit channel needs role operator or above")
-                nodes, tasks = _strings(msg, "nodes"), _strings(msg, "tasks")
-                since = msg.get("since")
-                if since is not None and (not isinstance(since, int) or isinstance(since, bool)
-                                          or not 0 <= since <= edge.MAX_INT):
-                    raise edge.Invalid("since", "`since` must be an event id")
-                if self.feed is not None:
-                    self.feed.close()
-                feed = Feed(self.h, chans, nodes, tasks, None)
-                self.feed = feed
-                if self.stopping:
-                    feed.stop()
-                reset = None
-                backlog: list[tuple[int, JSONObject]] = []
-                if since is None:
-                    feed.seen_up_to = self.h.service.hub.last_id
-                else:
-                    backlog, reset = await run_in_threadpool(feed.backlog, since)
-                await self._send({
-                    "type": "subscribed", "channels": sorted(chans), "nodes": nodes,
-                    "tasks": tasks, "last_id": feed.seen_up_to})
-                if reset is not None:
-                    await self._send({"type": "reset", "reason": reset,
-                                                 "last_id": feed.seen_up_to})
-                for event_id, event in backlog:
-                    await self._send_event(event_id, event)
-                self.changed.set()
-            else:
-                raise edge.Invalid("op", f"unknown op {op!r}: subscribe, unsubscribe or ping")
-        except edge.Invalid as exc:
-            await self._error("invalid", str(exc), exc.field)
-        except Forbidden as exc:
-            await self._error("forbidden", str(exc))
-
-    async def _send_event(self, event_id: int, event: JSONObject) -> None:
-        kind = event.get("kind")
-        channel = next((c for c, k in CHANNELS.items() if k == kind), str(kind))
-        await self._send({"type": "event", "id": event_id, "channel": channel,
-                                     "event": event})
-
-    async def _write(self) -> None:
+        h, feed, since = self.h, self.feed, self.since
+        yield b"retry: 2000\n\n"
+        if since is None:
+            feed.seen_up_to = h.service.hub.last_id
+            yield sse(feed.seen_up_to, "hello", {"v": 1, "kind": "hello",
+                                                  "last_id": feed.seen_up_to})
+        else:
+            backlog, reset = await run_in_threadpool(feed.backlog, since)
+            if reset is not None:
+                yield sse(feed.seen_up_to, "reset", {
+                    "v": 1, "kind": "reset", "reason": reset, "last_id": feed.seen_up_to,
+                    "what_to_do": "read the current state again (nodes, tasks)"})
+            for event_id, event in backlog:
+                yield sse_render(event_id, event)
+            yield sse(feed.seen_up_to, "hello", {"v": 1, "kind": "hello",
+                                                  "last_id": feed.seen_up_to,
+                                                  "resumed_from": since})
         while True:
-            feed = self.feed
-            if feed is None:
-                self.changed.clear()
-                try:
-                    await asyncio.wait_for(self.changed.wait(), HEARTBEAT_S)
-                except TimeoutError:
-                    await self._send({"type": "heartbeat",
-                                                 "last_id": self.h.service.hub.last_id})
-                if self.stopping:
-                    return
-                continue
-            item = await feed.next(HEARTBEAT_S)
-            if feed is not self.feed:
-                continue  # replaced meanwhile
-            if item == "":
-                await self._send({"type": "heartbeat", "last_id": feed.seen_up_to
-                                             if feed.seen_up_to > self.h.service.hub.last_id
-                                             else self.h.service.hub.last_id})
-                continue
-            if item is None:
-                return
-            assert not isinstance(item, str)
-            await self._send_event(*item)
+            frame = await feed.next(HEARTBEAT_S)
+            if frame is None:
+                break
+            yield frame or b": heartbeat\n\n"
+        if feed.code in ("slow_reader", "token_revoked"):
+            yield sse(h.service.hub.last_id, "error", {
+                "v": 1, "kind": "error", "code": feed.code, "error": feed.sub.closed})
 
 
-def _strings(msg: JSONObject, key: str) -> list[str]:
-    value = msg.get(key, [])
-    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-        raise edge.Invalid(key, f"`{key}` must be a list of strings")
-    return value
-
-
-__all__ = ["AUDIT", "HEARTBEAT_S", "sse_endpoint", "ws_endpoint"]
+__all__ = ["AUDIT", "HEARTBEAT_S", "Feed", "Registry", "sse_endpoint", "stream_principal"]
