@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
 from edgerun.protocol import format_time
 
 from .apikit import FakeFleet, Stack, stack, wait_for
+from .pg import pg_database, pg_url  # noqa: F401
 
 SIMS = [f"ov-{i:02d}" for i in range(12)]
 
@@ -116,3 +118,32 @@ def test_job_tasks_filter_by_state_failures_first_with_creator_and_times(
     assert missing.status == 404
     api.post("/jobs/ov-filter/cancel", {})
 
+
+
+def test_the_same_aggregates_on_postgresql(tmp_path: Path, pg_url: str) -> None:  # noqa: F811
+    with stack(tmp_path, node="ovpg-agent", db=pg_url) as st:
+        fake = FakeFleet(st.mosquitto.url)
+        try:
+            fake.online(["ovpg-1", "ovpg-2", "ovpg-3"])
+            api = st.api(st.operator)
+            wait_for(lambda: api.get("/nodes", match="ovpg-?", online=1)["total"] == 3, 60)
+            # `_` is a LIKE wildcard: the creator of pg_job_1 is not that of pgXjob_1
+            st.api().post("/jobs", {"id": "pgXjob_1", "targets": ["ovpg-3"],
+                                    "steps": [{"type": "shell", "command": "true"}]})
+            api.post("/jobs", {"id": "pg_job_1", "targets": ["ovpg-?"],
+                               "steps": [{"type": "shell", "command": "true"}]})
+            fake.finish("ovpg-1", "pg_job_1.0")
+            fake.finish("ovpg-2", "pg_job_1.0", state="failed", exit_code=1)
+            wait_for(lambda: api.get("/jobs/pg_job_1")["progress"]["done"] == 2, 60)
+            view = api.get("/overview")
+            assert view["nodes"]["online"] == 4 and view["tasks"]["failed_last_hour"] == 1
+            assert [f["node"] for f in view["failures"]] == ["ovpg-2"]
+            series = api.get("/overview/series")
+            assert sum(m["succeeded"] + m["failed"] for m in series["outcomes"]) == 2
+            assert series["online"][-1]["online"] == 4
+            assert api.get("/jobs/pgXjob_1/tasks")["job"]["creator"] != "ops"
+            tasks = api.get("/jobs/pg_job_1/tasks")
+            assert [t["node"] for t in tasks["tasks"]] == ["ovpg-2", "ovpg-3", "ovpg-1"]
+            assert tasks["job"]["creator"] == "ops" and tasks["job"]["ended_at"] is None
+        finally:
+            fake.close()

@@ -52,7 +52,7 @@ SQL_JOB_COUNTS = "SELECT state, COUNT(*) AS n FROM tasks WHERE job_id=? GROUP BY
 SQL_JOB_TIMES = ("SELECT MIN(dispatched_at) AS started, MAX(updated_at) AS ended, "
                  "SUM(CASE WHEN state IN (?,?,?,?,?,?) THEN 0 ELSE 1 END) AS open "
                  "FROM tasks WHERE job_id=?")
-SQL_JOB_CREATOR = ("SELECT body FROM events WHERE channel='audit' AND body LIKE ? "
+SQL_JOB_CREATOR = ("SELECT body FROM events WHERE channel='audit' AND body LIKE ? ESCAPE '!' "
                    "ORDER BY id LIMIT 1")
 # failures first, then the running, then the rest; by node and step within each
 SQL_JOB_TASKS = ("SELECT node, id, step, state, exit_code, error_code, error_message, "
@@ -135,6 +135,13 @@ def _online_over(online_now: int, moves: list[tuple[str, JSONObject]], now: date
     return points
 
 
+def _audit_pattern(job_id: str) -> str:
+    """LIKE pattern of the audit event that created the job: its id literal (`_` and `%`
+    escaped, they are LIKE's wildcards)."""
+    literal = json.dumps(job_id).replace("!", "!!").replace("%", "!%").replace("_", "!_")
+    return f'%"action": "job"%"job": {literal}%'
+
+
 def _failure(r: Any) -> JSONObject:
     return {"node": r["node"], "id": r["id"], "type": r["type"], "state": r["state"],
             "exit_code": r["exit_code"], "updated_at": r["updated_at"], "job": r["job_id"],
@@ -152,8 +159,7 @@ class JobTasks:
         """The job's creator (from the audit log, while it keeps it), start and end."""
         with self.store.db.read() as db:
             times = db.execute(SQL_JOB_TIMES, (*FINAL, job["id"])).fetchone()
-            row = db.execute(SQL_JOB_CREATOR,
-                             (f'%"action": "job"%"job": {json.dumps(job["id"])}%',)).fetchone()
+            row = db.execute(SQL_JOB_CREATOR, (_audit_pattern(job["id"]),)).fetchone()
         creator = json.loads(row["body"]).get("by") if row is not None else None
         open_tasks = int(times["open"] or 0)
         return {"id": job["id"], "name": job["id"], "creator": creator,
