@@ -160,7 +160,7 @@ def record_posts(page: Any) -> list[dict[str, str]]:
 
 
 def test_a_dispatch_to_many_asks_for_the_count_is_busy_and_becomes_one_job(
-        page: Any, s: Stack, fleet: FakeFleet) -> None:
+        page: Any, s: Stack, fleet: FakeFleet, shots: Path) -> None:
     api = s.api(s.operator)
     jobs_before = len(api.get("/jobs", limit=200)["jobs"])
     login(page, s, s.operator)
@@ -178,6 +178,7 @@ def test_a_dispatch_to_many_asks_for_the_count_is_busy_and_becomes_one_job(
     # vw-024 is offline and still a target: its task waits for it
     assert "sends to 25 nodes" in page.inner_text("#d-confirm-text")
     assert page.is_disabled("#d-submit")
+    page.screenshot(path=str(shots / "dispatch-confirm.png"))
     page.fill("#d-confirm-count", "24")
     page.click("#d-confirm-go")
     page.wait_for_selector("#d-confirm-text:has-text('That is not 25')")
@@ -195,6 +196,7 @@ def test_a_dispatch_to_many_asks_for_the_count_is_busy_and_becomes_one_job(
     assert job["id"].startswith("lan-check-") and job["progress"]["tasks"] == 25
     assert "lan-check-" in page.inner_text("#job-about")
     assert "ops" in page.inner_text("#job-about")  # the creator: the token's name
+    page.screenshot(path=str(shots / "job-glob.png"))
     page.goto(f"{s.url}/#/jobs")
     page.wait_for_selector(f"#job-rows tr[data-job='{job['id']}'] .progress")
     api.post(f"/jobs/{job['id']}/cancel", {})
@@ -217,7 +219,7 @@ def test_a_double_click_sends_one_task_with_an_idempotency_key(page: Any, s: Sta
 
 
 def test_rollouts_show_batches_and_the_abort_rule_with_pause_resume_abort(
-        page: Any, s: Stack, fleet: FakeFleet) -> None:
+        page: Any, s: Stack, fleet: FakeFleet, shots: Path) -> None:
     api = s.api(s.operator)
     rollout = api.post("/rollouts", {"targets": ["vw-01*"], "online": True, "batch": 3,
                                      "abort_after": "2",
@@ -233,6 +235,7 @@ def test_rollouts_show_batches_and_the_abort_rule_with_pause_resume_abort(
     assert page.is_hidden("#rollout-resume")
     page.click("#rollout-pause")
     page.wait_for_selector("#rollout-state[data-state='paused']")
+    page.screenshot(path=str(shots / "rollout-paused.png"))
     assert page.is_visible("#rollout-resume") and page.is_hidden("#rollout-pause")
     page.click("#rollout-resume")
     page.wait_for_selector("#rollout-state[data-state='running']")
