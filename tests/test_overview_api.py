@@ -82,6 +82,15 @@ def test_overview_needs_a_token(s: Stack) -> None:
     assert reply.status == 401 and reply.body["code"] == "unauthorized"
     reply = s.http("GET", "/v1/overview/series", token=s.viewer)
     assert reply.status == 200
+    for path, field in (("/v1/overview?since=1h", "since"), ("/v1/overview/series?x=1", "x"),
+                        ("/v1/jobs/ov-job/tasks?limit=0", "limit"),
+                        ("/v1/jobs/ov-job/tasks?limit=99999999", "limit"),
+                        ("/v1/jobs/ov-job/tasks?state=failed&state=lost", "state"),
+                        ("/v1/jobs/ov-job/tasks?cursor=%27;drop", "cursor")):
+        reply = s.http("GET", path, token=s.viewer)
+        assert reply.status == 422 and reply.body["field"] == field, (path, reply.body)
+    reply = s.http("POST", "/v1/overview", token=s.operator, body={})
+    assert reply.status == 405 and reply.body["code"] == "method_not_allowed"
 
 
 def test_job_tasks_filter_by_state_failures_first_with_creator_and_times(
