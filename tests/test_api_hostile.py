@@ -5,9 +5,13 @@ the service's log."""
 
 from __future__ import annotations
 
+import http.client
 import json
 import logging
+import select
+import socket
 import sqlite3
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -16,6 +20,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
 from edgerun.protocol import DEFAULT_MAX_MESSAGE_BYTES
+from edgerun.scheduler.api import deadline, server
 
 from .apikit import Stack, stack
 
@@ -219,3 +224,79 @@ def test_ws_binary_and_huge_frames_close_with_a_code(s: Stack) -> None:
             while True:
                 ws.recv(timeout=30)
         assert closed.value.rcvd is not None and closed.value.rcvd.code in (1009, 1008)
+
+
+# --- timeouts and the token before the body -----------------------------------------------
+def closed_by_server(sock: socket.socket, pace_s: float, send: bytes) -> bool:
+    """Send `send` a byte per `pace_s` (a slow-loris client); True once the server closed
+    the connection, False if every byte went out and it was still open."""
+    for byte in send:
+        try:
+            sock.sendall(bytes([byte]))
+        except OSError:
+            return True
+        readable, _, _ = select.select([sock], [], [], pace_s)
+        if readable:
+            try:
+                return sock.recv(65536) == b""
+            except OSError:
+                return True
+    return False
+
+
+def test_a_head_sent_a_byte_at_a_time_is_closed(s: Stack,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(deadline, "HEAD_TIMEOUT_S", 1.0)
+    with socket.create_connection(("127.0.0.1", s.port), timeout=30) as sock:
+        head = b"GET /v1/nodes HTTP/1.1\r\nHost: x\r\nX-Slow: " + b"a" * 200
+        assert closed_by_server(sock, 0.1, head)
+
+
+def test_a_connection_that_sends_nothing_is_closed(s: Stack,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(deadline, "HEAD_TIMEOUT_S", 1.0)
+    with socket.create_connection(("127.0.0.1", s.port), timeout=30) as sock:
+        assert sock.recv(1) == b""
+
+
+def test_keep_alive_requests_and_a_websocket_outlive_the_head_deadline(
+        s: Stack, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(deadline, "HEAD_TIMEOUT_S", 0.5)
+    conn = http.client.HTTPConnection("127.0.0.1", s.port, timeout=30)
+    try:
+        for _ in range(3):
+            conn.request("GET", "/v1/whoami", headers={"Authorization": f"Bearer {s.viewer}"})
+            assert conn.getresponse().read() and True
+    finally:
+        conn.close()
+    with ws_open(s) as ws:
+        start = time.monotonic()
+        while time.monotonic() - start < 1.5:  # three deadlines' worth of traffic
+            ws.send(json.dumps({"op": "ping"}))
+            assert next_json(ws)["type"] in ("pong", "heartbeat")
+
+
+def test_a_body_that_never_completes_gets_408(s: Stack,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(server, "BODY_TIMEOUT_S", 1.0)
+    with socket.create_connection(("127.0.0.1", s.port), timeout=30) as sock:
+        sock.sendall(b"POST /v1/tasks HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Authorization: Bearer " + s.operator.encode() +
+                     b"\r\nContent-Length: 100\r\n\r\n{\"targets\"")
+        answer = b""
+        while b"\r\n\r\n" not in answer or not answer.rstrip().endswith(b"}"):
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
+    assert b'"code": "timeout"' in answer
+
+
+def test_the_token_is_checked_before_the_body_is_read(s: Stack) -> None:
+    reply = s.http("POST", "/v1/tasks", raw=b"this is not json")
+    assert reply.status == 401 and reply.body["code"] == "unauthorized"
+    # a body announced and never sent: the 401 comes without waiting for it
+    with socket.create_connection(("127.0.0.1", s.port), timeout=30) as sock:
+        sock.sendall(b"POST /v1/tasks HTTP/1.1\r\nHost: x\r\nContent-Length: 900000\r\n\r\n")
+        assert sock.recv(65536).startswith(b"HTTP/1.1 401")

@@ -53,6 +53,7 @@ CONSOLE_HEADERS = {
     "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer",
 }
 WS_MAX_SIZE = 64 * 1024  # a WebSocket message from a client: a subscribe is < 1 KiB
+BODY_TIMEOUT_S = 30.0  # the whole request body (1 MiB at most) must arrive within this
 THREADS = 6  # the thread pool that runs handlers' blocking work
 
 
@@ -110,12 +111,17 @@ def build_app(service: Service, config: ApiConfig, registry: Any = None) -> Any:
             raise ApiError(413, "too_large", f"the request body is over "
                            f"{config.max_body} bytes")
         chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > config.max_body:
-                raise ApiError(413, "too_large", f"the request body is over "
-                               f"{config.max_body} bytes")
-            chunks.append(chunk)
+        try:
+            async with asyncio.timeout(BODY_TIMEOUT_S):  # a body sent a byte at a time
+                async for chunk in request.stream():
+                    size += len(chunk)
+                    if size > config.max_body:
+                        raise ApiError(413, "too_large", f"the request body is over "
+                                       f"{config.max_body} bytes")
+                    chunks.append(chunk)
+        except TimeoutError:
+            raise ApiError(408, "timeout", f"the request body did not arrive within "
+                           f"{BODY_TIMEOUT_S:.0f} s") from None
         raw = b"".join(chunks)
         if not raw.strip():
             return {}
@@ -259,6 +265,8 @@ class ApiServer:
     def __init__(self, service: Service, config: ApiConfig | None = None) -> None:
         import uvicorn
 
+        from edgerun.scheduler.api.deadline import HeadDeadline
+
         self.service, self.config = service, config or ApiConfig()
         self.config.check()
         from edgerun.scheduler.api import logfilter
@@ -279,7 +287,7 @@ class ApiServer:
         self.host, self.port = self.config.host, int(self._sock.getsockname()[1])
         app = build_app(service, self.config, self.streams)
         self._server = uvicorn.Server(uvicorn.Config(
-            app, http="h11", ws="websockets-sansio", lifespan="off", log_config=None,
+            app, http=HeadDeadline, ws="websockets-sansio", lifespan="off", log_config=None,
             access_log=False, server_header=False, timeout_graceful_shutdown=2,
             ws_ping_interval=20.0, ws_max_size=WS_MAX_SIZE, ssl_certfile=self.config.tls_cert,
             ssl_keyfile=self.config.tls_key))

@@ -1,0 +1,117 @@
+"""A deadline on request heads (issue 23): uvicorn times out idle keep-alive connections
+but not a request head that arrives a byte at a time, nor a connection that never
+sends one, so each of those would hold a connection and its memory for ever.
+
+`HeadDeadline` is the HTTP protocol uvicorn runs (its public `http=` setting takes a
+protocol class): h11's, wrapped. It looks only at bytes: from a connection's start,
+and from the first byte after each response began, the head must be complete (a
+blank line) within HEAD_TIMEOUT_S, or the connection is closed. Once a connection is
+upgraded to a WebSocket it steps aside. Body reads have their own deadline in the
+API (server.py, BODY_TIMEOUT_S: 408).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+HEAD_TIMEOUT_S = 10.0
+END_OF_HEAD = b"\r\n\r\n"
+
+
+class _Transport:
+    """The real transport, as the wrapped protocol sees it: writes and a protocol switch
+    are noted, everything else is passed through."""
+
+    def __init__(self, real: Any, owner: HeadDeadline) -> None:
+        self.real, self.owner = real, owner
+
+    def write(self, data: bytes) -> None:
+        self.owner.wrote()
+        self.real.write(data)
+
+    def writelines(self, lines: Any) -> None:
+        self.owner.wrote()
+        self.real.writelines(lines)
+
+    def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
+        self.owner.detach()  # a WebSocket from here on: frames, not heads
+        self.real.set_protocol(protocol)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.real, name)
+
+
+class HeadDeadline(asyncio.Protocol):
+    def __init__(self, **kwargs: Any) -> None:
+        from uvicorn.protocols.http.h11_impl import H11Protocol
+
+        self.inner = H11Protocol(**kwargs)
+        self.loop = kwargs.get("_loop") or asyncio.get_running_loop()
+        self.timer: asyncio.TimerHandle | None = None
+        self.transport: Any = None
+        self.in_head = True  # the next bytes are (part of) a request head
+        self.tail = b""
+        self.detached = False
+
+    # --- what the transport calls --------------------------------------------------------
+    def connection_made(self, transport: Any) -> None:
+        self.transport = transport
+        self.inner.connection_made(_Transport(transport, self))  # type: ignore[arg-type]
+        self._arm()
+
+    def data_received(self, data: bytes) -> None:
+        if not self.detached and self.in_head:
+            if self.timer is None:
+                self._arm()
+            seen = self.tail + data
+            if END_OF_HEAD in seen:
+                self.in_head, self.tail = False, b""
+                self._disarm()
+            else:
+                self.tail = seen[-3:]
+        self.inner.data_received(data)
+
+    def eof_received(self) -> bool | None:
+        self.inner.eof_received()
+        return None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm()
+        self.inner.connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        self.inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        self.inner.resume_writing()
+
+    # --- what the wrapped protocol's transport tells ---------------------------------------
+    def wrote(self) -> None:
+        if not self.in_head:
+            self.in_head, self.tail = True, b""  # an answer began: the next bytes are a head
+
+    def detach(self) -> None:
+        self.detached = True
+        self._disarm()
+
+    # --- the deadline ----------------------------------------------------------------------
+    def _arm(self) -> None:
+        self._disarm()
+        self.timer = self.loop.call_later(HEAD_TIMEOUT_S, self._expired)
+
+    def _disarm(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+
+    def _expired(self) -> None:
+        self.timer = None
+        if self.detached or not self.in_head or self.transport is None:
+            return
+        log.info("closed a connection whose request head was not complete within %.0f s",
+                 HEAD_TIMEOUT_S)
+        self.transport.close()
