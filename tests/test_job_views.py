@@ -57,7 +57,7 @@ def test_a_graph_over_different_nodes_reads_5_of_5_and_job_show_prints_it(api: A
     shown = cli(api.url, "job", "show", "graph-5")
     assert shown.code == 0 and "Traceback" not in shown.err, shown
     assert "5/5 done, 1 failed" in shown.out
-    assert "graph: 3 step(s) on 4 node(s), 5 tasks" in shown.out
+    assert "graph: 4 nodes x 3 steps, 5 tasks" in shown.out
     assert "step report (shell echo report) needs inventory: 1/1 done: 1 succeeded" in shown.out
     table = shown.out.split("\n\n", 1)[1].splitlines()
     assert table[0].split() == ["NODE", "STEP", "INVENTORY", "STEP", "REPORT", "STEP", "TIDY"]
@@ -77,7 +77,7 @@ def test_an_ordered_list_and_a_single_step_job_show_too(api: Api) -> None:
     assert (job["progress"]["done"], job["progress"]["tasks"]) == (4, 4)
     shown = cli(api.url, "job", "show", "list-2")
     assert shown.code == 0, shown
-    assert "ordered steps: 2 step(s) on 2 node(s), 4 tasks" in shown.out
+    assert "ordered steps: 2 nodes x 2 steps, 4 tasks" in shown.out
     assert "4/4 done, 0 failed" in shown.out
 
     api.post("/jobs", {"id": "one-4", "targets": ["jv-*"], "steps": [
@@ -85,6 +85,21 @@ def test_an_ordered_list_and_a_single_step_job_show_too(api: Api) -> None:
     finished(api, "one-4")
     shown = cli(api.url, "job", "show", "one-4")
     assert shown.code == 0, shown
-    assert "one step: 1 step(s) on 4 node(s), 4 tasks" in shown.out
+    assert "one step: 4 nodes x 1 step, 4 tasks" in shown.out
     assert "4/4 done, 0 failed" in shown.out
     assert all(t["state"] in FINAL for t in api.get("/tasks", job="one-4")["tasks"])
+
+
+def test_a_cli_run_on_a_glob_is_one_job_with_one_progress_line(api: Api) -> None:
+    before = {j["id"] for j in api.get("/jobs", limit=200)["jobs"]}
+    result = cli(api.url, "run", "jv-*", "--", "echo fan")
+    assert result.code == 0, result
+    progress = [x for x in result.err.splitlines() if " done, " in x]
+    assert progress[-1] == "edgerun: 4/4 done, 0 failed"  # one progress line for the fan-out
+    assert sum(1 for x in result.out.splitlines() if x.endswith(" | fan")) == 4
+    [job] = [j for j in api.get("/jobs", limit=200)["jobs"] if j["id"] not in before]
+    assert (job["progress"]["tasks"], job["progress"]["done"]) == (4, 4)
+    assert job["steps"][0]["command"] == "echo fan"
+    one = cli(api.url, "run", "jv-1", "--", "echo one")  # one node: a plain task, no job
+    assert one.code == 0 and "jv-1 | one" in one.out
+    assert {j["id"] for j in api.get("/jobs", limit=200)["jobs"]} - before == {job["id"]}

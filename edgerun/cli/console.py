@@ -204,7 +204,8 @@ def job_lines(job: dict[str, Any]) -> list[str]:
         if job.get(key):
             about.append(f"{key.removesuffix('_at')} {render.utc(job[key])}")
     lines = ["  ".join(about),
-             f"{shape}: {len(steps)} step(s) on {job['nodes']} node(s), {p['tasks']} tasks",
+             f"{shape}: {job['nodes']} nodes x {len(steps)} step"
+             f"{'s' if len(steps) != 1 else ''}, {p['tasks']} tasks",
              f"{p['done']}/{p['tasks']} done, {p['failed']} failed"]
     for row in p["steps"]:
         i = row["step"]

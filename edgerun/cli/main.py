@@ -217,12 +217,21 @@ def _send(client: Client, args: argparse.Namespace, targets: list[str],
             raise ConfigError("--timeout must be greater than 0")
         task["timeout"] = args.timeout
     task["id"] = str(uuid.uuid4())
-    body = {"targets": targets, "online": args.online, "task": task}
+    body: dict[str, Any] = {"targets": targets, "online": args.online, "task": task}
     cli_fleet.extend_body(args, body)
     rollout = cli_fleet.is_rollout(args)
+    retries: int = getattr(args, "retries", 0) or 0
+    ids = cli_fleet.follow_ids(task["id"], args)
+    path = "/tasks"
+    if not rollout and not retries and _several(targets, args):
+        # several nodes: one job of one step, so the console shows one aggregated row
+        job_id = task.pop("id")
+        body = {"id": job_id, "targets": targets, "online": args.online, "steps": [task],
+                **({"where": list(args.where)} if args.where else {})}
+        path, ids = "/jobs", [f"{job_id}.0"]
     if args.detach:
         created = cli_fleet.post_rollout(client, body) if rollout else \
-            client.post("/tasks", body)["tasks"]
+            client.post(path, body)["tasks"]
         _print_tasks(created, args.json)
         return EXIT_OK
     prefixer = None if args.json else render.Prefixer()
@@ -230,11 +239,9 @@ def _send(client: Client, args: argparse.Namespace, targets: list[str],
     def send() -> list[dict[str, Any]]:
         if rollout:
             return cli_fleet.post_rollout(client, body)
-        created: list[dict[str, Any]] = client.post("/tasks", body)["tasks"]
+        created: list[dict[str, Any]] = client.post(path, body)["tasks"]
         _note_offline(client, created)
         return created
-    ids = cli_fleet.follow_ids(task["id"], args)
-    retries: int = getattr(args, "retries", 0) or 0
     if rollout or retries > 0:
         # retries and rollouts are said as they happen; a rollout's progress is its counts
         done, _ = cli_watch.follow(client, ids, send, prefixer, rollout)
@@ -244,6 +251,13 @@ def _send(client: Client, args: argparse.Namespace, targets: list[str],
     if rollout:
         return cli_fleet.report_rollout(client, done, args.json) or exit_code(done)
     return exit_code(done)
+
+
+def _several(targets: list[str], args: argparse.Namespace) -> bool:
+    """Whether a dispatch may reach more than one node: a glob, several targets, --online
+    or --where (one node id or MAC stays a plain task)."""
+    return bool(len(targets) != 1 or any(c in targets[0] for c in "*?[") or args.online
+                or args.where)
 
 
 def _note_offline(client: Client, created: list[dict[str, Any]]) -> None:
