@@ -292,6 +292,12 @@ def test_axe_finds_no_serious_or_critical_violation_on_any_view(
         go(page, s, view, ready)
         problems[view] = axe_violations(page)
         assert one_visible_h1(page) == 1, view
+        if view.startswith("job/"):  # a graph: each step with its own targets and progress
+            assert page.get_attribute("#job-summary", "data-tasks") == "11"
+            assert page.inner_text("#job-steps tr[data-step='a'] .step-progress") == "0/10"
+            assert page.inner_text("#job-steps tr[data-step='b'] .step-progress") == "0/1"
+            assert "vw-001" in page.inner_text("#job-steps tr[data-step='b']")
+            assert "a" in page.inner_text("#job-steps tr[data-step='b']")  # what it needs
     page.fill("#d-targets", "vw-0*")
     page.fill("#d-command", "true")
     page.click("#d-submit")
