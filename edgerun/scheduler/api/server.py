@@ -54,6 +54,7 @@ CONSOLE_HEADERS = {
 }
 WS_MAX_SIZE = 64 * 1024  # a WebSocket message from a client: a subscribe is < 1 KiB
 BODY_TIMEOUT_S = 30.0  # the whole request body (1 MiB at most) must arrive within this
+READY_WITHIN_S = 2.0  # /readyz: a store that takes longer is not ready
 THREADS = 6  # the thread pool that runs handlers' blocking work
 
 
@@ -171,15 +172,40 @@ def build_app(service: Service, config: ApiConfig, registry: Any = None) -> Any:
     async def openapi_json(_request: Request) -> Response:
         return answer(200, document(__version__))
 
+    async def healthz(_request: Request) -> Response:
+        """Liveness, for a load balancer or Kubernetes: the API answers. No token, no data."""
+        return answer(200, {"status": "ok"})
+
+    async def readyz(_request: Request) -> Response:
+        """Readiness: the store answers and the broker is connected. No token, no data."""
+        def check() -> dict[str, bool]:
+            try:
+                store = service.store.schema_version > 0
+            except Exception as exc:  # any store failure means not ready; say which
+                log.debug("readyz: the store: %s", exc)
+                store = False
+            return {"store": store, "broker": service.messenger.connected.is_set()}
+        try:
+            parts = await asyncio.wait_for(run_in_threadpool(check), READY_WITHIN_S)
+        except TimeoutError:
+            parts = {"store": False, "broker": service.messenger.connected.is_set()}
+        ready = all(parts.values())
+        return answer(200 if ready else 503, {"status": "ready" if ready else "not_ready",
+                                              **parts})
+
     async def console(_request: Request) -> Response:
         return FileResponse(STATIC / "index.html", headers={"Cache-Control": "no-store",
                                                             **CONSOLE_HEADERS})
 
-    async def on_error(_request: Any, exc: Exception) -> Response:
+    async def on_error(request: Any, exc: Exception) -> Response:
         if isinstance(exc, HTTPException):
             code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http")
             message = {404: "no such endpoint", 405: "method not allowed here"}.get(
                 exc.status_code, str(exc.detail))
+            path = str(request.url.path)
+            if exc.status_code == 404 and not path.startswith(("/v1/", "/static/")):
+                message += (f"; the API is versioned: its paths start with /v1 (such as "
+                            f"/v1{path[:80]}); /v1/openapi.json lists them")
             response = answer(exc.status_code, {"error": message, "code": code})
             for key, value in (exc.headers or {}).items():
                 response.headers[key] = value
@@ -248,6 +274,8 @@ def build_app(service: Service, config: ApiConfig, registry: Any = None) -> Any:
         StarletteRoute("/v1/openapi.json", openapi_json, methods=["GET"]),
         # Prometheus' convention: a scraper reads /metrics without a token (counts only)
         StarletteRoute("/metrics", open_metrics, methods=["GET"]),
+        StarletteRoute("/healthz", healthz, methods=["GET"]),
+        StarletteRoute("/readyz", readyz, methods=["GET"]),
         *[StarletteRoute(path, by_method(handlers), methods=list(handlers))
           for path, handlers in table.items()],
         WebSocketRoute("/v1/ws", ws.ws_endpoint(h, registry, config.allowed_origins)),
