@@ -260,6 +260,7 @@ class Handlers:
         for i, step in enumerate(steps):
             self.check_spec({k: v for k, v in step.items() if k != "id"}, f"steps.{i}")
         job = self.service.create_job(targets, online, steps, job_id, where=body.get("where"))
+        self.service.jobs.describe(job["id"], who.name)
         self.audit(who, "job", job=job["id"], nodes=job["nodes"][:1000],
                    count=len(job["nodes"]), steps=len(steps), tasks=[])
         return {**self.job(job["id"]), "tasks": [without_tails(t) for t in job["tasks"]]}

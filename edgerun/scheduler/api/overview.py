@@ -52,6 +52,7 @@ SQL_JOB_COUNTS = "SELECT state, COUNT(*) AS n FROM tasks WHERE job_id=? GROUP BY
 SQL_JOB_TIMES = ("SELECT MIN(dispatched_at) AS started, MAX(updated_at) AS ended, "
                  "SUM(CASE WHEN state IN (?,?,?,?,?,?) THEN 0 ELSE 1 END) AS open "
                  "FROM tasks WHERE job_id=?")
+SQL_JOB_CREATED_BY = "SELECT created_by FROM jobs WHERE id=?"
 SQL_JOB_CREATOR = ("SELECT body FROM events WHERE channel='audit' AND body LIKE ? ESCAPE '!' "
                    "ORDER BY id LIMIT 1")
 # failures first, then the running, then the rest; by node and step within each
@@ -156,11 +157,15 @@ class JobTasks:
         self.h, self.store = h, h.store
 
     def about(self, job: JSONObject) -> JSONObject:
-        """The job's creator (from the audit log, while it keeps it), start and end."""
+        """The job's creator (recorded with the job since schema 6; before, from the audit
+        log while it keeps it), start and end."""
         with self.store.db.read() as db:
             times = db.execute(SQL_JOB_TIMES, (*FINAL, job["id"])).fetchone()
-            row = db.execute(SQL_JOB_CREATOR, (_audit_pattern(job["id"]),)).fetchone()
-        creator = json.loads(row["body"]).get("by") if row is not None else None
+            creator = db.execute(SQL_JOB_CREATED_BY, (job["id"],)).fetchone()["created_by"]
+            row = None if creator else db.execute(
+                SQL_JOB_CREATOR, (_audit_pattern(job["id"]),)).fetchone()
+        if row is not None:
+            creator = json.loads(row["body"]).get("by")
         open_tasks = int(times["open"] or 0)
         return {"id": job["id"], "name": job["id"], "creator": creator,
                 "created_at": job["created_at"], "started_at": times["started"],

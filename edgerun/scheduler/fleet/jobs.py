@@ -60,6 +60,9 @@ from edgerun.scheduler.fleet.pacing import Fleet
 from edgerun.scheduler.store.tasks import Change
 
 
+SQL_SET_CREATOR = "UPDATE jobs SET created_by=? WHERE id=?"
+
+
 # --- progress: counted over the job's real tasks ----------------------------------------------
 def progress_of(counts: dict[int, dict[str, int]], steps: int, nodes: int) -> JSONObject:
     """One row for the whole job from the database's {step: {state: count}}: per step and in
@@ -156,6 +159,11 @@ class JobRunner:
             assert job is not None
             return job
         return self.core.call(create)
+
+    def describe(self, job_id: str, creator: str | None) -> None:
+        """Record who created the job (the API token's name)."""
+        with self.core.store.db.write() as db:
+            db.execute(SQL_SET_CREATOR, (creator, job_id))
 
     def graph(self, job_id: str) -> dict[str, list[str]] | None:
         if job_id not in self._graphs:

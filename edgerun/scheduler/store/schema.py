@@ -132,6 +132,10 @@ MIGRATIONS: dict[int, str] = {
     );
     CREATE INDEX idempotency_by_age ON idempotency (created_at)
     """,
+    # 6: who created a job (the API token's name), for the console's job view (issue 24)
+    6: """
+    ALTER TABLE jobs ADD COLUMN created_by TEXT
+    """,
 }
 
 SCHEMA_VERSION = max(MIGRATIONS)
