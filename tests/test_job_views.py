@@ -57,6 +57,9 @@ def test_a_graph_over_different_nodes_reads_5_of_5_and_job_show_prints_it(api: A
     shown = cli(api.url, "job", "show", "graph-5")
     assert shown.code == 0 and "Traceback" not in shown.err, shown
     assert "5/5 done, 1 failed" in shown.out
+    head = shown.out.splitlines()[0]
+    assert head.startswith("job graph-5  by ") and " UTC  started " in head
+    assert " UTC  ended " in head and head.endswith(" UTC")
     assert "graph: 4 nodes x 3 steps, 5 tasks" in shown.out
     assert "step report (shell echo report) needs inventory: 1/1 done: 1 succeeded" in shown.out
     table = shown.out.split("\n\n", 1)[1].splitlines()

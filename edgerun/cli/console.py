@@ -164,6 +164,8 @@ def _print_tails(task: dict[str, Any], prefixer: render.Prefixer, prefix: bool) 
 # --- job show | cancel ------------------------------------------------------------------
 def cmd_job_show(client: Client, job_id: str, as_json: bool) -> int:
     job = client.get(f"/jobs/{quoted(job_id)}")
+    about = client.get(f"/jobs/{quoted(job_id)}/tasks", limit=1)["job"]
+    job.update({k: about.get(k) for k in ("creator", "started_at", "ended_at")})
     targets: list[dict[str, Any]] = []
     cursor = None
     while True:
