@@ -318,3 +318,29 @@ def test_a_bootstrap_whose_file_cannot_be_written_stores_no_token(tmp_path: Path
     finally:
         store.close()
 
+
+
+# --- retention in bounded batches -------------------------------------------------------------
+def test_retention_deletes_in_bounded_batches_and_keeps_what_is_open(target: str) -> None:
+    store = Store(target)
+    try:
+        for i in range(10):
+            store.add_task("n1", ShellTask(id=f"old{i}", command="true"), source="api")
+            _update(store, "n1", f"old{i}", "succeeded", exit_code=0)
+        store.add_task("n1", ShellTask(id="open", command="true"), source="api")
+        _update(store, "n1", "open", "running")
+        statements: list[str] = []
+        real = store.db.execute
+
+        def counting(sql: str, args: Any = ()) -> Any:
+            if sql.startswith("DELETE FROM tasks"):
+                statements.append(sql)
+            return real(sql, args)
+        store.db.execute = counting  # type: ignore[method-assign]
+        pruned = store.prune(keep_days=1, now=time.time() + 2 * 86_400, batch=3)
+        assert pruned == {"tasks": 10, "updates": 10, "jobs": 0}
+        assert len(statements) == 4  # 3 + 3 + 3 + 1, each in a transaction of its own
+        assert [t["id"] for t in store.tasks()] == ["open"]
+        assert [u["state"] for u in store.updates("n1", "open")] == ["running"]
+    finally:
+        store.close()

@@ -45,6 +45,7 @@ log = logging.getLogger(__name__)
 RESULT_FIELDS = ("exit_code", "stdout", "stderr", "truncated", "duration_s", "bytes", "sha256",
                  "dest", "output_dropped")
 TOUCH_EVERY_S = 1.0
+PRUNE_BATCH = 2_000  # finished tasks deleted a transaction (retention)
 LOG_KEEP = 100_000
 # the agent's order of a task's states: a history lists them so whatever order they
 # arrived in (several instances, redelivery); the same rank keeps arrival order
@@ -474,23 +475,46 @@ class Store:
             return bool(db.execute("DELETE FROM nodes WHERE node=?", (node,)).rowcount)
 
     # --- retention and re-sending ------------------------------------------------------
-    def prune(self, keep_days: float, now: float | None = None) -> dict[str, int]:
+    def prune(self, keep_days: float, now: float | None = None,
+              batch: int = PRUNE_BATCH) -> dict[str, int]:
         """Delete finished tasks (and their updates) last changed more than `keep_days`
-        ago, id-less `rejected` updates as old, and jobs left with no task."""
+        ago, id-less `rejected` updates as old, and jobs left with no task.
+
+        In transactions of at most `batch` tasks (oldest first), so that retention of a
+        large history never holds the store's writer for long: dispatch goes on between
+        two batches."""
         stamp = format_time(datetime.fromtimestamp(now if now is not None else time.time(), UTC)
                             - timedelta(days=keep_days))
+        out = {"tasks": 0, "updates": 0, "jobs": 0}
+        while True:
+            with self.transaction() as db:
+                seqs = [int(r[0]) for r in db.execute(
+                    "SELECT seq FROM tasks WHERE updated_at < ? AND state IN ('canceled',"
+                    "'failed','lost','rejected','succeeded','timed_out') ORDER BY seq LIMIT ?",
+                    (stamp, batch))]
+                if seqs:
+                    marks = ",".join("?" * len(seqs))
+                    out["updates"] += max(0, db.execute(
+                        f"DELETE FROM updates WHERE EXISTS (SELECT 1 FROM tasks t WHERE "  # noqa: S608
+                        f"t.seq IN ({marks}) AND t.node=updates.node AND "
+                        f"t.id=updates.task_id)", seqs).rowcount)
+                    out["tasks"] += max(0, db.execute(
+                        f"DELETE FROM tasks WHERE seq IN ({marks})", seqs).rowcount)  # noqa: S608
+            if len(seqs) < batch:
+                break
+        while True:
+            with self.transaction() as db:
+                gone = db.execute("DELETE FROM updates WHERE seq IN (SELECT seq FROM updates "
+                                  "WHERE task_id IS NULL AND received_at < ? LIMIT ?)",
+                                  (stamp, batch)).rowcount
+                out["updates"] += max(0, gone)
+            if gone < batch:
+                break
         with self.transaction() as db:
-            updates = db.execute(
-                "DELETE FROM updates WHERE (task_id IS NULL AND received_at < ?) OR EXISTS "
-                "(SELECT 1 FROM tasks t WHERE t.node=updates.node AND t.id=updates.task_id AND "
-                "t.updated_at < ? AND t.state IN ('canceled','failed','lost','rejected',"
-                "'succeeded','timed_out'))", (stamp, stamp)).rowcount
-            tasks = db.execute("DELETE FROM tasks WHERE updated_at < ? AND state IN "
-                               "('canceled','failed','lost','rejected','succeeded','timed_out')",
-                               (stamp,)).rowcount
-            jobs = db.execute("DELETE FROM jobs WHERE created_at < ? AND NOT EXISTS "
-                              "(SELECT 1 FROM tasks t WHERE t.job_id=jobs.id)", (stamp,)).rowcount
-        return {"tasks": max(tasks, 0), "updates": max(updates, 0), "jobs": max(jobs, 0)}
+            out["jobs"] = max(0, db.execute(
+                "DELETE FROM jobs WHERE created_at < ? AND NOT EXISTS (SELECT 1 FROM tasks t "
+                "WHERE t.job_id=jobs.id)", (stamp,)).rowcount)
+        return out
 
     def stale_queued(self, older_than_s: float) -> list[JSONObject]:
         """Queued tasks (not job steps) created more than `older_than_s` ago: sent by an
