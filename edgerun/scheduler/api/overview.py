@@ -16,6 +16,7 @@ keeps (its retention) and flat before that.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -52,6 +53,7 @@ SQL_JOB_COUNTS = "SELECT state, COUNT(*) AS n FROM tasks WHERE job_id=? GROUP BY
 SQL_JOB_TIMES = ("SELECT MIN(dispatched_at) AS started, MAX(updated_at) AS ended, "
                  "SUM(CASE WHEN state IN (?,?,?,?,?,?) THEN 0 ELSE 1 END) AS open "
                  "FROM tasks WHERE job_id=?")
+SQL_JOB_ROW = "SELECT id, created_at, nodes, steps FROM jobs WHERE id=?"
 SQL_JOB_CREATED_BY = "SELECT created_by FROM jobs WHERE id=?"
 SQL_JOB_CREATOR = ("SELECT body FROM events WHERE channel='audit' AND body LIKE ? ESCAPE '!' "
                    "ORDER BY id LIMIT 1")
@@ -106,8 +108,8 @@ class Overview:
                 if r["minute"] in by_minute:
                     by_minute[r["minute"]][r["state"]] = int(r["n"])
             online_now = sum(1 for n in db.execute(SQL_NODE_STATES) if n["state"] == "online")
-            moves = [(r["at"], json.loads(r["body"])) for r in db.execute(
-                SQL_NODE_EVENTS, (_at(start),))]
+            moves = [(r["at"], *move) for r in db.execute(SQL_NODE_EVENTS, (_at(start),))
+                     if (move := _transition(r["body"])) is not None]
         outcomes = [{"minute": m + ":00.000Z", "succeeded": c.get("succeeded", 0),
                      "failed": sum(c.get(s, 0) for s in FAILED),
                      "canceled": c.get("canceled", 0)} for m, c in by_minute.items()]
@@ -115,8 +117,25 @@ class Overview:
                 "online": _online_over(online_now, moves, now, start)}
 
 
-def _online_over(online_now: int, moves: list[tuple[str, JSONObject]], now: datetime,
-                 start: datetime) -> list[JSONObject]:
+# the head of a node event's JSON: "previous" then "state", before the node's facts
+_MOVE = re.compile(r'"previous":\s*(?:null|"([a-z_]+)"),\s*"state":\s*"([a-z_]+)"')
+
+
+def _transition(body: str) -> tuple[str | None, str | None] | None:
+    """(previous, state) of a logged node event that changed the node's state, else None.
+    Read from the head of its JSON (a node's facts can be kilobytes); parsed in full only
+    when the head is not as expected."""
+    found = _MOVE.search(body, 0, 400)
+    if found is not None:
+        was, became = found.group(1), found.group(2)
+    else:
+        event = json.loads(body)
+        was, became = event.get("previous"), event.get("state")
+    return (was, became) if was != became else None
+
+
+def _online_over(online_now: int, moves: list[tuple[str, str | None, str | None]],
+                 now: datetime, start: datetime) -> list[JSONObject]:
     """Nodes online at each 15-minute mark from `start` to `now`: today's count, undone
     transition by transition going back (`moves` newest first)."""
     points: list[JSONObject] = []
@@ -125,10 +144,8 @@ def _online_over(online_now: int, moves: list[tuple[str, JSONObject]], now: date
     while mark >= start:
         text = _at(mark)
         while i < len(moves) and moves[i][0] > text:
-            body = moves[i][1]
-            was, became = body.get("previous"), body.get("state")
-            if was != became:
-                count += (was == "online") - (became == "online")
+            _, was, became = moves[i]
+            count += (was == "online") - (became == "online")
             i += 1
         points.append({"at": text, "online": max(count, 0)})
         mark -= ONLINE_STEP
@@ -173,9 +190,12 @@ class JobTasks:
                 "graph": any(isinstance(s, dict) and s.get("name") for s in job["steps"])}
 
     def tasks(self, job_id: str, q: dict[str, list[str]]) -> JSONObject:
-        job = self.store.job(job_id)
-        if job is None:
+        with self.store.db.read() as db:  # the job's row only, not its 1,000 tasks
+            row = db.execute(SQL_JOB_ROW, (job_id,)).fetchone()
+        if row is None:
             raise NotFound(f"no job {job_id!r}")
+        job = {"id": row["id"], "created_at": row["created_at"],
+               "nodes": json.loads(row["nodes"]), "steps": json.loads(row["steps"])}
         state = edge.one(q, "state")
         wanted: tuple[str, ...] = ()
         if state == "bad":
