@@ -163,3 +163,21 @@ def test_the_same_aggregates_on_postgresql(tmp_path: Path, pg_url: str) -> None:
             assert tasks["job"]["creator"] == "ops" and tasks["job"]["ended_at"] is None
         finally:
             fake.close()
+
+
+@pytest.mark.parametrize("event, move", [
+    ({"v": 1, "kind": "node_event", "node": "n", "previous": "online", "state": "offline",
+      "info": {"facts": {"x": "y" * 5000}}}, ("online", "offline")),
+    ({"v": 1, "kind": "node_event", "node": "n", "previous": None, "state": "online"},
+     (None, "online")),
+    ({"v": 1, "kind": "node_event", "node": "n", "previous": "online", "state": "online"},
+     None),
+    # keys in another order, or a node id that looks like the head: parsed in full
+    ({"info": {"node": 'x", "previous": "online", "state": "online'}, "previous": "offline",
+      "state": "online"}, ("offline", "online")),
+])
+def test_a_node_event_is_read_as_a_transition_from_its_head_or_in_full(
+        event: dict[str, object], move: tuple[str | None, str | None] | None) -> None:
+    from edgerun.scheduler.api.overview import _transition
+    assert _transition(json.dumps(event)) == move
+    assert _transition(json.dumps(event, separators=(",", ":"))) == move
