@@ -57,7 +57,6 @@ from edgerun.control.jobfile import GRAPH_KEYS, dependents, graph_of
 from edgerun.protocol import JSONObject, State, Task, is_final, is_task_id
 from edgerun.scheduler.core import Core
 from edgerun.scheduler.fleet.pacing import Fleet
-from edgerun.scheduler.store.tasks import Change
 
 
 SQL_SET_CREATOR = "UPDATE jobs SET created_by=? WHERE id=?"
@@ -144,17 +143,12 @@ class JobRunner:
             self._graphs[job_id] = graph
             for i, (step, task, step_nodes) in enumerate(plan):
                 held = bool(step.get("needs")) if graph is not None else i > 0
-                for node in step_nodes:
-                    if self.core.store.add_task(node, task, source="job", job_id=job_id,
-                                               step=i) is None:
-                        continue
-                    if held:
-                        self.db.set_fleet(node, task.id, hold="job")
-                    created = self.db.task(node, task.id)
-                    assert created is not None
-                    self.core.emit(Change(None, created))
-            for node in all_nodes:
-                self.fleet.pump(node)
+                # a step's tasks on every node in a few multi-row statements (issue 22)
+                for change in self.core.store.add_tasks(
+                        list(dict.fromkeys(step_nodes)), task, source="job", job_id=job_id,
+                        step=i, hold="job" if held else None):
+                    self.core.emit(change)
+            self.fleet.pump_nodes(all_nodes)
             job = self.core.store.job(job_id)
             assert job is not None
             return job

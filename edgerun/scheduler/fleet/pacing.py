@@ -110,14 +110,16 @@ class Fleet:
         return len(claimed)
 
     def _send(self, node: str, task: Task) -> None:
+        expires = task.expires_at.timestamp() if task.expires_at else None
         self.core.send(node, task, lambda: self.core.submit(
-            lambda: self._dispatched(node, task.id, task.timeout)))
+            lambda: self._dispatched(node, task.id, task.timeout, expires)))
 
-    def _dispatched(self, node: str, task_id: str, timeout: float) -> None:
+    def _dispatched(self, node: str, task_id: str, timeout: float,
+                    expires_ts: float | None) -> None:
         """The broker took the task: it now counts as dispatched; maybe room for more."""
         self.core.metrics.dispatched.inc()
-        change = self.core.store.mark_dispatched(node, task_id,
-                                                 time.time() + timeout + self.core.cfg.grace)
+        change = self.core.store.mark_dispatched(
+            node, task_id, time.time() + timeout + self.core.cfg.grace, expires_ts)
         if change is not None:
             self.core.emit(change)
         self.pump(node)

@@ -113,10 +113,13 @@ MIGRATIONS: dict[int, str] = {
     );
     """,
     # 4: event ids from one counter row, bumped as the last statement of the transaction
-    # that logs the events (store/tx.py): ids in commit order across instances, no holes
+    # that logs the events (store/tx.py): ids in commit order across instances, no holes;
+    # a task's previous state, set by the one UPDATE that changes it (`SET previous=state`)
+    # so a change is a single statement that also says where it came from
     4: """
     INSERT INTO meta (key, value) SELECT 'event_seq', CAST(COALESCE(MAX(id), 0) AS TEXT)
-        FROM events
+        FROM events;
+    ALTER TABLE tasks ADD COLUMN previous TEXT
     """,
     # 5: idempotency keys of API POSTs (store/idempotency.py, issue 23): the first
     # answer to a token's key, kept 48 h so a retry gets it again on any instance

@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from functools import cache
 from typing import Any
 
 from edgerun.protocol import (
@@ -46,6 +47,14 @@ RESULT_FIELDS = ("exit_code", "stdout", "stderr", "truncated", "duration_s", "by
                  "dest", "output_dropped")
 TOUCH_EVERY_S = 1.0
 PRUNE_BATCH = 2_000  # finished tasks deleted a transaction (retention)
+UNKNOWN = object()
+
+
+@cache
+def _sources(state: State) -> tuple[str, ...]:
+    """The states a task may move to `state` from ("__new__": known only so far)."""
+    return tuple(("__new__" if s is None else str(s)) for s in (None, *State)
+                 if can_transition(s, state))
 LOG_KEEP = 100_000
 # the agent's order of a task's states: a history lists them so whatever order they
 # arrived in (several instances, redelivery); the same rank keeps arrival order
@@ -206,7 +215,7 @@ class Store:
     def add_tasks(self, nodes: list[str], task: Task, *, source: str,
                   state: State = State.QUEUED, job_id: str | None = None,
                   step: int | None = None, deadline: float | None = None,
-                  retry: JSONObject | None = None) -> list[Change]:
+                  retry: JSONObject | None = None, hold: str | None = None) -> list[Change]:
         """Insert one task for many nodes in a few multi-row statements; the changes of
         the rows inserted, in node order (a (node, id) already known is left out)."""
         if not nodes:
@@ -218,12 +227,12 @@ class Store:
             else None
         common = (task.id, task.type, json.dumps(spec), source, str(state), now, now,
                   now if state == State.DISPATCHED else None, task.timeout, expires,
-                  expires_ts, deadline, job_id, step, _json_or_none(retry))
+                  expires_ts, deadline, job_id, step, _json_or_none(retry), hold)
         with self.transaction() as tx:
             rows = tx.execute_values(
                 "INSERT INTO tasks (node, id, type, spec, source, state, created_at, "
                 "updated_at, dispatched_at, timeout, expires_at, expires_ts, deadline, job_id, "
-                "step, retry)", [(node, *common) for node in nodes],
+                "step, retry, hold)", [(node, *common) for node in nodes],
                 "ON CONFLICT DO NOTHING RETURNING *", chunk=1000)
         rows.sort(key=lambda r: int(r["seq"]))
         return [Change(None, task_dict(r)) for r in rows]
@@ -247,13 +256,18 @@ class Store:
             return self.add_task(node, task, source="external", state=State.DISPATCHED,
                                  deadline=deadline)
 
-    def mark_dispatched(self, node: str, task_id: str, deadline: float) -> Change | None:
-        """The broker took the task (PUBACK / publisher confirm)."""
-        def apply(row: Row) -> tuple[str, tuple[Any, ...]]:
-            return ("dispatched_at=?, deadline=?, expires_ts=?",
-                    (format_time(), deadline, _expires_ts(row["expires_at"])))
-        with self.transaction():
-            return self._transition(node, task_id, State.DISPATCHED, apply)
+    def mark_dispatched(self, node: str, task_id: str, deadline: float,
+                        expires_ts: float | object | None = UNKNOWN) -> Change | None:
+        """The broker took the task (PUBACK / publisher confirm). `expires_ts`: the task's
+        expires_at as a timestamp, when the caller knows it (one statement less)."""
+        with self.transaction() as tx:
+            if expires_ts is UNKNOWN:
+                row = tx.execute("SELECT expires_at FROM tasks WHERE node=? AND id=?",
+                                 (node, task_id)).fetchone()
+                expires_ts = _expires_ts(row["expires_at"]) if row is not None else None
+            return self._transition(node, task_id, State.DISPATCHED,
+                                    "dispatched_at=?, deadline=?, expires_ts=?",
+                                    (format_time(), deadline, expires_ts))
 
     def apply_update(self, update: Update, body: JSONObject, *, grace: float,
                      now: float) -> Change | None:
@@ -262,48 +276,54 @@ class Store:
         only from its updates is recorded too; every state's first copy is kept in the
         history, which lists them in the agent's order (`updates`).
 
-        An accepted or running task gets the deadline now + its timeout + grace."""
+        An accepted or running task gets the deadline now + its timeout + grace. The
+        usual case is two statements: the guarded UPDATE and the history row."""
         assert update.id is not None
         node, task_id, state = update.node, update.id, update.state
-        final = is_final(state)
         error = update.error
-
-        def apply(row: Row) -> tuple[str, tuple[Any, ...]]:
-            result = {k: body[k] for k in RESULT_FIELDS if k in body} if final else None
-            deadline = None if final else now + (row["timeout"] or DEFAULT_TIMEOUT_S) + grace
-            return ("deadline=?, expires_ts=NULL, exit_code=COALESCE(?, exit_code), "
-                    "error_code=?, error_message=?, result=COALESCE(?, result)",
-                    (deadline, update.exit_code, error.code if error else None,
-                     error.message if error else None,
-                     json.dumps(result) if result is not None else None))
+        if is_final(state):
+            result = {k: body[k] for k in RESULT_FIELDS if k in body}
+            sets = ("deadline=NULL, expires_ts=NULL, exit_code=COALESCE(?, exit_code), "
+                    "error_code=?, error_message=?, result=COALESCE(?, result)")
+            args: tuple[Any, ...] = (update.exit_code, error.code if error else None,
+                                     error.message if error else None, json.dumps(result))
+        else:
+            sets = ("deadline=? + COALESCE(timeout, ?) + ?, expires_ts=NULL, "
+                    "exit_code=COALESCE(?, exit_code), error_code=?, error_message=?")
+            args = (now, DEFAULT_TIMEOUT_S, grace, update.exit_code,
+                    error.code if error else None, error.message if error else None)
         history = (node, task_id, str(state), update.at, format_time(), json.dumps(body))
+        insert = ("INSERT INTO updates (node, task_id, state, at, received_at, body) "
+                  "VALUES (?,?,?,?,?,?)")
         with self.transaction() as tx:
-            placeholder = False
-            if tx.execute("SELECT 1 FROM tasks WHERE node=? AND id=?",
-                          (node, task_id)).fetchone() is None:
-                stamp = format_time()
-                placeholder = tx.execute(
-                    "INSERT OR IGNORE INTO tasks (node, id, source, state, created_at, "
-                    "updated_at) VALUES (?,?,?,?,?,?)",
-                    (node, task_id, "update", "__new__", stamp, stamp)).rowcount == 1
-            change = self._transition(node, task_id, state, apply)
-            if placeholder and change is None:
-                tx.execute("DELETE FROM tasks WHERE node=? AND id=? AND state='__new__'",
-                           (node, task_id))
+            change = self._transition(node, task_id, state, sets, args)
             if change is not None:
-                tx.execute("INSERT INTO updates (node, task_id, state, at, received_at, body) "
-                           "VALUES (?,?,?,?,?,?)", history)
-            else:
-                # Not applied (a duplicate, or late: with several instances `accepted` may
-                # be handled after `running`), yet the first copy of each state is part
-                # of the record. The task row is locked (FOR UPDATE), so two instances
-                # never both insert it.
-                tx.execute(
-                    "INSERT INTO updates (node, task_id, state, at, received_at, body) "
-                    "SELECT ?,?,?,?,?,? WHERE EXISTS (SELECT 1 FROM tasks WHERE node=? AND "
-                    "id=?) AND NOT EXISTS (SELECT 1 FROM updates WHERE node=? AND task_id=? "
-                    "AND state=?)", (*history, node, task_id, node, task_id, str(state)))
-            return change
+                tx.execute(insert, history)
+                return change
+            if tx.execute("SELECT 1 FROM tasks WHERE node=? AND id=? FOR UPDATE",
+                          (node, task_id)).fetchone() is None:
+                stamp = format_time()  # known only from its updates: recorded from this one
+                made = tx.execute("INSERT OR IGNORE INTO tasks (node, id, source, state, "
+                                  "created_at, updated_at) VALUES (?,?,?,?,?,?)",
+                                  (node, task_id, "update", "__new__", stamp, stamp)).rowcount
+                change = self._transition(node, task_id, state, sets, args)
+                if change is not None:
+                    tx.execute(insert, history)
+                    return change
+                if made == 1:
+                    tx.execute("DELETE FROM tasks WHERE node=? AND id=? AND state='__new__'",
+                               (node, task_id))
+                    return None
+            # Not applied (a duplicate, or late: with several instances `accepted` may be
+            # handled after `running`), yet the first copy of each state is part of the
+            # record. The task row is locked (FOR UPDATE), so two instances never both
+            # insert it.
+            tx.execute(
+                "INSERT INTO updates (node, task_id, state, at, received_at, body) "
+                "SELECT ?,?,?,?,?,? WHERE EXISTS (SELECT 1 FROM tasks WHERE node=? AND "
+                "id=?) AND NOT EXISTS (SELECT 1 FROM updates WHERE node=? AND task_id=? "
+                "AND state=?)", (*history, node, task_id, node, task_id, str(state)))
+            return None
 
     def record_rejected_without_id(self, node: str, body: JSONObject) -> None:
         """A `rejected` update with `"id": null`: no task to attach it to, kept for the audit."""
@@ -323,11 +343,10 @@ class Store:
 
     def _verdict(self, node: str, task_id: str, expected: str, state: State, code: str,
                  message: str) -> Change | None:
-        def apply(_row: Row) -> tuple[str, tuple[Any, ...]]:
-            return ("deadline=NULL, expires_ts=NULL, error_code=?, error_message=?",
-                    (code, message))
         with self.transaction() as tx:
-            change = self._transition(node, task_id, state, apply, expected=expected)
+            change = self._transition(
+                node, task_id, state, "deadline=NULL, expires_ts=NULL, error_code=?, "
+                "error_message=?", (code, message), expected=expected)
             if change is not None:
                 body = {"v": 1, "kind": "update", "id": task_id, "node": node,
                         "state": str(state), "at": format_time(),
@@ -344,24 +363,26 @@ class Store:
                        "AND deadline IS NOT NULL AND deadline < ?",
                        (at_least, node, str(State.DISPATCHED), at_least))
 
-    def _transition(self, node: str, task_id: str, state: State,
-                    apply: Callable[[Row], tuple[str, tuple[Any, ...]]],
-                    expected: str | None = None) -> Change | None:
-        """The row locked, the state machine asked, the new state and `apply`'s columns
-        set in one UPDATE that returns the row: two statements a change."""
+    def _transition(self, node: str, task_id: str, state: State, sets: str,
+                    args: tuple[Any, ...], expected: str | None = None) -> Change | None:
+        """One guarded UPDATE: the new state and `sets` (fixed SQL texts of this module
+        with `args`) only if the state machine allows the move from the row's current
+        state (`expected`, if given, must be it); it returns the row with the state it
+        left (`previous`). Under PostgreSQL's row lock a concurrent change re-checks the
+        guard on the row's newest version, so two instances never both apply a move."""
+        sources = [s for s in _sources(state) if expected is None or s == expected]
+        if not sources:
+            return None
         with self.transaction() as tx:
-            row = tx.execute("SELECT * FROM tasks WHERE node=? AND id=? FOR UPDATE",
-                             (node, task_id)).fetchone()
-            if row is None or (expected is not None and row["state"] != expected):
+            row = tx.execute(
+                f"UPDATE tasks SET previous=state, state=?, updated_at=?, {sets} "  # noqa: S608
+                f"WHERE node=? AND id=? AND state IN ({','.join('?' * len(sources))}) "
+                f"RETURNING *", (str(state), format_time(), *args, node, task_id, *sources)
+            ).fetchone()
+            if row is None:
                 return None
-            current = None if row["state"] == "__new__" else State(row["state"])
-            if not can_transition(current, state):
-                return None
-            sets, args = apply(row)
-            new = tx.execute(f"UPDATE tasks SET state=?, updated_at=?, {sets} "  # noqa: S608
-                             f"WHERE node=? AND id=? RETURNING *",  # sets: fixed texts above
-                             (str(state), format_time(), *args, node, task_id)).fetchone()
-            return Change(str(current) if current else None, task_dict(new))
+            previous = row["previous"]
+            return Change(None if previous == "__new__" else previous, task_dict(row))
 
     # --- tasks: reads ---------------------------------------------------------------
     def get(self, node: str, task_id: str) -> JSONObject | None:
