@@ -95,7 +95,8 @@ def test_a_followed_rollout_says_when_it_is_paused_and_resumed(api: Api) -> None
         assert cli(api.url, "rollout", "resume", rollout_id).code == 0
         assert wait_until(lambda: any(f"rollout {rollout_id} resumed" in x for x in err),
                           30, 0.05), err
-        out, _ = proc.communicate(timeout=60)
+        proc.wait(timeout=60)  # stderr is the reader thread's alone (no communicate())
+        out = proc.stdout.read() if proc.stdout else ""
     finally:
         if proc.poll() is None:
             proc.kill()
