@@ -11,15 +11,20 @@ the thread declares the topology (exchanges, durable queues and their bindings),
 turns on publisher confirms and a prefetch window, and tells the handler, which
 then starts the consumers. A lost connection or channel stops the I/O loop; the
 thread waits a jittered back-off on the stop event and connects again, to the
-next of its broker URLs (the nodes of one cluster), in turn.
+next of its broker URLs (the nodes of one cluster), in turn. It starts at a random
+node of the list (`first_node`), so that the clients of one cluster spread over
+its nodes; the back-off grows once per round of the list (`Rotation`).
 
-Nacks that go on renew the connection (`NACK_RENEW`): a full queue refuses for a
-while, but a channel opened on a surviving node while a quorum queue was still
-electing its new leader can refuse every publish to that queue for as long as
-it lives (seen on RabbitMQ 3.10: the channel's client for the queue never
-learns the new leader), while a new channel is accepted at once. The renewal
-goes through the ordinary loss path, so what was not confirmed is published
-again on the new connection (the handler's on_lost), never dropped.
+A channel RabbitMQ refuses publishes on is renewed on the same connection, at once
+and then at growing intervals while the refusals go on (`Refusals`): a channel that
+first publishes to a quorum queue while the queue elects a new leader (its leader's
+node was lost) is refused for as long as it lives on RabbitMQ 3.10 (the channel's
+client for that queue keeps the dead leader and is never told the new one; the
+connection and the node are fine), while a new channel is accepted as soon as the
+election is over. The renewal goes through the channel's loss path: the handler's
+on_lost, so what was not confirmed is published again on the new channel, never
+dropped, then on_ready. A full queue refuses too; it then costs a renewal every few
+seconds. The refusals are logged once per episode, and their end once.
 """
 
 from __future__ import annotations
@@ -38,14 +43,15 @@ import pika
 import pika.exceptions
 import pika.spec
 
-from .backoff import Backoff
+from .amqpconfirms import Refusals, Settled
+from .backoff import Rotation, first_node
 from .errors import ConfigError, EdgerunError
 from .settings import BrokerURL, TLSFiles
 
 log = logging.getLogger(__name__)
 
-NACK_RENEW = 5.0  # seconds of nacks (no gap of NACK_GAP) before the connection is renewed
-NACK_GAP = 2.0  # seconds without a nack that end a run of them (handlers retry after 1 s)
+NACK_GAP = 2.0  # seconds without a nack that end an episode of them (handlers retry after 1 s)
+DRAIN_S = 2.0  # a channel to renew waits this long at most for the confirms it still owes
 
 
 class AmqpError(EdgerunError):
@@ -117,20 +123,24 @@ class AmqpLink:
         if not self.urls:
             raise ConfigError(f"{name}: no AMQP broker URL")
         self.topology, self.handler, self.name = topology, handler, name
-        self._backoff_cap, self._on_error = backoff_cap, on_error
+        self._on_error = on_error
         # built once: a bad TLS file is a ConfigError at start-up, not at every reconnect
         self._parameters = [connection_parameters(u, tls, name=name, heartbeat=heartbeat,
                                                   **extra) for u in self.urls]
-        self._index = 0  # the URL tried now (or connected to)
         self.node: BrokerURL | None = None  # the broker node connected to, None while down
         self._stop = threading.Event()
+        # the URL tried now (or connected to): from a random one, round robin
+        self._rotation = Rotation(len(self.urls), self._stop, first=first_node(len(self.urls)),
+                                  cap=backoff_cap)
         self._lock = threading.Lock()
         self._ioloop: Any = None  # the running connection's loop, guarded by _lock
         self._wake_pending = False  # _on_wake is asked for and has not run yet
         self._thread: threading.Thread | None = None
         self._conn: Any = None
         self._channel: Any = None
-        self._next_tag = 0
+        self._next_tag = 0  # the tag of the latest publish on this channel
+        self._settled = Settled()  # the tags confirmed or refused on this channel
+        self._refused_upto = 0  # the latest publish when the latest refusal came
         self._was_up = False
         self.ready = False  # declared and in confirm mode (thread only)
         self.consuming = False
@@ -138,16 +148,18 @@ class AmqpLink:
         self.generation = 0  # counts channels that became ready
         self.reconnects = 0
         self.last_error: str | None = None
-        self.nack_renew = NACK_RENEW
-        self.renewals = 0  # connections renewed because RabbitMQ kept refusing publishes
-        self._renewing = False  # this connection is being closed to open a fresh one
-        self._nacks_since: float | None = None  # start of the current run of nacks
-        self._last_nack = 0.0
+        self.refusals = Refusals(gap=NACK_GAP)
+        self.renewals = 0  # channels renewed because RabbitMQ refused publishes on them
+        self._renewing = False  # this channel is being closed to open a fresh one
+        self._renew_planned = False  # a renewal is on the loop's timer list
+        self._draining = False  # no more publishes on this channel: it is to be renewed
+        self._ready_since = 0.0  # when the channel became ready (monotonic)
+        self._conn_up = False  # this connection had a ready channel already
 
     @property
     def url(self) -> BrokerURL:
         """The broker node connected to now (or tried next)."""
-        return self.urls[self._index]
+        return self.urls[self._rotation.index]
 
     # --- any thread -------------------------------------------------------------------
     def start(self) -> None:
@@ -178,8 +190,9 @@ class AmqpLink:
     def publish(self, exchange: str, routing_key: str, body: bytes,
                 properties: pika.BasicProperties) -> int:
         """basic_publish on the confirm channel; the tag its confirm will carry."""
-        if not self.ready:
-            raise AmqpError(f"{self.name}: not connected")
+        if not self.ready or self._draining:
+            raise AmqpError(f"{self.name}: not connected" if not self.ready
+                            else f"{self.name}: renewing the channel")
         try:
             self._channel.basic_publish(exchange, routing_key, body, properties)
         except (pika.exceptions.AMQPError, OSError, ValueError) as exc:
@@ -236,31 +249,29 @@ class AmqpLink:
 
     # --- the link thread: the connection ----------------------------------------------
     def _run(self) -> None:
-        backoff = Backoff(self._stop, cap=self._backoff_cap)
+        rotation = self._rotation
         while not self._stop.is_set():
             self._was_up = False
             self._serve_once()
             if self._stop.is_set():
                 break
             if self._was_up:
-                backoff.reset()
-            renewed, self._renewing = self._renewing, False
-            if len(self.urls) > 1 and not renewed:  # a renewal stays on its node
-                self._index = (self._index + 1) % len(self.urls)
-                log.info("%s: next broker node: %s", self.name, self.url)
-            if backoff.wait():
+                rotation.up()
+            if rotation.wait():  # the next node, after the back-off
                 break
+            if len(self.urls) > 1:
+                log.info("%s: next broker node: %s", self.name, self.url)
 
     def _serve_once(self) -> None:
         try:
-            conn = pika.SelectConnection(self._parameters[self._index],
+            conn = pika.SelectConnection(self._parameters[self._rotation.index],
                                          on_open_callback=self._on_open,
                                          on_open_error_callback=self._on_open_error,
                                          on_close_callback=self._on_closed)
         except (pika.exceptions.AMQPError, OSError, ValueError) as exc:
             self._note_error(f"cannot connect to {self.url}: {exc!r}")
             return
-        self._conn = conn
+        self._conn, self._conn_up = conn, False
         with self._lock:
             self._ioloop, self._wake_pending = conn.ioloop, False
             if self._stop.is_set():  # stop() came before there was a loop to tell
@@ -279,11 +290,16 @@ class AmqpLink:
                 log.debug("%s: closing the I/O loop failed", self.name, exc_info=True)
 
     def _connection_gone(self) -> None:
-        was_ready = self.ready
-        self.ready = self.consuming = False
         self.node = None
-        self._channel = self._conn = None
+        self._conn = None
+        self._renewing = self._renew_planned = False  # its timers died with its loop
         self.connected.clear()
+        self._channel_gone()
+
+    def _channel_gone(self) -> None:
+        was_ready = self.ready
+        self.ready = self.consuming = self._draining = False
+        self._channel = None
         if was_ready:
             self.handler.on_lost()
 
@@ -307,7 +323,7 @@ class AmqpLink:
         conn.ioloop.stop()
 
     def _on_closed(self, conn: Any, reason: BaseException) -> None:
-        if self.ready and not self._stop.is_set() and not self._renewing:
+        if self.ready and not self._stop.is_set():
             self._note_error(f"lost the connection to {self.url}: {reason!r}")
         conn.ioloop.stop()
 
@@ -315,10 +331,22 @@ class AmqpLink:
         self._channel = channel
         channel.add_on_close_callback(self._on_channel_closed)
         channel.add_on_cancel_callback(self._on_cancelled)
-        channel.confirm_delivery(self._on_confirm, callback=self._on_confirm_mode)
+        channel.confirm_delivery(partial(self._on_confirm, channel),
+                                 callback=self._on_confirm_mode)
 
-    def _on_channel_closed(self, _channel: Any, reason: BaseException) -> None:
-        if not self._stop.is_set() and not self._renewing:
+    def _on_channel_closed(self, channel: Any, reason: BaseException) -> None:
+        if channel is not self._channel:
+            return  # one renewed already
+        conn = self._conn
+        if self._renewing and not self._stop.is_set() and conn is not None and conn.is_open:
+            self._renewing = False
+            self._channel_gone()  # the handler's on_lost: what it did not confirm goes again
+            try:
+                conn.channel(on_open_callback=self._on_channel_open)
+                return
+            except (pika.exceptions.AMQPError, OSError) as exc:
+                self._note_error(f"cannot open a channel on {self.url}: {exc!r}")
+        elif not self._stop.is_set():
             self._note_error(f"channel closed by {self.url}: {reason!r}")
         self._close()
 
@@ -331,7 +359,8 @@ class AmqpLink:
 
     def _on_confirm_mode(self, _frame: Any) -> None:
         """Declare everything; pika sends the calls in order, the last one's answer ends it."""
-        self._next_tag = 0
+        self._next_tag = self._refused_upto = 0
+        self._settled = Settled()
         channel = self._channel
         for exchange, kind in self.topology.exchanges:
             channel.exchange_declare(exchange, exchange_type=kind, durable=True)
@@ -345,15 +374,19 @@ class AmqpLink:
 
     def _on_declared(self, _frame: Any) -> None:
         self.generation += 1
-        if self.generation > 1:
+        if self.generation > 1 and not self._conn_up:
             self.reconnects += 1
         self.ready = self._was_up = True
-        self._nacks_since = None
+        self._ready_since = time.monotonic()
         self.node = self.url
         self.connected.set()
-        log.info("%s: connected to %s%s; exchanges and %d queue(s) declared", self.name,
-                 self.url, f" (node {self._index + 1} of {len(self.urls)})"
-                 if len(self.urls) > 1 else "", len(self.topology.queues))
+        if self._conn_up:
+            log.info("%s: new channel on %s ready", self.name, self.url)
+        else:
+            log.info("%s: connected to %s%s; exchanges and %d queue(s) declared", self.name,
+                     self.url, f" (node {self._rotation.index + 1} of {len(self.urls)})"
+                     if len(self.urls) > 1 else "", len(self.topology.queues))
+        self._conn_up = True
         self.handler.on_ready()
 
     def _on_wake(self) -> None:
@@ -361,35 +394,86 @@ class AmqpLink:
             self._wake_pending = False
         self.handler.on_wake()
 
-    def _on_confirm(self, frame: Any) -> None:
+    def _on_confirm(self, channel: Any, frame: Any) -> None:
+        if channel is not self._channel:
+            return  # a confirm of a channel renewed since: its publishes went out again
         method = frame.method
         ok = isinstance(method, pika.spec.Basic.Ack)
-        self.handler.on_confirm(method.delivery_tag, bool(method.multiple), ok)
+        tag = method.delivery_tag
+        self.handler.on_confirm(tag, bool(method.multiple), ok)
+        self._settled.settle(tag, bool(method.multiple))
         if not ok:
+            self._refused_upto = self._next_tag
             self._nacked()
+        elif tag > self._refused_upto and self.refusals.episode is not None and \
+                not self.refusals.episode.reported:
+            self._accepted_again()  # a publish made after the latest refusal went in
+        if self._draining and self._settled.all_answered(self._next_tag):
+            self._close_for_renewal(self.generation)
 
     def _nacked(self) -> None:
-        """RabbitMQ refused a publish; after NACK_RENEW seconds of refusals, renew the
-        connection (see the module's docstring: a channel whose quorum-queue client was
-        made during a leader election may refuse for ever; a new one is accepted)."""
+        """RabbitMQ refused a publish: renew the channel soon (see the module's docstring),
+        and say so once per episode of refusals."""
         now = time.monotonic()
-        if self._nacks_since is None or now - self._last_nack > NACK_GAP:
-            self._nacks_since = now
-        self._last_nack = now
-        if self._renewing or now - self._nacks_since < self.nack_renew:
+        if self.refusals.refused(now):  # once per episode, even if the text is the last one
+            self._note_error(f"RabbitMQ ({self.url}) refuses publishes: a quorum queue is "
+                             "electing a new leader after the loss of a node, or a queue is "
+                             "full; renewing the channel and sending them again (said once "
+                             "per episode of refusals)", again=True)
+        self._plan_renewal(now)
+
+    def _accepted_again(self) -> None:
+        episode = self.refusals.accepted()
+        if episode is not None:
+            log.info("%s: RabbitMQ (%s) accepts publishes again, %.2f s after it began "
+                     "refusing them (%d refusal(s), %d channel(s) renewed)", self.name,
+                     self.url, time.monotonic() - episode.started, episode.refused,
+                     episode.renewals)
+
+    def _plan_renewal(self, now: float) -> None:
+        if self._renew_planned or self._renewing or self._draining or not self.ready or \
+                self._conn is None:
             return
-        self._nacks_since = None
+        at = self.refusals.renew_at(now, self._ready_since)
+        if at is not None:
+            self._renew_planned = True
+            self._conn.ioloop.call_later(max(0.0, at - now), self._renew_channel)
+
+    def _renew_channel(self) -> None:
+        """Publish no more on this channel; close it once it confirmed or refused all it
+        was sent (or after DRAIN_S): what the handler then sends again was refused or is
+        unanswered, not accepted a moment later (a duplicate)."""
+        self._renew_planned = False
+        now = time.monotonic()
+        if not self.ready or self._renewing or self._draining or self._stop.is_set() or \
+                self.refusals.renew_at(now, self._ready_since) is None:
+            return
         self.renewals += 1
-        self._note_error(f"{self.url} has refused publishes for {self.nack_renew:g} s; "
-                         "renewing the connection (what it did not confirm is sent again)")
-        self._renewing = True
-        try:  # the channel first, so that the connection's close is an orderly one
+        self.refusals.renewed(now)
+        log.info("%s: renewing the channel on %s that publishes were refused on (what it did "
+                 "not confirm is sent again on the new one)", self.name, self.url)
+        self._draining = True
+        if self._settled.all_answered(self._next_tag):
+            self._close_for_renewal(self.generation)
+        elif self._conn is not None:
+            self._conn.ioloop.call_later(DRAIN_S, partial(self._close_for_renewal,
+                                                          self.generation))
+
+    def _close_for_renewal(self, generation: int) -> None:
+        if not self._draining or generation != self.generation or not self.ready:
+            return  # closed already, or another channel's by now
+        self._draining, self._renewing = False, True
+        try:
             self._channel.close()
-        except (pika.exceptions.AMQPError, OSError, AttributeError):
+        except (pika.exceptions.AMQPError, OSError) as exc:
+            self._note_error(f"cannot close the channel on {self.url}: {exc!r}; reconnecting")
+            self._renewing = False
             self._close()
 
-    def _on_delivery(self, queue: QueueSpec, _channel: Any, method: Any, _props: Any,
+    def _on_delivery(self, queue: QueueSpec, channel: Any, method: Any, _props: Any,
                      body: bytes) -> None:
+        if channel is not self._channel:
+            return  # of a channel being renewed: RabbitMQ gives it to the next one
         key = method.routing_key
         if not isinstance(key, str):  # pika hands over a key that is not UTF-8 as bytes
             log.warning("%s: rejected a delivery from %s whose routing key is not UTF-8: %r",
@@ -399,8 +483,8 @@ class AmqpLink:
             return
         self.handler.on_delivery(queue, method.delivery_tag, key, body)
 
-    def _note_error(self, text: str) -> None:
-        if text != self.last_error:
+    def _note_error(self, text: str, again: bool = False) -> None:
+        if again or text != self.last_error:
             log.warning("%s: %s", self.name, text)
         self.last_error = text
         if self._on_error is not None:

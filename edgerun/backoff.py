@@ -39,3 +39,46 @@ class Backoff:
         if grow:
             self.attempt += 1
         return self.stop.wait(delay)
+
+
+class Rotation:
+    """Round robin over the nodes of one cluster, with back-off between attempts.
+
+    `index` is the node to try. After a failed attempt or a lost connection, `wait()`
+    moves to the next node and sleeps the back-off first; the back-off grows once per
+    round of the list (when it comes back to `first`), not at every node: while a
+    cluster elects new leaders after a loss, several nodes may refuse in a row, and the
+    next round should still come soon. A connection that was up resets it (`up()`).
+    """
+
+    def __init__(self, count: int, stop: threading.Event, *, first: int = 0,
+                 base: float = 0.5, cap: float = 30.0,
+                 rand: Callable[[], float] = random.random) -> None:
+        if count < 1:
+            raise ValueError("a rotation needs at least one node")
+        self.count, self.stop, self.base, self.cap, self.rand = count, stop, base, cap, rand
+        self.first = self.index = first % count
+        self.attempt = 0  # rounds of the list that failed since the last connection
+
+    def up(self) -> None:
+        """A connection was up: the next wait is short again."""
+        self.attempt = 0
+
+    def next(self) -> float:
+        """Move to the next node; returns the seconds to wait before trying it."""
+        delay = backoff_delay(self.attempt, base=self.base, cap=self.cap, rand=self.rand)
+        self.index = (self.index + 1) % self.count
+        if self.index == self.first:  # a whole round failed
+            self.attempt += 1
+        return delay
+
+    def wait(self) -> bool:
+        """`next()`, then sleep; True when the stop event ended the wait."""
+        return self.stop.wait(self.next())
+
+
+def first_node(count: int, rand: Callable[[int], int] = random.randrange) -> int:
+    """Where a client starts in its list of a cluster's nodes: a random one, so that
+    clients given the same list (the bridge, the scheduler's instances, after every
+    restart) spread over the nodes instead of all landing on the first."""
+    return rand(count) if count > 1 else 0

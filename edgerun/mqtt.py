@@ -33,7 +33,7 @@ from typing import Any, NamedTuple
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 
-from .backoff import Backoff
+from .backoff import Rotation
 from .errors import ConfigError
 from .settings import BrokerURL, TLSFiles
 
@@ -78,14 +78,13 @@ class MqttConnection:
         self.urls = (url,) if isinstance(url, BrokerURL) else tuple(url)
         if not self.urls:
             raise ConfigError(f"{name}: no broker address")
-        self._index = 0  # the address in use; network thread only
         self.node: BrokerURL | None = None  # the address connected to, None while down
         self.client_id, self.name = client_id, name
         self._on_message, self._on_connected = on_message, on_connected
         self._on_disconnected = on_disconnected
         self._on_pass = on_pass  # after each pass of the loop: a consumer's batch ends there
         self._subscriptions = list(subscriptions)
-        self._keepalive, self._backoff_cap = keepalive, backoff_cap
+        self._keepalive = keepalive
         self._commands: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
@@ -93,6 +92,9 @@ class MqttConnection:
         self._pipe_lock = threading.Lock()
         self._asleep = False  # the loop may block in poll: a new command must write the pipe
         self._stop = threading.Event()
+        # the address in use (network thread only): round robin from the first, the
+        # back-off growing once per round of the addresses
+        self._rotation = Rotation(len(self.urls), self._stop, cap=backoff_cap)
         self._thread: threading.Thread | None = None
         self._pending: dict[int, DoneCallback | None] = {}  # mid -> callback, network thread only
         self._unsent: dict[int, DoneCallback] = {}  # QoS 0 mid -> on_sent, network thread only
@@ -110,7 +112,7 @@ class MqttConnection:
     @property
     def url(self) -> BrokerURL:
         """The address in use (connected, or being tried)."""
-        return self.urls[self._index]
+        return self.urls[self._rotation.index]
 
     # --- set-up -----------------------------------------------------------------
     def _make_client(self, clean_session: bool, will: Will | None, manual_ack: bool,
@@ -288,7 +290,7 @@ class MqttConnection:
             self._client.unsubscribe(topic)
 
     def _run(self) -> None:
-        backoff = Backoff(self._stop, cap=self._backoff_cap)
+        rotation = self._rotation
         try:
             while not self._stop.is_set():
                 if self._connect():
@@ -305,12 +307,8 @@ class MqttConnection:
                     if self._stop.is_set():
                         break
                     if self._was_up:
-                        backoff.reset()
-                if len(self.urls) > 1:  # round robin over a cluster's nodes
-                    self._index = (self._index + 1) % len(self.urls)
-                # a cluster's nodes may refuse while it elects new leaders after a loss:
-                # the back-off grows once per round of the nodes, not at every node
-                if backoff.wait(grow=self._index == 0):
+                        rotation.up()
+                if rotation.wait():  # the next address, after the back-off
                     break
         finally:
             self._shutdown()
@@ -454,8 +452,9 @@ class MqttConnection:
             self.reconnects += 1
         self.node = self.url
         self.connected.set()
-        log.info("%s: connected to %s%s (session present: %s)", self.name, self.url,
-                 f" (node {self._index + 1} of {len(self.urls)})" if len(self.urls) > 1 else "",
+        where = f" (node {self._rotation.index + 1} of {len(self.urls)})" \
+            if len(self.urls) > 1 else ""
+        log.info("%s: connected to %s%s (session present: %s)", self.name, self.url, where,
                  flags.session_present)
         for topic, qos in self._subscriptions:
             client.subscribe(topic, qos)

@@ -251,8 +251,10 @@ class Pump:
         if not ok:
             for item in settled:
                 self.metrics.nacked.labels(item.route.name).inc()
-            log.warning("RabbitMQ refused %d publish(es) (a full queue?); sending again in "
-                        "%.0f s", len(settled), NACK_PAUSE)
+            # the link says it once per episode of refusals (edgerun/amqp.py), not here
+            # per nack: an election after a node loss refuses every publish for a while
+            log.debug("RabbitMQ refused %d publish(es); sending again in %.0f s",
+                      len(settled), NACK_PAUSE)
             for item in reversed(settled):
                 (self._backlog if item.job.message.qos else self._backlog0).appendleft(item)
             if not self._paused:
