@@ -83,7 +83,9 @@ def test_a_followed_rollout_says_when_it_is_paused_and_resumed(api: Api) -> None
                              "--batch", "1", "--", "sleep 0.5"], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     err: list[str] = []
-    reader = threading.Thread(target=lambda: err.extend(iter(proc.stderr.readline, "")),
+    stderr = proc.stderr
+    assert stderr is not None
+    reader = threading.Thread(target=lambda: err.extend(iter(stderr.readline, "")),
                               daemon=True)
     reader.start()
     try:
