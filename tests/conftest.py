@@ -60,6 +60,7 @@ TEST_MARKS: dict[str, tuple[str, ...]] = {name: SLOW for name in (
     "test_api_cli::test_unknown_token_is_a_clear_error",
     "test_api_http::test_first_start_token_file_is_private_and_the_local_cli_finds_it",
     "test_api_http::test_https_with_a_ca_file",
+    "test_api_openapi::test_schemathesis_checks_all_pass",
     "test_cmdline::test_a_listing_into_head_is_quiet",
     "test_cmdline::test_help_into_a_closed_pipe_is_quiet",
     "test_download::test_deadline_covers_the_whole_transfer",
