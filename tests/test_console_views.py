@@ -305,3 +305,38 @@ def test_axe_finds_no_serious_or_critical_violation_on_any_view(
     problems["dispatch-confirm"] = axe_violations(page)
     assert not {k: v for k, v in problems.items() if v}, problems
     api.post(f"/rollouts/{rollout['id']}/abort", {})
+
+
+def test_streams_open_with_single_use_tickets_never_the_token_in_a_url(
+        page: Any, s: Stack) -> None:
+    urls: list[str] = []
+    page.on("request", lambda request: urls.append(request.url))
+    [task] = s.api(s.operator).dispatch([s.node], {"type": "shell", "command": "echo tk"})
+    login(page, s, s.operator)
+    go(page, s, f"task/{task['id']}/{s.node}", "#task-state[data-state='succeeded']")
+    page.wait_for_selector("#output:has-text('tk')")
+    streams = [u for u in urls if "/v1/events" in u]
+    assert len(streams) >= 2  # the live lists and the task's output
+    assert all("ticket=ers_" in u for u in streams), streams
+    assert not [u for u in urls if s.operator in u or "access_token" in u]
+    tickets = [u.split("ticket=")[1].split("&")[0] for u in streams]
+    assert len(set(tickets)) == len(tickets)  # one ticket per connection
+
+
+def test_a_stream_the_browser_gave_up_on_is_opened_again_with_a_fresh_ticket(
+        page: Any, s: Stack) -> None:
+    seen: list[str] = []
+
+    def events(route: Any) -> None:
+        seen.append(route.request.url)
+        if len(seen) == 1:  # the first connection is refused: EventSource closes for good
+            route.fulfill(status=503, body="")
+        else:
+            route.continue_()
+    page.route("**/v1/events?*", events)
+    login(page, s, s.operator)
+    go(page, s, "tasks", "#task-filter")
+    page.wait_for_selector("#live:has-text('● live')")
+    assert len(seen) >= 2 and seen[0] != seen[1]  # a new ticket, not the spent one
+    [task] = s.api(s.operator).dispatch([s.node], {"type": "shell", "command": "echo again"})
+    page.wait_for_selector(f"#task-rows tr[data-task='{task['id']}'] td[data-state='succeeded']")

@@ -100,9 +100,44 @@ function newKey() {   // an Idempotency-Key: one per form submission
   return `${h.slice(0, 8)}-${h.slice(8, 12)}-${h.slice(12, 16)}-${h.slice(16, 20)}-${h.slice(20)}`;
 }
 
-// The one place a live stream is opened and authenticated: change the auth here only.
+// The one place a live stream is opened and authenticated. The token never goes into a
+// URL: each connection takes a single-use ticket (POST /v1/stream-tickets, token in the
+// header). A used ticket cannot reconnect, so a stream the browser gave up on is opened
+// again here with a fresh ticket, from the last event it saw (?last_event_id=).
+// Returns an EventSource-like object: addEventListener(name, fn, options), close().
 function eventStream(params) {
-  return new EventSource("/v1/events" + query({ ...params, access_token: state.token }));
+  const listeners = [];
+  const stream = { source: null, closed: false, lastId: null, delay: 1000 };
+  const attach = (source, [name, fn, options]) => source.addEventListener(name, (ev) => {
+    if (ev.lastEventId) stream.lastId = ev.lastEventId;
+    fn(ev);
+  }, options);
+  const again = () => {
+    if (stream.closed) return;
+    setTimeout(open, stream.delay);
+    stream.delay = Math.min(2 * stream.delay, 15000);
+  };
+  async function open() {
+    if (stream.closed) return;
+    let ticket;
+    try { ticket = (await api("POST", "/stream-tickets")).ticket; } catch (e) { again(); return; }
+    if (stream.closed) return;
+    const source = new EventSource("/v1/events" + query({ ...params, ticket, last_event_id: stream.lastId }));
+    stream.source = source;
+    for (const listener of listeners) attach(source, listener);
+    source.addEventListener("open", () => { stream.delay = 1000; });
+    source.addEventListener("error", () => {
+      if (source.readyState === EventSource.CLOSED && stream.source === source) again();
+    });
+  }
+  open();
+  return {
+    addEventListener(name, fn, options) {
+      listeners.push([name, fn, options]);
+      if (stream.source) attach(stream.source, [name, fn, options]);
+    },
+    close() { stream.closed = true; if (stream.source) stream.source.close(); },
+  };
 }
 
 // --- login ---------------------------------------------------------------------------
