@@ -73,12 +73,21 @@ class Rabbit:
             self.proc = subprocess.Popen([str(self.scripts / "rabbitmq-server")], env=self.env(),
                                          stdout=log, stderr=log, start_new_session=True,
                                          cwd=self.dir)  # a crashing node dumps MnesiaCore.* here
-        # the CLI fails at once until the node has registered with epmd: poll it
-        if not wait_until(self._started, timeout=90, interval=0.5):
+        # each rabbitmqctl call boots an Erlang VM (a second or two under load), and fails
+        # until the node has registered with epmd: wait for the AMQP listener, which opens
+        # near the end of the boot, then ask the node itself
+        if not (wait_until(self._listening, timeout=90, interval=0.1)
+                and wait_until(self._started, timeout=60, interval=0.5)):
             tail = (self.dir / "server.log").read_text(errors="replace")[-2000:]
             raise RuntimeError(f"rabbitmq did not start:\n{tail}")
         wait_port(self.port, timeout=30)
         return self
+
+    def _listening(self) -> bool:
+        assert self.proc is not None
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"rabbitmq exited with {self.proc.returncode}")
+        return port_open(self.port)
 
     def _started(self) -> bool:
         assert self.proc is not None
