@@ -106,10 +106,12 @@ def test_claims_count_against_the_pace_lapse_and_are_dropped(tmp_path: Path) -> 
         assert db.claim("n1", 3, now=105.0, ttl=10.0) == []  # claimed ones count
         assert db.outstanding("n1", 105.0) == 3
         assert db.nodes_with_ready(105.0, 3) == [] and db.nodes_with_ready(105.0, 4) == ["n1"]
-        db.renew_claims("someone-else", 200.0)  # renews only that instance's claims
+        # renews only that instance's claims
+        db.renew_claims("someone-else", 200.0, [t["seq"] for t in first])
         again = db.claim("n1", 3, now=111.0, ttl=10.0, owner="me")  # the claims lapsed
         assert [t["id"] for t in again] == ["t0", "t1", "t2"]
-        db.renew_claims("me", 130.0)  # alive: its claims hold past their first lapse
+        # alive: its claims hold past their first lapse
+        db.renew_claims("me", 130.0, [t["seq"] for t in again])
         assert db.claim("n1", 3, now=125.0, ttl=10.0) == []
         assert db.outstanding("n1", 125.0) == 3
         db.drop_claims()

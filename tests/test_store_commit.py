@@ -344,3 +344,41 @@ def test_retention_deletes_in_bounded_batches_and_keeps_what_is_open(target: str
         assert [u["state"] for u in store.updates("n1", "open")] == ["running"]
     finally:
         store.close()
+
+
+# --- group commit: updates that arrived together -------------------------------------------
+def _body(node: str, task_id: str, state: str, **extra: Any) -> dict[str, Any]:
+    return {"v": 1, "kind": "update", "id": task_id, "node": node, "state": state,
+            "at": "2026-01-01T00:00:00.000Z", **extra}
+
+
+def test_updates_applied_together_end_as_one_by_one_would(target: str, tmp_path: Path) -> None:
+    batch = [_body("n1", "a", "accepted"), _body("n1", "a", "running"),
+             _body("n1", "b", "succeeded", exit_code=0, stdout="x"),
+             _body("n1", "a", "succeeded", exit_code=0, stdout="done"),
+             _body("n1", "a", "running"),  # late: never reopens
+             _body("n2", "new", "running"), _body("n2", "new", "accepted"),  # unknown task
+             _body("n1", "b", "running")]
+    together, alone = Store(target), Store(str(tmp_path / "alone.db"))
+    try:
+        for store in (together, alone):
+            for task_id in ("a", "b"):
+                store.add_task("n1", ShellTask(id=task_id, command="true"), source="api")
+        with together.transaction():
+            got = together.apply_updates([(parse_update(b), b) for b in batch], grace=30.0,
+                                         now=1000.0)
+        want = [alone.apply_update(parse_update(b), b, grace=30.0, now=1000.0) for b in batch]
+        assert [(c.previous, c.task["state"]) if c else None for c in got] == \
+            [(c.previous, c.task["state"]) if c else None for c in want]
+        assert [c is not None for c in got] == [True, True, True, True, False, True, False,
+                                                False]
+        for node, task_id in (("n1", "a"), ("n1", "b"), ("n2", "new")):
+            one, other = together.get(node, task_id), alone.get(node, task_id)
+            assert one is not None and other is not None
+            assert (one["state"], one["result"], one["deadline"]) == \
+                (other["state"], other["result"], other["deadline"])
+            assert [u["state"] for u in together.updates(node, task_id)] == \
+                [u["state"] for u in alone.updates(node, task_id)]
+    finally:
+        together.close()
+        alone.close()

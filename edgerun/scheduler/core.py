@@ -112,9 +112,14 @@ class Core:
         self._inbox: queue.SimpleQueue[Work] = queue.SimpleQueue()
         self._worker: threading.Thread | None = None
         self._listeners: list[Callable[[Change], None]] = []
+        self._handle_many: Callable[[list[Incoming]], None] | None = None
 
     # --- the worker ----------------------------------------------------------------------
-    def start(self, handle: Callable[[Incoming], None]) -> None:
+    def start(self, handle: Callable[[Incoming], None],
+              handle_many: Callable[[list[Incoming]], None] | None = None) -> None:
+        """`handle` takes one message; `handle_many`, if given, the messages that arrived
+        together (in one transaction; it must keep their order's meaning)."""
+        self._handle_many = handle_many
         self._worker = threading.Thread(target=self._work, args=(handle,),
                                         name="scheduler-worker", daemon=True)
         self._worker.start()
@@ -164,8 +169,15 @@ class Core:
         if len(items) > 1:
             try:
                 with self.store.transaction():
+                    run: list[Incoming] = []
                     for item in items:
+                        if isinstance(item, Incoming) and self._handle_many is not None:
+                            run.append(item)
+                            continue
+                        self._many(run)
+                        run = []
                         self._one(item, handle, strict=True)
+                    self._many(run)
                 return
             except (_Retry, StoreError) as exc:
                 log.warning("a batch of %d was rolled back (%s); recording them one by one",
@@ -178,6 +190,17 @@ class Core:
                 log.error("%s", exc)
             except Exception:  # one bad message must not stop the service
                 log.exception("internal error; the service goes on")
+
+    def _many(self, messages: list[Incoming]) -> None:
+        """Messages that arrived together, to `handle_many`; any failure rolls the whole
+        batch back, to be done one by one."""
+        if not messages or self._handle_many is None:
+            return
+        try:
+            self._handle_many(messages)
+        except Exception as exc:  # the one-by-one way says which message, and why
+            raise _Retry(str(exc).strip().splitlines()[0] if str(exc).strip()
+                         else type(exc).__name__) from exc
 
     def _one(self, item: Any, handle: Callable[[Incoming], None], strict: bool) -> None:
         try:

@@ -33,6 +33,7 @@ from edgerun.protocol import (
     parse_output,
     parse_status,
     parse_update,
+    Update,
 )
 from edgerun.scheduler.core import Core, ServiceConfig
 from edgerun.scheduler.fleet.jobs import JobRunner
@@ -72,7 +73,7 @@ class Service:
 
     # --- life cycle ------------------------------------------------------------------
     def start(self) -> None:
-        self.core.start(self._handle)
+        self.core.start(self._handle, self._handle_many)
         self.messenger.seed(n["node"] for n in self.store.nodes())  # for its re-sync
         self.messenger.start(self.core.submit)
         self.fleet.start()
@@ -157,6 +158,49 @@ class Service:
         return lambda: self.fleet.cancel_queued(task, "canceled by request before it was sent")
 
     # --- messages (the worker) --------------------------------------------------------
+    def _handle_many(self, messages: list[Incoming]) -> None:
+        """Messages that arrived together (one transaction, core.py): runs of plain task
+        updates are applied together (Store.apply_updates: one round trip for their
+        state changes); anything else is handled on its own, in its place."""
+        run: list[tuple[Incoming, Update, JSONObject]] = []
+        for msg in messages:
+            parsed = self._plain_update(msg)
+            if parsed is None:
+                self._apply_run(run)
+                run = []
+                self._handle(msg)
+            else:
+                run.append((msg, *parsed))
+        self._apply_run(run)
+
+    def _plain_update(self, msg: Incoming) -> tuple[Update, JSONObject] | None:
+        """An update of a task on its own node's topic; None for anything else (which
+        `_handle` takes, with its checks and its answers to bad input)."""
+        if msg.channel != Channel.UPDATES or not msg.payload:
+            return None
+        try:
+            obj = decode_bounded(msg.payload, self.cfg.max_message_bytes)
+            update = parse_update(obj)
+        except ProtocolError:
+            return None
+        if update.node != msg.node or update.id is None or update.of is not None:
+            return None
+        return update, obj
+
+    def _apply_run(self, run: list[tuple[Incoming, Update, JSONObject]]) -> None:
+        if not run:
+            return
+        changes = self.store.apply_updates([(u, obj) for _m, u, obj in run],
+                                           grace=self.cfg.grace, now=time.time())
+        for (msg, update, _obj), change in zip(run, changes, strict=True):
+            self.metrics.messages.labels(str(msg.channel)).inc()
+            self.store.touch_node(update.node)
+            if change is None:
+                self.metrics.ignored.inc()
+            else:
+                self.core.emit(change)
+            self.core.ack(msg)
+
     def _handle(self, msg: Incoming) -> None:
         self.metrics.messages.labels(str(msg.channel)).inc()
         echoes = self.core.echoes

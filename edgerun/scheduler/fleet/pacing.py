@@ -68,6 +68,11 @@ class Fleet:
         self.claim_ttl = max(float(core.cfg.stale_after), 5.0)
         self.owner = core.store.origin or "local"
         self._extensions: list[Extension] = []
+        # claimed for sending and not yet confirmed: (node, id) -> the row's seq, renewed
+        # by the ticker; nodes left with queued tasks beyond their pace at the last claim
+        self._claims: dict[tuple[str, str], int] = {}
+        self._claims_lock = threading.Lock()
+        self._backlog: set[str] = set()
         self._thread: threading.Thread | None = None
         core.on_change(self.on_change)
 
@@ -87,7 +92,9 @@ class Fleet:
     def _tick_loop(self) -> None:
         while not self.core.stopping.wait(self.core.cfg.tick):
             try:
-                self.db.renew_claims(self.owner, time.time() + self.claim_ttl)
+                with self._claims_lock:
+                    seqs = list(self._claims.values())
+                self.db.renew_claims(self.owner, time.time() + self.claim_ttl, seqs)
             except SchedulerError as exc:
                 log.error("fleet ticker: %s", exc)
             self.core.submit(self.tick)
@@ -105,9 +112,19 @@ class Fleet:
     def pump(self, node: str) -> int:
         """Send the node's free queued tasks while it has room; returns how many."""
         claimed = self.db.claim(node, self.pace, time.time(), self.claim_ttl, self.owner)
+        self._claimed(claimed)
+        if node in self.db.waiting:
+            self._backlog.add(node)  # the next end or confirm of the node looks again
+        else:
+            self._backlog.discard(node)
         for row in claimed:
             self._send(node, self.core.task_of(row))
         return len(claimed)
+
+    def _claimed(self, rows: list[JSONObject]) -> None:
+        with self._claims_lock:
+            for row in rows:
+                self._claims[(row["node"], row["id"])] = int(row["seq"])
 
     def _send(self, node: str, task: Task) -> None:
         expires = task.expires_at.timestamp() if task.expires_at else None
@@ -118,11 +135,14 @@ class Fleet:
                     expires_ts: float | None) -> None:
         """The broker took the task: it now counts as dispatched; maybe room for more."""
         self.core.metrics.dispatched.inc()
+        with self._claims_lock:
+            self._claims.pop((node, task_id), None)
         change = self.core.store.mark_dispatched(
             node, task_id, time.time() + timeout + self.core.cfg.grace, expires_ts)
         if change is not None:
             self.core.emit(change)
-        self.pump(node)
+        if node in self._backlog:  # else nothing of it waits here (the tick finds others')
+            self.pump(node)
 
     def resend_unaccepted(self, node: str) -> None:
         """The node came online: its `dispatched` tasks go again (--resend-unaccepted)."""
@@ -133,6 +153,9 @@ class Fleet:
         """`pump` for many nodes at once (a fan-out): a few statements per 500 nodes."""
         claimed = self.db.claim_many(nodes, self.pace, time.time(), self.claim_ttl,
                                      self.owner)
+        self._claimed(claimed)
+        self._backlog.difference_update(nodes)
+        self._backlog.update(self.db.waiting)
         for row in claimed:
             self._send(row["node"], self.core.task_of(row))
 

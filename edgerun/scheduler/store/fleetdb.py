@@ -40,12 +40,16 @@ def fleet_task(row: Any) -> JSONObject:
         task.setdefault("retry", json.loads(row["retry"]) if row["retry"] else None)
     if task.get("attempt") is None:
         task["attempt"] = 1
+    if "seq" in keys:
+        task["seq"] = int(row["seq"])
     return task
 
 
 class FleetDB:
     def __init__(self, store: Store) -> None:
         self.store = store
+        self.waiting: set[str] = set()
+        """The nodes the last claim left ready tasks behind on (no room for them)."""
 
     # --- reads ---------------------------------------------------------------------------
     def task(self, node: str, task_id: str) -> JSONObject | None:
@@ -74,6 +78,7 @@ class FleetDB:
         instance died before the broker took the task lapses, and the task is free
         again). One transaction, the node's row locked: several instances never
         claim the same task, nor more than `pace` together."""
+        self.waiting = set()
         with self.store.transaction() as db:
             if db.execute("SELECT 1 FROM tasks WHERE node=? AND state='queued' LIMIT 1",
                           (node,)).fetchone() is None:
@@ -81,9 +86,13 @@ class FleetDB:
             db.execute("SELECT node FROM nodes WHERE node=? FOR UPDATE", (node,))
             room = pace - self._outstanding(db, node, now)
             if room <= 0:
+                self.waiting = {node}
                 return []
             rows = db.execute(READY + " AND node=? ORDER BY seq LIMIT ?",
-                              (SENDING_LIKE, now, now, node, room)).fetchall()
+                              (SENDING_LIKE, now, now, node, room + 1)).fetchall()
+            if len(rows) > room:
+                self.waiting = {node}
+                rows = rows[:room]
             for row in rows:
                 db.execute("UPDATE tasks SET hold=?, not_before=? WHERE node=? AND id=?",
                            (f"{SENDING}:{owner}", now + ttl, node, row["id"]))
@@ -96,6 +105,7 @@ class FleetDB:
         deadlock on them), their outstanding counted in one grouped read, their free
         queued tasks read in one, the claimed ones marked in one UPDATE."""
         out: list[JSONObject] = []
+        self.waiting = set()
         hold = f"{SENDING}:{owner}"
         for start in range(0, len(nodes), 500):
             part = sorted(set(nodes[start:start + 500]))
@@ -123,6 +133,8 @@ class FleetDB:
                     if room[row["node"]] > 0:
                         room[row["node"]] -= 1
                         claimed.append(row)
+                    else:
+                        self.waiting.add(row["node"])
                 if not claimed:
                     continue
                 seqs = [int(r["seq"]) for r in claimed]
@@ -255,12 +267,17 @@ class FleetDB:
             db.execute("UPDATE tasks SET hold=NULL, not_before=NULL WHERE state='queued' AND "
                        "hold LIKE ?", (SENDING_LIKE,))
 
-    def renew_claims(self, owner: str, until: float) -> None:
-        """This instance is alive: its claims hold until `until` (from the ticker's own
-        thread, so that a busy worker never lets them lapse)."""
-        with self.store.transaction() as db:
-            db.execute("UPDATE tasks SET not_before=? WHERE state='queued' AND hold=?",
-                       (until, f"{SENDING}:{owner}"))
+    def renew_claims(self, owner: str, until: float, seqs: list[int]) -> None:
+        """This instance is alive: its claims (the rows `seqs`, still queued and held by
+        it) hold until `until` (from the ticker's own thread, so that a busy worker never
+        lets them lapse). By primary key: no scan of the queued tasks, whose index fills
+        with dead entries under a fan-out on PostgreSQL; nothing at all when none."""
+        for start in range(0, len(seqs), 500):
+            part = seqs[start:start + 500]
+            with self.store.transaction() as db:
+                db.execute(f"UPDATE tasks SET not_before=? WHERE seq IN "  # noqa: S608
+                           f"({','.join('?' * len(part))}) AND state='queued' AND hold=?",
+                           (until, *part, f"{SENDING}:{owner}"))
 
     def release(self, node: str, task_id: str) -> None:
         """Lift a queued task's hold: it may go (subject to pacing)."""

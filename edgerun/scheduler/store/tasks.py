@@ -269,6 +269,64 @@ class Store:
                                     "dispatched_at=?, deadline=?, expires_ts=?",
                                     (format_time(), deadline, expires_ts))
 
+    def apply_updates(self, updates: list[tuple[Update, JSONObject]], *, grace: float,
+                      now: float) -> list[Change | None]:
+        """`apply_update` for the updates that arrived together, in one transaction: their
+        guarded UPDATEs in one pipeline (one round trip on PostgreSQL, in order, so the
+        updates of one task chain as they would one by one), the history rows of those
+        that applied in one multi-row INSERT; those that did not apply (unknown task,
+        duplicate, late) go the one-by-one way, in their order."""
+        if not updates:
+            return []
+        with self.transaction() as tx:
+            plans = [self._update_plan(update, body, grace, now) for update, body in updates]
+            results = tx.db.pipeline([(self._transition_sql(state, sets), args)
+                                      for state, sets, args, _history in plans])
+            out: list[Change | None] = []
+            history = []
+            for (_state, _sets, _args, row_of_history), rows in zip(plans, results, strict=True):
+                if rows:
+                    previous = rows[0]["previous"]
+                    out.append(Change(None if previous == "__new__" else previous,
+                                      task_dict(rows[0])))
+                    history.append(row_of_history)
+                else:
+                    out.append(None)
+            if history:
+                tx.execute_values("INSERT INTO updates (node, task_id, state, at, "
+                                  "received_at, body)", history)
+            for i, (update, body) in enumerate(updates):
+                if out[i] is None:
+                    out[i] = self.apply_update(update, body, grace=grace, now=now)
+            return out
+
+    def _update_plan(self, update: Update, body: JSONObject, grace: float,
+                     now: float) -> tuple[State, str, tuple[Any, ...], tuple[Any, ...]]:
+        """(state, SET clause, its arguments + the WHERE's, the history row) of an update."""
+        assert update.id is not None
+        node, task_id, state = update.node, update.id, update.state
+        error = update.error
+        if is_final(state):
+            result = {k: body[k] for k in RESULT_FIELDS if k in body}
+            sets = ("deadline=NULL, expires_ts=NULL, exit_code=COALESCE(?, exit_code), "
+                    "error_code=?, error_message=?, result=COALESCE(?, result)")
+            args: tuple[Any, ...] = (update.exit_code, error.code if error else None,
+                                     error.message if error else None, json.dumps(result))
+        else:
+            sets = ("deadline=? + COALESCE(timeout, ?) + ?, expires_ts=NULL, "
+                    "exit_code=COALESCE(?, exit_code), error_code=?, error_message=?")
+            args = (now, DEFAULT_TIMEOUT_S, grace, update.exit_code,
+                    error.code if error else None, error.message if error else None)
+        history = (node, task_id, str(state), update.at, format_time(), json.dumps(body))
+        return state, sets, (str(state), format_time(), *args, node, task_id,
+                             *_sources(state)), history
+
+    @staticmethod
+    def _transition_sql(state: State, sets: str) -> str:
+        return (f"UPDATE tasks SET previous=state, state=?, updated_at=?, {sets} "  # noqa: S608
+                f"WHERE node=? AND id=? AND state IN ({','.join('?' * len(_sources(state)))}) "
+                f"RETURNING *")
+
     def apply_update(self, update: Update, body: JSONObject, *, grace: float,
                      now: float) -> Change | None:
         """Apply an agent's update if the state machine allows it; None when it is a
