@@ -225,8 +225,9 @@ def test_openapi_document_lists_the_routes(s: Stack) -> None:
     doc = s.http("GET", "/v1/openapi.json").body
     assert doc["openapi"].startswith("3.")
     for path in ("/v1/tasks", "/v1/tasks/{id}/cancel", "/v1/jobs/{id}/targets", "/v1/events",
-                 "/v1/ws", "/v1/tokens"):
+                 "/v1/stream-tickets", "/v1/tokens", "/healthz", "/readyz"):
         assert path in doc["paths"]
+    assert "/v1/ws" in doc["info"]["description"]  # OpenAPI describes no WebSocket
 
 
 def test_first_start_token_file_is_private_and_the_local_cli_finds_it(s: Stack) -> None:

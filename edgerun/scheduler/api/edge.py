@@ -13,7 +13,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from edgerun.control.errors import BadRequest
-from edgerun.protocol import State
+from edgerun.protocol import State, is_task_id
 
 COMMON_TASK_KEYS = frozenset({"type", "id", "timeout", "expires_at"})
 TASK_KEYS = {
@@ -44,10 +44,14 @@ def _reject_constant(name: str) -> Any:
     raise BadJson(f"{name} is not a JSON number; send a finite number")
 
 
-def _finite(text: str) -> float:
+def _finite(text: str) -> float | int:
+    """A JSON number with a fraction or exponent; a whole one (2.0, 1e3) reads as the
+    integer it is, as JSON Schema counts it (an `integer` field takes 2.0)."""
     value = float(text)
     if value in (float("inf"), float("-inf")):
         raise BadJson(f"the number {text:.40} is out of range")
+    if value.is_integer() and abs(value) <= MAX_INT:
+        return int(value)
     return value
 
 
@@ -148,10 +152,14 @@ def task_spec(spec: Any, field: str = "task") -> dict[str, Any]:
     if not isinstance(spec, dict):
         raise Invalid(field, f"`{field}` must be an object with `type` shell or download")
     kind = spec.get("type")
-    if kind not in TASK_KEYS:
+    if not isinstance(kind, str) or kind not in TASK_KEYS:
         raise Invalid(f"{field}.type", f"`{field}.type` must be shell or download, "
                                        f"not {kind!r:.60}")
     check_keys(spec, TASK_KEYS[kind], f"a {kind} task", f"{field}.")
+    given = spec.get("id")
+    if given is not None and given != "" and not (isinstance(given, str) and is_task_id(given)):
+        raise Invalid(f"{field}.id", f"`{field}.id` must be 1-128 of A-Z a-z 0-9 _ . : - "
+                                     f"(or left out: the service makes one)")
     return spec
 
 

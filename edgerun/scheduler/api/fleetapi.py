@@ -15,6 +15,17 @@ from typing import Any
 from edgerun.protocol import JSONObject
 from edgerun.scheduler.api import edge
 from edgerun.scheduler.api.handlers import Handlers
+from edgerun.scheduler.api.routes import JSONSchema, Param
+from edgerun.scheduler.api.table import (
+    CHOOSE,
+    LIMIT,
+    NOTHING,
+    RETRY,
+    TARGETS,
+    TASK,
+    WHOLE,
+    nullable,
+)
 from edgerun.scheduler.fleet.rollout import STATES
 from edgerun.scheduler.store.events import without_tails
 
@@ -30,6 +41,9 @@ class RolloutHandlers:
         edge.check_keys(body, ROLLOUT_KEYS, "a rollout")
         if "task" not in body:
             raise edge.Invalid("task", "`task` is missing: the task to roll out")
+        for key in ("batch", "rate"):
+            if key in body and body[key] is None:
+                raise edge.Invalid(key, f"`{key}` must not be null: give it or leave it out")
         spec = edge.task_spec(body["task"])
         self.h.check_spec(spec, "task")
         rollout = self.rollouts.create(
@@ -60,70 +74,47 @@ class RolloutHandlers:
         return act
 
 
+ROLLOUT: JSONSchema = {
+    "type": "object", "required": ["task"], "additionalProperties": False,
+    # targets chosen one way at least (CHOOSE), and a pace: batch, rate or both
+    "anyOf": [{**choice, "required": [*choice["required"], pace]}
+              for choice in CHOOSE for pace in ("batch", "rate")],
+    "properties": {
+        **TARGETS, "task": TASK, "retry": nullable(RETRY),
+        "batch": {"type": "integer", "minimum": 1, "maximum": WHOLE,
+                  "description": "at most this many targets in progress at once"},
+        "rate": {"type": "string", "pattern": "^[1-9][0-9]{0,3}/(s|sec|m|min|h|hour)$",
+                 "description": "targets started per minute (N/min, N/s, N/h)"},
+        "abort_after": {"oneOf": [
+            {"type": "integer", "minimum": 1, "maximum": WHOLE},
+            {"type": "string", "pattern": "^[1-9][0-9]{0,5}$|^([1-9][0-9]?|100)%$"},
+            {"type": "null"}],
+            "description": "abort after N failures, or P% of the finished targets"},
+        "abort_min": {"type": "integer", "minimum": 1, "maximum": WHOLE,
+                      "description": "finished targets before a percentage applies"}}}
+ROLLOUT_ID = {"id": "rollout id"}
+
+
 def rollout_routes(h: Handlers, endpoint: Callable[..., Any]) -> dict[str, dict[str, Any]]:
     """The /v1/rollouts routes, in the API's route table shape."""
     r = RolloutHandlers(h)
     routes: dict[str, dict[str, Any]] = {
         "/v1/rollouts": {
-            "GET": endpoint("viewer", "reading", r.list, query=("state", "limit")),
-            "POST": endpoint("operator", "dispatching", r.create, status=201, body=True,
-                             with_who=True)},
-        "/v1/rollouts/{id}": {"GET": endpoint("viewer", "reading", r.show)},
+            "GET": endpoint("viewer", "reading", r.list, query=(
+                Param("state", {"enum": list(STATES)}, "rollout state"), LIMIT),
+                summary="rollouts, newest first"),
+            "POST": endpoint("operator", "dispatching", r.create, status=201, body=ROLLOUT,
+                             with_who=True, errors=(404, 503), carries="the rollout with its "
+                             "tasks", summary="roll a task out in a sliding window and/or at a "
+                                              "rate, with an abort rule (operator)")},
+        "/v1/rollouts/{id}": {"GET": endpoint(
+            "viewer", "reading", r.show, path_params=ROLLOUT_ID,
+            summary="state, abort reason, counts and every target's phase")},
     }
     for name in ("pause", "resume", "abort"):
         routes[f"/v1/rollouts/{{id}}/{name}"] = {
-            "POST": endpoint("operator", "dispatching", r.action(name), body=True,
-                             with_who=True)}
+            "POST": endpoint("operator", "dispatching", r.action(name), body=NOTHING,
+                             with_who=True, path_params=ROLLOUT_ID,
+                             summary=f"{name} the rollout (operator); 409 when its state does "
+                                     f"not allow it")}
     return routes
-
-
-# --- the OpenAPI document's part (openapi.py merges it) -------------------------------------
-WHERE = {"type": "array", "items": {"type": "string"},
-         "description": "fact expressions that must all hold: arch=x86_64, "
-                        "'dmi.sys_vendor=Dell*', 'cpus>=32', 'macs=52:54:00:*'"}
-RETRY = {"type": "object", "additionalProperties": False, "required": ["retries"],
-         "properties": {"retries": {"type": "integer", "minimum": 0, "maximum": 20},
-                        "on": {"type": "array", "items": {
-                            "enum": ["failed", "timed_out", "lost", "busy"]}},
-                        "delay": {"type": "number", "minimum": 0, "maximum": 600}}}
-GRAPH_STEP_KEYS = {"name": {"type": "string"},
-                   "needs": {"type": "array", "items": {"type": "string"}},
-                   "targets": {"type": "array", "items": {"type": "string"}},
-                   "where": WHERE, "online": {"type": "boolean"}}
-
-
-def openapi_paths(ok: Callable[..., Any], err: Any, common: dict[str, Any],
-                  body: Callable[[str], Any]) -> dict[str, Any]:
-    one = {"name": "id", "in": "path", "required": True, "schema": {"type": "string"},
-           "description": "rollout id"}
-    paths: dict[str, Any] = {
-        "/v1/rollouts": {
-            "get": {"summary": "rollouts, newest first", "parameters": [
-                {"name": "state", "in": "query", "schema": {"enum": list(STATES)}},
-                {"name": "limit", "in": "query", "schema": {"type": "integer"}}],
-                "responses": {**ok("{rollouts}"), **common}},
-            "post": {"summary": "roll a task out in a sliding window and/or at a rate, with "
-                                "an abort rule (operator)", "requestBody": body("Rollout"),
-                     "responses": {**ok("the rollout with its tasks", "201"), "404": err,
-                                   "409": err, "503": err, **common}}},
-        "/v1/rollouts/{id}": {"get": {
-            "summary": "state, abort reason, counts and every target's phase",
-            "parameters": [one], "responses": {**ok("rollout"), "404": err, **common}}},
-    }
-    for action in ("pause", "resume", "abort"):
-        paths[f"/v1/rollouts/{{id}}/{action}"] = {"post": {
-            "summary": f"{action} the rollout (operator); 409 when its state does not allow "
-                       f"it", "parameters": [one],
-            "responses": {**ok("rollout"), "404": err, "409": err, **common}}}
-    return paths
-
-
-ROLLOUT_SCHEMA = {
-    "type": "object", "required": ["task"], "additionalProperties": False,
-    "properties": {"targets": {"type": "array", "items": {"type": "string"}},
-                   "where": WHERE, "online": {"type": "boolean"},
-                   "task": {"$ref": "#/components/schemas/TaskSpec"},
-                   "batch": {"type": "integer", "minimum": 1},
-                   "rate": {"type": "string", "description": "N/min, N/s or N/h"},
-                   "abort_after": {"type": "string", "description": "N failures or P%"},
-                   "abort_min": {"type": "integer", "minimum": 1}, "retry": RETRY}}

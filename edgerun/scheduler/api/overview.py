@@ -25,6 +25,8 @@ from edgerun.control.errors import NotFound
 from edgerun.protocol import JSONObject, format_time
 from edgerun.scheduler.api import edge
 from edgerun.scheduler.api.handlers import Handlers
+from edgerun.scheduler.api.routes import Param
+from edgerun.scheduler.api.table import LIMIT
 from edgerun.scheduler.fleet.jobs import progress_of
 from edgerun.scheduler.store.tasks import Store
 
@@ -226,39 +228,27 @@ class JobTasks:
 
 
 def overview_routes(h: Handlers, endpoint: Callable[..., Any]) -> dict[str, dict[str, Any]]:
-    """The overview's and job view's read routes, in the API's route table shape."""
+    """The overview's and job view's read routes, in the API's route table shape, each
+    with what the OpenAPI document says of it."""
     overview, jobs = Overview(h.store), JobTasks(h)
-    return {
-        "/v1/overview": {"GET": endpoint("viewer", "reading", lambda: overview.summary())},
-        "/v1/overview/series": {"GET": endpoint("viewer", "reading",
-                                                lambda: overview.series())},
-        "/v1/jobs/{id}/tasks": {"GET": endpoint("viewer", "reading", jobs.tasks,
-                                                query=("state", "limit", "cursor"))},
-    }
-
-
-# --- the OpenAPI document's part (openapi.py merges it) -------------------------------------
-def openapi_paths(ok: Callable[..., Any], err: Any, common: dict[str, Any]) -> dict[str, Any]:
-    job = {"name": "id", "in": "path", "required": True, "schema": {"type": "string"},
-           "description": "job id"}
     states = ["bad", "active", "queued", "dispatched", "accepted", "running", "succeeded",
               "failed", "timed_out", "canceled", "rejected", "lost"]
     return {
-        "/v1/overview": {"get": {
-            "summary": "nodes online/offline/lost in the last hour; tasks running, queued and "
-                       "failed in the last hour; the latest failures",
-            "responses": {**ok("{at, nodes, tasks, failures}"), **common}}},
-        "/v1/overview/series": {"get": {
-            "summary": "task outcomes per minute over 60 min; nodes online every 15 min over "
-                       "24 h (from the event log, as far back as it keeps)",
-            "responses": {**ok("{at, outcomes, online}"), **common}}},
-        "/v1/jobs/{id}/tasks": {"get": {
-            "summary": "a job's tasks, failures first, by state (bad: failed, lost, canceled "
-                       "...; active: queued or running), with creator, start and end",
-            "parameters": [job,
-                           {"name": "state", "in": "query", "schema": {"enum": states}},
-                           {"name": "limit", "in": "query", "schema": {"type": "integer"}},
-                           {"name": "cursor", "in": "query", "schema": {"type": "string"}}],
-            "responses": {**ok("{job, counts, total, tasks, next}"), "404": err,
-                          "422": err, **common}}},
+        "/v1/overview": {"GET": endpoint(
+            "viewer", "reading", lambda: overview.summary(),
+            carries="{at, nodes, tasks, failures}",
+            summary="nodes online/offline/lost in the last hour; tasks running, queued and "
+                    "failed in the last hour; the latest failures")},
+        "/v1/overview/series": {"GET": endpoint(
+            "viewer", "reading", lambda: overview.series(), carries="{at, outcomes, online}",
+            summary="task outcomes per minute over 60 min; nodes online every 15 min over "
+                    "24 h (from the event log, as far back as it keeps)")},
+        "/v1/jobs/{id}/tasks": {"GET": endpoint(
+            "viewer", "reading", jobs.tasks, path_params={"id": "job id"},
+            query=(Param("state", {"enum": states}, "a state, bad or active"), LIMIT,
+                   Param("cursor", {"type": "string", "pattern": "^[0-9]{0,18}$"},
+                         "`next` of the previous page")),
+            carries="{job, counts, total, tasks, next}",
+            summary="a job's tasks, failures first, by state (bad: failed, lost, canceled "
+                    "...; active: queued or running), with creator, start and end")},
     }

@@ -33,8 +33,9 @@ from edgerun.control.tokens import is_loopback
 from edgerun.errors import ConfigError
 from edgerun.protocol import JSONObject
 from edgerun.scheduler.api import edge, idem
-from edgerun.scheduler.api.auth import Principal
 from edgerun.scheduler.api.handlers import ApiError, Handlers, classify
+from edgerun.scheduler.api.routes import JSONSchema, Op, Param, described
+from edgerun.scheduler.api.table import core_routes
 from edgerun.scheduler.api.fleetapi import rollout_routes
 from edgerun.scheduler.api.overview import overview_routes
 from edgerun.scheduler.errors import ListenError
@@ -129,9 +130,23 @@ def build_app(service: Service, config: ApiConfig, registry: Any = None) -> Any:
         return edge.parse_json(raw)
 
     def endpoint(role: str, what: str, work: Callable[..., Any], *, status: int = 200,
-                 query: tuple[str, ...] = (), repeatable: tuple[str, ...] = (),
-                 body: bool = False, with_who: bool = False
+                 query: tuple[str | Param, ...] = (), repeatable: tuple[str, ...] = (),
+                 body: bool | JSONSchema = False, with_who: bool = False, summary: str = "",
+                 errors: tuple[int, ...] = (), carries: str = "the answer",
+                 content: str = "application/json", path_params: dict[str, str] | None = None
                  ) -> Callable[[Request], Awaitable[Response]]:
+        """A route's handler, with its Op for the OpenAPI document. `query` names the
+        query parameters (or gives them as Params, a schema each); `body` is True or the
+        body's schema; `errors` the statuses the work may answer besides the edges'."""
+        params = tuple(q if isinstance(q, Param) else Param(q, many=q in repeatable)
+                       for q in query)
+        names = tuple(p.name for p in params)
+        many = tuple(p.name for p in params if p.many)
+        schema = body if isinstance(body, dict) else ({"type": "object"} if body else None)
+        body = schema is not None
+        op = Op(summary or what, role, status, params, schema, errors, carries, content,
+                path_params or {})
+
         async def handle(request: Request) -> Response:
             # the token before the body: a stranger's body is never read
             who = await run_in_threadpool(h.principal, request.headers.get("authorization"),
@@ -142,9 +157,9 @@ def build_app(service: Service, config: ApiConfig, registry: Any = None) -> Any:
             payload = await read_body(request) if body else None
 
             def run() -> Any:
-                q = edge.query(request.query_params.multi_items(), query, repeatable)
+                q = edge.query(request.query_params.multi_items(), names, many)
                 args: list[Any] = list(request.path_params.values())
-                if query:
+                if names:
                     args.append(q)
                 if payload is not None:
                     args.append(payload)
@@ -158,19 +173,16 @@ def build_app(service: Service, config: ApiConfig, registry: Any = None) -> Any:
             if key is None:
                 return await respond()
             return await idem.once(keys, who.name, key, request, payload, respond)
-        return handle
+        return described(handle, op)
 
     def metrics() -> Response:
         return Response(service.metrics.render(), media_type=METRICS_TYPE)
-
-    def whoami(who: Principal) -> JSONObject:
-        return {"name": who.name, "role": who.role, "version": __version__}
 
     async def open_metrics(_request: Request) -> Response:
         return await run_in_threadpool(metrics)
 
     async def openapi_json(_request: Request) -> Response:
-        return answer(200, document(__version__))
+        return answer(200, spec)
 
     async def healthz(_request: Request) -> Response:
         """Liveness, for a load balancer or Kubernetes: the API answers. No token, no data."""
@@ -218,49 +230,36 @@ def build_app(service: Service, config: ApiConfig, registry: Any = None) -> Any:
             response.headers["WWW-Authenticate"] = 'Bearer realm="edgerun"'
         return response
 
-    tasks_q = ("node", "state", "job", "limit", "cursor")
-    nodes_q = ("online", "match", "where", "state", "q", "fact", "limit", "cursor")
-    Handler = Callable[[Request], Awaitable[Response]]
-    table: dict[str, dict[str, Handler]] = {
-        "/v1/whoami": {"GET": endpoint("viewer", "reading", whoami, with_who=True)},
-        "/v1/health": {"GET": endpoint("viewer", "reading", service.health)},
-        "/v1/metrics": {"GET": endpoint("viewer", "reading", metrics)},
-        "/v1/nodes": {"GET": endpoint("viewer", "reading", h.nodes, query=nodes_q,
-                                      repeatable=("match", "fact", "where"))},
-        "/v1/nodes/{node}": {
-            "GET": endpoint("viewer", "reading", h.node),
-            "DELETE": endpoint("operator", "forgetting nodes", h.forget_node, with_who=True)},
-        "/v1/tasks": {
-            "GET": endpoint("viewer", "reading", h.tasks, query=tasks_q),
-            "POST": endpoint("operator", "dispatching", h.dispatch, status=201, body=True,
-                             with_who=True)},
-        "/v1/tasks/{id}": {"GET": endpoint("viewer", "reading", h.task, query=("node",))},
-        "/v1/tasks/{id}/cancel": {"POST": endpoint("operator", "cancelling", h.cancel,
-                                                   body=True, with_who=True)},
-        "/v1/jobs": {
-            "GET": endpoint("viewer", "reading", h.jobs, query=("limit", "cursor")),
-            "POST": endpoint("operator", "dispatching", h.create_job, status=201, body=True,
-                             with_who=True)},
-        "/v1/jobs/{id}": {"GET": endpoint("viewer", "reading", h.job)},
-        "/v1/jobs/{id}/targets": {"GET": endpoint("viewer", "reading", h.job_targets,
-                                                  query=("limit", "cursor"))},
-        "/v1/jobs/{id}/cancel": {"POST": endpoint("operator", "cancelling", h.cancel_job,
-                                                  body=True, with_who=True)},
-        "/v1/tokens": {
-            "GET": endpoint("admin", "managing tokens",
-                            lambda: {"tokens": service.store.tokens()}),
-            "POST": endpoint("admin", "managing tokens", h.create_token, status=201,
-                             body=True, with_who=True)},
-        "/v1/tokens/{name}": {"DELETE": endpoint("admin", "managing tokens", h.revoke_token,
-                                                 with_who=True)},
-        "/v1/events": {"GET": streams.sse_endpoint(h, registry)},
-        "/v1/stream-tickets": {"POST": endpoint("viewer", "reading events",
-                                                lambda who: h.tickets.issue(who), status=201,
-                                                with_who=True)},
-    }
+    async def ws_over_http(request: Request) -> Response:
+        await run_in_threadpool(h.principal, request.headers.get("authorization"), None,
+                                "viewer", "reading events")
+        raise ApiError(426, "upgrade_required", "/v1/ws is a WebSocket: connect with "
+                       "Upgrade: websocket (docs/EVENTS.md)")
 
+    Handler = Callable[[Request], Awaitable[Response]]
+    table: dict[str, dict[str, Handler]] = core_routes(h, endpoint, metrics)
     table.update(rollout_routes(h, endpoint))
     table.update(overview_routes(h, endpoint))
+    table["/v1/events"] = {"GET": described(streams.sse_endpoint(h, registry), Op(
+        "Server-Sent Events (docs/EVENTS.md); resume with Last-Event-ID", "viewer",
+        query=streams.QUERY, content="text/event-stream", carries="the event stream"))}
+    # OpenAPI describes no WebSocket: /v1/ws is in the document's description, and a plain
+    # GET of it gets 426 naming the upgrade
+    table["/v1/ws"] = {"GET": ws_over_http}
+    public = {
+        "/healthz": {"GET": described(healthz, Op("liveness: the API answers", None,
+                                                  carries="{status}"))},
+        "/readyz": {"GET": described(readyz, Op("readiness: the store answers and the broker "
+                                                "is connected", None, errors=(503,),
+                                                carries="{status, store, broker}"))},
+        # Prometheus' convention: a scraper reads /metrics without a token (counts only)
+        "/metrics": {"GET": described(open_metrics, Op("Prometheus metrics", None,
+                                                       content="text/plain",
+                                                       carries="metrics"))},
+        "/v1/openapi.json": {"GET": described(openapi_json, Op(
+            "this document", None, carries="the OpenAPI document"))},
+    }
+    spec = document(__version__, {**public, **table})
 
     def by_method(handlers: dict[str, Handler]) -> Handler:
         """One route per path, so a wrong method gets 405 with every allowed one."""
@@ -271,13 +270,8 @@ def build_app(service: Service, config: ApiConfig, registry: Any = None) -> Any:
 
     routes: list[Any] = [
         StarletteRoute("/", console, methods=["GET"]),
-        StarletteRoute("/v1/openapi.json", openapi_json, methods=["GET"]),
-        # Prometheus' convention: a scraper reads /metrics without a token (counts only)
-        StarletteRoute("/metrics", open_metrics, methods=["GET"]),
-        StarletteRoute("/healthz", healthz, methods=["GET"]),
-        StarletteRoute("/readyz", readyz, methods=["GET"]),
         *[StarletteRoute(path, by_method(handlers), methods=list(handlers))
-          for path, handlers in table.items()],
+          for path, handlers in {**public, **table}.items()],
         WebSocketRoute("/v1/ws", ws.ws_endpoint(h, registry, config.allowed_origins)),
         Mount("/static", app=StaticFiles(directory=str(STATIC)), name="static"),
     ]

@@ -39,6 +39,7 @@ from edgerun.protocol import JSONObject
 from edgerun.scheduler.api import edge
 from edgerun.scheduler.api.auth import Principal
 from edgerun.scheduler.api.handlers import Handlers
+from edgerun.scheduler.api.routes import Param
 from edgerun.scheduler.store.events import AUDIT, CHANNELS, OUTPUT, Subscription
 
 if TYPE_CHECKING:
@@ -51,7 +52,19 @@ BACKLOG_PAGE = 500
 MAX_PENDING_BYTES = 1024 * 1024
 WRITE_DEADLINE_S = 10.0
 REVOKE_CHECK_S = 0.5
-STREAM_QUERY = ("channel", "node", "task", "access_token", "ticket", "last_event_id")
+CHANNEL = "(nodes|tasks|output|audit)"
+QUERY = (
+    Param("channel", {"type": "string", "pattern": f"^{CHANNEL}(,{CHANNEL})*$"},
+          "nodes, tasks, output, audit (comma-separated or repeated)", many=True),
+    Param("node", {"type": "string", "minLength": 1, "pattern": "^[^\\u0000]+$"}, "node id",
+          many=True),
+    Param("task", {"type": "string", "minLength": 1, "pattern": "^[^\\u0000]+$"}, "task id",
+          many=True),
+    Param("ticket", description="a stream ticket (POST /v1/stream-tickets), once"),
+    Param("access_token", description="the token, for older clients; prefer a ticket"),
+    Param("last_event_id", {"type": "string", "pattern": "^[0-9]{0,18}$"},
+          "as the Last-Event-ID header"))
+STREAM_QUERY = tuple(p.name for p in QUERY)
 STOPPING = "the service is stopping"
 Render = Callable[[int, JSONObject], bytes]
 
