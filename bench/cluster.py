@@ -10,7 +10,10 @@ Reports, asserts nothing:
   is connected to another node. MQTT: an `edgerun.mqtt.MqttConnection` with a
   persistent session and a QoS 1 subscription, as the agent has, on NATS. AMQP: the
   scheduler's `AmqpMessenger` with its quorum queue, on RabbitMQ. The killed node is
-  started again between runs.
+  started again between runs;
+- the stall a user sees (bench/failover.py): the longest gap between recorded task
+  completions around the kill of the node leading the scheduler's queue, under a
+  steady flow through the bridge, on RabbitMQ.
 """
 
 from __future__ import annotations
@@ -152,6 +155,8 @@ def item8(workdir: Path, runs: int = 3) -> dict[str, Any]:
     out["failover"]["mqtt_nats"] = _summary(nats_failover(workdir / "nf", runs), runs)
     out["memory"]["rabbitmq"] = rabbit_memory(workdir / "rm")
     out["failover"]["amqp_rabbitmq"] = _summary(rabbit_failover(workdir / "rf", runs), runs)
+    from bench.failover import stall
+    out["failover"]["stall_rabbitmq"] = stall(workdir / "st", runs)
     return out
 
 

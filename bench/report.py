@@ -229,7 +229,24 @@ def item8(r: dict[str, Any]) -> list[str]:
             "(deploy/nats, deploy/rabbitmq):", "",
             *_table(["broker", "1 node", "3 nodes", "per node"], mem),
             "Failover: kill -9 of the node a client is on, to connected to another (s):", "",
-            *_table(["client", "reconnected", "runs (s)", "median (s)"], fail)]
+            *_table(["client", "reconnected", "runs (s)", "median (s)"], fail),
+            *_item8_stall(r["failover"].get("stall_rabbitmq"))]
+
+
+def _item8_stall(st: dict[str, Any] | None) -> list[str]:
+    """The stall a user sees on RabbitMQ (bench/failover.py)."""
+    if not st:
+        return []
+    rows = [[i + 1, k["stall_s"], ", ".join(c for c, on in
+                                             k["connections_on_killed_node"].items() if on)
+             or "none", len(k["queue_leaders_on_killed_node"]), k["dispatch_refused"],
+             k["dispatch_refused_for_s"]] for i, k in enumerate(st["kills"])]
+    return ["", f"Stall as a user sees it: {st['rate_per_s']:.0f} tasks/s through the bridge "
+            f"to {st['agents']} agents, the node leading the scheduler's queue killed -9; the "
+            "longest gap between two recorded completions from 1 s before to 10 s after "
+            f"(quiet seconds before: {st['quiet_longest_gap_s']} s; bench/failover.py):", "",
+            *_table(["kill", "stall (s)", "connections on it", "queue leaders on it",
+                     "dispatches refused", "refused for (s)"], rows)]
 
 
 def _item9(r: dict[str, Any]) -> list[str]:
