@@ -22,6 +22,7 @@ MODULE_MARKS: dict[str, tuple[str, ...]] = {
     "test_agent_property": SLOW,
     "test_amqp_renew": SLOW,
     "test_amqps": SLOW,
+    "test_api_openapi": SLOW,  # schemathesis --checks all: 1.5-3 min
     "test_bridge_fair": SLOW,
     "test_bridge_live": SLOW,
     "test_bridge_resync": SLOW,
