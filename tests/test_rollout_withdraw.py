@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
 
 from edgerun.protocol import Topics, format_time
 
@@ -28,7 +29,7 @@ def test_abort_sends_cancel_if_queued_and_a_started_target_finishes_and_counts(
     heard: queue.Queue[dict[str, Any]] = queue.Queue()
     node = "slow-uplink"
     host, port = mosquitto.url.removeprefix("mqtt://").rsplit(":", 1)
-    sub = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="node-inbox")
+    sub = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="node-inbox")
     sub.on_message = lambda _c, _u, msg: heard.put(json.loads(msg.payload))
     sub.connect(host, int(port))
     sub.subscribe(Topics().tasks(node), qos=1)
