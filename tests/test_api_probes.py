@@ -4,7 +4,13 @@ answer 404 with a hint naming /v1."""
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
+from typing import Any
+
+import pytest
+
+from edgerun.scheduler.api import handlers
 
 from .apikit import call, stack, wait_for
 
@@ -34,3 +40,22 @@ def test_old_unversioned_paths_get_404_naming_v1(tmp_path: Path) -> None:
             assert f"/v1{path}" in reply.body["error"], reply.body
         inside = call(s.port, "GET", "/v1/nope", s.viewer)
         assert inside.status == 404 and "versioned" not in inside.body["error"]
+
+
+def test_a_dispatch_during_a_broker_failover_is_held_not_refused(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    with stack(tmp_path, node="probe-c") as s:
+        task = {"targets": [s.node], "task": {"type": "shell", "command": "true"}}
+        s.mosquitto.stop()
+        wait_for(lambda: call(s.port, "GET", "/readyz").body["broker"] is False)
+        monkeypatch.setattr(handlers, "BROKER_HOLD_S", 0.3)
+        refused = call(s.port, "POST", "/v1/tasks", s.operator, task)
+        assert refused.status == 503 and refused.body["code"] == "broker_unreachable"
+        monkeypatch.setattr(handlers, "BROKER_HOLD_S", 60.0)
+        replies: list[Any] = []
+        held = threading.Thread(target=lambda: replies.append(
+            call(s.port, "POST", "/v1/tasks", s.operator, task)))
+        held.start()  # sent while the broker is away; answered once it is back
+        s.mosquitto.start()
+        held.join(90)
+        assert replies and replies[0].status == 201, replies

@@ -46,6 +46,7 @@ class RolloutHandlers:
                 raise edge.Invalid(key, f"`{key}` must not be null: give it or leave it out")
         spec = edge.task_spec(body["task"])
         self.h.check_spec(spec, "task")
+        self.h.hold_for_broker()
         rollout = self.rollouts.create(
             edge.targets(body), edge.flag(body, "online"), spec,
             {k: body[k] for k in ("batch", "rate", "abort_after", "abort_min") if k in body},

@@ -29,6 +29,7 @@ from edgerun.scheduler.store.events import audit_event, without_tails
 
 log = logging.getLogger(__name__)
 TOUCH_EVERY_S = 60.0
+BROKER_HOLD_S = 5.0  # a dispatch during a broker failover waits this long before a 503
 WIRE_MARGIN = 512  # what the wire adds to a checked task: a signature, an expires_at
 
 
@@ -245,9 +246,16 @@ class Handlers:
                            f"the agents take at most {limit} bytes (max_message_bytes)",
                            field=field)
 
+    def hold_for_broker(self) -> None:
+        """Through a broker failover (a reconnect of a second or two), a request that must
+        reach the broker waits for the link, up to BROKER_HOLD_S, before it is refused
+        503; a client that retries with its Idempotency-Key then never runs twice."""
+        self.service.messenger.connected.wait(BROKER_HOLD_S)
+
     def dispatch(self, who: Principal, body: JSONObject) -> JSONObject:
         targets, online, spec = edge.dispatch_body(body)
         self.check_spec(spec, "task")
+        self.hold_for_broker()
         created = self.service.dispatch(targets, online, spec, where=body.get("where"),
                                         retry=body.get("retry"))
         self.audit(who, "dispatch", tasks=sorted({t["id"] for t in created}),
@@ -259,6 +267,7 @@ class Handlers:
         job_id, targets, online, steps = edge.job_body(body)
         for i, step in enumerate(steps):
             self.check_spec({k: v for k, v in step.items() if k != "id"}, f"steps.{i}")
+        self.hold_for_broker()
         job = self.service.create_job(targets, online, steps, job_id, where=body.get("where"))
         self.service.jobs.describe(job["id"], who.name)
         self.audit(who, "job", job=job["id"], nodes=job["nodes"][:1000],
@@ -271,6 +280,7 @@ class Handlers:
         if node is not None and not isinstance(node, str):
             raise edge.Invalid("node", "`node` must be a node id")
         task_id = self.task_id(given)
+        self.hold_for_broker()
         canceled = self.service.cancel(task_id, node)
         self.audit(who, "cancel", tasks=[task_id], nodes=[t["node"] for t in canceled],
                    node=canceled[0]["node"] if len(canceled) == 1 else None)
