@@ -166,6 +166,9 @@ def test_rows_an_older_version_wrote_are_shown_escaped_never_500(s: Stack) -> No
                    ('{"type": "shell", "command": "echo \\ud800", "id": "poison-1"}',))
         db.execute("UPDATE updates SET body = ? WHERE task_id = 'poison-1'",
                    ('{"v": 1, "kind": "update", "state": "running", "x": "\\udc00"}',))
+        # and what someone's hand edit left: bytes that are not UTF-8 in a text column
+        db.execute("UPDATE tasks SET error_message = CAST(x'ff41' AS TEXT) "
+                   "WHERE id = 'poison-1'")
         db.commit()
     finally:
         db.close()

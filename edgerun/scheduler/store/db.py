@@ -200,6 +200,10 @@ class Database(ABC):
         return statement
 
 
+def _text(raw: bytes) -> str:
+    return raw.decode("utf-8", "backslashreplace")
+
+
 class SqliteDatabase(Database):
     kind = "sqlite"
 
@@ -209,6 +213,9 @@ class SqliteDatabase(Database):
             self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None,
                                        timeout=10.0)
             self._db.row_factory = sqlite3.Row
+            # a row someone edited into bytes that are not UTF-8 is read escaped (\xff),
+            # never as an error that fails every page it is on (issue 23)
+            self._db.text_factory = _text
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.execute("PRAGMA foreign_keys=ON")
