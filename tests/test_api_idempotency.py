@@ -20,6 +20,7 @@ from edgerun.scheduler.store.tasks import Store
 
 from .apikit import FakeFleet, Stack, call, stack, wait_for
 from .brokers import free_port
+from .pg import pg_database, pg_url  # noqa: F401
 from .scheduler_kit import cli, running_app
 
 
@@ -215,3 +216,48 @@ def test_the_cli_retries_a_lost_answer_with_its_key_and_runs_once(s: Stack) -> N
     assert proxy.lost == 1
     assert result.code == 0, result.err
     assert count(s, marker) == 1
+
+
+def test_two_instances_on_one_postgresql_share_the_keys(tmp_path: Path,
+                                                        pg_url: str) -> None:  # noqa: F811
+    from .brokers import Mosquitto
+    mosquitto = Mosquitto(tmp_path / "mosquitto").start()
+    fleet = FakeFleet(mosquitto.url)
+    body = {"targets": ["pg-node"], "task": {"type": "shell", "command": "echo twice?"}}
+    try:
+        with running_app(mosquitto.url, tmp_path / "a", db=pg_url, share_group="idem") as a, \
+                running_app(mosquitto.url, tmp_path / "b", db=pg_url, share_group="idem") as b:
+            assert a.api is not None and b.api is not None and a.admin_token is not None
+            token, ports = a.admin_token, [a.api.port, b.api.port]
+            fleet.online(["pg-node"])
+            for port in ports:
+                wait_for(lambda p=port: call(p, "GET", "/v1/nodes", token).body["total"] == 1)
+            key = str(uuid.uuid4())
+            first = call(ports[0], "POST", "/v1/tasks", token, body,
+                         headers={"Idempotency-Key": key})
+            again = call(ports[1], "POST", "/v1/tasks", token, body,
+                         headers={"Idempotency-Key": key})
+            assert first.status == again.status == 201 and again.body == first.body
+            other = call(ports[1], "POST", "/v1/tasks", token, {**body, "online": True},
+                         headers={"Idempotency-Key": key})
+            assert other.status == 409 and key in other.body["error"]
+            # a double-click that lands on both instances at once
+            clicked, replies = str(uuid.uuid4()), list[Any]()
+            start = threading.Barrier(6)
+
+            def click(port: int) -> None:
+                start.wait()
+                replies.append(call(port, "POST", "/v1/tasks", token, body,
+                                    headers={"Idempotency-Key": clicked}))
+            threads = [threading.Thread(target=click, args=(ports[i % 2],)) for i in range(6)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+            assert [r.status for r in replies] == [201] * 6
+            assert len({str(r.body) for r in replies}) == 1
+            tasks = call(ports[0], "GET", "/v1/tasks", token).body["tasks"]
+            assert len(tasks) == 2  # the first key's task and the double-click's
+    finally:
+        fleet.close()
+        mosquitto.stop()
