@@ -382,3 +382,30 @@ def test_updates_applied_together_end_as_one_by_one_would(target: str, tmp_path:
     finally:
         together.close()
         alone.close()
+
+
+def test_confirms_recorded_together_at_the_end_of_the_transaction(target: str) -> None:
+    store = Store(target)
+    hub = EventHub(store)
+    store.on_events = hub.committed
+    try:
+        for task_id in ("c1", "c2"):
+            store.add_task("n1", ShellTask(id=task_id, command="true"), source="api")
+        with store.transaction() as tx:
+            gathered: list[tuple[str, str, float, float | None]] = []
+
+            def record() -> None:
+                for change in store.mark_dispatched_many(gathered):
+                    if change is not None:
+                        hub.publish(task_event(change.previous, change.task))
+            tx.before_commit(record)
+            gathered += [("n1", "c1", 50.0, None), ("n1", "nope", 50.0, None),
+                         ("n1", "c2", 60.0, 99.0)]
+            assert store.events_after(0) == []  # not yet: at the end
+        got = store.events_after(0)
+        assert [(e["id"], e["previous"], e["state"]) for _, e in got] == [
+            ("c1", "queued", "dispatched"), ("c2", "queued", "dispatched")]
+        c2 = store.get("n1", "c2")
+        assert c2 is not None and c2["deadline"] == 60.0 and c2["dispatched_at"]
+    finally:
+        store.close()

@@ -179,7 +179,7 @@ class Core:
                         self._one(item, handle, strict=True)
                     self._many(run)
                 return
-            except (_Retry, StoreError) as exc:
+            except Exception as exc:  # _Retry, a failed COMMIT, work done before it
                 log.warning("a batch of %d was rolled back (%s); recording them one by one",
                             len(items), exc.__cause__ or exc)
         for item in items:

@@ -137,12 +137,23 @@ class Fleet:
         self.core.metrics.dispatched.inc()
         with self._claims_lock:
             self._claims.pop((node, task_id), None)
-        change = self.core.store.mark_dispatched(
-            node, task_id, time.time() + timeout + self.core.cfg.grace, expires_ts)
-        if change is not None:
-            self.core.emit(change)
-        if node in self._backlog:  # else nothing of it waits here (the tick finds others')
-            self.pump(node)
+        # the confirms of one transaction (the worker's batch) are recorded together at
+        # its end: one round trip for all on PostgreSQL (Store.mark_dispatched_many)
+        with self.core.store.transaction() as tx:
+            pending = tx.scratch.get("confirms")
+            if pending is None:
+                pending = tx.scratch["confirms"] = []
+                tx.before_commit(lambda: self._record_confirms(pending))
+            pending.append((node, task_id, time.time() + timeout + self.core.cfg.grace,
+                            expires_ts))
+
+    def _record_confirms(self, confirms: list[tuple[str, str, float, float | None]]) -> None:
+        for change in self.core.store.mark_dispatched_many(confirms):
+            if change is not None:
+                self.core.emit(change)
+        for node in dict.fromkeys(node for node, *_rest in confirms):
+            if node in self._backlog:  # else nothing of it waits here (the tick finds
+                self.pump(node)        # other instances')
 
     def resend_unaccepted(self, node: str) -> None:
         """The node came online: its `dispatched` tasks go again (--resend-unaccepted)."""

@@ -26,6 +26,7 @@ from typing import Any
 
 from edgerun.protocol import (
     DEFAULT_TIMEOUT_S,
+    FINAL_STATES,
     JSONObject,
     State,
     Status,
@@ -48,6 +49,7 @@ RESULT_FIELDS = ("exit_code", "stdout", "stderr", "truncated", "duration_s", "by
 TOUCH_EVERY_S = 1.0
 PRUNE_BATCH = 2_000  # finished tasks deleted a transaction (retention)
 UNKNOWN = object()
+FINAL = tuple(sorted(str(state) for state in FINAL_STATES))  # the protocol's, the one set
 
 
 @cache
@@ -111,6 +113,8 @@ class Store:
             self._local.tx = tx
             try:
                 yield tx
+                while tx.before:
+                    tx.before.pop(0)()
                 logged = flush_events(tx, origin=self.origin, shared=self.shared,
                                       keep=self.event_keep)
             finally:
@@ -326,6 +330,27 @@ class Store:
         return (f"UPDATE tasks SET previous=state, state=?, updated_at=?, {sets} "  # noqa: S608
                 f"WHERE node=? AND id=? AND state IN ({','.join('?' * len(_sources(state)))}) "
                 f"RETURNING *")
+
+    def mark_dispatched_many(self, confirms: list[tuple[str, str, float, float | None]]
+                             ) -> list[Change | None]:
+        """`mark_dispatched` for (node, task id, deadline, expires_ts) of many confirms, in
+        one pipeline (one round trip on PostgreSQL)."""
+        if not confirms:
+            return []
+        sql = self._transition_sql(State.DISPATCHED, "dispatched_at=?, deadline=?, "
+                                                     "expires_ts=?")
+        stamp = format_time()
+        with self.transaction() as tx:
+            results = tx.db.pipeline([
+                (sql, (str(State.DISPATCHED), stamp, stamp, deadline, expires_ts, node,
+                       task_id, *_sources(State.DISPATCHED)))
+                for node, task_id, deadline, expires_ts in confirms])
+        out: list[Change | None] = []
+        for rows in results:
+            previous = rows[0]["previous"] if rows else None
+            out.append(Change(None if previous == "__new__" else previous, task_dict(rows[0]))
+                       if rows else None)
+        return out
 
     def apply_update(self, update: Update, body: JSONObject, *, grace: float,
                      now: float) -> Change | None:
@@ -568,9 +593,9 @@ class Store:
         while True:
             with self.transaction() as db:
                 seqs = [int(r[0]) for r in db.execute(
-                    "SELECT seq FROM tasks WHERE updated_at < ? AND state IN ('canceled',"
-                    "'failed','lost','rejected','succeeded','timed_out') ORDER BY seq LIMIT ?",
-                    (stamp, batch))]
+                    f"SELECT seq FROM tasks WHERE updated_at < ? AND state IN "  # noqa: S608
+                    f"({','.join('?' * len(FINAL))}) ORDER BY seq LIMIT ?",
+                    (stamp, *FINAL, batch))]
                 if seqs:
                     marks = ",".join("?" * len(seqs))
                     out["updates"] += max(0, db.execute(

@@ -56,6 +56,11 @@ class Tx:
     after: list[Callable[[], None]] = field(default_factory=list)
     touched: set[str] = field(default_factory=set)
     """Nodes whose last_seen to refresh in one statement at the end."""
+    before: list[Callable[[], None]] = field(default_factory=list)
+    """Run at the end of the transaction, before its events are written and it commits
+    (work gathered over the transaction and done in one go; may add more)."""
+    scratch: dict[str, Any] = field(default_factory=dict)
+    """What such work gathers, for this transaction only (a rollback forgets it)."""
 
     def execute(self, sql: str, args: Sequence[Any] = ()) -> Cursor:
         return self.db.execute(sql, args)
@@ -63,6 +68,9 @@ class Tx:
     def execute_values(self, head: str, rows: Sequence[Sequence[Any]], tail: str = "",
                        chunk: int = 500) -> list[Any]:
         return self.db.execute_values(head, rows, tail, chunk)
+
+    def before_commit(self, callback: Callable[[], None]) -> None:
+        self.before.append(callback)
 
     def after_commit(self, callback: Callable[[], None]) -> None:
         """Run `callback` once this transaction has committed (never if it rolls back)."""
