@@ -11,10 +11,11 @@ from .rabbit import Rabbit
 
 
 # --- markers: `./build.sh test --quick` is `pytest -m "not slow"` ------------------------
-# The one list of the long tests. `slow`: a test that took 1.5 s or more in two timed runs
-# (--junitxml, 2 cores at load 5 and at load 10), or a module that starts a RabbitMQ node
-# (about 10 s to start and stop). The rest, about 80 % of the tests, take 2-3 minutes
-# on this machine. Time a test (--durations=0) before adding it here or taking it out.
+# The one list of the long tests. `slow`: a test that took 1.5 s or more in timed runs
+# (--junitxml, 2 cores at load 5 to 12), or 1.3 s in each of four, or a module that
+# starts a RabbitMQ node (about 10 s to start and stop). The rest, about 80 % of the
+# tests, take 2-3 minutes on this machine. Time a test (--durations=0) before adding it
+# here or taking it out.
 SLOW = ("slow",)
 MODULE_MARKS: dict[str, tuple[str, ...]] = {
     "test_agent_flood": SLOW,
@@ -44,6 +45,7 @@ MODULE_MARKS: dict[str, tuple[str, ...]] = {
 # single tests of quicker modules, "module::function" (every parametrisation)
 TEST_MARKS: dict[str, tuple[str, ...]] = {name: SLOW for name in (
     "test_agent_contain::test_runner_timeout_ends_every_escapee",
+    "test_agent_contain::test_sigterm_ends_every_escapee",
     "test_agent_contract::test_a_refused_cancel_is_marked_and_leaves_the_task_alone",
     "test_agent_contract::test_cancel_if_queued_withdraws_a_queued_task_and_never_kills_a_running_one",
     "test_agent_facts::test_a_hanging_executable_holds_up_no_task",
@@ -53,15 +55,20 @@ TEST_MARKS: dict[str, tuple[str, ...]] = {name: SLOW for name in (
     "test_agent_labels::test_where_on_labels_against_a_live_scheduler",
     "test_agent_live::test_broker_killed_mid_task_final_update_still_arrives",
     "test_agent_live::test_updates_made_while_disconnected_are_delivered_after_reconnect",
+    "test_agent_redeliver::test_clean_restart_sends_no_old_updates",
     "test_agent_redeliver::test_unacknowledged_final_update_is_sent_again_after_kill",
     "test_agent_tasks::test_failures_at_run_time_are_failed_with_codes",
     "test_agent_tls::test_agent_refuses_what_cannot_be_verified",
     "test_api_cli::test_logs_prints_a_finished_tasks_output_and_f_follows_a_running_one",
     "test_api_cli::test_nodes_lists_every_page",
+    "test_api_cli::test_serve_refuses_plain_http_beyond_loopback_in_one_line",
     "test_api_cli::test_unknown_token_is_a_clear_error",
+    "test_api_hostile::test_keep_alive_requests_and_a_websocket_outlive_the_head_deadline",
+    "test_api_http::test_503_when_the_broker_is_gone",
     "test_api_http::test_first_start_token_file_is_private_and_the_local_cli_finds_it",
     "test_api_http::test_https_with_a_ca_file",
     "test_api_openapi::test_schemathesis_checks_all_pass",
+    "test_api_probes::test_probes_need_no_token_carry_no_data_and_follow_the_broker",
     "test_cmdline::test_a_listing_into_head_is_quiet",
     "test_cmdline::test_help_into_a_closed_pipe_is_quiet",
     "test_download::test_deadline_covers_the_whole_transfer",
@@ -69,18 +76,23 @@ TEST_MARKS: dict[str, tuple[str, ...]] = {name: SLOW for name in (
     "test_fleet_cli::test_bad_where_is_exit_2_on_the_cli_and_422_on_the_api",
     "test_fleet_cli::test_retries_show_every_attempt",
     "test_fleet_cli::test_rollout_aborts_reports_why_and_is_shown",
+    "test_fleet_cli::test_rollout_that_succeeds_exits_0",
     "test_fleet_cli::test_run_where_and_mac_targets",
+    "test_fleet_graph::test_an_ordered_list_still_runs_step_by_step",
+    "test_fleet_graph::test_every_node_then_the_controller_once_all_succeeded",
     "test_fleet_liveness::test_agent_killed_mid_task_alerts_then_lost_after_the_grace_then_late_truth_wins",
     "test_fleet_pacing::test_500_tasks_to_one_node_with_queue_64_all_succeed_none_busy",
     "test_fleet_pacing::test_a_task_held_past_its_expiry_ends_expired",
     "test_fleet_pg::test_pacing_retries_rollouts_and_graphs_on_postgresql",
     "test_fleet_restart::test_rollout_and_job_resume_after_a_restart",
+    "test_fleet_retries::test_a_lost_attempt_is_canceled_before_the_next_one_runs",
     "test_fleet_retries::test_busy_rejections_are_retried_until_the_agent_has_room",
     "test_fleet_retries::test_failed_attempts_are_retried_in_turn_never_overlapping",
     "test_fleet_rollout::test_batch_5_aborts_after_3_failures_and_leaves_the_rest_untouched",
     "test_fleet_rollout::test_pause_holds_new_targets_and_resume_finishes",
     "test_fleet_rollout::test_the_window_never_holds_more_than_batch_targets",
     "test_job_views::test_a_cli_run_on_a_glob_is_one_job_with_one_progress_line",
+    "test_logs_late::test_logs_f_attached_late_prints_the_earlier_output_then_follows",
     "test_messaging_acks::test_acks_out_of_order_twice_and_never_settle_exactly_what_was_recorded",
     "test_multi_view::test_a_bad_first_packet_is_closed_without_a_connack",
     "test_multi_view::test_amqp_scheduler_started_after_the_agents_knows_them",
@@ -88,6 +100,7 @@ TEST_MARKS: dict[str, tuple[str, ...]] = {name: SLOW for name in (
     "test_multi_view::test_nodes_forget_removes_a_node_and_says_so",
     "test_overview_api::test_the_same_aggregates_on_postgresql",
     "test_protocol::test_any_object_is_accepted_or_rejected_with_a_code",
+    "test_rollout_withdraw::test_abort_sends_cancel_if_queued_and_a_started_target_finishes_and_counts",
     "test_scheduler_cli::test_bad_arguments_exit_2_with_one_line",
     "test_scheduler_cli::test_broker_down_is_reported_with_its_url",
     "test_scheduler_cli::test_config_layers_file_env_flag",
@@ -99,6 +112,7 @@ TEST_MARKS: dict[str, tuple[str, ...]] = {name: SLOW for name in (
     "test_scheduler_embedded::test_direct_mode_end_to_end_with_the_embedded_broker",
     "test_scheduler_live::test_broker_restart_mid_task_the_final_update_still_arrives",
     "test_scheduler_live::test_node_killed_mid_task_ends_lost_never_running",
+    "test_scheduler_live::test_registry_follows_retained_status_and_last_will",
     "test_scheduler_live::test_task_for_an_offline_node_expires_then_the_agent_confirms",
     "test_scheduler_live::test_updates_made_while_the_scheduler_was_down_are_recorded_after_restart",
     "test_scheduler_signing::test_a_signing_scheduler_drives_verifying_agents",
