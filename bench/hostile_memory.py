@@ -4,8 +4,9 @@ Starts `edgerun serve --embedded-broker` and one agent (the small mode), warms t
 API up with one request of each kind, and samples the service's RSS idle. The burst:
 ten SSE readers that never read, subscribed to live output while one task prints
 OUTPUT_MB of output; and a few hundred hostile requests (10,000-level nesting, 1 MiB
-bodies, lone surrogates, 30-digit cursors, WebSocket garbage). Then the readers go
-away, and the RSS is sampled again once it has settled. Prints one JSON line.
+bodies, lone surrogates, NUL, 1e999, 30-digit cursors). Then the readers go away,
+and the RSS is sampled again once it has settled (after the API's heap trim). Each
+burst is repeated to tell one-time growth from a leak. Prints one JSON line.
 
     .venv/bin/python -m bench.hostile_memory [--output-mb 50] [--readers 10]
 """
@@ -26,11 +27,14 @@ from typing import Any
 from bench.common import rss_mib
 from bench.footprint import _agent, _serve, _wait_node
 from edgerun.cli.client import Client
+from edgerun.scheduler.api.trim import TRIM_EVERY_S
 from tests.brokers import free_port, wait_until
 
 
 def settle(pid: int, seconds: float = 3.0) -> float:
-    """The median RSS over `seconds`, sampled every 0.1 s."""
+    """The median RSS over `seconds`, sampled every 0.1 s, once the API has had its
+    chance to give freed heap back (api/trim.py, every TRIM_EVERY_S after requests)."""
+    time.sleep(TRIM_EVERY_S + 1.0)
     samples = []
     end = time.monotonic() + seconds
     while time.monotonic() < end:
@@ -120,7 +124,7 @@ def run(output_mb: int, readers: int, bursts: int = 2) -> dict[str, Any]:
                 "readers": readers, "output_mb": output_mb, "idle_mib": round(idle, 1)}
             for n in range(1, bursts + 1):  # later bursts tell one-time growth from a leak
                 peak, requests = burst(client, serve.pid, port, token, readers, output_mb, n)
-                after = settle(serve.pid, 10.0)
+                after = settle(serve.pid, 5.0)
                 out.update({f"burst{n}_requests": requests, f"burst{n}_peak_mib": round(peak, 1),
                             f"after{n}_mib": round(after, 1),
                             f"after{n}_minus_idle_mib": round(after - idle, 1)})

@@ -288,6 +288,7 @@ class ApiServer:
         import uvicorn
 
         from edgerun.scheduler.api.deadline import HeadDeadline
+        from edgerun.scheduler.api.trim import Trimmer
 
         self.service, self.config = service, config or ApiConfig()
         self.config.check()
@@ -308,8 +309,14 @@ class ApiServer:
                               f"{self.config.port}: {exc.strerror or exc}") from None
         self.host, self.port = self.config.host, int(self._sock.getsockname()[1])
         app = build_app(service, self.config, self.streams)
+        self.trimmer = Trimmer()
+
+        async def counted(scope: Any, receive: Any, send: Any) -> None:
+            if scope["type"] != "lifespan":
+                self.trimmer.note()
+            await app(scope, receive, send)
         self._server = uvicorn.Server(uvicorn.Config(
-            app, http=HeadDeadline, ws="websockets-sansio", lifespan="off", log_config=None,
+            counted, http=HeadDeadline, ws="websockets-sansio", lifespan="off", log_config=None,
             access_log=False, server_header=False, timeout_graceful_shutdown=2,
             ws_ping_interval=20.0, ws_max_size=WS_MAX_SIZE, ssl_certfile=self.config.tls_cert,
             ssl_keyfile=self.config.tls_key))
@@ -346,7 +353,20 @@ class ApiServer:
         # the store is one connection behind a lock: more threads would only wait, and
         # each costs memory (small mode counts every MiB)
         anyio.to_thread.current_default_thread_limiter().total_tokens = THREADS
-        await self._server.serve(sockets=[self._sock])
+        trimming = asyncio.get_running_loop().create_task(self._trim())
+        try:
+            await self._server.serve(sockets=[self._sock])
+        finally:
+            trimming.cancel()
+
+    async def _trim(self) -> None:
+        """Freed heap back to the system, every TRIM_EVERY_S after requests came (trim.py)."""
+        from edgerun.scheduler.api.trim import TRIM_EVERY_S
+
+        while True:
+            await asyncio.sleep(TRIM_EVERY_S)
+            if self.trimmer.due() and self.trimmer.trim is not None:
+                await asyncio.to_thread(self.trimmer.trim)
 
     def stop(self) -> None:
         self.streams.stop_all()
