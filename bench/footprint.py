@@ -315,4 +315,8 @@ def item7(work: Path, rate: float, seconds: float) -> dict[str, Any]:
     out["load_ratio"] = out["full"]["peak_rss_mib"] / out["small"]["peak_rss_mib"]
     print(f"  item 7: full stack idle {out['full']['idle_total_mib']:.0f} MiB, load peak "
           f"{out['full']['peak_rss_mib']:.0f} MiB", flush=True)
+    from bench.hostile_memory import run as hostile_run  # issue 23: idle, burst, after
+    out["hostile"] = hostile_run(output_mb=50, readers=10, bursts=2)
+    print(f"  item 7: small mode after a hostile burst "
+          f"+{out['hostile']['after2_minus_idle_mib']:.1f} MiB over idle", flush=True)
     return out

@@ -212,7 +212,22 @@ def item7(r: dict[str, Any]) -> list[str]:
             f"Total RSS (MiB) of every process, idle and peak under load ({r['load']}).", "",
             *_table(["set-up", "idle", "under load", "idle by process", "all succeeded"], rows),
             f"Ratio full/small: idle {r['idle_ratio']:.1f}x, under load {r['load_ratio']:.1f}x.",
-            ""]
+            "", *_item7_hostile(r.get("hostile"))]
+
+
+def _item7_hostile(h: dict[str, Any] | None) -> list[str]:
+    """Issue 23: the scheduler of the small mode idle, in a hostile burst, and after it."""
+    if not h or "idle_mib" not in h:
+        return []
+    bursts = sorted(int(k[5:-4]) for k in h if k.startswith("after") and k.endswith("_mib")
+                    and not k.endswith("idle_mib"))
+    rows = [[n, h[f"burst{n}_peak_mib"], h[f"after{n}_mib"], h[f"after{n}_minus_idle_mib"],
+             _met(h[f"after{n}_minus_idle_mib"] <= 10)] for n in bursts]
+    return [f"Scheduler RSS (MiB), small mode: idle {h['idle_mib']} (target <= 64: "
+            f"{_met(h['idle_mib'] <= 64)}); each burst: {h['readers']} SSE readers that never "
+            f"read while a task prints {h['output_mb']} MB, and {h['burst1_requests']} hostile "
+            f"requests (bench/hostile_memory.py).", "",
+            *_table(["burst", "peak", "after", "after - idle", "<= 10 MiB"], rows)]
 
 
 def item8(r: dict[str, Any]) -> list[str]:
