@@ -17,12 +17,21 @@ from edgerun.control.errors import NotFound
 from .apikit import Stack, stack
 from .brokers import wait_until
 from .mqttkit import ROOT
+from .scheduler_kit import cli, start_agent
 
 
 @pytest.fixture(scope="module")
 def s(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    with stack(tmp_path_factory.mktemp("logs"), node="late-a") as st:
-        yield st
+    tmp = tmp_path_factory.mktemp("logs")
+    with stack(tmp, node="late-a") as st:
+        more = [start_agent(st.mosquitto.url, node, tmp) for node in ("late-b", "late-c")]
+        try:
+            for node in ("late-b", "late-c"):
+                st.api().wait_node(node)
+            yield st
+        finally:
+            for agent in more:
+                agent.kill()
 
 
 def test_logs_f_attached_late_prints_the_earlier_output_then_follows(s: Stack,
@@ -61,3 +70,17 @@ def test_a_finished_tasks_detail_has_no_live_output_and_one_node_is_one_row(s: S
     assert listed and listed[0]["result"].get("output", {}) == {}
     with pytest.raises(NotFound, match="on node no-such-node"):
         api.get(f"/tasks/{task['id']}", node="no-such-node")
+
+
+def test_run_cut_off_as_a_slow_reader_resumes_and_misses_nothing(
+        s: Stack, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A fan-out's burst of events can pass the per-reader limit before a terminal reads
+    it; `run` then reopens the stream from the last event it got, not from the id the
+    error names, and sees every node end once."""
+    from edgerun.scheduler.api import streams
+    monkeypatch.setattr(streams, "MAX_PENDING_BYTES", 1500)  # about one event's worth
+    result = cli(s.url, "run", "late-*", "--", "echo one-line")
+    assert result.code == 0, result
+    assert "3/3 done, 0 failed" in result.err
+    assert sorted(line for line in result.out.splitlines() if " | " in line) == [
+        f"late-{n} | one-line" for n in "abc"]  # each node's output once

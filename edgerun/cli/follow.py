@@ -28,21 +28,26 @@ class Resuming:
     def __init__(self, client: Client, **query: Any) -> None:
         self.client, self.query = client, query
         self.stream: EventStream = client.events(**query)
+        # the last event handed on (not the error's); at first where the stream began
+        # (its hello, read when it opened)
+        self.last_id: int | None = self.stream.last_id
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         for _ in range(MAX_RESUMES):
             cut = False
             for event in self.stream:
-                if event.get("kind") == "error" and event.get("code") == "slow_reader" \
-                        and self.stream.last_id is not None:
+                kind = event.get("kind")
+                if kind == "error" and event.get("code") == "slow_reader" \
+                        and self.last_id is not None:
                     cut = True
                     break
+                if isinstance(event.get("_id"), int) and kind not in ("error", "reset"):
+                    self.last_id = event["_id"]
                 yield event
             if not cut:
                 return
-            last = self.stream.last_id
             self.stream.close()
-            self.stream = EventStream(self.client, self.query, last_event_id=last)
+            self.stream = EventStream(self.client, self.query, last_event_id=self.last_id)
 
     def close(self) -> None:
         self.stream.close()
@@ -110,6 +115,8 @@ def dispatch_and_follow(client: Client, ids: Sequence[str], send: Callable[[], l
                 key = (task["node"], task.get("root") or task["id"])
                 if key not in latest or attempt(task) < attempt(latest[key]):
                     continue
+                if key not in pending and attempt(task) == attempt(latest[key]):
+                    continue  # ended already: a final is final
                 if event.get("alert") and prefixer is not None:
                     sys.stderr.write(f"edgerun: {task['node']}: {event['alert']['message']}\n")
                     sys.stderr.flush()

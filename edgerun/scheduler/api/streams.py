@@ -348,7 +348,9 @@ class SseStream:
                 break
             yield frame or b": heartbeat\n\n"
         if feed.code in ("slow_reader", "token_revoked"):
-            yield sse(h.service.hub.last_id, "error", {
+            # no id: a reader cut off resumes from the last event it got (EventSource
+            # keeps the last id it saw), not past the ones it was cut off before
+            yield sse(None, "error", {
                 "v": 1, "kind": "error", "code": feed.code, "error": feed.sub.closed})
 
 
