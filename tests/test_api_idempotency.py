@@ -6,6 +6,7 @@ kept over 24 h; the CLI sends a key and retries a POST whose answer was lost."""
 from __future__ import annotations
 
 import socket
+import sqlite3
 import threading
 import time
 import uuid
@@ -261,3 +262,19 @@ def test_two_instances_on_one_postgresql_share_the_keys(tmp_path: Path,
     finally:
         fleet.close()
         mosquitto.stop()
+
+
+def test_a_new_tokens_answer_is_never_kept(s: Stack, tmp_path: Path) -> None:
+    key = str(uuid.uuid4())
+    made = s.http("POST", "/v1/tokens", s.admin, {"name": "idem-secret", "role": "viewer"},
+                  headers={"Idempotency-Key": key})
+    assert made.status == 201
+    again = s.http("POST", "/v1/tokens", s.admin, {"name": "idem-secret", "role": "viewer"},
+                   headers={"Idempotency-Key": key})
+    assert again.status == 409 and "token" not in again.body  # no replay of the secret
+    db = sqlite3.connect(s.app.settings.db)
+    try:
+        kept = db.execute("SELECT response FROM idempotency").fetchall()
+    finally:
+        db.close()
+    assert not any(made.body["token"] in (row[0] or "") for row in kept)

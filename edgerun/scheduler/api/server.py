@@ -133,11 +133,13 @@ def build_app(service: Service, config: ApiConfig, registry: Any = None) -> Any:
                  query: tuple[str | Param, ...] = (), repeatable: tuple[str, ...] = (),
                  body: bool | JSONSchema = False, with_who: bool = False, summary: str = "",
                  errors: tuple[int, ...] = (), carries: str = "the answer",
-                 content: str = "application/json", path_params: dict[str, str] | None = None
-                 ) -> Callable[[Request], Awaitable[Response]]:
+                 content: str = "application/json", path_params: dict[str, str] | None = None,
+                 idempotent: bool = True) -> Callable[[Request], Awaitable[Response]]:
         """A route's handler, with its Op for the OpenAPI document. `query` names the
         query parameters (or gives them as Params, a schema each); `body` is True or the
-        body's schema; `errors` the statuses the work may answer besides the edges'."""
+        body's schema; `errors` the statuses the work may answer besides the edges'.
+        `idempotent=False`: an answer that must not be kept (it shows a secret once) takes
+        no Idempotency-Key."""
         params = tuple(q if isinstance(q, Param) else Param(q, many=q in repeatable)
                        for q in query)
         names = tuple(p.name for p in params)
@@ -153,7 +155,7 @@ def build_app(service: Service, config: ApiConfig, registry: Any = None) -> Any:
                                           None, role, what)
             for name, value in request.path_params.items():
                 edge.path_value(name, value)
-            key = idem.key_of(request) if body else None
+            key = idem.key_of(request) if body and idempotent else None
             payload = await read_body(request) if body else None
 
             def run() -> Any:

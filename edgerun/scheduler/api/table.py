@@ -204,9 +204,12 @@ def core_routes(h: Handlers, endpoint: Callable[..., Any], metrics: Callable[[],
         "/v1/tokens": {
             "GET": endpoint("admin", "managing tokens", lambda: {"tokens": h.store.tokens()},
                             summary="tokens (admin); never their values"),
+            # never replayed: the answer holds the token, which the store must not keep
             "POST": endpoint("admin", "managing tokens", h.create_token, status=201,
                              body=NEW_TOKEN, with_who=True, carries="the token, shown once",
-                             summary="create a token (admin)")},
+                             idempotent=False,
+                             summary="create a token (admin); an Idempotency-Key is "
+                                     "ignored: a retry gets 409 for the name")},
         "/v1/tokens/{name}": {"DELETE": endpoint(
             "admin", "managing tokens", h.revoke_token, with_who=True,
             path_params={"name": "token name"},
