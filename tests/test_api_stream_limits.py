@@ -220,3 +220,41 @@ def test_a_token_in_a_url_never_reaches_the_log(s: Stack,
     assert "/v1/ws" in logged  # uvicorn logged the upgrades...
     assert s.viewer not in logged and ticket not in logged  # ...without the secrets
     assert "REDACTED" in logged
+
+
+def test_a_websocket_reader_that_never_reads_is_cut_too(
+        s: Stack, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(streams, "WRITE_DEADLINE_S", 1.0)
+    assert s.app.api is not None and s.app.service is not None
+    registry = s.app.api.streams
+    before = set(registry.open)
+    sock = socket.create_connection(("127.0.0.1", s.port))
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    try:  # a raw upgrade and one subscribe frame, then nothing is ever read
+        sock.sendall(b"GET /v1/ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
+                     b"Connection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
+                     b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                     b"Authorization: Bearer " + s.viewer.encode() + b"\r\n\r\n")
+        answer = b""
+        while b"\r\n\r\n" not in answer:  # the 101 first: frames sent with the head are lost
+            answer += sock.recv(4096)
+        assert answer.startswith(b"HTTP/1.1 101"), answer
+        subscribe = json.dumps({"op": "subscribe", "channels": ["output"]}).encode()
+        sock.sendall(bytes([0x81, 0x80 | len(subscribe)]) + b"\x00" * 4 + subscribe)
+        mine: list[Any] = []
+
+        def subscribed() -> bool:
+            mine[:] = [getattr(stop, "__self__", None) for stop in set(registry.open) - before]
+            return bool(mine) and all(getattr(w, "feed", None) is not None for w in mine)
+        wait_for(subscribed)
+
+        def cut_off() -> bool:
+            return all(w.feed.sub.closed for w in mine)
+        sent = 0
+        while not cut_off() and sent < 50 * 1024 * 1024:
+            s.app.service.hub.publish(output(s.node, 4096))
+            sent += 4096
+        assert cut_off() and sent < 8 * 1024 * 1024, sent
+        wait_for(lambda: not set(registry.open) - before)  # its write deadline ended it
+    finally:
+        sock.close()
