@@ -48,7 +48,7 @@ async def drain(url: str, jobs: int) -> dict[str, Any]:
             await queries.enqueue(["noop"] * n, [None] * n, [0] * n)
         backends = [int(r[0]) for r in await (await conn.execute(
             "SELECT pid FROM pg_stat_activity WHERE datname=current_database()")).fetchall()]
-        qm = QueueManager(driver)
+        qm = QueueManager(queries)
         done = 0
 
         @qm.entrypoint("noop")
