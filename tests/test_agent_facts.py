@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from edgerun.agent import config, factsd
+from edgerun.agent import config, factsd, identity
 from edgerun.agent.core import FACTS_CHECK_S, Agent
 
 from .brokers import Mosquitto, wait_until
@@ -313,3 +313,68 @@ def test_hostile_facts_never_stop_the_agent(mosquitto: Mosquitto, observer: Obse
         assert log.count(needle) == 1, (needle, log[-3000:])
     assert len(observer.of("status", node="hostile-facts", state="online")) == 1
     assert agent.alive()
+
+
+# --- waiting for the network (the discovery image starts the agent while DHCP runs) ------
+ROUTE_HEADER = ("Iface\tDestination\tGateway \tFlags\tRefCnt\tUse\tMetric\tMask\t\tMTU\t"
+                "Window\tIRTT\n")
+
+
+@pytest.mark.parametrize("route, ipv6, up", [
+    ("eth0\t00000000\t0202000A\t0003\t0\t0\t101\t00000000\t0\t0\t0\n", "", True),
+    ("eth0\t0002000A\t00000000\t0001\t0\t0\t0\t00FFFFFF\t0\t0\t0\n", "", False),  # a subnet
+    ("eth0\t00000000\t0202000A\t0002\t0\t0\t101\t00000000\t0\t0\t0\n", "", False),  # not up
+    ("", "00000000000000000000000000000000 00 00000000000000000000000000000000 00 "
+         "fe800000000000000000000000000001 00000400 00000001 00000000 00000003 eth0\n", True),
+    # the kernel's own unreachable default on lo, and a reject route
+    ("", "00000000000000000000000000000000 00 00000000000000000000000000000000 00 "
+         "00000000000000000000000000000000 ffffffff 00000001 00000000 00200200 lo\n", False),
+    ("", "00000000000000000000000000000000 00 00000000000000000000000000000000 00 "
+         "00000000000000000000000000000000 ffffffff 00000001 00000000 00000201 eth0\n", False),
+    ("garbage\nmore garbage with\tfields 00000000 zz 1 2 3 00000000\n", "x y\n", False),
+])
+def test_default_route_is_read_from_proc(tmp_path: Path, route: str, ipv6: str,
+                                         up: bool) -> None:
+    net = tmp_path / "proc/net"
+    net.mkdir(parents=True)
+    (net / "route").write_text(ROUTE_HEADER + route)
+    (net / "ipv6_route").write_text(ipv6)
+    assert identity.default_route(str(tmp_path)) is up
+    assert identity.default_route(str(tmp_path / "nothing")) is False
+
+
+def test_the_agent_waits_for_a_default_route_before_it_connects(
+        mosquitto: Mosquitto, observer: Observer, tmp_path: Path) -> None:
+    root = make_sys_root(tmp_path / "root", macs={"eth0": "52:54:00:00:00:09"})
+    (root / "proc/net").mkdir(parents=True)
+    (root / "proc/net/route").write_text(ROUTE_HEADER)
+    cfg = config.load(["--broker", mosquitto.url, "--node", "node-w", "--state-dir",
+                       str(tmp_path / "state"), "--facts-dir", "", "--net-wait", "60"], {}, "")
+    with running_agent(cfg, sys_root=str(root)) as agent:
+        # it waits: no connection, so neither a session nor a status, however long
+        assert not wait_until(agent.conn.connected.is_set, 2)
+        assert observer.of("status", node="node-w") == []
+        (root / "proc/net/route").write_text(
+            ROUTE_HEADER + "eth0\t00000000\t0202000A\t0003\t0\t0\t101\t00000000\t0\t0\t0\n")
+        observer.wait("status", node="node-w", state="online")
+
+
+def test_without_a_route_it_connects_anyway_after_net_wait(
+        mosquitto: Mosquitto, observer: Observer, tmp_path: Path,
+        caplog: pytest.LogCaptureFixture) -> None:
+    root = make_sys_root(tmp_path / "root")
+    cfg = config.load(["--broker", mosquitto.url, "--node", "node-n", "--state-dir",
+                       str(tmp_path / "state"), "--facts-dir", "", "--net-wait", "0.5"], {}, "")
+    with caplog.at_level("WARNING", logger="edgerun.agent.core"), \
+            running_agent(cfg, sys_root=str(root)):
+        observer.wait("status", node="node-n", state="online")
+    assert "no default route after 0.5 s; connecting anyway" in caplog.text
+
+
+def test_stop_while_waiting_for_the_network(mosquitto: Mosquitto, tmp_path: Path) -> None:
+    root = make_sys_root(tmp_path / "root")
+    cfg = config.load(["--broker", mosquitto.url, "--node", "node-s", "--state-dir",
+                       str(tmp_path / "state"), "--facts-dir", "", "--net-wait", "600"], {}, "")
+    with running_agent(cfg, sys_root=str(root)) as agent:
+        assert not wait_until(agent.conn.connected.is_set, 1)
+    # running_agent asserted it stopped (within its join timeout, far below 600 s)

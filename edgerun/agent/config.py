@@ -20,7 +20,6 @@ from edgerun.settings import (
     read_toml,
     resolve,
 )
-from edgerun.signing import load_public_key
 
 from .identity import derive_node_id
 from .labels import LabelLayer, Labels, merge, parse_items, parse_table, parse_text
@@ -82,6 +81,9 @@ OPTIONS = [
     Option("facts_dir", str, DEFAULT_FACTS_DIR, "custom facts: JSON files (*.json) and "
            "executables that print one JSON object, read every 5 s; '' for none",
            metavar="DIR"),
+    Option("net_wait", float, 0.0, "at start, wait up to S seconds for a default route "
+           "before connecting (the discovery image starts the agent while DHCP runs)",
+           metavar="S"),
     Option("facts_timeout", float, 3.0, "seconds the facts directory's executables get, "
            "all together, at each check", _positive, metavar="S"),
 ]
@@ -113,6 +115,7 @@ class AgentConfig:
     label_layers: tuple[LabelLayer, ...] = ()
     facts_dir: str | None = DEFAULT_FACTS_DIR
     facts_timeout: float = 3.0
+    net_wait: float = 0.0
 
     @property
     def broker_nodes(self) -> tuple[BrokerURL, ...]:
@@ -162,7 +165,14 @@ def load(argv: Sequence[str] | None, environ: Mapping[str, str],
         keepalive=values["keepalive"], log_level=values["log_level"].upper(),
         contain=values["contain"], label_layers=layers,
         facts_dir=values["facts_dir"] or None, facts_timeout=values["facts_timeout"],
-        public_key=load_public_key(values["public_key"]) if values["public_key"] else None)
+        net_wait=max(0.0, values["net_wait"]),
+        public_key=_public_key(values["public_key"]) if values["public_key"] else None)
+
+
+def _public_key(text: str) -> bytes:
+    from edgerun.signing import load_public_key  # only for signed tasks: not at every start
+
+    return load_public_key(text)
 
 
 def label_layers(table: object, kernel: str | None, env: str | None,

@@ -18,7 +18,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from edgerun import __version__
 from edgerun.mqtt import Inbound, MqttConnection, TLSFiles, Will
@@ -43,7 +43,6 @@ from edgerun.protocol import (
     parse_command,
     rejected,
 )
-from edgerun.signing import Verifier
 
 from . import identity
 from .config import AgentConfig
@@ -51,6 +50,9 @@ from .contain import Containment, make_key
 from .factsd import OperatorFacts
 from .outcome import Control, Outcome, failure
 from .store import TaskLog
+
+if TYPE_CHECKING:
+    from edgerun.signing import Verifier
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +98,10 @@ class Agent:
         self.operator = OperatorFacts(cfg.label_layers, cfg.facts_dir, cfg.facts_timeout,
                                       self.stopping)
         self._operator_facts: dict[str, Any] = {}
-        self.verifier = Verifier(cfg.public_key) if cfg.public_key else None
+        self.verifier: Verifier | None = None
+        if cfg.public_key:
+            from edgerun.signing import Verifier  # only for signed tasks: not at every start
+            self.verifier = Verifier(cfg.public_key)
         self.conn = MqttConnection(
             cfg.broker_nodes, f"edgerun-agent-{self.node}", name="agent-mqtt",
             on_message=self._inbox.put, on_connected=lambda _present: self._inbox.put(_ONLINE),
@@ -118,6 +123,7 @@ class Agent:
         self._resend_undelivered()
         self._finish_leftovers()
         self._operator_facts = self.operator.read()  # the first status carries them
+        self._wait_network()
         self.conn.start()
         dispatcher = threading.Thread(target=self._dispatch_loop, name="dispatch", daemon=True)
         workers = [threading.Thread(target=self._work, name=f"worker-{i}", daemon=True)
@@ -145,6 +151,21 @@ class Agent:
 
     def stop(self) -> None:
         self.stopping.set()
+
+    def _wait_network(self) -> None:
+        """Up to `net_wait` seconds for a default route, so that an agent started while
+        DHCP runs connects once the lease is there instead of backing off meanwhile."""
+        if self.cfg.net_wait <= 0 or identity.default_route(self.sys_root):
+            return
+        deadline = time.monotonic() + self.cfg.net_wait
+        while not identity.default_route(self.sys_root):
+            if time.monotonic() >= deadline:
+                log.warning("no default route after %g s; connecting anyway", self.cfg.net_wait)
+                return
+            if self.stopping.wait(0.05):
+                return
+        log.info("default route up after %.1f s", self.cfg.net_wait - deadline +
+                 time.monotonic())
 
     def _drain(self, workers: list[threading.Thread]) -> None:
         with self._lock:

@@ -117,15 +117,17 @@ def read_file(path: str) -> tuple[bytes | None, str | None]:
         os.close(fd)
 
 
-@dataclass
 class _Run:
-    name: str
-    pid: int
-    fds: dict[int, bytearray]  # stdout, stderr -> what came so far
-    stdout: int
-    pidfd: int | None = None
-    status: int | None = None
-    problem: str | None = None
+    """One executable of a check (a plain class: no dataclass to build at start)."""
+
+    __slots__ = ("fds", "name", "pid", "pidfd", "problem", "status", "stdout")
+
+    def __init__(self, name: str, pid: int, fds: dict[int, bytearray], stdout: int) -> None:
+        self.name, self.pid, self.stdout = name, pid, stdout
+        self.fds = fds  # stdout, stderr -> what came so far
+        self.pidfd: int | None = None
+        self.status: int | None = None
+        self.problem: str | None = None
 
 
 def _spawn(path: str, env: dict[str, str]) -> tuple[int, int, int]:

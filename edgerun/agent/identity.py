@@ -114,6 +114,32 @@ def ips(root: str = "/") -> dict[str, list[str]]:
     return out
 
 
+_RTF_UP, _RTF_REJECT = 0x1, 0x200
+
+
+def default_route(root: str = "/") -> bool:
+    """Whether an IPv4 or IPv6 default route is up: the network can reach beyond the
+    local link (the discovery image's DHCP hook adds it last, once DNS is set)."""
+    for line in (_read(_join(root, "/proc/net/route")) or "").splitlines()[1:]:
+        parts = line.split()  # Iface Destination Gateway Flags RefCnt Use Metric Mask ...
+        if len(parts) >= 8 and parts[1] == "00000000" and parts[7] == "00000000" and \
+                _hex(parts[3]) & _RTF_UP:
+            return True
+    for line in (_read(_join(root, "/proc/net/ipv6_route")) or "").splitlines():
+        parts = line.split()  # dest plen src plen next-hop metric refcnt use flags iface
+        if len(parts) == 10 and parts[1] == "00" and parts[0] == "0" * 32 and \
+                parts[9] != "lo" and _hex(parts[8]) & (_RTF_UP | _RTF_REJECT) == _RTF_UP:
+            return True
+    return False
+
+
+def _hex(text: str) -> int:
+    try:
+        return int(text, 16)
+    except ValueError:
+        return 0
+
+
 def mem_bytes(root: str = "/") -> int | None:
     for line in (_read(_join(root, "/proc/meminfo")) or "").splitlines():
         if line.startswith("MemTotal:"):
