@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
-# Build images/out/edgerun-agent: one static file, runs with no glibc at all.
+# Build images/out/edgerun-agent: one static file, runs with no glibc at all; and
+# images/out/edgerun-agent.root: the same agent unwrapped, for the discovery image.
 #
 # PyInstaller freezes `edgerun.agent.main:main` into one folder (stripped, bytecode
 # at -OO, unused modules left out: images/binary/excludes.txt); staticx then packs
 # that folder and the C libraries it still needs (glibc, ...) into a static ELF
-# (images/binary/staticx_onedir.py).
+# (images/binary/staticx_onedir.py). The image gets the folder itself, run in place,
+# with those C libraries beside it (images/binary/image_folder.py).
 #
 # It is built from Debian's /usr/bin/python3 in its own venv (.venv-build):
 # staticx refuses interpreters whose libraries carry an RPATH, such as pyenv's.
@@ -12,7 +14,6 @@
 # when an input changed (images/out/edgerun-agent.inputs holds their hash).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-ROOT=$PWD
 OUT=images/out
 BIN=$OUT/edgerun-agent
 BUILD_VENV=${EDGERUN_BUILD_VENV:-.venv-build}
@@ -72,8 +73,12 @@ size_note() {
     local bytes
     bytes=$(stat -c %s "$BIN")
     say "$BIN: $(awk -v b="$bytes" 'BEGIN { printf "%.1f MiB", b / 1048576 }') ($bytes bytes)"
+    bytes=$(du -sb "$ROOTFS" | cut -f1)
+    say "$ROOTFS: $(awk -v b="$bytes" 'BEGIN { printf "%.1f MiB", b / 1048576 }') ($bytes bytes)"
 }
-if [ -x "$BIN" ] && [ -x "$BIN.image" ] && [ "$(cat "$BIN.inputs" 2>/dev/null)" = "$hash" ]; then
+ROOTFS=$OUT/edgerun-agent.root
+if [ -x "$BIN" ] && [ -x "$ROOTFS/usr/lib/edgerun-agent/edgerun-agent" ] &&
+    [ "$(cat "$BIN.inputs" 2>/dev/null)" = "$hash" ]; then
     say "up to date"
     size_note
     exit 0
@@ -83,26 +88,15 @@ fi
 work=$OUT/work/binary
 rm -rf "$work"
 mkdir -p "$work"
-excludes=()
-while read -r module; do
-    excludes+=(--exclude-module "$module")
-done < <(sed -e 's/#.*//' -e '/^[[:space:]]*$/d' images/binary/excludes.txt)
-
 say "freezing the agent $version with PyInstaller ($("$BUILD_VENV/bin/python" -V))"
 # One folder, not --onefile: staticx below unpacks the whole folder at once, and the
 # bootloader then runs Python in its own process. A one-file program inside staticx
 # unpacked itself a second time at every start (15 MB more into /tmp) from a second
-# process that stayed for the agent's lifetime (2 MiB of RSS). --optimize 2: no
-# docstrings or asserts in the bytecode (the agent reads no __doc__).
+# process that stayed for the agent's lifetime (2 MiB of RSS). The options are in
+# the spec file (images/binary/edgerun-agent.spec says why it is one).
 folder=$work/dist/edgerun-agent
-"$BUILD_VENV/bin/pyinstaller" --onedir --contents-directory . --strip --optimize 2 \
-    --noconfirm --log-level WARN --name edgerun-agent --paths "$ROOT" \
-    --runtime-hook "$ROOT/images/binary/rth_environ.py" \
-    --runtime-hook "$ROOT/images/binary/rth_tls.py" \
-    --collect-data certifi \
-    "${excludes[@]}" \
-    --distpath "$work/dist" --workpath "$work/build" --specpath "$work" \
-    images/binary/entry.py
+"$BUILD_VENV/bin/pyinstaller" --noconfirm --log-level WARN \
+    --distpath "$work/dist" --workpath "$work/build" images/binary/edgerun-agent.spec
 # What went in, for the tests and for anyone wondering about the size: the frozen
 # modules, then the folder's files.
 {
@@ -119,19 +113,23 @@ unpacker=$work/libedgerun-unpack.so
 "$BUILD_VENV/bin/python" images/binary/staticx_onedir.py "$folder" "$work/edgerun-agent" \
     --unpacker "$unpacker"
 chmod 0755 "$work/edgerun-agent"
-# The discovery image's copy: staticx without its own xz (the initramfs is compressed
-# already), so the agent does not decompress 20 MB at every start: ~0.35 s faster from
-# exec to online natively (seconds under TCG), 3 times larger as a file.
-"$BUILD_VENV/bin/python" images/binary/staticx_onedir.py "$folder" "$work/edgerun-agent.image" \
-    --no-compress
-chmod 0755 "$work/edgerun-agent.image"
+# The discovery image's copy: the folder unwrapped, run in place from the initramfs
+# (compressed already), with glibc beside it: nothing is copied or decompressed at
+# start, and there is no launcher process.
+"$BUILD_VENV/bin/python" images/binary/image_folder.py "$folder" "$work/edgerun-agent.root"
 
 got=$("$work/edgerun-agent" --version)
 if [ "$got" != "edgerun-agent $version" ]; then
     say "the frozen binary says '$got' to --version, expected 'edgerun-agent $version'"
     exit 1
 fi
-mv -f "$work/edgerun-agent.image" "$BIN.image"
+got=$("$work/edgerun-agent.root/usr/lib/edgerun-agent/edgerun-agent" --version)
+if [ "$got" != "edgerun-agent $version" ]; then
+    say "the image's folder says '$got' to --version, expected 'edgerun-agent $version'"
+    exit 1
+fi
+rm -rf "$ROOTFS" "$BIN.image"
+mv -f "$work/edgerun-agent.root" "$ROOTFS"
 mv -f "$work/edgerun-agent" "$BIN"
 echo "$hash" >"$BIN.inputs"
 rm -rf "$work"

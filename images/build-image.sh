@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Build the discovery image: images/out/vmlinuz and images/out/initramfs.img.
+# Build the discovery image: images/out/vmlinuz and images/out/initramfs.img (and
+# images/out/floor.img, busybox alone on the same kernel: bench item 5's floor).
 #
 #   images/build-image.sh [--overlay DIR]...
 #
@@ -7,8 +8,9 @@
 # EDGERUN_KERNEL_PACKAGE), busybox comes from busybox-static and the CA bundle
 # from ca-certificates: their .deb files are fetched with `apt-get download`
 # into images/out/cache and unpacked there, never installed, so this needs no
-# root. The agent is images/out/edgerun-agent.image (built first when out of date): the
-# same frozen agent as images/out/edgerun-agent, its libraries not compressed twice.
+# root. The agent is images/out/edgerun-agent.root (built first when out of date): the
+# same frozen agent as images/out/edgerun-agent, as PyInstaller's folder run in place,
+# with the C libraries it needs.
 # An --overlay directory is copied over the image's root last: an agent.toml in
 # etc/edgerun/, a site CA, firmware in lib/firmware/.
 #
@@ -88,18 +90,25 @@ fetch() {  # fetch PACKAGE: print the path of its candidate .deb, downloading it
 kernel_deb=$(fetch "$kernel_pkg")
 busybox_deb=$(fetch busybox-static)
 ca_deb=$(fetch ca-certificates)
-agent_version=$("$OUT/edgerun-agent.image" --version | awk '{print $2}')
+AGENT_ROOT=$OUT/edgerun-agent.root
+agent_version=$("$AGENT_ROOT/usr/lib/edgerun-agent/edgerun-agent" --version | awk '{print $2}')
+tree_hash() {  # tree_hash DIR: every file and symlink with its mode and contents
+    (cd "$1" && find . \( -type f -o -type l \) | LC_ALL=C sort |
+        while read -r f; do
+            if [ -L "$f" ]; then echo "$f -> $(readlink "$f")"
+            else echo "$f $(stat -c %A "$f") $(sha256sum <"$f")"; fi
+        done)
+}
 
 # --- up to date? ---------------------------------------------------------------------------
 hash=$(
     {
-        sha256sum "$kernel_deb" "$busybox_deb" "$ca_deb" "$OUT/edgerun-agent.image" \
+        sha256sum "$kernel_deb" "$busybox_deb" "$ca_deb" \
             images/build-image.sh images/mkinitramfs.py images/modules.txt | cut -d' ' -f1
-        (cd images/rootfs && find . \( -type f -o -type l \) | LC_ALL=C sort |
-            while read -r f; do echo "$f $(stat -c %A "$f") $(sha256sum <"$f")"; done)
+        tree_hash "$AGENT_ROOT"
+        tree_hash images/rootfs
         for dir in "${overlays[@]}"; do
-            (cd "$dir" && find . \( -type f -o -type l \) | LC_ALL=C sort |
-                while read -r f; do echo "$f $(stat -c %A "$f") $(sha256sum <"$f")"; done)
+            tree_hash "$dir"
         done
     } | sha256sum | cut -d' ' -f1
 )
@@ -110,7 +119,7 @@ report() {
     say "$OUT/initramfs.img: $(awk -v b="$initramfs" 'BEGIN { printf "%.1f MiB", b / 1048576 }') ($initramfs bytes)"
     say "$OUT/vmlinuz: $(awk -v b="$kernel" 'BEGIN { printf "%.1f MiB", b / 1048576 }') ($kernel_pkg)"
 }
-if [ -f "$OUT/initramfs.img" ] && [ -f "$OUT/vmlinuz" ] &&
+if [ -f "$OUT/initramfs.img" ] && [ -f "$OUT/vmlinuz" ] && [ -f "$OUT/floor.img" ] &&
     [ "$(cat "$OUT/image.inputs" 2>/dev/null)" = "$hash" ]; then
     say "up to date"
     report
@@ -138,11 +147,12 @@ for dir in "${overlays[@]}"; do
 done
 say "assembling the initramfs (kernel $kernel_pkg, agent $agent_version)"
 "$PY" images/mkinitramfs.py --kernel-root "$kernel_tree" --busybox-root "$work/busybox" \
-    --ca-root "$work/ca" --agent "$OUT/edgerun-agent.image" --agent-version "$agent_version" \
+    --ca-root "$work/ca" --agent-root "$AGENT_ROOT" --agent-version "$agent_version" \
     --note "kernel_package=$kernel_pkg $(dpkg-deb -f "$kernel_deb" Version)" \
     --note "busybox=$(dpkg-deb -f "$busybox_deb" Version)" \
     --note "ca_certificates_package=$(dpkg-deb -f "$ca_deb" Version)" \
     "${overlay_args[@]}" --out "$OUT"
+"$PY" images/mkinitramfs.py --floor "$OUT/floor.img" --busybox-root "$work/busybox"
 echo "$hash" >"$OUT/image.inputs"
 rm -rf "$work"
 report

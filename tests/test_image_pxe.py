@@ -1,10 +1,10 @@
 """The example iPXE script boots the image over the network, as a provisioning system would.
 
-QEMU's NIC ROM (iPXE) asks QEMU's DHCP for a boot file, gets a three-line
-script over TFTP that sets the broker and the HTTP base and chains
+QEMU's NIC ROM (iPXE) asks QEMU's DHCP for a boot file, gets a short script
+over TFTP that sets the broker, the HTTP base and this boot's labels and chains
 images/boot.ipxe exactly as shipped; that fetches vmlinuz and initramfs.img
 from an HTTP server on the host's loopback. No edgerun.node is given, so the
-agent must name itself after the DMI product UUID.
+agent must name itself after the DMI product UUID; the labels reach its status.
 """
 
 from __future__ import annotations
@@ -75,6 +75,8 @@ def test_example_ipxe_script_boots_the_image(image: dict[str, Any], tmp_path: Pa
                 "#!ipxe\n"
                 f"set edgerun-base http://{GUEST_HOST}:{port}/\n"
                 f"set edgerun-broker mqtt://{GUEST_HOST}:{broker.port}\n"
+                # labels for this boot, as images/README.md shows them set from iPXE
+                "set edgerun-extra edgerun.labels=rack=r7,role=storage\n"
                 "chain ${edgerun-base}boot.ipxe\n")
             nic = vm_module.Nic("virtio-net-pci", "52:54:00:ed:9e:11", tftp=str(tftp),
                                 bootfile="start.ipxe")
@@ -86,6 +88,8 @@ def test_example_ipxe_script_boots_the_image(image: dict[str, Any], tmp_path: Pa
                                   ONLINE_TIMEOUT, interval=0.1), \
                     f"QEMU: {vm.qemu_output()}\nconsole:\n{vm.log()[-5000:]}"
                 online_after = vm.seconds_since_start()
+                status = observer.of("status", node=node, state="online")[0]
+                assert status["facts"]["labels"] == {"rack": "r7", "role": "storage"}
                 observer.send(node, shell("cmdline", "cat /proc/cmdline"))
                 final = observer.final("cmdline", 120)
                 assert final["state"] == "succeeded", final

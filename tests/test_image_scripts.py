@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import lzma
+import re
 import shutil
 import stat
 import subprocess
@@ -62,11 +64,49 @@ def test_module_closure_follows_modules_dep(tmp_path: Path) -> None:
                                        Path("/nonexistent-busybox"))
     assert included == ["a", "b", "c_d"] and missing == ["nope"]
     base = "lib/modules/6.1.0-test"
-    assert f"{base}/kernel/x/z.ko" not in tree.entries
+    assert f"{base}/kernel/x/z.ko.xz" not in tree.entries
     assert tree.entries[f"{base}/modules.alias"].data == b"alias pci:v1* a\n"
+    # xz-compressed (busybox modprobe decompresses them), and modules.dep names them so
     assert tree.entries[f"{base}/modules.dep"].data.decode().splitlines() == [
-        "kernel/net/a.ko: kernel/net/b.ko kernel/net/c-d.ko", "kernel/net/b.ko: kernel/net/c-d.ko",
-        "kernel/net/c-d.ko:"]
+        "kernel/net/a.ko.xz: kernel/net/b.ko.xz kernel/net/c-d.ko.xz",
+        "kernel/net/b.ko.xz: kernel/net/c-d.ko.xz", "kernel/net/c-d.ko.xz:"]
+    for rel in ("kernel/net/a.ko", "kernel/net/b.ko", "kernel/net/c-d.ko"):
+        assert lzma.decompress(tree.entries[f"{base}/{rel}.xz"].data) == rel.encode()
+    plain = mk.Tree()
+    mk.add_modules(plain, tmp_path, "6.1.0-test", ["b"], Path("/nonexistent-busybox"),
+                   compressed=False)
+    assert plain.entries[f"{base}/kernel/net/b.ko"].data == b"kernel/net/b.ko"
+    assert plain.entries[f"{base}/modules.dep"].data == (
+        b"kernel/net/b.ko: kernel/net/c-d.ko\nkernel/net/c-d.ko:\n")
+
+
+def test_floor_is_busybox_alone_saying_when_it_runs(tmp_path: Path) -> None:
+    mk = load_images_module("mkinitramfs")
+    busybox = tmp_path / "busybox"
+    (busybox / "bin").mkdir(parents=True)
+    # a stand-in that lists its applets as busybox does (the real one: the image test)
+    (busybox / "bin" / "busybox").write_text("#!/bin/sh\necho bin/sh; echo bin/sleep\n")
+    (busybox / "bin" / "busybox").chmod(0o755)
+    out = tmp_path / "floor.img"
+    assert mk.main(["--floor", str(out), "--busybox-root", str(busybox)]) == 0
+    entries = mk.read_cpio(mk.decompress(out.read_bytes()))
+    init = entries["init"].data.decode()
+    assert mk.FLOOR_UP in init and mk.FLOOR_MEMINFO in init and "/proc/meminfo" in init
+    assert entries["bin/busybox"].data == (busybox / "bin" / "busybox").read_bytes()
+    assert entries["bin/sh"].data == entries["bin/sleep"].data == b"/bin/busybox"
+    assert not any(name.startswith(("usr/lib/edgerun", "lib/modules")) for name in entries)
+
+
+def test_the_image_and_the_agent_agree_on_placeholder_uuids() -> None:
+    """The service script waits for the NICs when the agent will name itself after a MAC:
+    its list of placeholder DMI UUIDs is the agent's."""
+    from edgerun.agent.identity import _BOGUS_UUIDS
+
+    text = (ROOTFS / "lib" / "edgerun" / "functions.sh").read_text()
+    body = text[text.index("dmi_uuid_usable() {"):]
+    body = body[:body.index("\n}\n")]
+    found = set(re.findall(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}", body))
+    assert found | {""} == _BOGUS_UUIDS and '""' in body
 
 
 def test_shell_scripts_are_strict_and_shellcheck_clean() -> None:

@@ -1,6 +1,6 @@
 """Make PyInstaller's one-folder agent one static file with staticx.
 
-    staticx_onedir.py FOLDER OUTPUT [--no-compress | --unpacker LIB]
+    staticx_onedir.py FOLDER OUTPUT --unpacker LIB
 
 FOLDER is `pyinstaller --onedir --contents-directory .` output: the bootloader
 `edgerun-agent` with libpython, the other shared libraries, lib-dynload and the
@@ -11,11 +11,10 @@ and the bootloader runs Python in its own process. A one-file PyInstaller
 program inside staticx would unpack a second time at every start, from a
 second process that stays for the agent's lifetime (2 MiB of RSS).
 
-With --no-compress (the discovery image's copy: the initramfs is compressed
-already) the folder goes in as it is. Otherwise staticx compresses its archive
-with xz, which decompresses at 60-70 MB/s: 0.3 s of the agent's start for the
-20 MB folder. So the folder goes in as two packs instead, which xz stores
-without working on them:
+staticx compresses its archive with xz, which decompresses at 60-70 MB/s: 0.3 s
+of the agent's start for the 20 MB folder. So the folder goes in as two packs
+instead, which xz stores without working on them (the discovery image runs the
+folder itself: images/binary/image_folder.py):
 
 - `edgerun-agent.zpack`, zlib, everything needed at start (libpython,
   base_library.zip, ...): inflated about five times faster than xz by LIB
@@ -42,7 +41,6 @@ import subprocess
 import sys
 import tempfile
 import zlib
-
 from typing import Any
 
 PROGRAM = "edgerun-agent"
@@ -134,29 +132,26 @@ def files_of(folder: str) -> list[str]:
     return sorted(names)
 
 
-def build(folder: str, output: str, unpacker: str | None) -> None:
+def build(folder: str, output: str, unpacker: str) -> None:
     staticx = _staticx()
     get_shobj_deps, is_dynamic_elf = staticx.elf.get_shobj_deps, staticx.elf.is_dynamic_elf
-    program = os.path.join(folder, PROGRAM)
     bundled = set(os.listdir(folder))
     names = files_of(folder)
     with tempfile.TemporaryDirectory(prefix="edgerun-staticx-") as work:
-        if unpacker:
-            check_deferred_unused_at_start(folder, names)
-            # the bootloader loads the unpacker first (staticx finds it through ldd)
-            lib = os.path.join(work, os.path.basename(unpacker))
-            shutil.copy(unpacker, lib)
-            program = os.path.join(work, PROGRAM)
-            shutil.copy2(os.path.join(folder, PROGRAM), program)
-            # strip before patchelf: strip after it breaks the moved .dynsym (segfault)
-            subprocess.run(["strip", program], check=True)
-            subprocess.run(["patchelf", "--add-needed", os.path.basename(unpacker), program],
-                           check=True)
-            os.environ["LD_LIBRARY_PATH"] = work
+        check_deferred_unused_at_start(folder, names)
+        # the bootloader loads the unpacker first (staticx finds it through ldd)
+        lib = os.path.join(work, os.path.basename(unpacker))
+        shutil.copy(unpacker, lib)
+        program = os.path.join(work, PROGRAM)
+        shutil.copy2(os.path.join(folder, PROGRAM), program)
+        # strip before patchelf: strip after it breaks the moved .dynsym (segfault)
+        subprocess.run(["strip", program], check=True)
+        subprocess.run(["patchelf", "--add-needed", os.path.basename(unpacker), program],
+                       check=True)
+        os.environ["LD_LIBRARY_PATH"] = work
         # staticx adds the bootloader's own libraries (libz.so.1, say) itself
         own = {os.path.basename(dep) for dep in get_shobj_deps(program)}
-        with staticx.api.StaticxGenerator(prog=program, strip=unpacker is None,
-                              compress=unpacker is not None) as gen:
+        with staticx.api.StaticxGenerator(prog=program, strip=False, compress=True) as gen:
             # C libraries the folder needs besides the bootloader's own (libm for
             # libpython): the bootloader loads none of them before main(), so they can
             # wait in the zlib pack too; the rest staticx adds (xz)
@@ -169,34 +164,29 @@ def build(folder: str, output: str, unpacker: str | None) -> None:
                     base = os.path.basename(dep)
                     if base in bundled:
                         continue
-                    if unpacker and base not in own and not base.startswith(("ld-", "libc.")):
+                    if base not in own and not base.startswith(("ld-", "libc.")):
                         later_libs[base] = os.path.realpath(dep)
                     else:
                         gen.add_library(dep, exist_ok=True)
-            if unpacker:
-                packed = [n for n in names if n not in own]  # staticx adds those
-                write_packs(folder, packed, os.path.join(work, ZPACK), os.path.join(work, XPACK),
-                            later_libs)
-                gen.sxar.add_file(os.path.join(work, ZPACK), arcname=ZPACK)
-                gen.sxar.add_file(os.path.join(work, XPACK), arcname=XPACK)
-            else:
-                for name in sorted(bundled - own - {PROGRAM}):
-                    gen.sxar.add_file(os.path.join(folder, name), arcname=name)  # dirs too
+            packed = [n for n in names if n not in own]  # staticx adds those
+            write_packs(folder, packed, os.path.join(work, ZPACK), os.path.join(work, XPACK),
+                        later_libs)
+            gen.sxar.add_file(os.path.join(work, ZPACK), arcname=ZPACK)
+            gen.sxar.add_file(os.path.join(work, XPACK), arcname=XPACK)
             gen.generate(output=output)
 
 
 def main(argv: list[str]) -> int:
-    args, unpacker = list(argv), None
+    args = list(argv)
+    unpacker = None
     if "--unpacker" in args[:-1]:
         at = args.index("--unpacker")
         unpacker = args[at + 1]
         del args[at:at + 2]
-    no_compress = "--no-compress" in args
-    args = [a for a in args if a != "--no-compress"]
-    if len(args) != 2 or not os.path.isfile(os.path.join(args[0], PROGRAM)) or \
-            no_compress == (unpacker is not None):
-        print(f"usage: staticx_onedir.py FOLDER OUTPUT (--no-compress | --unpacker LIB) "
-              f"(FOLDER holding {PROGRAM})", file=sys.stderr)
+    if len(args) != 2 or unpacker is None or \
+            not os.path.isfile(os.path.join(args[0], PROGRAM)):
+        print(f"usage: staticx_onedir.py FOLDER OUTPUT --unpacker LIB (FOLDER holding "
+              f"{PROGRAM})", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.WARNING, format="staticx: %(message)s")
     build(args[0], args[1], unpacker)
