@@ -3,12 +3,13 @@
 Item 5: exec -> retained online status and idle RSS, counting the RSS of the
 agent's whole process tree: the frozen binary is staticx's launcher whose
 child process is the agent, so the RSS of the exec'd pid alone would leave the
-agent out. Both frozen files are measured: `edgerun-agent` (compressed: at every
+agent out. Both frozen agents are measured: `edgerun-agent` (compressed: at every
 start staticx decodes glibc from xz and images/binary/unpack.c inflates the rest
-from zlib; OpenSSL waits in an xz pack until first use) and `edgerun-agent.image`
-(the discovery image's copy, stored uncompressed because the initramfs is
-compressed already). RSS while running is
-the peak of the tree during a `sleep 1` task, less the `sleep` process itself.
+from zlib; OpenSSL waits in an xz pack until first use) and the discovery image's
+PyInstaller folder, run in place (a copy of images/out/edgerun-agent.root's, on
+the host's glibc). RSS while running is the peak of the tree during a `sleep 1`
+task, less the `sleep` process itself. The image's boot against its floor is
+bench/boot.py.
 
 Item 7 starts `edgerun serve --embedded-broker` and one agent in direct mode,
 then RabbitMQ + Mosquitto + bridge + `edgerun serve --broker amqp://` + one
@@ -29,6 +30,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from bench.boot import image_boot
 from bench.common import ROOT, median, mosquitto, rss_mib, tree_rss_mib
 from edgerun.cli.client import Client
 from edgerun.mqtt import Inbound, MqttConnection
@@ -39,8 +41,8 @@ from tests.brokers import free_port, wait_until
 from tests.rabbit import Rabbit
 
 BINARY = ROOT / "images" / "out" / "edgerun-agent"
-IMAGE_BINARY = ROOT / "images" / "out" / "edgerun-agent.image"  # the same, uncompressed
-IMAGE_OUT = ROOT / "images" / "out"
+IMAGE_FOLDER = ROOT / "images" / "out" / "edgerun-agent.root" / "usr" / "lib" / "edgerun-agent"
+IMAGE_NAME = "the image's folder, run in place"
 
 
 def _children(pid: int) -> list[int]:
@@ -126,10 +128,12 @@ def item5(work: Path, runs: int) -> dict[str, Any]:
     import paho
     site = Path(paho.__file__).parent.parent
     installed = shutil.which("edgerun-agent", path=str(Path(sys.executable).parent))
+    folder = work / "item5" / "edgerun-agent"  # a copy: the build's stays as built
+    if os.access(IMAGE_FOLDER / "edgerun-agent", os.X_OK):
+        shutil.copytree(IMAGE_FOLDER, folder, symlinks=True)
     variants: dict[str, list[str] | None] = {
         "frozen binary": [str(BINARY)] if os.access(BINARY, os.X_OK) else None,
-        "frozen binary, uncompressed (the image's copy)":
-            [str(IMAGE_BINARY)] if os.access(IMAGE_BINARY, os.X_OK) else None,
+        IMAGE_NAME: [str(folder / "edgerun-agent")] if folder.exists() else None,
         "installed (python -m edgerun.agent)": ([installed] if installed
                                         else [sys.executable, "-m", "edgerun.agent"]),
     }
@@ -142,7 +146,9 @@ def item5(work: Path, runs: int) -> dict[str, Any]:
             entry: dict[str, Any] = {"built": True, "cmd": " ".join(cmd), "runs": results}
             for key in ("exec_to_online_s", "idle_rss_mib", "task_rss_mib"):
                 entry[key] = median([r[key] for r in results])
-            if name.startswith("frozen binary"):
+            if name == IMAGE_NAME:
+                entry["size_mib"] = _dir_mib([folder])
+            elif name.startswith("frozen binary"):
                 entry["size_mib"] = Path(cmd[0]).stat().st_size / 2**20
             else:
                 entry["size_mib"] = _dir_mib([ROOT / "edgerun",
@@ -157,51 +163,10 @@ def item5(work: Path, runs: int) -> dict[str, Any]:
                   f"size {entry['size_mib']:.1f} MiB", flush=True)
         out["python3 -c pass"] = {k: median([python_pass()[k] for _ in range(runs)])
                                   for k in ("exec_s", "rss_mib")}
-        out["image boot"] = image_boot(broker.url, work / "item5", min(runs, 3))
+        out["image boot"] = image_boot(broker.url, work / "item5" / "boot", min(runs, 3))
     finally:
         broker.stop()
     return out
-
-
-def image_boot(broker: str, work: Path, runs: int) -> dict[str, Any]:
-    """Power-on to the retained `online` status of the discovery image in QEMU (the
-    accelerator images/vm.py picks: TCG here), as test_image_boot boots it: two NICs
-    (virtio and e1000), 512 MiB, 2 vCPUs, direct kernel boot. Needs `./build.sh image`."""
-    if not ((IMAGE_OUT / "vmlinuz").exists() and (IMAGE_OUT / "initramfs.img").exists()):
-        print("  item 5: image boot: not built (./build.sh image)", flush=True)
-        return {"built": False}
-    if shutil.which("qemu-system-x86_64") is None:
-        print("  item 5: image boot: qemu-system-x86_64 not found", flush=True)
-        return {"built": True, "qemu": False}
-    from tests.mqttkit import Observer
-    from tests.test_image_binary import load_images_module
-    vm_module = load_images_module("vm")
-    host = broker.rsplit(":", 1)[1]
-    seconds: list[float] = []
-    accel = ""
-    for run in range(runs):
-        node = f"boot-{uuid.uuid4().hex[:8]}"
-        nics = [vm_module.Nic("virtio-net-pci", "52:54:00:ed:9f:01"),
-                vm_module.Nic("e1000", "52:54:00:ed:9f:02", net="10.0.3.0/24")]
-        append = f"edgerun.broker=mqtt://10.0.2.2:{host} edgerun.node={node}"
-        work.mkdir(parents=True, exist_ok=True)
-        with Observer(broker) as observer:
-            vm = vm_module.VM(append=append, nics=nics, memory_mb=512, cpus=2,
-                              console=work / f"console-{run}.log").start()
-            try:
-                online = wait_until(lambda n=node: bool(observer.of("status", node=n,
-                                                                    state="online")),
-                                    300, interval=0.05)
-                if online:
-                    seconds.append(round(vm.seconds_since_start(), 2))
-                accel = vm.accel
-            finally:
-                vm.stop()
-    entry: dict[str, Any] = {"built": True, "accel": accel, "runs": seconds,
-                             "boot_to_online_s": median(seconds) if seconds else None,
-                             "failed": runs - len(seconds)}
-    print(f"  item 5: image boot ({accel}): power-on to online {seconds} s", flush=True)
-    return entry
 
 
 # --- item 7 --------------------------------------------------------------------------
