@@ -246,6 +246,21 @@ def test_agent_memory_inside_the_vm(booted: Booted, capsys: pytest.CaptureFixtur
     _write_report(booted, capsys)
 
 
+def test_modules_of_absent_hardware_leave_ram(booted: Booted) -> None:
+    """After coldplug the drivers of NICs this machine does not have are removed (files of
+    an initramfs are RAM); loaded ones, USB ones and their dependencies stay."""
+    moddir = f"/lib/modules/{booted.manifest['kernel']}/kernel/drivers"
+    check = {"ice": f"{moddir}/net/ethernet/intel/ice/ice.ko.xz",
+             "tg3": f"{moddir}/net/ethernet/broadcom/tg3.ko.xz",
+             "e1000": f"{moddir}/net/ethernet/intel/e1000/e1000.ko.xz",
+             "virtio_net": f"{moddir}/net/virtio_net.ko.xz",
+             "r8152": f"{moddir}/net/usb/r8152.ko.xz"}
+    script = (f"while [ -e {check['ice']} ] && [ $((n += 1)) -lt 300 ]; do sleep 0.1; done; "
+              + " ".join(f"[ -e {path} ] && echo {name};" for name, path in check.items()))
+    kept = set(booted.run("pruned", script)["stdout"].split())
+    assert kept == {"e1000", "virtio_net", "r8152"}
+
+
 def test_agent_is_restarted_when_it_dies(booted: Booted,
                                          capsys: pytest.CaptureFixture[str]) -> None:
     onlines = len(booted.observer.of("status", node=booted.node, state="online"))

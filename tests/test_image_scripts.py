@@ -184,3 +184,40 @@ def test_overlay_keeps_exec_bits_and_adds_site_cas(tmp_path: Path) -> None:
     assert tree.entries[mk.CA_BUNDLE].data == b"MOZILLA CA\nSITE CA\n"
     assert stat.S_IMODE(tree.entries["usr/bin/site-tool"].mode) == 0o755
     assert stat.S_IMODE(tree.entries["etc/edgerun/agent.toml"].mode) == 0o644
+
+
+def test_pruning_keeps_loaded_and_usb_modules_and_what_they_need(tmp_path: Path) -> None:
+    moddir = tmp_path / "modules"
+    dep = {
+        "kernel/drivers/net/ethernet/intel/e1000/e1000.ko.xz": [],
+        "kernel/drivers/net/virtio_net.ko.xz": ["kernel/drivers/net/net_failover.ko.xz",
+                                                "kernel/net/core/failover.ko.xz"],
+        "kernel/drivers/net/net_failover.ko.xz": ["kernel/net/core/failover.ko.xz"],
+        "kernel/net/core/failover.ko.xz": [],
+        "kernel/drivers/net/ethernet/intel/ice/ice.ko.xz": ["kernel/lib/dim.ko.xz"],
+        "kernel/lib/dim.ko.xz": [],
+        "kernel/drivers/net/usb/r8152.ko.xz": ["kernel/drivers/net/mii.ko.xz"],
+        "kernel/drivers/net/mii.ko.xz": [],
+        "kernel/drivers/usb/host/xhci-pci.ko.xz": ["kernel/drivers/usb/host/xhci-hcd.ko.xz"],
+        "kernel/drivers/usb/host/xhci-hcd.ko.xz": [],
+        "kernel/drivers/net/ethernet/broadcom/tg3.ko.xz": [],
+    }
+    for path in dep:
+        (moddir / path).parent.mkdir(parents=True, exist_ok=True)
+        (moddir / path).write_bytes(b"module")
+    (moddir / "modules.dep").write_text(
+        "".join(f"{p}: {' '.join(d)}\n".replace(" \n", "\n") for p, d in dep.items()))
+    (moddir / "modules.alias").write_text("alias pci:v* e1000\n")
+    loaded = tmp_path / "proc-modules"
+    loaded.write_text("virtio_net 61440 0 - Live 0x0\nnet_failover 20480 1 virtio_net, "
+                      "Live 0x0\nfailover 16384 1 net_failover, Live 0x0\ne1000 155648 0 - "
+                      "Live 0x0\n")
+    # bash stands in for busybox ash (dash has no pipefail)
+    done = subprocess.run(["bash", str(ROOTFS / "sbin" / "edgerun-prune-modules"), str(moddir),
+                           str(loaded)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    left = {p for p in dep if (moddir / p).exists()}
+    assert left == set(dep) - {"kernel/drivers/net/ethernet/intel/ice/ice.ko.xz",
+                               "kernel/lib/dim.ko.xz",
+                               "kernel/drivers/net/ethernet/broadcom/tg3.ko.xz"}
+    assert (moddir / "modules.dep").exists() and (moddir / "modules.alias").exists()

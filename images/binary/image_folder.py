@@ -15,7 +15,10 @@ tree to copy over the image's root (images/mkinitramfs.py):
   in `edgerun-agent.xpack` (xz, 1.8 MB), which images/binary/rth_tls.py unpacks
   in place when `_ssl` or `_hashlib` is first imported: a plain mqtt:// agent
   keeps it out of RAM until its first download or signed task (files of an
-  initramfs stay in RAM for as long as the image runs).
+  initramfs stay in RAM for as long as the image runs). For the same reason
+  `base_library.zip`, which PyInstaller stores uncompressed (1.3 MB), is
+  deflated (0.5 MB): zipimport inflates the few dozen modules Python's start
+  reads from it.
 - usr/bin/edgerun-agent: a symlink to the bootloader there.
 - symlinks at Debian's paths (/lib64/ld-linux-x86-64.so.2,
   /lib/x86_64-linux-gnu/) to those libraries, where the loader looks without
@@ -94,6 +97,21 @@ def write_xpack(folder: Path, names: list[str], pack: Path) -> None:
                                    check=lzma.CHECK_CRC32, filters=filters))
 
 
+def deflate_zip(path: Path) -> None:
+    """Rewrite the zip archive at `path` with every member deflated, in the same order
+    and with the same names, times and modes."""
+    import zipfile
+
+    tmp = path.with_name(path.name + ".tmp")
+    with zipfile.ZipFile(path) as src, \
+            zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED, compresslevel=9) as dst:
+        for info in src.infolist():
+            copy = zipfile.ZipInfo(info.filename, info.date_time)
+            copy.external_attr, copy.compress_type = info.external_attr, zipfile.ZIP_DEFLATED
+            dst.writestr(copy, src.read(info))
+    os.replace(tmp, path)
+
+
 def build(folder: Path, root: Path) -> None:
     if root.exists():
         shutil.rmtree(root)
@@ -103,6 +121,8 @@ def build(folder: Path, root: Path) -> None:
     write_xpack(agent, later, agent / XPACK)
     for name in later:
         (agent / name).unlink()
+    if (agent / "base_library.zip").is_file():
+        deflate_zip(agent / "base_library.zip")
     (root / LINK).parent.mkdir(parents=True, exist_ok=True)
     (root / LINK).symlink_to(f"/{AGENT_DIR}/{PROGRAM}")
     (root / LIBDIR).mkdir(parents=True)
