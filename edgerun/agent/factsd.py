@@ -162,7 +162,8 @@ class Runner:
     def run(self, paths: Sequence[tuple[str, str]], timeout: float) -> dict[str, bytes | str]:
         """name -> its stdout (it exited 0) or a problem (str)."""
         self._reap_leftovers()
-        # the marker keeps a task's clean-up from taking what it starts for the task's
+        # with this marker, what an executable leaves running is never taken for a task's
+        # (contain.Containment.members)
         env = {**os.environ, contain.MARKER: contain.OWN_CHILD}
         runs: list[_Run] = []
         out: dict[str, bytes | str] = {}
