@@ -35,12 +35,25 @@ def _size(n: int) -> str:
 
 def item1(r: dict[str, Any]) -> list[str]:
     rows = [[_size(x["size"]), x["direction"], x["count"], x["bridge_msg_s"], x["plugin_msg_s"],
-             f"{x['ratio']:.2f}", _met(x["ratio"] >= 1.0)] for x in r["rows"]]
+             f"{x['ratio']:.2f}", _met(x["ratio"] >= 1.0), *_item1_cpu(x)] for x in r["rows"]]
     return ["## 1. Bridge throughput against RabbitMQ's MQTT plugin", "",
             f"Median of {r['runs']} runs each; up = MQTT -> AMQP, down = AMQP -> MQTT. "
-            f"Producer: {r['producer']}. Consumer: {r['consumer']}.", "",
+            f"Producer: {r['producer']}. Consumer: {r['consumer']}. CPU: microseconds per "
+            "message, user + system; the bridge's own process, and every process of each "
+            "path together (brokers, bridge, load generators).", "",
             *_table(["payload", "direction", "messages", "bridge msg/s", "plugin msg/s",
-                     "ratio bridge/plugin", "target >= 1"], rows)]
+                     "ratio bridge/plugin", "target >= 1", "bridge process CPU",
+                     "bridge path CPU", "plugin path CPU", "CPU ratio bridge/plugin path"],
+                    rows)]
+
+
+def _item1_cpu(x: dict[str, Any]) -> list[str]:
+    cpu = x.get("cpu_us_per_msg")
+    if not cpu:
+        return ["-"] * 4
+    bridge, plugin = sum(cpu["bridge"].values()), sum(cpu["plugin"].values())
+    return [f"{cpu['bridge'].get('bridge', 0.0):.1f}", f"{bridge:.1f}", f"{plugin:.1f}",
+            f"{bridge / plugin:.2f}" if plugin else "-"]
 
 
 def item2(r: dict[str, Any]) -> list[str]:
@@ -73,10 +86,15 @@ def _item2_floor(r: dict[str, Any]) -> list[str]:
     what = {"echo": "two broker hops and paho (answer at once)",
             "sync": "+ fdatasync of a 150-byte record",
             "spawn": "+ `/bin/sh -c true` spawned after it, waited for"}
+    over = r.get("over_floor")
     return ["", "The floor on this machine, light load, no agent (bench/floor.py: one "
             "paho callback answers; milliseconds):", "",
             *_table(["level", "what it pays", "p50", "p99"],
-                    [[k, what.get(k, ""), v["p50_ms"], v["p99_ms"]] for k, v in rows.items()])]
+                    [[k, what.get(k, ""), v["p50_ms"], v["p99_ms"]] for k, v in rows.items()]),
+            *(["", f"The agent's light-load round trip (direct) over the floor (`spawn`): "
+               f"p50 {over['p50_ms']:.2f} - {over['floor_p50_ms']:.2f} = "
+               f"{over['over_ms']:+.2f} ms; target <= +1.0 ms: {_met(over['over_ms'] <= 1.0)}."]
+              if over else [])]
 
 
 def _item2_cpu(r: dict[str, Any]) -> list[str]:
