@@ -191,8 +191,9 @@ class AmqpMessenger(Messenger):
     def on_confirm(self, tag: int, multiple: bool, ok: bool) -> None:
         settled = self._unconfirmed.settle(tag, multiple)
         if not ok:
-            log.warning("RabbitMQ refused %d publish(es); sending again in %.0f s",
-                        len(settled), NACK_PAUSE)
+            # the link (edgerun/amqp.py) warns once per episode, naming the election
+            log.debug("RabbitMQ refused %d publish(es); sending again in %.0f s",
+                      len(settled), NACK_PAUSE)
             self._backlog.extendleft(reversed(settled))
             if not self._paused:
                 self._paused = True
