@@ -5,19 +5,25 @@ log() {
     echo "edgerun: $*"
 }
 
-# cmdline_value NAME: the value of edgerun.NAME= on the kernel command line, or nothing.
-cmdline_value() {
-    local word value="" line
-    read -r line </proc/cmdline  # a builtin: no process to start (slow under TCG)
+# kernel_params: set broker, node, net_wait and keep_modules from edgerun.NAME= on the
+# kernel command line ("" when absent), with builtins only: no process to start, and
+# processes cost tens of ms each under TCG while the agent starts.
+# shellcheck disable=SC2034  # the variables are for the scripts that source this
+kernel_params() {
+    local word line
+    broker="" node="" net_wait="" keep_modules=""
+    read -r line </proc/cmdline
     set -f
     # shellcheck disable=SC2086  # words
     for word in $line; do
         case "$word" in
-            "edgerun.$1="*) value=${word#*=} ;;
+            edgerun.broker=*) broker=${word#*=} ;;
+            edgerun.node=*) node=${word#*=} ;;
+            edgerun.net_wait=*) net_wait=${word#*=} ;;
+            edgerun.keep_modules=*) keep_modules=${word#*=} ;;
         esac
     done
     set +f
-    echo "$value"
 }
 
 # dmi_uuid_usable: whether the agent will name itself after the DMI product UUID
