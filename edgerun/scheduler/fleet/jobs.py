@@ -1,49 +1,7 @@
-"""Jobs: an ordered list of tasks per node (like RackHD's bootstrap lists), or a graph of
-named steps with `needs` across nodes (like RackHD's task graphs).
-
-An ordered list:
-
-    targets = ["rack1-*"]          # optional; node ids, globs, MACs; NODE arguments override
-    where = ["arch=x86_64"]        # optional; facts every target must have
-
-    [[steps]]
-    type = "shell"
-    command = "ipmitool lan print"
-    timeout = 60
-
-    [[steps]]
-    type = "download"
-    url = "http://10.0.0.1/fw.bin"
-    dest = "/tmp/fw.bin"
-
-Each node runs the steps in order and goes on only when its previous step
-succeeded; after a failure its remaining steps end `canceled`.
-
-A graph: every step has a `name`; a step may list the steps it `needs`, and
-may have `targets` / `where` / `online` of its own (else the job's):
-
-    targets = ["rack1-*"]
-
-    [[steps]]
-    name = "inventory"
-    type = "shell"
-    command = "lshw -short"
-
-    [[steps]]
-    name = "report"
-    needs = ["inventory"]
-    targets = ["controller-1"]
-    type = "shell"
-    command = "collect-inventory"
-
-A step starts on all its nodes once every step it needs has succeeded on every
-node of that step; if one of them fails on any node, the steps that need it
-(directly or not) end `canceled` and say why. Steps that need nothing start at
-once. The task id of a graph step is `{job}.{name}`; of a list step `{job}.{i}`.
-
-The service keeps the steps in its store (held until their turn), so a
-restart resumes where each node was. A file ending in .json holds the same as
-a JSON object.
+"""Running jobs: the steps of a job stored per node (held until their turn), released
+as their needs succeed and canceled with the reason when one fails. What a job file is,
+an ordered list or a graph of named steps with `needs`, and its checks: control/jobfile.py.
+The steps live in the store, so a restarted service resumes where each node was.
 """
 
 from __future__ import annotations

@@ -308,9 +308,19 @@ class Store:
                      now: float) -> tuple[State, str, tuple[Any, ...], tuple[Any, ...]]:
         """(state, SET clause, its arguments + the WHERE's, the history row) of an update."""
         assert update.id is not None
-        node, task_id, state = update.node, update.id, update.state
+        sets, args, history = self._update_sets(update, body, grace, now)
+        state = update.state
+        return state, sets, (str(state), format_time(), *args, update.node, update.id,
+                             *_sources(state)), history
+
+    @staticmethod
+    def _update_sets(update: Update, body: JSONObject, grace: float,
+                     now: float) -> tuple[str, tuple[Any, ...], tuple[Any, ...]]:
+        """(SET clause, its arguments, the history row) of an update: a final one keeps its
+        result, an open one gets the deadline now + its timeout + grace."""
+        assert update.id is not None
         error = update.error
-        if is_final(state):
+        if is_final(update.state):
             result = {k: body[k] for k in RESULT_FIELDS if k in body}
             sets = ("deadline=NULL, expires_ts=NULL, exit_code=COALESCE(?, exit_code), "
                     "error_code=?, error_message=?, result=COALESCE(?, result)")
@@ -321,9 +331,9 @@ class Store:
                     "exit_code=COALESCE(?, exit_code), error_code=?, error_message=?")
             args = (now, DEFAULT_TIMEOUT_S, grace, update.exit_code,
                     error.code if error else None, error.message if error else None)
-        history = (node, task_id, str(state), update.at, format_time(), json.dumps(body))
-        return state, sets, (str(state), format_time(), *args, node, task_id,
-                             *_sources(state)), history
+        history = (update.node, update.id, str(update.state), update.at, format_time(),
+                   json.dumps(body))
+        return sets, args, history
 
     @staticmethod
     def _transition_sql(state: State, sets: str) -> str:
@@ -363,19 +373,7 @@ class Store:
         usual case is two statements: the guarded UPDATE and the history row."""
         assert update.id is not None
         node, task_id, state = update.node, update.id, update.state
-        error = update.error
-        if is_final(state):
-            result = {k: body[k] for k in RESULT_FIELDS if k in body}
-            sets = ("deadline=NULL, expires_ts=NULL, exit_code=COALESCE(?, exit_code), "
-                    "error_code=?, error_message=?, result=COALESCE(?, result)")
-            args: tuple[Any, ...] = (update.exit_code, error.code if error else None,
-                                     error.message if error else None, json.dumps(result))
-        else:
-            sets = ("deadline=? + COALESCE(timeout, ?) + ?, expires_ts=NULL, "
-                    "exit_code=COALESCE(?, exit_code), error_code=?, error_message=?")
-            args = (now, DEFAULT_TIMEOUT_S, grace, update.exit_code,
-                    error.code if error else None, error.message if error else None)
-        history = (node, task_id, str(state), update.at, format_time(), json.dumps(body))
+        sets, args, history = self._update_sets(update, body, grace, now)
         insert = ("INSERT INTO updates (node, task_id, state, at, received_at, body) "
                   "VALUES (?,?,?,?,?,?)")
         with self.transaction() as tx:
