@@ -25,8 +25,9 @@ from edgerun.agent.core import Agent
 from edgerun.settings import parse_broker_url
 
 from .agent_pool import serve
-from .brokers import ChildProcess, wait_until
+from .brokers import ChildProcess, Mosquitto, wait_until
 from .mqttkit import ROOT
+from .scheduler_kit import Api, running_app
 
 
 def make_sys_root(base: Path, *, vendor: str | None = None, product: str | None = None,
@@ -101,6 +102,20 @@ def pool(url: str, workdir: Path, agents: Sequence[AgentSpec], api: Any,
         yield running
     finally:
         running.stop()
+
+
+@contextmanager
+def fleet_api(tmp: Path, nodes: Sequence[str]) -> Iterator[Api]:
+    """A private Mosquitto, `edgerun serve` on it and one agent per node, all online: the
+    scheduler's API client (a module fixture's whole set-up)."""
+    broker = Mosquitto(tmp / "mosquitto").start()
+    try:
+        with running_app(broker.url, tmp) as app:
+            client = Api(app.api_url)
+            with pool(broker.url, tmp / "agents", [AgentSpec(n) for n in nodes], client):
+                yield client
+    finally:
+        broker.stop()
 
 
 def main(argv: list[str]) -> int:

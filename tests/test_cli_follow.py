@@ -14,25 +14,18 @@ from pathlib import Path
 
 import pytest
 
-from .brokers import Mosquitto, wait_until
-from .fleet_kit import AgentSpec, pool
+from .brokers import wait_until
+from .fleet_kit import fleet_api
 from .mqttkit import ROOT
-from .scheduler_kit import Api, cli, running_app
+from .scheduler_kit import Api, cli
 
 NODES = ("cf-1", "cf-2", "cf-3", "cf-4")
 
 
 @pytest.fixture(scope="module")
 def api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Api]:
-    tmp = tmp_path_factory.mktemp("clifollow")
-    broker = Mosquitto(tmp / "mosquitto").start()
-    try:
-        with running_app(broker.url, tmp) as app:
-            client = Api(app.api_url)
-            with pool(broker.url, tmp / "agents", [AgentSpec(n) for n in NODES], client):
-                yield client
-    finally:
-        broker.stop()
+    with fleet_api(tmp_path_factory.mktemp("clifollow"), NODES) as client:
+        yield client
 
 
 def test_retries_are_said_as_they_happen_and_the_chain_shows_its_outcome(

@@ -10,24 +10,17 @@ from typing import Any
 
 import pytest
 
-from .brokers import Mosquitto, wait_until
-from .fleet_kit import AgentSpec, pool
-from .scheduler_kit import FINAL, Api, cli, running_app
+from .brokers import wait_until
+from .fleet_kit import fleet_api
+from .scheduler_kit import FINAL, Api, cli
 
 NODES = ("jv-1", "jv-2", "jv-3", "jv-ctl")
 
 
 @pytest.fixture(scope="module")
 def api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Api]:
-    tmp = tmp_path_factory.mktemp("jobviews")
-    broker = Mosquitto(tmp / "mosquitto").start()
-    try:
-        with running_app(broker.url, tmp) as app:
-            client = Api(app.api_url)
-            with pool(broker.url, tmp / "agents", [AgentSpec(n) for n in NODES], client):
-                yield client
-    finally:
-        broker.stop()
+    with fleet_api(tmp_path_factory.mktemp("jobviews"), NODES) as client:
+        yield client
 
 
 def finished(api: Api, job_id: str) -> dict[str, Any]:
