@@ -300,7 +300,9 @@ class ApiServer:
         logfilter.install()
         self.streams = Registry()
         family = socket.AF_INET6 if ":" in self.config.host else socket.AF_INET
-        self._sock = socket.socket(family, socket.SOCK_STREAM)
+        # IPPROTO_TCP named: asyncio sets TCP_NODELAY only on sockets whose proto says TCP;
+        # with proto 0 a response written in two parts waits for the delayed ACK (40 ms)
+        self._sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         try:
             self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             self._sock.bind((self.config.host, self.config.port))
