@@ -25,7 +25,6 @@ from functools import cache
 from typing import Any
 
 from edgerun.protocol import (
-    DEFAULT_TIMEOUT_S,
     FINAL_STATES,
     JSONObject,
     State,
@@ -34,18 +33,24 @@ from edgerun.protocol import (
     Update,
     can_transition,
     format_time,
-    is_final,
     parse_time,
 )
 from edgerun.scheduler.errors import StoreError
+from edgerun.scheduler.store.advance import (
+    NEW,
+    WRITE_SQL,
+    Plan,
+    Stepper,
+    by_key,
+    keys_sql,
+    update_columns,
+)
 from edgerun.scheduler.store.db import Database, Row, open_database
 from edgerun.scheduler.store.schema import MIGRATIONS, SCHEMA_VERSION
 from edgerun.scheduler.store.tx import Tx, flush_events, run_after
 
 log = logging.getLogger(__name__)
 
-RESULT_FIELDS = ("exit_code", "stdout", "stderr", "truncated", "duration_s", "bytes", "sha256",
-                 "dest", "output_dropped")
 TOUCH_EVERY_S = 1.0
 PRUNE_BATCH = 2_000  # finished tasks deleted a transaction (retention)
 UNKNOWN = object()
@@ -276,90 +281,74 @@ class Store:
     def apply_updates(self, updates: list[tuple[Update, JSONObject]], *, grace: float,
                       now: float) -> list[Change | None]:
         """`apply_update` for the updates that arrived together, in one transaction: their
-        guarded UPDATEs in one pipeline (one round trip on PostgreSQL, in order, so the
-        updates of one task chain as they would one by one), the history rows of those
-        that applied in one multi-row INSERT; those that did not apply (unknown task,
-        duplicate, late) go the one-by-one way, in their order."""
+        rows read once, stepped through the state machine in memory in arrival order
+        and each written once (advance.py), the history rows of the applied ones in one
+        multi-row INSERT; those that could not be stepped (unknown task, duplicate,
+        late) go the one-by-one way afterwards, in their order."""
         if not updates:
             return []
+        out: list[Change | None] = [None] * len(updates)
         with self.transaction() as tx:
-            plans = [self._update_plan(update, body, grace, now) for update, body in updates]
-            results = tx.db.pipeline([(self._transition_sql(state, sets), args)
-                                      for state, sets, args, _history in plans])
-            out: list[Change | None] = []
-            history = []
-            for (_state, _sets, _args, row_of_history), rows in zip(plans, results, strict=True):
-                if rows:
-                    previous = rows[0]["previous"]
-                    out.append(Change(None if previous == "__new__" else previous,
-                                      task_dict(rows[0])))
-                    history.append(row_of_history)
-                else:
-                    out.append(None)
-            if history:
-                tx.execute_values("INSERT INTO updates (node, task_id, state, at, "
-                                  "received_at, body)", history)
+            stepper = self._stepper(tx, {(u.node, str(u.id)) for u, _body in updates})
+            received = format_time()
             for i, (update, body) in enumerate(updates):
-                if out[i] is None:
-                    out[i] = self.apply_update(update, body, grace=grace, now=now)
+                key = (update.node, str(update.id))
+                row = stepper.current(key)
+                cols = update_columns(update, body, grace, now,
+                                      row["timeout"] if row is not None else None)
+                stepper.step(i, key, update.state, cols,
+                             (update.node, update.id, str(update.state), update.at,
+                              received, json.dumps(body)))
+            plan = self._write_steps(tx, stepper)
+            for step in plan.steps:
+                out[step.index] = Change(step.previous, step.task)
+            for i in plan.rest:
+                update, body = updates[i]
+                out[i] = self.apply_update(update, body, grace=grace, now=now)
             return out
 
-    def _update_plan(self, update: Update, body: JSONObject, grace: float,
-                     now: float) -> tuple[State, str, tuple[Any, ...], tuple[Any, ...]]:
-        """(state, SET clause, its arguments + the WHERE's, the history row) of an update."""
-        assert update.id is not None
-        sets, args, history = self._update_sets(update, body, grace, now)
-        state = update.state
-        return state, sets, (str(state), format_time(), *args, update.node, update.id,
-                             *_sources(state)), history
+    def _stepper(self, tx: Tx, keys: set[tuple[str, str]]) -> Stepper:
+        """The rows of `keys`, read (and locked on PostgreSQL) for stepping in memory."""
+        ordered = sorted(keys)
+        rows: list[Any] = []
+        lock = self.kind == "postgresql"
+        for start in range(0, len(ordered), 250):
+            part = ordered[start:start + 250]
+            rows.extend(tx.execute(keys_sql(len(part), lock=lock),
+                                   [v for key in part for v in key]).fetchall())
+        return Stepper(by_key(rows), _sources, task_dict, format_time())
 
     @staticmethod
-    def _update_sets(update: Update, body: JSONObject, grace: float,
-                     now: float) -> tuple[str, tuple[Any, ...], tuple[Any, ...]]:
-        """(SET clause, its arguments, the history row) of an update: a final one keeps its
-        result, an open one gets the deadline now + its timeout + grace."""
-        assert update.id is not None
-        error = update.error
-        if is_final(update.state):
-            result = {k: body[k] for k in RESULT_FIELDS if k in body}
-            sets = ("deadline=NULL, expires_ts=NULL, exit_code=COALESCE(?, exit_code), "
-                    "error_code=?, error_message=?, result=COALESCE(?, result)")
-            args: tuple[Any, ...] = (update.exit_code, error.code if error else None,
-                                     error.message if error else None, json.dumps(result))
-        else:
-            sets = ("deadline=? + COALESCE(timeout, ?) + ?, expires_ts=NULL, "
-                    "exit_code=COALESCE(?, exit_code), error_code=?, error_message=?")
-            args = (now, DEFAULT_TIMEOUT_S, grace, update.exit_code,
-                    error.code if error else None, error.message if error else None)
-        history = (update.node, update.id, str(update.state), update.at, format_time(),
-                   json.dumps(body))
-        return sets, args, history
-
-    @staticmethod
-    def _transition_sql(state: State, sets: str) -> str:
-        return (f"UPDATE tasks SET previous=state, state=?, updated_at=?, {sets} "  # noqa: S608
-                f"WHERE node=? AND id=? AND state IN ({','.join('?' * len(_sources(state)))}) "
-                f"RETURNING *")
+    def _write_steps(tx: Tx, stepper: Stepper) -> Plan:
+        """Each changed row once, the applied steps' history rows together."""
+        plan = stepper.finish()
+        if len(plan.writes) == 1:
+            tx.execute(WRITE_SQL, plan.writes[0])
+        elif plan.writes:  # one round trip for all on PostgreSQL
+            tx.db.pipeline([(WRITE_SQL, args) for args in plan.writes])
+        history = [step.history for step in plan.steps if step.history is not None]
+        if history:
+            tx.execute_values("INSERT INTO updates (node, task_id, state, at, "
+                              "received_at, body)", history)
+        return plan
 
     def mark_dispatched_many(self, confirms: list[tuple[str, str, float, float | None]]
                              ) -> list[Change | None]:
-        """`mark_dispatched` for (node, task id, deadline, expires_ts) of many confirms, in
-        one pipeline (one round trip on PostgreSQL)."""
+        """`mark_dispatched` for (node, task id, deadline, expires_ts) of many confirms: the
+        rows read once, each written once (advance.py)."""
         if not confirms:
             return []
-        sql = self._transition_sql(State.DISPATCHED, "dispatched_at=?, deadline=?, "
-                                                     "expires_ts=?")
         stamp = format_time()
         with self.transaction() as tx:
-            results = tx.db.pipeline([
-                (sql, (str(State.DISPATCHED), stamp, stamp, deadline, expires_ts, node,
-                       task_id, *_sources(State.DISPATCHED)))
-                for node, task_id, deadline, expires_ts in confirms])
-        out: list[Change | None] = []
-        for rows in results:
-            previous = rows[0]["previous"] if rows else None
-            out.append(Change(None if previous == "__new__" else previous, task_dict(rows[0]))
-                       if rows else None)
+            stepper = self._stepper(tx, {(node, task_id) for node, task_id, *_ in confirms})
+            for i, (node, task_id, deadline, expires_ts) in enumerate(confirms):
+                stepper.step(i, (node, task_id), State.DISPATCHED,
+                             {"dispatched_at": stamp, "deadline": deadline,
+                              "expires_ts": expires_ts}, None)
+            plan = self._write_steps(tx, stepper)
+        out: list[Change | None] = [None] * len(confirms)
+        for step in plan.steps:
+            out[step.index] = Change(step.previous, step.task)
         return out
 
     def apply_update(self, update: Update, body: JSONObject, *, grace: float,
@@ -369,32 +358,31 @@ class Store:
         only from its updates is recorded too; every state's first copy is kept in the
         history, which lists them in the agent's order (`updates`).
 
-        An accepted or running task gets the deadline now + its timeout + grace. The
-        usual case is two statements: the guarded UPDATE and the history row."""
+        An accepted or running task gets the deadline now + its timeout + grace
+        (advance.update_columns, the one place that says what an update sets)."""
         assert update.id is not None
         node, task_id, state = update.node, update.id, update.state
-        sets, args, history = self._update_sets(update, body, grace, now)
-        insert = ("INSERT INTO updates (node, task_id, state, at, received_at, body) "
-                  "VALUES (?,?,?,?,?,?)")
+        key = (node, task_id)
+        history = (node, task_id, str(state), update.at, format_time(), json.dumps(body))
         with self.transaction() as tx:
-            change = self._transition(node, task_id, state, sets, args)
-            if change is not None:
-                tx.execute(insert, history)
-                return change
-            if tx.execute("SELECT 1 FROM tasks WHERE node=? AND id=? FOR UPDATE",
-                          (node, task_id)).fetchone() is None:
+            stepper = self._stepper(tx, {key})
+            made = 0
+            if stepper.current(key) is None:
                 stamp = format_time()  # known only from its updates: recorded from this one
                 made = tx.execute("INSERT OR IGNORE INTO tasks (node, id, source, state, "
                                   "created_at, updated_at) VALUES (?,?,?,?,?,?)",
-                                  (node, task_id, "update", "__new__", stamp, stamp)).rowcount
-                change = self._transition(node, task_id, state, sets, args)
-                if change is not None:
-                    tx.execute(insert, history)
-                    return change
-                if made == 1:
-                    tx.execute("DELETE FROM tasks WHERE node=? AND id=? AND state='__new__'",
-                               (node, task_id))
-                    return None
+                                  (node, task_id, "update", NEW, stamp, stamp)).rowcount
+                stepper = self._stepper(tx, {key})
+            row = stepper.current(key)
+            if row is not None and stepper.step(
+                    0, key, state, update_columns(update, body, grace, now, row["timeout"]),
+                    history):
+                step = self._write_steps(tx, stepper).steps[0]
+                return Change(step.previous, step.task)
+            if made == 1:
+                tx.execute("DELETE FROM tasks WHERE node=? AND id=? AND state=?",
+                           (node, task_id, NEW))
+                return None
             # Not applied (a duplicate, or late: with several instances `accepted` may be
             # handled after `running`), yet the first copy of each state is part of the
             # record. The task row is locked (FOR UPDATE), so two instances never both

@@ -1,0 +1,142 @@
+"""Many state changes of task rows worked out in memory, so that each row is written once.
+
+The worker records what arrived together in one transaction (core.py). In a fan-out
+an agent answers `accepted`, `running` and its final within milliseconds, so one
+batch often holds several updates of one task; one guarded `UPDATE ... RETURNING *`
+each wrote the row three times and parsed three copies of it. Instead the store
+reads the batch's rows once (`FOR UPDATE`: no other instance can move them until
+COMMIT; SQLite's writers are serialised anyway), steps each row through the
+contract's state machine here, in arrival order, exactly as the guarded UPDATEs
+would have, and writes each changed row once (WRITE_SQL). Every step keeps its own
+history row and its own event, with the task as it was after that step.
+
+What cannot be stepped here (a task not in the store yet, an update the state
+machine refuses: a duplicate or a late one) is left to the one-by-one path
+(`Store.apply_update`), after these writes and in arrival order. That keeps the
+outcome of sequential application: states only move forward, so an update refused
+here is refused there too, and there its first copy is still kept in the history.
+
+Pure: no I/O; the rows come in as dicts of their columns.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from edgerun.protocol import DEFAULT_TIMEOUT_S, JSONObject, State, Update, is_final
+
+RESULT_FIELDS = ("exit_code", "stdout", "stderr", "truncated", "duration_s", "bytes", "sha256",
+                 "dest", "output_dropped")
+NEW = "__new__"  # a row known only so far (an update came before the task)
+# every column a change of state may set, in WRITE_SQL's order
+WRITTEN = ("previous", "state", "updated_at", "dispatched_at", "deadline", "expires_ts",
+           "exit_code", "error_code", "error_message", "result")
+WRITE_SQL = ("UPDATE tasks SET previous=?, state=?, updated_at=?, dispatched_at=?, deadline=?, "
+             "expires_ts=?, exit_code=?, error_code=?, error_message=?, result=? "
+             "WHERE node=? AND id=?")
+
+Key = tuple[str, str]
+Row = dict[str, Any]
+Sources = Callable[[State], tuple[str, ...]]
+
+
+@dataclass(frozen=True)
+class Step:
+    """One applied change: the batch position it came from, the state it left (None:
+    first seen), the task after it, and its history row (None: none is kept)."""
+
+    index: int
+    previous: str | None
+    task: JSONObject
+    history: tuple[Any, ...] | None
+
+
+@dataclass
+class Plan:
+    steps: list[Step] = field(default_factory=list)
+    writes: list[tuple[Any, ...]] = field(default_factory=list)
+    """WRITE_SQL's arguments, one per changed row."""
+    rest: list[int] = field(default_factory=list)
+    """Batch positions to apply one by one, in this order."""
+
+
+def update_columns(update: Update, body: JSONObject, grace: float, now: float,
+                   timeout: float | None) -> Row:
+    """The columns an agent's update sets: a final one keeps its result, an open one
+    gets the deadline now + its timeout + grace. `exit_code` None means: keep the row's."""
+    error = update.error
+    cols: Row = {"error_code": error.code if error else None,
+                 "error_message": error.message if error else None,
+                 "exit_code": update.exit_code, "expires_ts": None}
+    if is_final(update.state):
+        cols["deadline"] = None
+        cols["result"] = json.dumps({k: body[k] for k in RESULT_FIELDS if k in body})
+    else:
+        cols["deadline"] = now + (timeout if timeout is not None else DEFAULT_TIMEOUT_S) + grace
+    return cols
+
+
+class Stepper:
+    """Rows read for a batch, stepped in memory; `plan()` says what to write."""
+
+    def __init__(self, rows: dict[Key, Row], sources: Sources,
+                 to_task: Callable[[Any], JSONObject], stamp: str) -> None:
+        self.rows, self.sources, self.to_task, self.stamp = rows, sources, to_task, stamp
+        self._changed: dict[Key, Row] = {}
+        self._base: dict[Key, JSONObject] = {}  # the task as read, parsed once
+        self.plan = Plan()
+
+    def current(self, key: Key) -> Row | None:
+        return self._changed.get(key) or self.rows.get(key)
+
+    def step(self, index: int, key: Key, state: State, cols: Row,
+             history: tuple[Any, ...] | None) -> bool:
+        """Move `key`'s row to `state` with `cols` if the state machine allows it from
+        where it is now; False (and the batch position left to the one-by-one path) if
+        the row is unknown or the move refused."""
+        row = self.current(key)
+        if row is None or row["state"] not in self.sources(state):
+            self.plan.rest.append(index)
+            return False
+        if key not in self._base:
+            self._base[key] = self.to_task(row)
+        row = {**row, **{k: v for k, v in cols.items() if v is not None or k != "exit_code"}}
+        previous = row["state"]
+        row.update(previous=previous, state=str(state), updated_at=self.stamp)
+        self._changed[key] = row
+        self.plan.steps.append(Step(index, None if previous == NEW else previous,
+                                    self._task(key, row), history))
+        return True
+
+    def _task(self, key: Key, row: Row) -> JSONObject:
+        """The task after a step: the row as read, with what the steps changed (the spec
+        is parsed once a row, not once a step)."""
+        task = {**self._base[key], "state": row["state"], "updated_at": row["updated_at"],
+                "dispatched_at": row["dispatched_at"], "deadline": row["deadline"],
+                "expires_at": row["expires_at"], "exit_code": row["exit_code"],
+                "error": {"code": row["error_code"], "message": row["error_message"]}
+                if row["error_code"] else None,
+                "result": json.loads(row["result"]) if row["result"] else None}
+        if "hold" in task:
+            task["hold"] = row.get("hold") if row["state"] == State.QUEUED else None
+        return task
+
+    def finish(self) -> Plan:
+        self.plan.writes = [(*(row[c] for c in WRITTEN), node, task_id)
+                            for (node, task_id), row in self._changed.items()]
+        return self.plan
+
+
+def keys_sql(count: int, *, lock: bool) -> str:
+    """The rows of `count` (node, id) keys, in key order (two instances lock them in the
+    same order, so they never deadlock on each other)."""
+    pairs = ",".join(["(?,?)"] * count)
+    return (f"SELECT * FROM tasks WHERE (node, id) IN (VALUES {pairs}) "  # noqa: S608
+            f"ORDER BY node, id" + (" FOR UPDATE" if lock else ""))
+
+
+def by_key(rows: Sequence[Any]) -> dict[Key, Row]:
+    return {(r["node"], r["id"]): {k: r[k] for k in r.keys()} for r in rows}  # noqa: SIM118
