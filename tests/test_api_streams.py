@@ -126,6 +126,53 @@ def test_sse_auth_filters_and_bad_queries(s: Stack) -> None:
     assert typo.status == 422 and typo.body["field"] == "chanel"
 
 
+def test_sse_settled_rejects_a_value_other_than_true_or_false(s: Stack) -> None:
+    from .apikit import call
+    for bad in ("yes", "1", "TRUE", "x" * 5000):
+        answer = call(s.port, "GET", f"/v1/events?channel=tasks&settled={bad}", s.viewer)
+        assert answer.status == 422 and answer.body["field"] == "settled", bad
+    twice = call(s.port, "GET", "/v1/events?settled=true&settled=false", s.viewer)
+    assert twice.status == 422 and twice.body["field"] == "settled"
+
+
+def test_sse_settled_sends_only_the_events_that_end_a_task_live_and_on_resume(
+        s: Stack) -> None:
+    api = s.api(s.operator)
+    query = "?channel=tasks&task=settled-1&task=settled-2&settled=true"
+    live = Sse(s.port, query, s.viewer)
+    hello_id, _hello = live.until("hello")
+    api.dispatch([s.node], {"type": "shell", "command": "true", "id": "settled-1"})
+    api.dispatch([s.node], {"type": "shell", "command": "false", "id": "settled-2"})
+    got: dict[str, tuple[int | None, str]] = {}
+    while len(got) < 2:
+        event_id, kind, data = live.next()
+        assert kind == "task_event", kind
+        assert data["state"] in ("succeeded", "failed"), data["state"]  # no step between
+        got[data["id"]] = (event_id, data["state"])
+    live.close()
+    assert got["settled-1"][1] == "succeeded" and got["settled-2"][1] == "failed"
+    # from the log: the same two, nothing else, in id order
+    again = Sse(s.port, query, s.viewer, last_event_id=hello_id)
+    replayed = []
+    while True:
+        event_id, kind, data = again.next()
+        if kind == "hello":
+            break
+        replayed.append((event_id, data["id"], data["state"]))
+    again.close()
+    assert sorted(replayed) == sorted((i, t, st) for t, (i, st) in got.items())
+    # without the filter the log has the steps too
+    every = Sse(s.port, query.replace("&settled=true", ""), s.viewer, last_event_id=hello_id)
+    states = []
+    while True:
+        _event_id, kind, data = every.next()
+        if kind == "hello":
+            break
+        states.append(data["state"])
+    every.close()
+    assert "dispatched" in states and "running" in states
+
+
 def test_sse_heartbeats(s: Stack, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(streams, "HEARTBEAT_S", 0.2)
     quiet = Sse(s.port, "?channel=tasks&task=never-sent", s.viewer)

@@ -63,7 +63,10 @@ QUERY = (
     Param("ticket", description="a stream ticket (POST /v1/stream-tickets), once"),
     Param("access_token", description="the token, for older clients; prefer a ticket"),
     Param("last_event_id", {"type": "string", "pattern": "^[0-9]{0,18}$"},
-          "as the Last-Event-ID header"))
+          "as the Last-Event-ID header"),
+    Param("settled", {"type": "string", "enum": ["true", "false"]},
+          "true: task events only where the task reached a final state or an alert "
+          "came (what a follower counting finals needs: one event a task, not five)"))
 STREAM_QUERY = tuple(p.name for p in QUERY)
 STOPPING = "the service is stopping"
 Render = Callable[[int, JSONObject], bytes]
@@ -118,7 +121,7 @@ class Feed:
     whether or not it writes, and a burst cannot outrun the count."""
 
     def __init__(self, h: Handlers, channels: set[str], nodes: list[str], tasks: list[str],
-                 render: Render) -> None:
+                 render: Render, settled: bool = False) -> None:
         self.loop = asyncio.get_running_loop()
         self.ready = asyncio.Event()
         self.h, self.render = h, render
@@ -128,7 +131,8 @@ class Feed:
         self._lock = threading.Lock()
         self._waking = False
         self.sub: Subscription = h.service.hub.subscribe(
-            ids=tasks, nodes=nodes, kinds=[CHANNELS[c] for c in channels], wake=self._wake)
+            ids=tasks, nodes=nodes, kinds=[CHANNELS[c] for c in channels], wake=self._wake,
+            settled=settled)
         self.seen_up_to = 0  # the log gave us every logged event up to this id
 
     def _wake(self) -> None:  # the publishing thread
@@ -270,7 +274,7 @@ def sse_endpoint(h: Handlers, registry: Registry) -> Callable[[Request], Any]:
     from starlette.concurrency import run_in_threadpool
 
     async def events(request: Request) -> Any:
-        def check() -> tuple[Principal, set[str], list[str], list[str], int | None]:
+        def check() -> tuple[Principal, set[str], list[str], list[str], int | None, bool]:
             q = edge.query(request.query_params.multi_items(), STREAM_QUERY,
                            ("channel", "node", "task"))
             who = stream_principal(h, request.headers, q, "reading events")
@@ -279,10 +283,14 @@ def sse_endpoint(h: Handlers, registry: Registry) -> Callable[[Request], Any]:
                 who.require("operator", "the audit channel")
             since = since_of(request.headers.get("last-event-id")
                              or edge.one(q, "last_event_id"), "last_event_id")
-            return who, chans, q.get("node", []), q.get("task", []), since
+            settled = edge.one(q, "settled") or "false"
+            if settled not in ("true", "false"):
+                raise edge.Invalid("settled", "`settled` must be true or false")
+            return who, chans, q.get("node", []), q.get("task", []), since, settled == "true"
 
-        who, chans, nodes, tasks, since = await run_in_threadpool(check)
-        return SseStream(h, registry, who, Feed(h, chans, nodes, tasks, sse_render), since)
+        who, chans, nodes, tasks, since, settled = await run_in_threadpool(check)
+        return SseStream(h, registry, who,
+                         Feed(h, chans, nodes, tasks, sse_render, settled), since)
     return events
 
 

@@ -28,7 +28,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from edgerun.protocol import JSONObject, format_time
+from edgerun.protocol import FINAL_STATES, JSONObject, format_time
 
 log = logging.getLogger(__name__)
 
@@ -141,6 +141,9 @@ class Subscription:
         default_factory=lambda: queue.Queue(maxsize=QUEUE_LIMIT))
     wake: Callable[[], None] | None = None
     closed: str | None = None
+    settled: bool = False
+    """Task events only where the task reached a final state or the event carries an
+    alert (a follower that counts finals need not be sent every step of every task)."""
 
     @property
     def overflowed(self) -> bool:
@@ -148,6 +151,8 @@ class Subscription:
 
     def wants(self, event: JSONObject) -> bool:
         if event.get("kind") not in self.kinds:
+            return False
+        if self.settled and event.get("kind") == TASK_EVENT and not _settled(event):
             return False
         if self.ids and event.get("id") not in self.ids and not (
                 event.get("kind") == AUDIT and self.ids & set(event.get("tasks") or ())):
@@ -178,8 +183,10 @@ class EventHub:
 
     def subscribe(self, ids: Iterable[str] = (), nodes: Iterable[str] = (),
                   kinds: Iterable[str] | None = None,
-                  wake: Callable[[], None] | None = None) -> Subscription:
-        sub = Subscription(ids=frozenset(ids), nodes=frozenset(nodes), wake=wake)
+                  wake: Callable[[], None] | None = None,
+                  settled: bool = False) -> Subscription:
+        sub = Subscription(ids=frozenset(ids), nodes=frozenset(nodes), wake=wake,
+                           settled=settled)
         if kinds is not None:
             sub.kinds = frozenset(kinds)
         with self._lock:
@@ -290,6 +297,14 @@ class EventHub:
     def subscribers(self) -> int:
         with self._lock:
             return len(self._subs)
+
+
+def _settled(event: JSONObject) -> bool:
+    task = event.get("task")
+    if event.get("alert") or not isinstance(task, dict):
+        return True
+    state = task.get("state")
+    return isinstance(state, str) and state in FINAL_STATES
 
 
 def _channel(kind: object) -> str:
