@@ -1,20 +1,13 @@
 """Two SQL back ends behind one small interface: stdlib sqlite3 and PostgreSQL (psycopg 3).
 
-The store writes one SQL text for both. `Database.execute` translates the few
-differences, so that the store and every migration stay portable:
-
-- placeholders: `?` everywhere; PostgreSQL gets `%s`;
-- `INSERT OR IGNORE INTO ...` becomes `INSERT INTO ... ON CONFLICT DO NOTHING`
-  on PostgreSQL (both understand the latter; the former reads better);
-- DDL: `INTEGER PRIMARY KEY AUTOINCREMENT` is `BIGSERIAL PRIMARY KEY` and `REAL`
-  is `DOUBLE PRECISION` on PostgreSQL (its REAL is 4 bytes: seconds since 1970
-  would lose their minutes);
-- a trailing `FOR UPDATE` (row locks, so that two `serve` instances never apply
-  the same change twice; also `... SKIP LOCKED`, `... NOWAIT`) is dropped on
-  SQLite, whose writers are serialised anyway;
-- a `?` inside a string literal would be taken for a placeholder: pass values
-  as parameters;
-- the schema version: `PRAGMA user_version` on SQLite, a `meta` row on PostgreSQL.
+The store's SQL is written once per back end, in that back end's own dialect, as
+named queries in sql/sqlite.sql and sql/postgresql.sql (queries.py reads them, once
+per process, on first use). `Database.run(name, args)` runs one by name; `one` and
+`all` fetch its rows; `pipeline` sends several at once. Nothing is rewritten: each
+file says what its back end runs (`?` or `%s`, `INSERT OR IGNORE` or
+`ON CONFLICT DO NOTHING`, `FOR UPDATE` row locks on PostgreSQL only, where several
+`serve` instances share the rows; SQLite's writers are serialised anyway).
+The schema version is `PRAGMA user_version` on SQLite, a `meta` row on PostgreSQL.
 
 psycopg is imported only for a postgresql:// URL, so the small mode never pays
 for it (about 23 MiB of RSS and 115 ms here).
@@ -33,6 +26,8 @@ from contextlib import contextmanager
 from typing import Any, Protocol
 
 from edgerun.scheduler.errors import StoreError
+from edgerun.scheduler.store import queries
+from edgerun.scheduler.store.queries import Args, for_postgres, for_sqlite
 from edgerun.settings import redact
 
 PG_SCHEMES = ("postgresql://", "postgres://")
@@ -87,8 +82,34 @@ class Database(ABC):
         self.origin = uuid.uuid4().hex[:12]  # tells this process's notifications apart
         self._lock = threading.RLock()
         self._in_tx = False  # a read inside the open transaction must not reconnect
+        self.queries = queries.of(self.kind)  # {name: SQL} of this back end
+
+    # --- named queries --------------------------------------------------------------------
+    def sql(self, name: str) -> str:
+        """The text of a named query of this back end."""
+        try:
+            return self.queries[name]
+        except KeyError:
+            raise StoreError(f"the store has no query named {name!r} for {self.kind}"
+                             ) from None
+
+    def run(self, name: str, args: Args = ()) -> Cursor:
+        """Run the named query with `args` (a sequence for `?`/`%s`, a mapping for
+        `:name`/`%(name)s`; lists and `Rows` as queries.py says)."""
+        return self._run(self.sql(name), args)
+
+    def one(self, name: str, args: Args = ()) -> Any:
+        """The first row of the named query (None when there is none)."""
+        return self.run(name, args).fetchone()
+
+    def all(self, name: str, args: Args = ()) -> list[Any]:
+        return self.run(name, args).fetchall()
 
     # --- what each back end provides --------------------------------------------------
+    @abstractmethod
+    def _run(self, sql: str, args: Args) -> Cursor:
+        ...
+
     @abstractmethod
     def execute(self, sql: str, args: Sequence[Any] = ()) -> Cursor:
         ...
@@ -109,11 +130,19 @@ class Database(ABC):
                 out.extend(cur.fetchall())
         return out
 
-    def pipeline(self, statements: Sequence[tuple[str, Sequence[Any]]]) -> list[list[Any]]:
-        """Each statement's rows (for `RETURNING`), in order. PostgreSQL sends them all
+    def pipeline(self, statements: Sequence[tuple[str, Args]]) -> list[list[Any]]:
+        """Each named query's rows (for `RETURNING`), in order. PostgreSQL sends them all
         before it reads any answer (psycopg's pipeline mode): one round trip for the lot
         instead of one each. They run in order, each seeing the ones before."""
-        return [self.execute(sql, args).fetchall() for sql, args in statements]
+        return [self._run(self._statement(name), args).fetchall() for name, args in statements]
+
+    def _statement(self, statement: str) -> str:
+        """A named query's text (transition: or a statement of the old portable SQL)."""
+        sql = self.queries.get(statement)
+        return sql if sql is not None else self.translate(statement)
+
+    def translate(self, sql: str) -> str:
+        return sql
 
     @abstractmethod
     def _begin(self) -> None:
@@ -181,6 +210,8 @@ class Database(ABC):
                 raise StoreError(f"task store {self.name}: {_first_line(exc)}") from None
 
     def migrate(self, migrations: dict[int, str], latest: int) -> None:
+        """Move the schema up to `latest`: `migrations[n]` names the query (of this back
+        end's file) whose `;`-separated statements move it from n - 1 to n."""
         with self.write():
             self._lock_migrations()
             version = self.schema_version()
@@ -188,16 +219,13 @@ class Database(ABC):
                 raise StoreError(f"the task store {self.name} has schema version {version}; "
                                  f"this edgerun knows up to {latest}: upgrade edgerun")
             for target in range(version + 1, latest + 1):
-                for statement in migrations[target].split(";"):
+                for statement in self.sql(migrations[target]).split(";"):
                     if statement.strip():
-                        self.execute(self.ddl(statement))
+                        self._run(statement, ())
                 self.set_schema_version(target)
 
     def _lock_migrations(self) -> None:  # noqa: B027 - a no-op unless a back end needs it
         pass
-
-    def ddl(self, statement: str) -> str:
-        return statement
 
 
 def _text(raw: bytes) -> str:
@@ -229,6 +257,12 @@ class SqliteDatabase(Database):
     def execute(self, sql: str, args: Sequence[Any] = ()) -> Cursor:
         return self._db.execute(to_sqlite(sql), tuple(args))
 
+    def _run(self, sql: str, args: Args) -> Cursor:
+        return self._db.execute(sql, for_sqlite(args))
+
+    def translate(self, sql: str) -> str:
+        return to_sqlite(sql)
+
     def _begin(self) -> None:
         self._db.execute("BEGIN IMMEDIATE")
 
@@ -236,7 +270,7 @@ class SqliteDatabase(Database):
         self._db.execute("COMMIT" if commit else "ROLLBACK")
 
     def schema_version(self) -> int:
-        return int(self._db.execute("PRAGMA user_version").fetchone()[0])
+        return int(self.one("sqlite_schema_version")[0])
 
     def set_schema_version(self, version: int) -> None:
         self._db.execute(f"PRAGMA user_version={int(version)}")
@@ -299,7 +333,7 @@ class PostgresDatabase(Database):
         stale = self._conn.closed or self._conn.broken
         if not stale and idle > PROBE_AFTER_IDLE_S:
             try:
-                self._conn.execute("SELECT 1")
+                self.run("pg_ping")
             except self._psycopg.Error:
                 stale = True  # e.g. "terminating connection due to administrator command"
         if stale:
@@ -329,13 +363,17 @@ class PostgresDatabase(Database):
         cursor: Cursor = self._conn.execute(self.translate(sql), tuple(args))
         return cursor
 
-    def pipeline(self, statements: Sequence[tuple[str, Sequence[Any]]]) -> list[list[Any]]:
+    def _run(self, sql: str, args: Args) -> Cursor:
+        cursor: Cursor = self._conn.execute(sql, for_postgres(args))
+        return cursor
+
+    def pipeline(self, statements: Sequence[tuple[str, Args]]) -> list[list[Any]]:
         if len(statements) < 2 or not self._psycopg.Pipeline.is_supported():
             return super().pipeline(statements)
         cursors = []
         with self._conn.pipeline():
-            for sql, args in statements:
-                cursors.append(self._conn.execute(self.translate(sql), tuple(args)))
+            for name, args in statements:
+                cursors.append(self._conn.execute(self._statement(name), for_postgres(args)))
         return [cursor.fetchall() if cursor.description is not None else []
                 for cursor in cursors]
 
@@ -354,25 +392,19 @@ class PostgresDatabase(Database):
         self._conn.execute("COMMIT" if commit else "ROLLBACK")
 
     def _lock_migrations(self) -> None:
-        self._conn.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK,))
-
-    def ddl(self, statement: str) -> str:
-        return postgres_ddl(statement)
+        self.run("pg_lock_migrations", (MIGRATION_LOCK,))
 
     def schema_version(self) -> int:
-        exists = self._conn.execute("SELECT to_regclass('meta') IS NOT NULL").fetchone()[0]
-        if not exists:
+        if not self.one("pg_has_meta")[0]:
             return 0
-        row = self._conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
+        row = self.one("meta_value", ("schema_version",))
         return int(row[0]) if row is not None else 0
 
     def set_schema_version(self, version: int) -> None:
-        self._conn.execute("INSERT INTO meta (key, value) VALUES ('schema_version', %s) "
-                           "ON CONFLICT (key) DO UPDATE SET value=excluded.value",
-                           (str(version),))
+        self.run("set_meta", ("schema_version", str(version)))
 
     def notify(self, payload: str) -> None:
-        self._conn.execute("SELECT pg_notify(%s, %s)", (self.CHANNEL, payload))
+        self.run("pg_notify", (self.CHANNEL, payload))
 
     def close(self) -> None:
         with self._lock:
