@@ -1,8 +1,9 @@
 """The store queries of fleet operations (pacing, liveness, retries, rollouts, graph jobs).
 
-Plain SQL with `?` placeholders through the store's public transactions
-(`Store.transaction` / `Store.read`), so it runs on every back end the store has
-and joins the caller's open transaction (group commit, store/tx.py).
+Named queries (`fleet_*`, `rollout_*` in the store's sql/ files, one per back end)
+through the store's public transactions (`Store.transaction` / `Store.read`), so
+they run on every back end the store has and join the caller's open transaction
+(group commit, store/tx.py).
 State changes of tasks still go through the store's state machine
 (`mark_lost`, `cancel_queued`, `add_task`); these only read, and set the
 columns a state change does not cover (`hold`, `not_before`, attempts, rollouts).
@@ -16,15 +17,13 @@ from typing import Any
 from edgerun.protocol import FINAL_STATES, JSONObject, format_time
 from edgerun.scheduler.store.tasks import Store, task_dict
 
-OUTSTANDING = ("dispatched", "accepted", "running")
+OUTSTANDING = ["dispatched", "accepted", "running"]
 # hold of a task claimed for sending: `sending:{instance}`; `not_before` is when the claim
 # lapses unless its instance, alive, keeps renewing it
 SENDING = "sending"
 SENDING_LIKE = "sending%"
-# queued tasks free to go: no hold (or a lapsed claim), back-off over
-READY = ("SELECT * FROM tasks WHERE state='queued' AND spec IS NOT NULL AND (hold IS NULL OR "
-         "(hold LIKE ? AND not_before <= ?)) AND (not_before IS NULL OR not_before <= ?)")
-FINAL = tuple(sorted(FINAL_STATES))
+FINAL = sorted(str(state) for state in FINAL_STATES)
+FLEET_COLUMNS = ("hold", "not_before", "attempt", "parent_id", "root_id", "retry", "rollout_id")
 
 
 def fleet_task(row: Any) -> JSONObject:
@@ -54,8 +53,7 @@ class FleetDB:
     # --- reads ---------------------------------------------------------------------------
     def task(self, node: str, task_id: str) -> JSONObject | None:
         with self.store.read() as db:
-            row = db.execute("SELECT * FROM tasks WHERE node=? AND id=?",
-                             (node, task_id)).fetchone()
+            row = db.one("get_task", (node, task_id))
             return fleet_task(row) if row is not None else None
 
     def outstanding(self, node: str, now: float) -> int:
@@ -66,9 +64,7 @@ class FleetDB:
 
     @staticmethod
     def _outstanding(db: Any, node: str, now: float) -> int:
-        row = db.execute("SELECT COUNT(*) FROM tasks WHERE node=? AND (state IN (?,?,?) OR "
-                         "(state='queued' AND hold LIKE ? AND not_before > ?))",
-                         (node, *OUTSTANDING, SENDING_LIKE, now)).fetchone()
+        row = db.one("fleet_outstanding", (node, OUTSTANDING, SENDING_LIKE, now))
         return int(row[0])
 
     def claim(self, node: str, pace: int, now: float, ttl: float,
@@ -79,23 +75,21 @@ class FleetDB:
         again). One transaction, the node's row locked: several instances never
         claim the same task, nor more than `pace` together."""
         self.waiting = set()
-        with self.store.transaction() as db:
-            if db.execute("SELECT 1 FROM tasks WHERE node=? AND state='queued' LIMIT 1",
-                          (node,)).fetchone() is None:
+        with self.store.transaction() as tx:
+            db = tx.db
+            if db.one("fleet_has_queued", (node,)) is None:
                 return []  # the usual case after a task ends: nothing waits
-            db.execute("SELECT node FROM nodes WHERE node=? FOR UPDATE", (node,))
+            db.run("lock_node", (node,))
             room = pace - self._outstanding(db, node, now)
             if room <= 0:
                 self.waiting = {node}
                 return []
-            rows = db.execute(READY + " AND node=? ORDER BY seq LIMIT ?",
-                              (SENDING_LIKE, now, now, node, room + 1)).fetchall()
+            rows = db.all("fleet_ready_on_node", (SENDING_LIKE, now, now, node, room + 1))
             if len(rows) > room:
                 self.waiting = {node}
                 rows = rows[:room]
             for row in rows:
-                db.execute("UPDATE tasks SET hold=?, not_before=? WHERE node=? AND id=?",
-                           (f"{SENDING}:{owner}", now + ttl, node, row["id"]))
+                db.run("fleet_claim", (f"{SENDING}:{owner}", now + ttl, node, row["id"]))
             return [fleet_task(r) for r in rows]
 
     def claim_many(self, nodes: list[str], pace: int, now: float, ttl: float,
@@ -109,24 +103,18 @@ class FleetDB:
         hold = f"{SENDING}:{owner}"
         for start in range(0, len(nodes), 500):
             part = sorted(set(nodes[start:start + 500]))
-            marks = ",".join("?" * len(part))
-            with self.store.transaction() as db:
-                ready = db.execute(READY + f" AND node IN ({marks}) ORDER BY seq",
-                                   (SENDING_LIKE, now, now, *part)).fetchall()
+            with self.store.transaction() as tx:
+                db = tx.db
+                ready = db.all("fleet_ready_on_nodes", (SENDING_LIKE, now, now, part))
                 if not ready:
                     continue
                 waiting = sorted({r["node"] for r in ready})
-                marks = ",".join("?" * len(waiting))
-                db.execute(f"SELECT node FROM nodes WHERE node IN ({marks}) "  # noqa: S608
-                           f"ORDER BY node FOR UPDATE", waiting)
-                busy = {r[0]: int(r[1]) for r in db.execute(
-                    f"SELECT node, COUNT(*) FROM tasks WHERE node IN ({marks}) AND "  # noqa: S608
-                    f"(state IN (?,?,?) OR (state='queued' AND hold LIKE ? AND not_before > ?)) "
-                    f"GROUP BY node", (*waiting, *OUTSTANDING, SENDING_LIKE, now))}
+                db.run("lock_nodes", (waiting,))
+                busy = {r[0]: int(r[1]) for r in db.all(
+                    "fleet_outstanding_by_node", (waiting, OUTSTANDING, SENDING_LIKE, now))}
                 # read again now that the nodes are locked: another instance may have
                 # claimed some meanwhile
-                ready = db.execute(READY + f" AND node IN ({marks}) ORDER BY seq",
-                                   (SENDING_LIKE, now, now, *waiting)).fetchall()
+                ready = db.all("fleet_ready_on_nodes", (SENDING_LIKE, now, now, waiting))
                 room = {n: pace - busy.get(n, 0) for n in waiting}
                 claimed = []
                 for row in ready:
@@ -138,56 +126,44 @@ class FleetDB:
                 if not claimed:
                     continue
                 seqs = [int(r["seq"]) for r in claimed]
-                db.execute(f"UPDATE tasks SET hold=?, not_before=? WHERE seq IN "  # noqa: S608
-                           f"({','.join('?' * len(seqs))})", (hold, now + ttl, *seqs))
+                db.run("fleet_claim_seqs", (hold, now + ttl, seqs))
                 out.extend(fleet_task(r) for r in claimed)
         return out
 
     def nodes_with_ready(self, now: float, pace: int) -> list[str]:
         """Nodes with a task free to go and room for it (fewer than `pace` outstanding):
         one read, so that a tick over thousands of paced nodes writes nothing."""
-        sql = ("SELECT q.node FROM (" + READY.replace("SELECT *", "SELECT DISTINCT node", 1)  # noqa: S608
-               + ") q WHERE (SELECT COUNT(*) FROM tasks t WHERE t.node=q.node AND (t.state IN "
-               "(?,?,?) OR (t.state='queued' AND t.hold LIKE ? AND t.not_before > ?))) < ?")
         with self.store.read() as db:
-            rows = db.execute(sql, (SENDING_LIKE, now, now, *OUTSTANDING, SENDING_LIKE, now,
-                                    pace))
+            rows = db.all("fleet_nodes_with_ready", (SENDING_LIKE, now, now, OUTSTANDING,
+                                                     SENDING_LIKE, now, pace))
             return [r[0] for r in rows]
 
     def next_not_before(self) -> float | None:
         with self.store.read() as db:
-            row = db.execute("SELECT MIN(not_before) FROM tasks WHERE state='queued' AND "
-                             "not_before IS NOT NULL").fetchone()
+            row = db.one("fleet_next_not_before")
             return float(row[0]) if row is not None and row[0] is not None else None
 
     def in_flight(self, node: str) -> list[JSONObject]:
         with self.store.read() as db:
-            rows = db.execute("SELECT * FROM tasks WHERE node=? AND state IN (?,?,?) "
-                              "ORDER BY seq", (node, *OUTSTANDING))
+            rows = db.all("fleet_in_flight", (node, OUTSTANDING))
             return [fleet_task(r) for r in rows]
 
     def stranded(self, offline_before: str) -> list[JSONObject]:
         """Tasks on nodes offline since before `offline_before` (RFC 3339): accepted or
         running ones, and a rollout's dispatched ones (a rollout must not wait for them)."""
         with self.store.read() as db:
-            rows = db.execute(
-                "SELECT t.* FROM tasks t JOIN nodes n ON n.node=t.node WHERE n.state='offline' "
-                "AND n.changed_at <= ? AND (t.state IN ('accepted','running') OR "
-                "(t.state='dispatched' AND t.rollout_id IS NOT NULL)) ORDER BY t.seq",
-                (offline_before,))
+            rows = db.all("fleet_stranded", (offline_before,))
             return [fleet_task(r) for r in rows]
 
     def expired_queued(self, now_text: str) -> list[JSONObject]:
         """Queued tasks whose expires_at passed while the scheduler held them."""
         with self.store.read() as db:
-            rows = db.execute("SELECT * FROM tasks WHERE state='queued' AND expires_at IS NOT "
-                              "NULL AND expires_at < ? ORDER BY seq", (now_text,))
+            rows = db.all("fleet_expired_queued", (now_text,))
             return [fleet_task(r) for r in rows]
 
     def attempts(self, node: str, root: str) -> list[JSONObject]:
         with self.store.read() as db:
-            rows = db.execute("SELECT * FROM tasks WHERE node=? AND (id=? OR root_id=?) "
-                              "ORDER BY seq", (node, root, root))
+            rows = db.all("fleet_attempts", (node, root, root))
             return [fleet_task(r) for r in rows]
 
     def rollout_states(self, rollout_id: str) -> list[JSONObject]:
@@ -195,9 +171,7 @@ class FleetDB:
         enough to read after each end in a rollout of thousands of nodes."""
         policies: dict[str, Any] = {}
         with self.store.read() as db:
-            rows = db.execute("SELECT node, id, state, hold, not_before, attempt, error_code, "
-                              "error_message, retry FROM tasks WHERE rollout_id=? ORDER BY seq",
-                              (rollout_id,)).fetchall()
+            rows = db.all("fleet_rollout_states", (rollout_id,))
         out = []
         for r in rows:
             raw = r["retry"]
@@ -213,34 +187,28 @@ class FleetDB:
 
     def rollout_tasks(self, rollout_id: str) -> list[JSONObject]:
         with self.store.read() as db:
-            rows = db.execute("SELECT * FROM tasks WHERE rollout_id=? ORDER BY seq",
-                              (rollout_id,))
+            rows = db.all("fleet_rollout_tasks", (rollout_id,))
             return [fleet_task(r) for r in rows]
 
     def job_unsucceeded(self, job_id: str, task_ids: list[str]) -> int:
         """How many tasks of these steps of a job have not (yet) succeeded."""
         if not task_ids:
             return 0
-        marks = ",".join("?" * len(task_ids))
         with self.store.read() as db:
-            row = db.execute(f"SELECT COUNT(*) FROM tasks WHERE job_id=? AND id IN ({marks}) "  # noqa: S608
-                             f"AND state <> 'succeeded'", (job_id, *task_ids)).fetchone()
+            row = db.one("fleet_job_unsucceeded", (job_id, list(task_ids)))
             return int(row[0])
 
     def job_release(self, job_id: str, task_id: str) -> list[str]:
         """Lift the hold of one step of a job on all its nodes; the nodes it was lifted on."""
-        with self.store.transaction() as db:
-            rows = db.execute("SELECT node FROM tasks WHERE job_id=? AND id=? AND "
-                              "state='queued' AND hold='job'", (job_id, task_id)).fetchall()
-            db.execute("UPDATE tasks SET hold=NULL WHERE job_id=? AND id=? AND state='queued' "
-                       "AND hold='job'", (job_id, task_id))
+        with self.store.transaction() as tx:
+            rows = tx.db.all("fleet_job_held", (job_id, task_id))
+            tx.db.run("fleet_job_release", (job_id, task_id))
             return [r[0] for r in rows]
 
     def job_queued(self, job_id: str, task_id: str) -> list[JSONObject]:
         """One step's tasks still queued, with what a cancel needs."""
         with self.store.read() as db:
-            rows = db.execute("SELECT node, id, state, hold, not_before FROM tasks WHERE "
-                              "job_id=? AND id=? AND state='queued'", (job_id, task_id))
+            rows = db.all("fleet_job_queued", (job_id, task_id))
             return [{"node": r["node"], "id": r["id"], "state": r["state"], "hold": r["hold"],
                      "not_before": r["not_before"]} for r in rows]
 
@@ -248,24 +216,22 @@ class FleetDB:
     def set_fleet(self, node: str, task_id: str, **columns: Any) -> None:
         """Set fleet columns of one task (hold, not_before, attempt, parent_id, root_id,
         retry, rollout_id)."""
-        allowed = {"hold", "not_before", "attempt", "parent_id", "root_id", "retry",
-                   "rollout_id"}
-        assert set(columns) <= allowed, columns
+        assert set(columns) <= set(FLEET_COLUMNS), columns
         if not columns:
             return
-        names = sorted(columns)
-        values = [json.dumps(columns[n]) if n == "retry" and columns[n] is not None
-                  else columns[n] for n in names]
-        with self.store.transaction() as db:
-            db.execute(f"UPDATE tasks SET {', '.join(f'{n}=?' for n in names)} "  # noqa: S608
-                       f"WHERE node=? AND id=?", (*values, node, task_id))  # names: allowed
+        args: dict[str, Any] = {"node": node, "id": task_id}
+        for name in FLEET_COLUMNS:
+            value = columns.get(name)
+            args[f"set_{name}"] = name in columns
+            args[name] = json.dumps(value) if name == "retry" and value is not None else value
+        with self.store.transaction() as tx:
+            tx.db.run("fleet_set_task", args)
 
     def drop_claims(self) -> None:
         """Free every task claimed for sending and still queued (a single service's start:
         nothing else can be sending them)."""
-        with self.store.transaction() as db:
-            db.execute("UPDATE tasks SET hold=NULL, not_before=NULL WHERE state='queued' AND "
-                       "hold LIKE ?", (SENDING_LIKE,))
+        with self.store.transaction() as tx:
+            tx.db.run("fleet_drop_claims", (SENDING_LIKE,))
 
     def renew_claims(self, owner: str, until: float, seqs: list[int]) -> None:
         """This instance is alive: its claims (the rows `seqs`, still queued and held by
@@ -274,16 +240,13 @@ class FleetDB:
         with dead entries under a fan-out on PostgreSQL; nothing at all when none."""
         for start in range(0, len(seqs), 500):
             part = seqs[start:start + 500]
-            with self.store.transaction() as db:
-                db.execute(f"UPDATE tasks SET not_before=? WHERE seq IN "  # noqa: S608
-                           f"({','.join('?' * len(part))}) AND state='queued' AND hold=?",
-                           (until, *part, f"{SENDING}:{owner}"))
+            with self.store.transaction() as tx:
+                tx.db.run("fleet_renew_claims", (until, part, f"{SENDING}:{owner}"))
 
     def release(self, node: str, task_id: str) -> None:
         """Lift a queued task's hold: it may go (subject to pacing)."""
-        with self.store.transaction() as db:
-            db.execute("UPDATE tasks SET hold=NULL WHERE node=? AND id=? AND state='queued' "
-                       "AND hold IN ('job', 'rollout')", (node, task_id))
+        with self.store.transaction() as tx:
+            tx.db.run("fleet_release", (node, task_id))
 
     # --- rollouts --------------------------------------------------------------------------
     def release_in_window(self, rollout_id: str, node: str, task_id: str,
@@ -291,70 +254,49 @@ class FleetDB:
         """Start one target of a rollout if the window and the rate allow it now: one
         transaction with the rollout's row locked, so that several instances never start
         more than `batch` at once nor two within `interval` seconds."""
-        with self.store.transaction() as db:
-            row = db.execute("SELECT state, released_at FROM rollouts WHERE id=? FOR UPDATE",
-                             (rollout_id,)).fetchone()
+        with self.store.transaction() as tx:
+            db = tx.db
+            row = db.one("lock_rollout", (rollout_id,))
             if row is None or row["state"] != "running":
                 return False
             if interval is not None and row["released_at"] is not None and \
                     now < float(row["released_at"]) + interval:
                 return False
             if batch is not None:
-                active = db.execute(
-                    f"SELECT COUNT(*) FROM tasks WHERE rollout_id=? AND state NOT IN "  # noqa: S608
-                    f"({','.join('?' * len(FINAL))}) AND (hold IS NULL OR hold <> 'rollout')",
-                    (rollout_id, *FINAL)).fetchone()
+                active = db.one("rollout_active", (rollout_id, FINAL))
                 if int(active[0]) >= batch:
                     return False
-            cur = db.execute("UPDATE tasks SET hold=NULL WHERE node=? AND id=? AND "
-                             "state='queued' AND hold='rollout'", (node, task_id))
-            if cur.rowcount != 1:
+            if db.run("rollout_release_task", (node, task_id)).rowcount != 1:
                 return False
-            db.execute("UPDATE rollouts SET released_at=? WHERE id=?", (now, rollout_id))
+            db.run("rollout_set_released", (now, rollout_id))
             return True
 
     def add_rollout(self, rollout_id: str, task_id: str, options: JSONObject,
                     nodes: list[str]) -> None:
         now = format_time()
-        with self.store.transaction() as db:
-            db.execute("INSERT INTO rollouts (id, task_id, created_at, updated_at, state, "
-                       "options, nodes) VALUES (?,?,?,?,?,?,?)",
-                       (rollout_id, task_id, now, now, "running", json.dumps(options),
-                        json.dumps(nodes)))
+        with self.store.transaction() as tx:
+            tx.db.run("insert_rollout", (rollout_id, task_id, now, now, "running",
+                                         json.dumps(options), json.dumps(nodes)))
 
     def rollout(self, rollout_id: str) -> JSONObject | None:
         with self.store.read() as db:
-            row = db.execute("SELECT * FROM rollouts WHERE id=?", (rollout_id,)).fetchone()
+            row = db.one("get_rollout", (rollout_id,))
             return _rollout_dict(row) if row is not None else None
 
     def rollouts(self, state: str | None = None, limit: int = 100) -> list[JSONObject]:
-        sql = "SELECT * FROM rollouts"
-        args: list[Any] = []
-        if state is not None:
-            sql += " WHERE state=?"
-            args.append(state)
         with self.store.read() as db:
-            rows = db.execute(sql + " ORDER BY created_at DESC LIMIT ?", (*args, limit))
+            rows = db.all("list_rollouts", {"state": state, "limit": limit})
             return [_rollout_dict(r) for r in rows]
 
     def set_rollout(self, rollout_id: str, *, state: str | None = None,
                     reason: str | None = None, released_at: float | None = None,
                     expect: tuple[str, ...] | None = None) -> bool:
         """Change a rollout; with `expect`, only while it is in one of those states."""
-        sets: list[str] = ["updated_at=?"]
-        args: list[Any] = [format_time()]
-        for column, value in (("state", state), ("reason", reason),
-                              ("released_at", released_at)):
-            if value is not None:
-                sets.append(f"{column}=?")
-                args.append(value)
-        sql = f"UPDATE rollouts SET {', '.join(sets)} WHERE id=?"  # noqa: S608 (fixed names)
-        args.append(rollout_id)
-        if expect:
-            sql += f" AND state IN ({','.join('?' * len(expect))})"
-            args.extend(expect)
-        with self.store.transaction() as db:
-            return db.execute(sql, args).rowcount > 0
+        args = {"now": format_time(), "state": state, "reason": reason,
+                "released_at": released_at, "id": rollout_id,
+                "expect": list(expect) if expect else None}
+        with self.store.transaction() as tx:
+            return bool(tx.db.run("set_rollout", args).rowcount > 0)
 
 
 def _rollout_dict(row: Any) -> JSONObject:
