@@ -42,6 +42,12 @@ CHECK_EVERY_S = 3.0
 PREFIX = "mqtt_member:"
 
 
+def _sql(name: str) -> str:
+    """A named query of the store's PostgreSQL file (store/sql/postgresql.sql)."""
+    from edgerun.scheduler.store import queries
+    return queries.of("postgresql")[name]
+
+
 def member_key(client_id: str) -> int:
     """The advisory lock key of a member: 64 bits of a hash of its client id."""
     digest = hashlib.sha256(f"edgerun-mqtt-member:{client_id}".encode()).digest()
@@ -88,20 +94,17 @@ class Members:
         when another instance holds our lock."""
         db = self._db()
         if not self._own:
-            row = db.execute("SELECT pg_try_advisory_lock(%s)",
-                             (member_key(self.client_id),)).fetchone()
+            row = db.execute(_sql("pg_try_lock"), (member_key(self.client_id),)).fetchone()
             if not row[0]:
                 return False
             self._own = True
-        db.execute("INSERT INTO meta (key, value) VALUES (%s, %s) ON CONFLICT (key) DO "
-                   "UPDATE SET value=excluded.value",
-                   (PREFIX + self.client_id, json.dumps({"group": self.group,
-                                                         "seen": self._now(db)})))
+        seen = json.dumps({"group": self.group, "seen": self._now(db)})
+        db.execute(_sql("set_meta"), (PREFIX + self.client_id, seen))
         return True
 
     @staticmethod
     def _now(db: Any) -> float:
-        return float(db.execute("SELECT extract(epoch from clock_timestamp())").fetchone()[0])
+        return float(db.execute(_sql("pg_clock")).fetchone()[0])
 
     def dead(self) -> list[str]:
         """Members silent for STALE_S whose lock this instance just took; it holds them.
@@ -112,8 +115,7 @@ class Members:
             return []
         now = self._now(db)
         out = []
-        rows = db.execute("SELECT key, value FROM meta WHERE key LIKE %s",
-                          (PREFIX + "%",)).fetchall()
+        rows = db.execute(_sql("meta_like"), (PREFIX + "%",)).fetchall()
         for row in rows:
             client_id = str(row[0])[len(PREFIX):]
             try:
@@ -124,16 +126,15 @@ class Members:
                     or info.get("group") != self.group \
                     or now - float(info.get("seen") or 0) < STALE_S:
                 continue
-            got = db.execute("SELECT pg_try_advisory_lock(%s)",
-                             (member_key(client_id),)).fetchone()[0]
+            got = db.execute(_sql("pg_try_lock"), (member_key(client_id),)).fetchone()[0]
             if got:
                 out.append(client_id)
         return out
 
     def done(self, client_id: str, adopted: bool) -> None:
         if adopted:
-            self._db().execute("DELETE FROM meta WHERE key=%s", (PREFIX + client_id,))
-        self._db().execute("SELECT pg_advisory_unlock(%s)", (member_key(client_id),))
+            self._db().execute(_sql("delete_meta"), (PREFIX + client_id,))
+        self._db().execute(_sql("pg_unlock"), (member_key(client_id),))
 
     def _drop(self) -> None:
         self._own = False  # the locks went with the session

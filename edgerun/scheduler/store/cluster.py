@@ -33,13 +33,19 @@ from typing import Any
 from edgerun.backoff import Backoff
 from edgerun.protocol import JSONObject
 from edgerun.scheduler.errors import StoreError
-from edgerun.scheduler.store.db import PostgresDatabase, pg_connect
+from edgerun.scheduler.store import queries
+from edgerun.scheduler.store.db import pg_connect
 from edgerun.settings import redact
 from edgerun.scheduler.store.events import EventHub, ReadLog
 
 log = logging.getLogger(__name__)
 
 DUTIES_LOCK = 0x6564_6765_7275_6E01  # "edgerun\1"
+
+
+def _sql(name: str) -> str:
+    """A named query of the PostgreSQL file (these connections are psycopg's own)."""
+    return queries.of("postgresql")[name]
 
 
 class Lease:
@@ -57,9 +63,9 @@ class Lease:
                 self._drop()
                 self._conn = pg_connect(self.url)
             if self.held:
-                self._conn.execute("SELECT 1")
+                self._conn.execute(_sql("pg_ping"))
             else:
-                row = self._conn.execute("SELECT pg_try_advisory_lock(%s)", (self.key,))
+                row = self._conn.execute(_sql("pg_try_lock"), (self.key,))
                 self.held = bool(row.fetchone()[0])
         except StoreError as exc:
             self._lost(str(exc))
@@ -112,7 +118,7 @@ class Listener:
             conn: Any = None
             try:
                 conn = pg_connect(self.url)
-                conn.execute(f"LISTEN {PostgresDatabase.CHANNEL}")
+                conn.execute(_sql("pg_listen"))  # db.PostgresDatabase.CHANNEL (tested)
                 self.connections += 1
                 if self.on_connect is not None:
                     self.on_connect()  # what was committed while no one listened
@@ -144,9 +150,7 @@ class Listener:
             if self._reader is None or self._reader.closed or self._reader.broken:
                 self._close_reader()
                 self._reader = pg_connect(self.url)
-            rows = self._reader.execute(
-                "SELECT id, body FROM events WHERE id > %s AND id <= %s ORDER BY id LIMIT 1000",
-                (after, through)).fetchall()
+            rows = self._reader.execute(_sql("events_after"), (after, through, 1000)).fetchall()
         except Exception:
             self._close_reader()
             raise
@@ -157,7 +161,7 @@ class Listener:
         if self._reader is None or self._reader.closed or self._reader.broken:
             self._close_reader()
             self._reader = pg_connect(self.url)
-        row = self._reader.execute("SELECT value FROM meta WHERE key='event_seq'").fetchone()
+        row = self._reader.execute(_sql("meta_value"), ("event_seq",)).fetchone()
         return int(row[0]) if row is not None else 0
 
     def _close_reader(self) -> None:

@@ -59,36 +59,28 @@ class Idempotency:
         now = time.time()
         self.prune(now)
         with self.db.write() as db:
-            cur = db.execute("INSERT OR IGNORE INTO idempotency (owner, key, fingerprint, "
-                             "created_at) VALUES (?,?,?,?)", (owner, key, print_, now))
-            if cur.rowcount == 1:
+            if db.run("idem_reserve", (owner, key, print_, now)).rowcount == 1:
                 return None
-            row = db.execute("SELECT fingerprint, status, response, created_at FROM "
-                             "idempotency WHERE owner=? AND key=? FOR UPDATE",
-                             (owner, key)).fetchone()
+            row = db.one("idem_lock", (owner, key))
             if row is None:  # pruned meanwhile
-                db.execute("INSERT INTO idempotency (owner, key, fingerprint, created_at) "
-                           "VALUES (?,?,?,?)", (owner, key, print_, now))
+                db.run("idem_insert", (owner, key, print_, now))
                 return None
             if row["fingerprint"] != print_:
                 raise KeyReused(key)
             if row["status"] is not None:
                 return Kept(int(row["status"]), str(row["response"]))
             if now - float(row["created_at"]) > STALE_S:
-                db.execute("UPDATE idempotency SET created_at=? WHERE owner=? AND key=?",
-                           (now, owner, key))
+                db.run("idem_refresh", (now, owner, key))
                 return None
             raise InProgress(key)
 
     def finish(self, owner: str, key: str, status: int, body: str) -> None:
         with self.db.write() as db:
-            db.execute("UPDATE idempotency SET status=?, response=? WHERE owner=? AND key=?",
-                       (status, body, owner, key))
+            db.run("idem_finish", (status, body, owner, key))
 
     def abandon(self, owner: str, key: str) -> None:
         with self.db.write() as db:
-            db.execute("DELETE FROM idempotency WHERE owner=? AND key=? AND status IS NULL",
-                       (owner, key))
+            db.run("idem_abandon", (owner, key))
 
     def prune(self, now: float, force: bool = False) -> None:
         """Drop the keys older than KEEP_S (at most every PRUNE_EVERY_S, unless `force`)."""
@@ -97,7 +89,7 @@ class Idempotency:
                 return
             self._pruned = now
         with self.db.write() as db:
-            db.execute("DELETE FROM idempotency WHERE created_at < ?", (now - KEEP_S,))
+            db.run("idem_prune", (now - KEEP_S,))
 
 
 __all__ = ["KEEP_S", "Idempotency", "InProgress", "Kept", "KeyReused", "fingerprint"]
