@@ -7,10 +7,10 @@
     GET /v1/jobs/{id}/tasks       a job's tasks filtered by state, failures first, with the
                                   job's creator, start and end (`?state=&limit=&cursor=`)
 
-The SQL is this module's own (named below), on the store's tables through its public
-`db.read()`; nothing here writes. Nodes online over time are rebuilt from the durable
-event log (node transitions), walking back from today's count: as far back as the log
-keeps (its retention) and flat before that.
+The SQL is the store's named queries (`overview_*`, `job_*` in store/sql/, one file per
+back end), run through its public `db.read()`; nothing here writes. Nodes online over
+time are rebuilt from the durable event log (node transitions), walking back from
+today's count: as far back as the log keeps (its retention) and flat before that.
 """
 
 from __future__ import annotations
@@ -40,31 +40,6 @@ ONLINE_STEP = timedelta(minutes=15)
 ONLINE_SPAN = timedelta(hours=24)
 FAILURES_SHOWN = 10
 
-SQL_TASK_STATES = "SELECT state, COUNT(*) AS n FROM tasks GROUP BY state"
-SQL_FAILED_SINCE = ("SELECT COUNT(*) AS n FROM tasks WHERE updated_at >= ? AND state IN "
-                    "(?,?,?,?)")
-SQL_LATEST_FAILURES = ("SELECT node, id, type, state, exit_code, error_code, error_message, "
-                       "updated_at, job_id FROM tasks WHERE state IN (?,?,?,?) "
-                       "ORDER BY updated_at DESC, seq DESC LIMIT ?")
-SQL_NODE_STATES = "SELECT node, state, changed_at FROM nodes WHERE state != '__new__'"
-SQL_OUTCOMES = ("SELECT substr(updated_at, 1, 16) AS minute, state, COUNT(*) AS n FROM tasks "
-                "WHERE updated_at >= ? AND state IN (?,?,?,?,?,?) GROUP BY minute, state")
-SQL_NODE_EVENTS = ("SELECT at, body FROM events WHERE channel='nodes' AND at >= ? "
-                   "ORDER BY id DESC")
-SQL_JOB_COUNTS = "SELECT state, COUNT(*) AS n FROM tasks WHERE job_id=? GROUP BY state"
-SQL_JOB_TIMES = ("SELECT MIN(dispatched_at) AS started, MAX(updated_at) AS ended, "
-                 "SUM(CASE WHEN state IN (?,?,?,?,?,?) THEN 0 ELSE 1 END) AS open "
-                 "FROM tasks WHERE job_id=?")
-SQL_JOB_ROW = "SELECT id, created_at, nodes, steps FROM jobs WHERE id=?"
-SQL_JOB_CREATED_BY = "SELECT created_by FROM jobs WHERE id=?"
-SQL_JOB_CREATOR = ("SELECT body FROM events WHERE channel='audit' AND body LIKE ? ESCAPE '!' "
-                   "ORDER BY id LIMIT 1")
-# failures first, then the running, then the rest; by node and step within each
-SQL_JOB_TASKS = ("SELECT node, id, step, state, exit_code, error_code, error_message, "
-                 "updated_at FROM tasks WHERE job_id=? {state} ORDER BY CASE "
-                 "WHEN state IN (?,?,?,?,?) THEN 0 WHEN state IN (?,?,?) THEN 1 ELSE 2 END, "
-                 "node, step LIMIT ? OFFSET ?")
-
 
 def _at(moment: datetime) -> str:
     return format_time(moment)
@@ -80,11 +55,11 @@ class Overview:
         now = now or datetime.now(UTC)
         hour_ago = _at(now - LOST_WINDOW)
         with self.store.db.read() as db:
-            states = {r["state"]: int(r["n"]) for r in db.execute(SQL_TASK_STATES)}
-            failed = int(db.execute(SQL_FAILED_SINCE, (hour_ago, *FAILED)).fetchone()["n"])
-            failures = [_failure(r) for r in db.execute(
-                SQL_LATEST_FAILURES, (*FAILED, FAILURES_SHOWN))]
-            nodes = list(db.execute(SQL_NODE_STATES))
+            states = {r["state"]: int(r["n"]) for r in db.all("count_tasks_by_state")}
+            failed = int(db.one("overview_failed_since", (hour_ago, list(FAILED)))["n"])
+            failures = [_failure(r) for r in db.all(
+                "overview_latest_failures", (list(FAILED), FAILURES_SHOWN))]
+            nodes = db.all("overview_node_states")
         online = sum(1 for n in nodes if n["state"] == "online")
         lost = sorted((n for n in nodes if n["state"] != "online"
                        and (n["changed_at"] or "") >= hour_ago),
@@ -106,11 +81,12 @@ class Overview:
         by_minute: dict[str, dict[str, int]] = {m: {} for m in minutes}
         start = now - ONLINE_SPAN
         with self.store.db.read() as db:
-            for r in db.execute(SQL_OUTCOMES, (_at(first), *FINAL)):
+            for r in db.all("overview_outcomes", (_at(first), list(FINAL))):
                 if r["minute"] in by_minute:
                     by_minute[r["minute"]][r["state"]] = int(r["n"])
-            online_now = sum(1 for n in db.execute(SQL_NODE_STATES) if n["state"] == "online")
-            moves = [(r["at"], *move) for r in db.execute(SQL_NODE_EVENTS, (_at(start),))
+            online_now = sum(1 for n in db.all("overview_node_states")
+                             if n["state"] == "online")
+            moves = [(r["at"], *move) for r in db.all("overview_node_events", (_at(start),))
                      if (move := _transition(r["body"])) is not None]
         outcomes = [{"minute": m + ":00.000Z", "succeeded": c.get("succeeded", 0),
                      "failed": sum(c.get(s, 0) for s in FAILED),
@@ -179,10 +155,10 @@ class JobTasks:
         """The job's creator (recorded with the job since schema 6; before, from the audit
         log while it keeps it), start and end."""
         with self.store.db.read() as db:
-            times = db.execute(SQL_JOB_TIMES, (*FINAL, job["id"])).fetchone()
-            creator = db.execute(SQL_JOB_CREATED_BY, (job["id"],)).fetchone()["created_by"]
-            row = None if creator else db.execute(
-                SQL_JOB_CREATOR, (_audit_pattern(job["id"]),)).fetchone()
+            times = db.one("job_times", (list(FINAL), job["id"]))
+            creator = db.one("job_created_by", (job["id"],))["created_by"]
+            row = None if creator else db.one("job_creator_from_audit",
+                                              (_audit_pattern(job["id"]),))
         if row is not None:
             creator = json.loads(row["body"]).get("by")
         open_tasks = int(times["open"] or 0)
@@ -193,7 +169,7 @@ class JobTasks:
 
     def tasks(self, job_id: str, q: dict[str, list[str]]) -> JSONObject:
         with self.store.db.read() as db:  # the job's row only, not its 1,000 tasks
-            row = db.execute(SQL_JOB_ROW, (job_id,)).fetchone()
+            row = db.one("job_row", (job_id,))
         if row is None:
             raise NotFound(f"no job {job_id!r}")
         job = {"id": row["id"], "created_at": row["created_at"],
@@ -208,11 +184,11 @@ class JobTasks:
             wanted = (edge.state(q) or state,)
         size = edge.limit(q, 100)
         offset = edge.cursor_int(q) or 0
-        where = f"AND state IN ({','.join('?' * len(wanted))})" if wanted else ""
         with self.store.db.read() as db:
-            counts = {r["state"]: int(r["n"]) for r in db.execute(SQL_JOB_COUNTS, (job_id,))}
-            rows = list(db.execute(SQL_JOB_TASKS.format(state=where),
-                                   (job_id, *wanted, *BAD, *ACTIVE, size + 1, offset)))
+            counts = {r["state"]: int(r["n"]) for r in db.all("job_state_counts", (job_id,))}
+            rows = db.all("job_tasks_page", {"job": job_id, "states": list(wanted) or None,
+                                             "bad": list(BAD), "active": list(ACTIVE),
+                                             "limit": size + 1, "offset": offset})
         total = sum(n for s, n in counts.items() if not wanted or s in wanted)
         page = [{"node": r["node"], "id": r["id"], "step": r["step"], "state": r["state"],
                  "exit_code": r["exit_code"], "updated_at": r["updated_at"],

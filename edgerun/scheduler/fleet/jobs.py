@@ -17,9 +17,6 @@ from edgerun.scheduler.core import Core
 from edgerun.scheduler.fleet.pacing import Fleet
 
 
-SQL_SET_CREATOR = "UPDATE jobs SET created_by=? WHERE id=?"
-
-
 # --- progress: counted over the job's real tasks ----------------------------------------------
 def progress_of(counts: dict[int, dict[str, int]], steps: int, nodes: int) -> JSONObject:
     """One row for the whole job from the database's {step: {state: count}}: per step and in
@@ -115,12 +112,13 @@ class JobRunner:
     def describe(self, job_id: str, creator: str | None) -> None:
         """Record who created the job (the API token's name)."""
         with self.core.store.db.write() as db:
-            db.execute(SQL_SET_CREATOR, (creator, job_id))
+            db.run("set_job_creator", (creator, job_id))
 
     def graph(self, job_id: str) -> dict[str, list[str]] | None:
         if job_id not in self._graphs:
-            job = self.core.store.job(job_id)
+            job = self.core.store.job_head(job_id)  # not its 10,000 tasks
             self._graphs[job_id] = graph_of(job["steps"]) if job else None
+            self._sizes[job_id] = len(job["steps"]) if job else 0
         return self._graphs[job_id]
 
     # --- the fleet's rounds (fleet/pacing.py's Extension) ------------------------------------
@@ -143,6 +141,8 @@ class JobRunner:
             self._advance_graph(task, graph)
 
     def _advance_list(self, task: JSONObject) -> None:
+        if task["step"] is not None and task["step"] + 1 >= self._sizes.get(task["job"], 1 << 30):
+            return  # the last step (a one-step job: `edgerun run`): nothing comes after it
         steps = self.core.store.job_steps(task["job"], task["node"])
         later = [s for s in steps if s["step"] > task["step"] and s["state"] == "queued"]
         if not later:
