@@ -4,8 +4,10 @@ Each node is its own MQTT client (`edgerun-agent-<node>`, persistent session,
 Last Will, retained online status), subscribed to its tasks topic at QoS 1, and
 answers each task with `accepted`, `running` and `succeeded` (exit code 0, empty
 output) built with `edgerun.protocol`. The nodes speak the contract; they do
-not fork processes. With `--churn-rate R`, the nodes from `--churn-from` on
-leave and come back: R clean disconnects and R reconnects per second.
+not fork processes. With `--echo`, a task whose command is `echo ARGS` (a string or an
+argv) succeeds with stdout `ARGS\n`, as `/bin/echo` would print it (bench/workqueue.py).
+With `--churn-rate R`, the nodes from `--churn-from` on leave and come back: R clean
+disconnects and R reconnects per second.
 
     python bench/swarm.py --broker mqtt://127.0.0.1:1883 --first 0 --count 2500
 
@@ -42,8 +44,9 @@ FACTS = {"hostname": "swarm", "kernel": "sim", "arch": "x86_64", "macs": [], "ip
 
 class Swarm:
     def __init__(self, host: str, port: int, prefix: str, nodes: list[str],
-                 churn_from: int) -> None:
+                 churn_from: int, echo: bool = False) -> None:
         self.host, self.port = host, port
+        self.echo = echo
         self.topics = Topics(prefix)
         self.sel = selectors.DefaultSelector()
         self.clients: dict[str, paho.Client] = {}
@@ -146,7 +149,8 @@ class Swarm:
             self.counts["tasks"] += 1
             for state in (State.ACCEPTED, State.RUNNING):
                 client.publish(topic, encode(Update(task_id, node, state, format_time())), 1)
-        done = Update(task_id, node, State.SUCCEEDED, format_time(), exit_code=0, stdout="",
+        stdout = echoed(task.get("command")) if self.echo else ""
+        done = Update(task_id, node, State.SUCCEEDED, format_time(), exit_code=0, stdout=stdout,
                       stderr="", truncated=False, duration_s=0.0)
         client.publish(topic, encode(done), 1)
 
@@ -176,6 +180,14 @@ class Swarm:
                 client.loop_misc()
 
 
+def echoed(command: Any) -> str:
+    """What `echo ARGS` prints (a string command split on blanks, or an argv); "" else."""
+    argv = command.split() if isinstance(command, str) else command
+    if not isinstance(argv, list) or not argv or argv[0] not in ("echo", "/bin/echo"):
+        return ""
+    return " ".join(str(a) for a in argv[1:]) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--broker", required=True)
@@ -189,6 +201,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--churn-from", type=int, default=-1,
                         help="index (within this process) of the first churning node")
     parser.add_argument("--duration", type=float, default=900.0, help="stop after S seconds")
+    parser.add_argument("--echo", action="store_true",
+                        help="answer `echo ARGS` tasks with stdout ARGS (else empty output)")
     args = parser.parse_args(argv)
     try:
         url = parse_broker_url(args.broker, ("mqtt",))
@@ -198,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--count must be at least 1")
     nodes = [f"{args.node_prefix}{i:05d}" for i in range(args.first, args.first + args.count)]
     churn_from = args.churn_from if args.churn_from >= 0 else len(nodes)
-    swarm = Swarm(url.host, url.port, args.prefix, nodes, churn_from)
+    swarm = Swarm(url.host, url.port, args.prefix, nodes, churn_from, args.echo)
     stop = {"now": False}
     signal.signal(signal.SIGTERM, lambda *_: stop.update(now=True))
     started = time.monotonic()

@@ -27,7 +27,7 @@ class SwarmGroup:
     def __init__(self, broker: str, count: int, node_prefix: str = "s",
                  connect_rate: float = 2000.0, churn_rate: float = 0.0,
                  churn_from: int = -1, duration: float = 900.0,
-                 processes: int | None = None) -> None:
+                 processes: int | None = None, echo: bool = False) -> None:
         self.count = count
         self.processes = processes or max(1, -(-count // PER_PROCESS))
         per = -(-count // self.processes)
@@ -44,6 +44,8 @@ class SwarmGroup:
                    "--node-prefix", node_prefix, "--first", str(first), "--count", str(n),
                    "--connect-rate", str(connect_rate / self.processes),
                    "--duration", str(duration)]
+            if echo:
+                cmd.append("--echo")
             if churn_rate > 0:
                 cmd += ["--churn-rate", str(churn_rate / self.processes),
                         "--churn-from", str(churn_from if churn_from >= 0 else 0)]
