@@ -310,8 +310,19 @@ def _item9(r: dict[str, Any]) -> list[str]:
     return render(r)
 
 
+def _item10(r: dict[str, Any]) -> list[str]:
+    from bench.workqueue import render  # the work queue renders itself (bench/workqueue.py)
+    return render(r)
+
+
+def _item11(r: dict[str, Any]) -> list[str]:
+    from bench.apilatency import render as posts
+    from bench.history import render  # history at scale, POST latency: their own modules
+    return [*render(r["history"]), *posts(r["post"])]
+
+
 SECTIONS = {"1": item1, "2": item2, "3": item3, "4": item4, "5": item5, "6": item6, "7": item7,
-            "8": item8, "9": _item9}
+            "8": item8, "9": _item9, "10": _item10, "11": _item11}
 
 
 def markdown(results: dict[str, Any]) -> str:

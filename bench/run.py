@@ -1,4 +1,4 @@
-"""edgerun benchmarks: `./build.sh bench [--quick] [ITEM ...]` (items 1-9, default all).
+"""edgerun benchmarks: `./build.sh bench [--quick] [ITEM ...]` (items 1-11, default all).
 
 Writes bench/results/results.json, results.md and PNG plots. Not a test: it
 asserts nothing; targets are reported. Every broker it starts is private, on
@@ -34,6 +34,11 @@ FULL: dict[str, dict[str, Any]] = {
     "7": {"rate": 50.0, "seconds": 10.0},
     "8": {"runs": 5},
     "9": {"updates": 2000, "nodes": 10_000},
+    # 10: the work queue (bench/workqueue.py); at today's store rate 1M tasks take about an hour
+    "10": {"tasks": 1_000_000, "rate": 1000.0, "nodes": 1000},
+    # 11: history at scale (bench/history.py) and POST latency (bench/apilatency.py)
+    "11": {"tasks": 1_000_000, "nodes": 100_000, "samples": 100, "retention": True,
+           "jobs": 5, "posts": 100},
 }
 QUICK: dict[str, dict[str, Any]] = {
     "1": {"runs": 1, "counts": {128: 3000, 1024: 3000, 131072: 200}},
@@ -45,6 +50,9 @@ QUICK: dict[str, dict[str, Any]] = {
     "7": {"rate": 20.0, "seconds": 3.0},
     "8": {"runs": 1},
     "9": {"updates": 300, "nodes": 1000},
+    "10": {"tasks": 20_000, "rate": 300.0, "nodes": 1000},
+    "11": {"tasks": 100_000, "nodes": 10_000, "samples": 30, "retention": False,
+           "jobs": 3, "posts": 30},
 }
 
 
@@ -64,13 +72,26 @@ def runner(item: str) -> Callable[..., dict[str, Any]]:
     if item == "9":
         from bench.controlplane import item9
         return item9
+    if item == "10":
+        from bench.workqueue import item10
+        return item10
+    if item == "11":
+        return item11
     from bench import footprint
     return footprint.item5 if item == "5" else footprint.item7
 
 
+def item11(tmp: Path, *, tasks: int, nodes: int, samples: int, retention: bool, jobs: int,
+           posts: int) -> dict[str, Any]:
+    from bench import apilatency, history
+    return {"history": history.item11(tmp, tasks=tasks, nodes=nodes, samples=samples,
+                                      retention=retention),
+            "post": apilatency.run(tmp, jobs=jobs, tasks=posts)}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="./build.sh bench", description=__doc__.splitlines()[0])
-    parser.add_argument("items", nargs="*", help="items to run, 1 to 9 (default: all)")
+    parser.add_argument("items", nargs="*", help="items to run, 1 to 11 (default: all)")
     parser.add_argument("--quick", action="store_true", help="small counts, one run each")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results"))
     parser.add_argument("--merge", action="store_true",
@@ -82,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
         return render(Path(args.out))
     bad = [i for i in args.items if i not in FULL]
     if bad:
-        parser.error(f"unknown item {bad[0]!r}: choose from 1 2 3 4 5 6 7 8 9")
+        parser.error(f"unknown item {bad[0]!r}: choose from {' '.join(FULL)}")
     items = args.items or list(FULL)
     settings = {i: (QUICK if args.quick else FULL)[i] for i in items}
     out = Path(args.out)
