@@ -51,6 +51,7 @@ class JobRunner:
     def __init__(self, core: Core, fleet: Fleet) -> None:
         self.core, self.fleet, self.db = core, fleet, fleet.db
         self._graphs: dict[str, dict[str, list[str]] | None] = {}
+        self._sizes: dict[str, int] = {}  # steps a job has (known with its graph)
 
     def create(self, targets: Sequence[str], online: bool, steps: Sequence[Any],
                job_id: str | None = None, *, where: Any = None) -> JSONObject:
@@ -86,7 +87,7 @@ class JobRunner:
         all_nodes = list(dict.fromkeys(n for _, _, ns in plan for n in ns))
 
         def create() -> JSONObject:
-            if self.core.store.job(job_id) is not None:
+            if self.core.store.job_head(job_id) is not None:
                 raise Conflict(f"job {job_id} already exists")
             stored = []
             for (step, task, step_nodes) in plan:
@@ -96,6 +97,7 @@ class JobRunner:
                 stored.append({**task.to_dict(), **extra})
             self.core.store.add_job(job_id, all_nodes, stored)
             self._graphs[job_id] = graph
+            self._sizes[job_id] = len(plan)
             for i, (step, task, step_nodes) in enumerate(plan):
                 held = bool(step.get("needs")) if graph is not None else i > 0
                 # a step's tasks on every node in a few multi-row statements (issue 22)

@@ -74,6 +74,10 @@ class Fleet:
         self._claims_lock = threading.Lock()
         self._backlog: set[str] = set()
         self._thread: threading.Thread | None = None
+        # tasks that ended, waiting for their follow-up (pump, retry, job): taken by one
+        # piece of work on the worker however many pile up meanwhile
+        self._finals: list[tuple[str, str]] = []
+        self._finals_lock = threading.Lock()
         core.on_change(self.on_change)
 
     def extend(self, extension: Extension) -> None:
@@ -191,20 +195,30 @@ class Fleet:
 
     # --- after every change ------------------------------------------------------------------
     def on_change(self, change: Change) -> None:
-        """Called for every task change (any thread): work for final states is queued."""
+        """Called for every task change (any thread): work for final states is queued,
+        the finals that end together in one piece of work (`_after_finals`)."""
         task = change.task
         if is_final(State(task["state"])):
-            self.core.submit(lambda: self._after_final(task["node"], task["id"]))
+            with self._finals_lock:
+                self._finals.append((task["node"], task["id"]))
+                if len(self._finals) > 1:
+                    return  # the work queued for the first takes this one too
+            self.core.submit(self._after_finals)
 
-    def _after_final(self, node: str, task_id: str) -> None:
-        task = self.db.task(node, task_id)
-        if task is None or not is_final(State(task["state"])):
+    def _after_finals(self) -> None:
+        """What follows tasks' ends: their nodes' next tasks (a few statements for all),
+        then each one's retry and its job's next step."""
+        with self._finals_lock:
+            finals, self._finals = self._finals, []
+        if not finals:
             return
-        self.pump(node)
-        if will_retry(task):
-            self._retry(task)
-        for extension in self._extensions:
-            extension.on_final(task)
+        tasks = [t for t in self.core.store.tasks_of(finals) if is_final(State(t["state"]))]
+        self.pump_nodes(list(dict.fromkeys(t["node"] for t in tasks)))
+        for task in tasks:
+            if will_retry(task):
+                self._retry(task)
+            for extension in self._extensions:
+                extension.on_final(task)
 
     # --- retries ------------------------------------------------------------------------------
     def with_retry(self, change: Change, policy: RetryPolicy) -> Change:

@@ -641,6 +641,26 @@ class Store:
                     "nodes": json.loads(row["nodes"]), "steps": json.loads(row["steps"]),
                     "tasks": [task_dict(t) for t in tasks]}
 
+    def job_head(self, job_id: str) -> JSONObject | None:
+        """A job's own row (its nodes and steps), without its tasks."""
+        with self.read() as db:
+            row = db.execute("SELECT * FROM jobs WHERE id=?", (job_id,)).fetchone()
+            if row is None:
+                return None
+            return {"id": row["id"], "created_at": row["created_at"],
+                    "nodes": json.loads(row["nodes"]), "steps": json.loads(row["steps"])}
+
+    def tasks_of(self, keys: list[tuple[str, str]]) -> list[JSONObject]:
+        """The tasks of (node, id) keys that exist, a few statements for many."""
+        ordered = sorted(set(keys))
+        out: list[JSONObject] = []
+        with self.read() as db:
+            for start in range(0, len(ordered), 250):
+                part = ordered[start:start + 250]
+                out.extend(task_dict(r) for r in db.execute(
+                    keys_sql(len(part), lock=False), [v for key in part for v in key]))
+        return out
+
     def job_steps(self, job_id: str, node: str) -> list[JSONObject]:
         with self.read() as db:
             rows = db.execute("SELECT * FROM tasks WHERE job_id=? AND node=? ORDER BY step",
