@@ -75,6 +75,7 @@ class Database(ABC):
     """One connection guarded by a lock; `write()` is a transaction, `read()` is not."""
 
     kind = "?"
+    EXPLAIN = "EXPLAIN "
 
     def __init__(self, target: str) -> None:
         self.target = target
@@ -104,6 +105,10 @@ class Database(ABC):
 
     def all(self, name: str, args: Args = ()) -> list[Any]:
         return self.run(name, args).fetchall()
+
+    def explain(self, name: str, args: Args = ()) -> list[str]:
+        """The back end's plan of the named query, one line a step (for tests and tuning)."""
+        return [str(r[-1]) for r in self._run(self.EXPLAIN + self.sql(name), args)]
 
     # --- what each back end provides --------------------------------------------------
     @abstractmethod
@@ -234,6 +239,7 @@ def _text(raw: bytes) -> str:
 
 class SqliteDatabase(Database):
     kind = "sqlite"
+    EXPLAIN = "EXPLAIN QUERY PLAN "
 
     def __init__(self, path: str) -> None:
         super().__init__(path)
@@ -312,6 +318,7 @@ def _pg_rows(cursor: Any) -> Callable[[Sequence[Any]], PgRow]:
 class PostgresDatabase(Database):
     kind = "postgresql"
     CHANNEL = "edgerun_changes"
+    EXPLAIN = "EXPLAIN "
 
     def __init__(self, url: str) -> None:
         super().__init__(url)

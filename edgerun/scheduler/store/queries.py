@@ -95,19 +95,24 @@ def load() -> dict[str, dict[str, str]]:
         if _loaded:
             return _loaded
         files = {kind: _read(kind) for kind in KINDS}
-        problems = []
-        for kind, other in (("sqlite", "postgresql"), ("postgresql", "sqlite")):
-            missing = sorted(shared(set(files[other])) - set(files[kind]))
-            if missing:
-                problems.append(f"sql/{kind}.sql lacks {', '.join(missing)}")
-            foreign = sorted(n for n in files[kind] if n.startswith(ONLY[other]))
-            if foreign:
-                problems.append(f"sql/{kind}.sql defines {other}-only {', '.join(foreign)}")
-        if problems:
-            raise StoreError("the store's named queries differ between back ends: "
-                             + "; ".join(problems))
+        check(files)
         _loaded.update(files)
         return _loaded
+
+
+def check(files: Mapping[str, Mapping[str, str]]) -> None:
+    """A StoreError naming every query one back end has and the other lacks."""
+    problems = []
+    for kind, other in (("sqlite", "postgresql"), ("postgresql", "sqlite")):
+        missing = sorted(shared(set(files[other])) - set(files[kind]))
+        if missing:
+            problems.append(f"sql/{kind}.sql lacks {', '.join(missing)}")
+        foreign = sorted(n for n in files[kind] if n.startswith(ONLY[other]))
+        if foreign:
+            problems.append(f"sql/{kind}.sql defines {other}-only {', '.join(foreign)}")
+    if problems:
+        raise StoreError("the store's named queries differ between back ends: "
+                         + "; ".join(problems))
 
 
 def of(kind: str) -> dict[str, str]:

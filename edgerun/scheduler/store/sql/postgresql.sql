@@ -257,6 +257,22 @@ UPDATE tasks SET previous=state, state=%s, updated_at=%s, deadline=NULL, expires
 WHERE node=%s AND id=%s AND state = ANY(%s::text[])
 RETURNING *
 
+-- The rows of many (node, id) keys, in key order (two instances lock them in the same
+-- order: they never deadlock on each other). args: Rows(node, id)
+-- name: tasks_by_keys
+SELECT * FROM tasks WHERE (node, id) IN (SELECT * FROM unnest(%s::text[], %s::text[]))
+ORDER BY node, id
+
+-- name: lock_tasks_by_keys
+SELECT * FROM tasks WHERE (node, id) IN (SELECT * FROM unnest(%s::text[], %s::text[]))
+ORDER BY node, id FOR UPDATE
+
+-- one task row after the steps of a batch (store/advance.py: WRITTEN's columns, node, id)
+-- name: write_task
+UPDATE tasks SET previous=%s, state=%s, updated_at=%s, dispatched_at=%s, deadline=%s,
+    expires_ts=%s, exit_code=%s, error_code=%s, error_message=%s, result=%s
+WHERE node=%s AND id=%s
+
 -- name: insert_update
 INSERT INTO updates (node, task_id, state, at, received_at, body) VALUES (%s,%s,%s,%s,%s,%s)
 

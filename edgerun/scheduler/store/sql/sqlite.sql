@@ -233,6 +233,24 @@ UPDATE tasks SET previous=state, state=?, updated_at=?, deadline=NULL, expires_t
 WHERE node=? AND id=? AND state IN (SELECT value FROM json_each(?))
 RETURNING *
 
+-- The rows of many (node, id) keys, in key order (two instances lock them in the same
+-- order: they never deadlock on each other). args: Rows(node, id)
+-- name: tasks_by_keys
+SELECT * FROM tasks WHERE (node, id) IN
+(SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]') FROM json_each(?))
+ORDER BY node, id
+
+-- name: lock_tasks_by_keys
+SELECT * FROM tasks WHERE (node, id) IN
+(SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]') FROM json_each(?))
+ORDER BY node, id
+
+-- one task row after the steps of a batch (store/advance.py: WRITTEN's columns, node, id)
+-- name: write_task
+UPDATE tasks SET previous=?, state=?, updated_at=?, dispatched_at=?, deadline=?, expires_ts=?,
+    exit_code=?, error_code=?, error_message=?, result=?
+WHERE node=? AND id=?
+
 -- name: insert_update
 INSERT INTO updates (node, task_id, state, at, received_at, body) VALUES (?,?,?,?,?,?)
 
