@@ -225,24 +225,9 @@ UPDATE tasks SET spec=%s, type=%s, timeout=%s, expires_at=%s WHERE node=%s AND i
 -- name: task_expires_at
 SELECT expires_at FROM tasks WHERE node=%s AND id=%s
 
--- The guarded UPDATEs of a task's state: applied only from one of the states listed (the
--- last argument, a list); each returns the row with the state it left (`previous`).
--- args: state, updated_at, exit_code, error_code, error_message, result, node, id, sources
--- name: transition_final
-UPDATE tasks SET previous=state, state=%s, updated_at=%s, deadline=NULL, expires_ts=NULL,
-    exit_code=COALESCE(%s, exit_code), error_code=%s, error_message=%s, result=COALESCE(%s, result)
-WHERE node=%s AND id=%s AND state = ANY(%s::text[])
-RETURNING *
-
--- args: state, updated_at, now, default timeout, grace, exit_code, error_code, error_message,
--- node, id, sources
--- name: transition_open
-UPDATE tasks SET previous=state, state=%s, updated_at=%s,
-    deadline=%s + COALESCE(timeout, %s) + %s, expires_ts=NULL,
-    exit_code=COALESCE(%s, exit_code), error_code=%s, error_message=%s
-WHERE node=%s AND id=%s AND state = ANY(%s::text[])
-RETURNING *
-
+-- The guarded UPDATEs of a task's state (Store._transition): applied only from one of the
+-- states listed (the last argument, a list); each returns the row with the state it left
+-- (`previous`). An agent's updates are stepped in memory instead (store/advance.py).
 -- args: state, updated_at, dispatched_at, deadline, expires_ts, node, id, sources
 -- name: transition_dispatched
 UPDATE tasks SET previous=state, state=%s, updated_at=%s, dispatched_at=%s, deadline=%s,
@@ -282,9 +267,6 @@ INSERT INTO updates (node, task_id, state, at, received_at, body)
 SELECT r.node, r.task_id, r.state, r.at, r.received_at, r.body
 FROM unnest(%s::text[], %s::text[], %s::text[], %s::text[], %s::text[], %s::text[])
     WITH ORDINALITY AS r(node, task_id, state, at, received_at, body, n) ORDER BY r.n
-
--- name: lock_task
-SELECT 1 FROM tasks WHERE node=%s AND id=%s FOR UPDATE
 
 -- name: insert_placeholder_task
 INSERT INTO tasks (node, id, source, state, created_at, updated_at)
@@ -366,9 +348,10 @@ ORDER BY id LIMIT %s
 SELECT seq FROM tasks WHERE updated_at < %s AND state = ANY(%s::text[])
 ORDER BY seq LIMIT %s
 
+-- the updates of those tasks, found by their index (updates_by_task)
 -- name: prune_task_updates
-DELETE FROM updates WHERE EXISTS (SELECT 1 FROM tasks t WHERE
-t.seq = ANY(%s::bigint[]) AND t.node=updates.node AND t.id=updates.task_id)
+DELETE FROM updates WHERE (node, task_id) IN
+(SELECT node, id FROM tasks WHERE seq = ANY(%s::bigint[]))
 
 -- name: prune_tasks
 DELETE FROM tasks WHERE seq = ANY(%s::bigint[])

@@ -201,24 +201,9 @@ UPDATE tasks SET spec=?, type=?, timeout=?, expires_at=? WHERE node=? AND id=?
 -- name: task_expires_at
 SELECT expires_at FROM tasks WHERE node=? AND id=?
 
--- The guarded UPDATEs of a task's state: applied only from one of the states listed (the
--- last argument, a list); each returns the row with the state it left (`previous`).
--- args: state, updated_at, exit_code, error_code, error_message, result, node, id, sources
--- name: transition_final
-UPDATE tasks SET previous=state, state=?, updated_at=?, deadline=NULL, expires_ts=NULL,
-    exit_code=COALESCE(?, exit_code), error_code=?, error_message=?, result=COALESCE(?, result)
-WHERE node=? AND id=? AND state IN (SELECT value FROM json_each(?))
-RETURNING *
-
--- args: state, updated_at, now, default timeout, grace, exit_code, error_code, error_message,
--- node, id, sources
--- name: transition_open
-UPDATE tasks SET previous=state, state=?, updated_at=?,
-    deadline=? + COALESCE(timeout, ?) + ?, expires_ts=NULL,
-    exit_code=COALESCE(?, exit_code), error_code=?, error_message=?
-WHERE node=? AND id=? AND state IN (SELECT value FROM json_each(?))
-RETURNING *
-
+-- The guarded UPDATEs of a task's state (Store._transition): applied only from one of the
+-- states listed (the last argument, a list); each returns the row with the state it left
+-- (`previous`). An agent's updates are stepped in memory instead (store/advance.py).
 -- args: state, updated_at, dispatched_at, deadline, expires_ts, node, id, sources
 -- name: transition_dispatched
 UPDATE tasks SET previous=state, state=?, updated_at=?, dispatched_at=?, deadline=?,
@@ -260,9 +245,6 @@ INSERT INTO updates (node, task_id, state, at, received_at, body)
 SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]'), json_extract(value, '$[2]'),
        json_extract(value, '$[3]'), json_extract(value, '$[4]'), json_extract(value, '$[5]')
 FROM json_each(?) ORDER BY key
-
--- name: lock_task
-SELECT 1 FROM tasks WHERE node=? AND id=?
 
 -- name: insert_placeholder_task
 INSERT OR IGNORE INTO tasks (node, id, source, state, created_at, updated_at)
@@ -343,9 +325,10 @@ ORDER BY id LIMIT ?
 SELECT seq FROM tasks WHERE updated_at < ? AND state IN (SELECT value FROM json_each(?))
 ORDER BY seq LIMIT ?
 
+-- the updates of those tasks, found by their index (updates_by_task)
 -- name: prune_task_updates
-DELETE FROM updates WHERE EXISTS (SELECT 1 FROM tasks t WHERE
-t.seq IN (SELECT value FROM json_each(?)) AND t.node=updates.node AND t.id=updates.task_id)
+DELETE FROM updates WHERE (node, task_id) IN
+(SELECT node, id FROM tasks WHERE seq IN (SELECT value FROM json_each(?)))
 
 -- name: prune_tasks
 DELETE FROM tasks WHERE seq IN (SELECT value FROM json_each(?))
