@@ -26,9 +26,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import mosquitto
 from bench.controlplane import Serve, _drop, _pg_database
-from bench.fanout import _count, cpu_s, pg_backends
+from bench.fanout import cpu_s, pg_backends
 from bench.swarmkit import SwarmGroup
-from bench.workqueue import _pct
+from bench.workqueue import _one, _pct
 from tests.brokers import wait_until
 
 JOB_TARGET_MS = 200.0
@@ -44,7 +44,7 @@ def _series(port: int, token: str, db: str, pid: int, bodies: list[tuple[str, by
     cpu0 = cpu_s(pid), sum(cpu_s(p) for p in backends)
     times: list[float] = []
     statuses: dict[int, int] = {}
-    done = _count(db, "SELECT COUNT(*) FROM tasks WHERE state='succeeded'")
+    done = _one(db, "SELECT COUNT(*) FROM tasks WHERE state='succeeded'")
     for path, body, made in bodies:
         t0 = time.monotonic()
         conn.request("POST", path, body, headers)
@@ -54,7 +54,7 @@ def _series(port: int, token: str, db: str, pid: int, bodies: list[tuple[str, by
         statuses[resp.status] = statuses.get(resp.status, 0) + 1
         if resp.status == 201:
             done += made
-            wait_until(lambda d=done: _count(  # type: ignore[misc]
+            wait_until(lambda d=done: _one(  # type: ignore[misc]
                 db, "SELECT COUNT(*) FROM tasks WHERE state='succeeded'") >= d, 120, 0.05)
     cpu1 = cpu_s(pid), sum(cpu_s(p) for p in backends)
     conn.close()
@@ -72,7 +72,7 @@ def post_latency(tmp: Path, broker_url: str, db: str, nodes: int, jobs: int,
     swarm = SwarmGroup(broker_url, nodes, node_prefix="pl")
     try:
         swarm.wait_ready(300)
-        wait_until(lambda: _count(db, "SELECT COUNT(*) FROM nodes WHERE state='online'")
+        wait_until(lambda: _one(db, "SELECT COUNT(*) FROM nodes WHERE state='online'")
                    >= nodes, 300, 0.2)
         token = (serve.dir / "token").read_text().strip()
         names = swarm.nodes

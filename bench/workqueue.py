@@ -39,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import ROOT, mosquitto
 from bench.controlplane import Serve, _drop, _pg_database
-from bench.fanout import _count, cpu_s, pg_backends
+from bench.fanout import cpu_s, pg_backends
 from bench.swarmkit import SwarmGroup
 from tests.brokers import wait_until
 
@@ -128,15 +128,35 @@ def _pct(values: list[float], p: float) -> float | None:
 
 
 def _rows(db: str, prefix: str) -> list[tuple[str, str, str | None, str]]:
-    from edgerun.scheduler.store.tasks import Store
-    store = Store(db)
+    return [(r[0], r[1], r[2], r[3]) for r in query(
+        db, "SELECT id, state, result, updated_at FROM tasks WHERE node LIKE ?", (prefix + "%",))]
+
+
+def query(db: str, sql: str, args: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+    """Rows of a read, on a connection of its own that never writes: opening a Store
+    would run its migrations, which take the writer's lock that a busy serve holds."""
+    if db.startswith("postgresql"):
+        import psycopg
+        with psycopg.connect(db, autocommit=True) as conn:
+            # no arguments: None, so that a literal % (LIKE 'x%') is not read as a placeholder
+            return [tuple(r) for r in conn.execute(sql.replace("?", "%s"),  # type: ignore[arg-type]
+                                                   args or None).fetchall()]
+    import sqlite3
+    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=60)
     try:
-        with store.read() as conn:
-            return [(r["id"], r["state"], r["result"], r["updated_at"]) for r in conn.execute(
-                "SELECT id, state, result, updated_at FROM tasks WHERE node LIKE ?",
-                (prefix + "%",))]
+        return list(conn.execute(sql, args).fetchall())
     finally:
-        store.close()
+        conn.close()
+
+
+def _one(db: str, sql: str) -> int:
+    """One number; 0 while a SQLite store is not created yet."""
+    import sqlite3
+    try:
+        rows = query(db, sql)
+    except sqlite3.OperationalError:
+        return 0
+    return int(rows[0][0] or 0) if rows else 0
 
 
 def store_bytes(db: str) -> int:
@@ -204,7 +224,7 @@ def workqueue(tmp: Path, broker_url: str, db: str, tasks: int, rate: float, node
     swarm = SwarmGroup(broker_url, nodes, node_prefix="wq", echo=True)
     try:
         swarm.wait_ready(300)
-        wait_until(lambda: _count(db, "SELECT COUNT(*) FROM nodes WHERE state='online'")
+        wait_until(lambda: _one(db, "SELECT COUNT(*) FROM nodes WHERE state='online'")
                    >= nodes, 300, 0.2)
         token = (serve.dir / "token").read_text().strip()
         rng = random.Random(seed)  # noqa: S311 - test data, not secrets
@@ -214,8 +234,8 @@ def workqueue(tmp: Path, broker_url: str, db: str, tasks: int, rate: float, node
         cpu0 = cpu_s(serve.proc.pid), sum(cpu_s(p) for p in backends)
         wall0 = time.time()
         submit_s = sub.run()
-        done = wait_until(lambda: _count(db, "SELECT COUNT(*) FROM tasks WHERE state="
-                                         "'succeeded'") >= tasks - sub.ids.count(None),
+        done = wait_until(lambda: _one(db, "SELECT COUNT(*) FROM tasks WHERE state="
+                                       "'succeeded'") >= tasks - sub.ids.count(None),
                           max(120.0, tasks / 50), 1.0)
         cpu1 = cpu_s(serve.proc.pid), sum(cpu_s(p) for p in backends)
         rows = _rows(db, "wq")
