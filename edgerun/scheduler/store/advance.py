@@ -131,12 +131,15 @@ class Stepper:
 
 
 def keys_sql(count: int, *, lock: bool) -> str:
-    """The rows of `count` (node, id) keys, in key order (two instances lock them in the
-    same order, so they never deadlock on each other)."""
+    """The rows of `count` (node, id) keys, each found through the (node, id) index: a
+    join from the keys, as SQLite plans `(node, id) IN (VALUES ...)` as a scan of the
+    whole table. Locked (PostgreSQL) in key order, so that two instances never
+    deadlock on each other."""
     pairs = ",".join(["(?,?)"] * count)
-    return (f"SELECT * FROM tasks WHERE (node, id) IN (VALUES {pairs}) "  # noqa: S608
-            f"ORDER BY node, id" + (" FOR UPDATE" if lock else ""))
+    return (f"WITH k(node, id) AS (VALUES {pairs}) SELECT t.* FROM k "  # noqa: S608
+            f"JOIN tasks t ON t.node = k.node AND t.id = k.id"
+            + (" ORDER BY t.node, t.id FOR UPDATE OF t" if lock else ""))
 
 
 def by_key(rows: Sequence[Any]) -> dict[Key, Row]:
-    return {(r["node"], r["id"]): {k: r[k] for k in r.keys()} for r in rows}  # noqa: SIM118
+    return {(r["node"], r["id"]): dict(zip(r.keys(), r, strict=True)) for r in rows}
