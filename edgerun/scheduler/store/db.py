@@ -106,6 +106,13 @@ class Database(ABC):
     def all(self, name: str, args: Args = ()) -> list[Any]:
         return self.run(name, args).fetchall()
 
+    def run_many(self, name: str, rows: Sequence[Sequence[Any]]) -> None:
+        """The named insert for many rows at once, nothing returned: SQLite runs its
+        one-row statement over them (executemany: one prepared statement in a C loop);
+        PostgreSQL runs its statement once with one array per column (`unnest`)."""
+        if rows:
+            self._run_many(self.sql(name), rows)
+
     def explain(self, name: str, args: Args = ()) -> list[str]:
         """The back end's plan of the named query, one line a step (for tests and tuning)."""
         return [str(r[-1]) for r in self._run(self.EXPLAIN + self.sql(name), args)]
@@ -113,6 +120,10 @@ class Database(ABC):
     # --- what each back end provides --------------------------------------------------
     @abstractmethod
     def _run(self, sql: str, args: Args) -> Cursor:
+        ...
+
+    @abstractmethod
+    def _run_many(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
         ...
 
     @abstractmethod
@@ -266,6 +277,9 @@ class SqliteDatabase(Database):
     def _run(self, sql: str, args: Args) -> Cursor:
         return self._db.execute(sql, for_sqlite(args))
 
+    def _run_many(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
+        self._db.executemany(sql, rows)
+
     def translate(self, sql: str) -> str:
         return to_sqlite(sql)
 
@@ -373,6 +387,9 @@ class PostgresDatabase(Database):
     def _run(self, sql: str, args: Args) -> Cursor:
         cursor: Cursor = self._conn.execute(sql, for_postgres(args))
         return cursor
+
+    def _run_many(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
+        self._conn.execute(sql, [list(column) for column in zip(*rows, strict=True)])
 
     def pipeline(self, statements: Sequence[tuple[str, Args]]) -> list[list[Any]]:
         if len(statements) < 2 or not self._psycopg.Pipeline.is_supported():

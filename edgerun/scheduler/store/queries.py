@@ -10,10 +10,12 @@ read at import: the files are parsed once per process, on first use.
 
 Values a query takes as one list (`IN` a variable number of values) are passed as a
 Python list: PostgreSQL gets an array (`= ANY(%s::text[])`), SQLite its JSON text
-(`IN (SELECT value FROM json_each(?))`). Many rows at once (multi-row INSERTs) are
-passed as `Rows`: PostgreSQL gets one array per column (`unnest(%s::text[], ...)`),
-SQLite the rows as one JSON text (`json_each(?)`). Either way the query's text is
-fixed, so each driver prepares it once.
+(`IN (SELECT value FROM json_each(?))`). Many rows at once are passed as `Rows` where
+the statement returns rows (`INSERT ... RETURNING`, keyed reads): PostgreSQL gets one
+array per column (`unnest(%s::text[], ...)`), SQLite the rows as one JSON text
+(`json_each(?)`); a plain multi-row insert goes through `Database.run_many` (SQLite:
+executemany of its one-row statement). Either way the query's text is fixed, so each
+driver prepares it once.
 """
 
 from __future__ import annotations
@@ -124,9 +126,11 @@ def for_sqlite(args: Args) -> Args:
     """Lists and Rows as JSON text (read with json_each)."""
     if isinstance(args, Mapping):
         return {k: _sqlite_value(v) for k, v in args.items()}
-    if not any(type(a) in (list, Rows) for a in args):
-        return args
-    return [_sqlite_value(a) for a in args]
+    for value in args:  # the usual case: none (a loop: cheaper than any() on a hot path)
+        kind = type(value)
+        if kind is list or kind is Rows:
+            return [_sqlite_value(a) for a in args]
+    return args
 
 
 def _sqlite_value(value: Any) -> Any:
@@ -139,7 +143,12 @@ def _sqlite_value(value: Any) -> Any:
 
 def for_postgres(args: Args) -> Args:
     """Lists as arrays (psycopg's own adaptation), Rows as one array per column."""
-    if isinstance(args, Mapping) or not any(type(a) is Rows for a in args):
+    if isinstance(args, Mapping):
+        return args
+    for value in args:
+        if type(value) is Rows:
+            break
+    else:
         return args
     out: list[Any] = []
     for value in args:

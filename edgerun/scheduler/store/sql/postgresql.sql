@@ -189,12 +189,11 @@ DELETE FROM meta WHERE key=%s
 UPDATE meta SET value=CAST(CAST(value AS BIGINT)+%s AS TEXT) WHERE key='event_seq'
 RETURNING value
 
--- args: first id, at, Rows(channel, node, task_id, body)
+-- many rows (Database.run_many: one array per column)
 -- name: insert_events
 INSERT INTO events (id, at, channel, node, task_id, body)
-SELECT %s::bigint + r.n - 1, %s, r.channel, r.node, r.task_id, r.body
-FROM unnest(%s::text[], %s::text[], %s::text[], %s::text[]) WITH ORDINALITY
-    AS r(channel, node, task_id, body, n)
+SELECT * FROM unnest(%s::bigint[], %s::text[], %s::text[], %s::text[], %s::text[],
+                     %s::text[])
 
 -- name: delete_events_through
 DELETE FROM events WHERE id <= %s
@@ -261,7 +260,7 @@ WHERE node=%s AND id=%s
 -- name: insert_update
 INSERT INTO updates (node, task_id, state, at, received_at, body) VALUES (%s,%s,%s,%s,%s,%s)
 
--- args: Rows(node, task_id, state, at, received_at, body)
+-- many rows (Database.run_many: one array per column), in their order
 -- name: insert_updates
 INSERT INTO updates (node, task_id, state, at, received_at, body)
 SELECT r.node, r.task_id, r.state, r.at, r.received_at, r.body

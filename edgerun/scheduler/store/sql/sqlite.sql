@@ -166,12 +166,9 @@ DELETE FROM meta WHERE key=?
 UPDATE meta SET value=CAST(CAST(value AS BIGINT)+? AS TEXT) WHERE key='event_seq'
 RETURNING value
 
--- args: first id, at, Rows(channel, node, task_id, body)
+-- many rows (Database.run_many: executemany of this one-row statement)
 -- name: insert_events
-INSERT INTO events (id, at, channel, node, task_id, body)
-SELECT ? + key, ?, json_extract(value, '$[0]'), json_extract(value, '$[1]'),
-       json_extract(value, '$[2]'), json_extract(value, '$[3]')
-FROM json_each(?)
+INSERT INTO events (id, at, channel, node, task_id, body) VALUES (?,?,?,?,?,?)
 
 -- name: delete_events_through
 DELETE FROM events WHERE id <= ?
@@ -239,12 +236,9 @@ WHERE node=? AND id=?
 -- name: insert_update
 INSERT INTO updates (node, task_id, state, at, received_at, body) VALUES (?,?,?,?,?,?)
 
--- args: Rows(node, task_id, state, at, received_at, body)
+-- many rows (Database.run_many: executemany of this one-row statement)
 -- name: insert_updates
-INSERT INTO updates (node, task_id, state, at, received_at, body)
-SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]'), json_extract(value, '$[2]'),
-       json_extract(value, '$[3]'), json_extract(value, '$[4]'), json_extract(value, '$[5]')
-FROM json_each(?) ORDER BY key
+INSERT INTO updates (node, task_id, state, at, received_at, body) VALUES (?,?,?,?,?,?)
 
 -- name: insert_placeholder_task
 INSERT OR IGNORE INTO tasks (node, id, source, state, created_at, updated_at)
