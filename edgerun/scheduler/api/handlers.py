@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import time
 from collections.abc import Callable
 from typing import Any
@@ -24,6 +25,7 @@ from edgerun.scheduler.api import edge
 from edgerun.scheduler.api.auth import Principal, authenticate, create_token
 from edgerun.scheduler.api.tickets import Tickets
 from edgerun.scheduler.fleet.jobs import progress_of
+from edgerun.scheduler.fleet.targets import MAX_EXPRESSIONS, Where, parse_where
 from edgerun.scheduler.service import Service
 from edgerun.scheduler.store.events import audit_event, without_tails
 
@@ -31,6 +33,40 @@ log = logging.getLogger(__name__)
 TOUCH_EVERY_S = 60.0
 BROKER_HOLD_S = 5.0  # a dispatch during a broker failover waits this long before a 503
 WIRE_MARGIN = 512  # what the wire adds to a checked task: a signature, an expires_at
+# `?fact=` of the node list: `--where`'s language (fleet/targets.py), in the printable form
+# this pattern allows. The OpenAPI document publishes the same pattern (table.py), so what
+# it calls valid is taken and the rest refused: after = or != a value with no control
+# character and no operator in it, nothing blank at its ends; after < <= > >= a plain
+# decimal. Blanks are spelled out (Python's \s and ECMAScript's differ: U+0085, U+FEFF).
+_FACT_PATH = "[A-Za-z0-9_][A-Za-z0-9_-]*(\\.[A-Za-z0-9_-]+)*"
+_FACT_NOT = "\\u0000-\\u001f\\u007f-\\u009f=<>!\\ufffd"
+_FACT_BLANK = "\\u0020\\u00a0\\u1680\\u2000-\\u200a\\u2028\\u2029\\u202f\\u205f\\u3000\\ufeff"
+_FACT_NUMBER = "[-+]?([0-9]{1,15}(\\.[0-9]{0,15})?|\\.[0-9]{1,15})([eE][-+]?[0-9]{1,2})?"
+FACT_FILTER = re.compile(
+    f"^ *{_FACT_PATH} *(=|!=) *[^{_FACT_NOT}{_FACT_BLANK}]"
+    f"([^{_FACT_NOT}]*[^{_FACT_NOT}{_FACT_BLANK}])? *$"
+    f"|^ *{_FACT_PATH} *(>=|<=|>|<) *{_FACT_NUMBER} *$")
+
+
+def fact_filters(texts: list[str]) -> list[Where]:
+    """The node list's `?fact=` values, each a `--where` expression (all must hold);
+    Invalid naming `fact` for one that is not (HTTP 422, its message says why)."""
+    if len(texts) > MAX_EXPRESSIONS:
+        raise edge.Invalid("fact", f"{len(texts)} fact filters; the limit is "
+                                   f"{MAX_EXPRESSIONS}")
+    wheres = []
+    for text in texts:
+        try:
+            where = parse_where(text, "fact filter")
+        except BadRequest as exc:
+            raise edge.Invalid("fact", str(exc)) from None
+        if FACT_FILTER.fullmatch(text) is None:  # as ECMAScript's $ (Python's takes a \n)
+            raise edge.Invalid("fact", f"bad fact filter {text!r}: after = or != the value "
+                                       f"must be printable text (no control characters "
+                                       f"such as a tab); after < <= > >= a plain decimal "
+                                       f"number such as 32, -1.5 or 4e9")
+        wheres.append(where)
+    return wheres
 
 
 def attempts_of(service: Service, task: JSONObject) -> list[JSONObject] | None:
@@ -140,6 +176,7 @@ class Handlers:
 
     # --- reads -------------------------------------------------------------------------
     def nodes(self, q: dict[str, list[str]]) -> JSONObject:
+        wheres = fact_filters(q.get("fact", []))  # checked before any work
         nodes = self.store.nodes()
         if q.get("match") or q.get("where"):
             chosen = set(self.service.resolve(q.get("match", []), edge.boolean(q, "online"),
@@ -156,11 +193,8 @@ class Handlers:
         if text:
             nodes = [n for n in nodes if text in n["node"].lower()
                      or text in json.dumps(n.get("facts") or {}).lower()]
-        for fact in q.get("fact", []):
-            key, sep, value = fact.partition("=")
-            if not sep or not key:
-                raise edge.Invalid("fact", "`fact` must be KEY=VALUE, such as arch=x86_64")
-            nodes = [n for n in nodes if str((n.get("facts") or {}).get(key)) == value]
+        if wheres:
+            nodes = [n for n in nodes if all(w.matches(n.get("facts")) for w in wheres)]
         total = len(nodes)
         after = edge.one(q, "cursor")
         if after:

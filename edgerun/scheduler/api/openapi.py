@@ -45,7 +45,9 @@ def _parameters(op: Op, path: str) -> list[dict[str, Any]]:
                     "pattern": "^[^/\\u0000]+$"}}
         for name in PATH_PARAM.findall(path)]
     for p in op.query:
-        schema = {"type": "array", "items": p.schema} if p.many else p.schema
+        schema = ({"type": "array", "items": p.schema,
+                   **({"maxItems": p.max_items} if p.max_items is not None else {})}
+                  if p.many else p.schema)
         params.append({"name": p.name, "in": "query", "required": False,
                        "description": p.description, "schema": schema,
                        **({"style": "form", "explode": True} if p.many else {})})

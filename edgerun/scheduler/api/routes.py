@@ -27,6 +27,7 @@ class Param:
     schema: JSONSchema = field(default_factory=lambda: {"type": "string"})
     description: str = ""
     many: bool = False  # may be repeated (?node=a&node=b)
+    max_items: int | None = None  # with `many`: how many times at most
 
 
 @dataclass(frozen=True)

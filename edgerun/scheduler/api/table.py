@@ -13,8 +13,9 @@ from edgerun import __version__
 from edgerun.protocol import JSONObject
 from edgerun.scheduler.api import edge
 from edgerun.scheduler.api.auth import Principal
-from edgerun.scheduler.api.handlers import Handlers
+from edgerun.scheduler.api.handlers import FACT_FILTER, Handlers
 from edgerun.scheduler.api.routes import JSONSchema, Param
+from edgerun.scheduler.fleet.targets import MAX_EXPRESSION_LEN, MAX_EXPRESSIONS
 
 # --- schemas --------------------------------------------------------------------------------
 def nullable(schema: JSONSchema) -> JSONSchema:
@@ -132,9 +133,14 @@ NODE_QUERY = (
     Param("state", {"enum": ["online", "offline"]}, "online or offline"),
     Param("q", QUERY_TEXT,
           "substring of the id or facts"),
-    Param("fact", {"type": "string", "maxLength": 4096,
-                   "pattern": "^[^=\\u0000\\ufffd]+=[^\\u0000\\ufffd]*$"},
-          "KEY=VALUE of a top-level fact", many=True),
+    Param("fact", {"type": "string", "maxLength": MAX_EXPRESSION_LEN,
+                   "pattern": FACT_FILTER.pattern},
+          "a fact expression, as `--where` takes (all must hold): labels.rack=r1, "
+          "custom.asset=AT-*, dmi.sys_vendor=Dell*, cpus>=32, macs=52:54:00:*. "
+          "= and != compare a case-insensitive glob, the others numbers; a dotted path "
+          "reaches into nested facts (not through a list); a list or map matches if any "
+          "element does; a missing fact never matches = < > and always matches !=",
+          many=True, max_items=MAX_EXPRESSIONS),
     LIMIT, TEXT_CURSOR)
 TASK_QUERY = (
     Param("node", QUERY_TEXT, "node id"),

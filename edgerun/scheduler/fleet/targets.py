@@ -88,36 +88,37 @@ _COMPARE: dict[str, Callable[[float, float], bool]] = {
 _MISSING = object()
 
 
-def parse_where(text: Any) -> Where:
-    """One expression; BadRequest naming the problem when it is not one."""
+def parse_where(text: Any, name: str = "--where") -> Where:
+    """One expression; BadRequest naming the problem when it is not one. `name` is what
+    the messages call it (the API's node list says "fact filter")."""
     if not isinstance(text, str):
-        raise BadRequest(f"a --where expression must be a string, not {type(text).__name__}")
+        raise BadRequest(f"a {name} expression must be a string, not {type(text).__name__}")
     if len(text) > MAX_EXPRESSION_LEN:
-        raise BadRequest(f"--where expression is {len(text)} characters; the limit is "
+        raise BadRequest(f"{name} expression is {len(text)} characters; the limit is "
                          f"{MAX_EXPRESSION_LEN}")
     match = _EXPR.match(text)
     if match is None:
         if not any(op in text for op in OPERATORS):
-            raise BadRequest(f"bad --where {text!r}: no operator; write FACT=VALUE, FACT!=VALUE "
+            raise BadRequest(f"bad {name} {text!r}: no operator; write FACT=VALUE, FACT!=VALUE "
                              f"or FACT>=N (also <=, >, <), as in arch=x86_64 or 'cpus>=32'")
-        raise BadRequest(f"bad --where {text!r}: the fact name before the operator must be "
+        raise BadRequest(f"bad {name} {text!r}: the fact name before the operator must be "
                          f"letters, digits, _ . - (a dotted path such as dmi.vendor)")
     path_text, op, value = match.groups()
     path = tuple(path_text.split("."))
     if any(not part for part in path):
-        raise BadRequest(f"bad --where {text!r}: empty part in the fact path {path_text!r}")
+        raise BadRequest(f"bad {name} {text!r}: empty part in the fact path {path_text!r}")
     if path[0] == "dmi" and len(path) == 2:
         path = ("dmi", DMI_ALIASES.get(path[1], path[1]))
     if any(c in value for c in "=<>!") and op in ("=", "!="):
-        raise BadRequest(f"bad --where {text!r}: the value {value!r} holds another operator; "
-                         f"one comparison per --where")
+        raise BadRequest(f"bad {name} {text!r}: the value {value!r} holds another operator; "
+                         f"one comparison per {name}")
     number = _number(value)
     if op not in ("=", "!="):
         if number is None:
-            raise BadRequest(f"bad --where {text!r}: {op} compares numbers, and {value!r} is "
+            raise BadRequest(f"bad {name} {text!r}: {op} compares numbers, and {value!r} is "
                              f"not a number")
     elif not value:
-        raise BadRequest(f"bad --where {text!r}: no value after {op}")
+        raise BadRequest(f"bad {name} {text!r}: no value after {op}")
     return Where(text, path, op, value, number)
 
 
