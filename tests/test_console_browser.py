@@ -218,3 +218,74 @@ def test_output_is_tailed_and_capped_in_the_page(page: Any, s: Stack, shots: Pat
     page.wait_for_selector("#output:has-text('line-5999-')")
     size = page.evaluate("document.getElementById('output').textContent.length")
     assert size <= 256 * 1024
+
+
+def node_rows(page: Any) -> list[str]:
+    rows: list[str] = page.eval_on_selector_all("#nodes tr", "rs => rs.map(r => r.dataset.node)")
+    return rows
+
+
+def filter_facts(page: Any, expr: str) -> None:
+    page.fill("#fleet-fact", expr)
+    page.click("#fleet-filter button[type=submit]")
+
+
+def wait_rows(page: Any, nodes: list[str]) -> None:
+    page.wait_for_function("""want => JSON.stringify([...document.querySelectorAll('#nodes tr')]
+        .map(r => r.dataset.node)) === JSON.stringify(want)""", arg=nodes)
+
+
+def test_the_fact_filter_speaks_where_labels_included(
+        page: Any, s: Stack, shots: Path, tmp_path: Path) -> None:
+    """`labels.rack=r1` shows the node an agent labelled so, `labels.rack=r2` hides it: the
+    API judges (fleet/targets.py, as `--where`), at the first read and for live events.
+    A bad expression says why beside the form and leaves the list as it was."""
+    thrown: list[str] = []
+    page.on("pageerror", lambda exc: thrown.append(str(exc)))
+    fleet = FakeFleet(s.mosquitto.url)
+    agent = start_agent(s.mosquitto.url, "web-r1", tmp_path, "--label", "rack=r1")
+    try:
+        fleet.online(["web-sim-r2"], labels={"rack": "r2"})
+        api = s.api()
+        wait_for(lambda: api.get("/nodes", fact="labels.rack=r1")["total"] == 1
+                 and api.get("/nodes", fact="labels.rack=r2")["total"] == 1, 60)
+        login(page, s, s.viewer)
+        page.click("nav a[data-tab='fleet']")
+        page.wait_for_selector("#nodes tr")
+
+        filter_facts(page, "labels.rack=r1")
+        wait_rows(page, ["web-r1"])
+        assert page.inner_text("#fleet-count") == "1 nodes"
+        filter_facts(page, "labels.rack=r2")
+        wait_rows(page, ["web-sim-r2"])
+
+        # a bad expression: a clear message, the input marked, the list left as it was
+        filter_facts(page, "labels.rack")
+        page.wait_for_selector("#fleet-error:has-text('no operator')")
+        assert page.get_attribute("#fleet-fact", "aria-invalid") == "true"
+        assert node_rows(page) == ["web-sim-r2"]
+        filter_facts(page, "labels.rack=" + "r" * 600)
+        page.wait_for_selector("#fleet-error:has-text('the limit is 512')")
+        page.screenshot(path=str(shots / "fleet-fact-error.png"))
+
+        # live, with labels.rack=r1 applied: a node labelled r2 coming online stays out,
+        # one labelled r1 comes in, the matching node going offline is updated in place
+        filter_facts(page, "labels.rack=r1")
+        wait_rows(page, ["web-r1"])
+        assert page.inner_text("#fleet-error") == ""
+        assert page.get_attribute("#fleet-fact", "aria-invalid") is None
+        page.evaluate("window.__not_reloaded = true")
+        fleet.online(["web-sim-r2b"], labels={"rack": "r2"})
+        wait_for(lambda: api.get("/nodes", fact="labels.rack=r2")["total"] == 2, 30)
+        fleet.online(["web-sim-r1"], labels={"rack": "r1"})
+        page.wait_for_selector("#nodes tr[data-node='web-sim-r1']")
+        assert node_rows(page) == ["web-r1", "web-sim-r1"]
+        assert page.inner_text("#fleet-count") == "2 nodes"
+        agent.terminate()
+        page.wait_for_selector("#nodes tr[data-node='web-r1'] td[data-state='offline']")
+        assert page.evaluate("window.__not_reloaded") is True
+        page.screenshot(path=str(shots / "fleet-fact.png"))
+    finally:
+        agent.kill()
+        fleet.close()
+    assert not thrown, thrown

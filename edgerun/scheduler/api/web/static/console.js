@@ -16,7 +16,8 @@ const SVGNS = "http://www.w3.org/2000/svg";
 const $ = (id) => document.getElementById(id);
 const state = { token: sessionStorage.getItem("edgerun-token"), who: null, stream: null,
   output: null, nodesNext: null, tasksNext: null, jobsNext: null, timer: null,
-  jobCursors: [null], jobPage: 0, pending: null };
+  jobCursors: [null], jobPage: 0, pending: null,
+  fleetFilters: null, factPending: new Set(), factTimer: null, factBusy: false };
 
 // --- helpers -------------------------------------------------------------------------
 function el(tag, attrs, ...children) {
@@ -77,6 +78,7 @@ async function api(method, path, body, headers) {
     const err = new Error((data && data.error) || ("HTTP " + response.status));
     err.status = response.status;
     err.code = data && data.code;
+    err.field = data && data.field;
     throw err;
   }
   return data;
@@ -249,6 +251,12 @@ function onlineChart(points) {
 }
 
 // --- fleet -------------------------------------------------------------------------------
+// The list shows the filters of its last successful read (state.fleetFilters); live events
+// are judged by those, not by what is being typed. The fact filter is --where's language
+// (dotted paths, globs, >=, list elements): the API judges it, here too, so the console
+// has no second copy of it: a node event while one is set asks the API about that node.
+const FACT_BATCH = 100;   // node ids per live check
+
 function nodeFilters() {
   return { q: $("fleet-q").value.trim(), match: $("fleet-match").value.trim(),
     fact: $("fleet-fact").value.trim(), online: $("fleet-online").checked ? "1" : "" };
@@ -264,10 +272,23 @@ function nodeRow(n) {
     el("td", {}, ips.join(" ")), el("td", {}, n.agent || ""));
 }
 
-async function loadNodes(more) {
-  const params = { ...nodeFilters(), limit: 200, cursor: more ? state.nodesNext : null };
+function fleetError(e) {
+  const message = e ? e.message : "";
+  $("fleet-error").textContent = message;
+  if (e && e.field === "fact") $("fleet-fact").setAttribute("aria-invalid", "true");
+  else $("fleet-fact").removeAttribute("aria-invalid");
+}
+
+async function loadNodes(more, given) {
+  const filters = more ? state.fleetFilters || nodeFilters() : given || nodeFilters();
+  const params = { ...filters, limit: 200, cursor: more ? state.nodesNext : null };
   const data = await api("GET", "/nodes" + query(params));
-  if (!more) $("nodes").replaceChildren();
+  if (!more) {
+    $("nodes").replaceChildren();
+    state.fleetFilters = filters;
+    state.factPending.clear();
+  }
+  fleetError(null);
   for (const n of data.nodes) $("nodes").append(nodeRow(n));
   state.nodesNext = data.next;
   $("nodes-more").hidden = !data.next;
@@ -275,25 +296,21 @@ async function loadNodes(more) {
   $("fleet-count").textContent = `${data.total} nodes`;
 }
 
+// search, glob and online only; the fact filter is the API's (factCheck)
 function nodeVisible(n) {
-  const f = nodeFilters();
+  const f = state.fleetFilters || nodeFilters();
   if (f.online && n.state !== "online") return false;
   if (f.q && !(n.node + JSON.stringify(n.facts || {})).toLowerCase().includes(f.q.toLowerCase())) return false;
   if (f.match) {
     const re = new RegExp("^" + f.match.replace(/[.+^${}()|\\]/g, "\\$&").replace(/\*/g, ".*").replace(/\?/g, ".") + "$");
     if (!re.test(n.node)) return false;
   }
-  if (f.fact) {
-    const [k, v] = f.fact.split("=");
-    if (String((n.facts || {})[k]) !== v) return false;
-  }
   return true;
 }
 
-function onNode(n) {
-  if (!n) return;
+function placeNode(n, visible) {
   const existing = document.querySelector(`#nodes tr[data-node="${CSS.escape(n.node)}"]`);
-  if (!nodeVisible(n)) {
+  if (!visible) {
     if (existing) { existing.remove(); state.nodesTotal -= 1; $("fleet-count").textContent = `${state.nodesTotal} nodes`; }
     return;
   }
@@ -307,8 +324,42 @@ function onNode(n) {
   else if (!state.nodesNext) $("nodes").append(row);   // beyond this page: the next one has it
 }
 
-$("fleet-filter").addEventListener("submit", (ev) => { ev.preventDefault(); loadNodes(false).catch((e) => showError(e.message)); });
-$("nodes-more").addEventListener("click", () => loadNodes(true).catch((e) => showError(e.message)));
+function onNode(n) {
+  if (!n) return;
+  const f = state.fleetFilters;
+  if (!f || !f.fact) { placeNode(n, nodeVisible(n)); return; }
+  if ($("fleet").hidden) return;   // opening the view reads the list again
+  state.factPending.add(n.node);
+  if (!state.factTimer && !state.factBusy) state.factTimer = setTimeout(factCheck, 100);
+}
+
+// one read for the nodes that changed: ?match=their ids&fact=the filter; the API's record
+// (as new as the event, or newer) is the one shown; one read at a time, in event order
+async function factCheck() {
+  state.factTimer = null;
+  const f = state.fleetFilters;
+  const ids = [...state.factPending].slice(0, FACT_BATCH);
+  ids.forEach((id) => state.factPending.delete(id));
+  if (!ids.length || !f || !f.fact) return;
+  state.factBusy = true;
+  try {
+    const data = await api("GET", "/nodes" + query({ match: ids, fact: f.fact, limit: 1000 }));
+    if (state.fleetFilters !== f) return;   // the filter changed meanwhile: the new read has it
+    const found = new Map(data.nodes.map((n) => [n.node, n]));
+    for (const id of ids) {
+      const n = found.get(id);
+      placeNode(n || { node: id }, n !== undefined && nodeVisible(n));
+    }
+  } catch (e) {   // a node forgotten meanwhile (404) or the API away: read the list again
+    if (state.fleetFilters === f) await loadNodes(false, f).catch(fleetError);
+  } finally {
+    state.factBusy = false;
+    if (state.factPending.size && !state.factTimer) state.factTimer = setTimeout(factCheck, 100);
+  }
+}
+
+$("fleet-filter").addEventListener("submit", (ev) => { ev.preventDefault(); loadNodes(false).catch(fleetError); });
+$("nodes-more").addEventListener("click", () => loadNodes(true).catch(fleetError));
 
 // --- tasks ---------------------------------------------------------------------------------
 for (const s of STATES) {
@@ -759,7 +810,7 @@ function route() {
     delete $("overview").dataset.loaded;   // set again once this visit's figures are in
     loadOverview().catch(fail);
     state.timer = setInterval(() => loadOverview().catch(fail), 10000);
-  } else if (name === "fleet") loadNodes(false).catch(fail);
+  } else if (name === "fleet") loadNodes(false).catch(fleetError);
   else if (name === "tasks") loadTasks(false).catch(fail);
   else if (name === "task") showTask(a, b).catch(fail);
   else if (name === "jobs") loadJobs(false).catch(fail);
