@@ -241,8 +241,9 @@ UPDATE tasks SET previous=state, state=%s, updated_at=%s, deadline=NULL, expires
 WHERE node=%s AND id=%s AND state = ANY(%s::text[])
 RETURNING *
 
--- The rows of many (node, id) keys, in key order (two instances lock them in the same
--- order: they never deadlock on each other). args: Rows(node, id)
+-- The rows of many (node, id) keys, each found through the (node, id) index, in key order
+-- (two instances lock them in the same order: they never deadlock on each other).
+-- args: Rows(node, id)
 -- name: tasks_by_keys
 SELECT * FROM tasks WHERE (node, id) IN (SELECT * FROM unnest(%s::text[], %s::text[]))
 ORDER BY node, id

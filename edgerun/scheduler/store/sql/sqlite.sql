@@ -216,16 +216,18 @@ WHERE node=? AND id=? AND state IN (SELECT value FROM json_each(?))
 RETURNING *
 
 -- The rows of many (node, id) keys, in key order (two instances lock them in the same
--- order: they never deadlock on each other). args: Rows(node, id)
+-- order: they never deadlock on each other). args: Rows(node, id), no key twice. A join
+-- from the keys, so that each is found through the whole (node, id) index: SQLite plans
+-- `(node, id) IN (...)` as a search by node alone (every task of the node) or a scan.
 -- name: tasks_by_keys
-SELECT * FROM tasks WHERE (node, id) IN
-(SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]') FROM json_each(?))
-ORDER BY node, id
+SELECT t.* FROM (SELECT json_extract(value, '$[0]') AS node, json_extract(value, '$[1]') AS id
+                 FROM json_each(?)) AS k
+JOIN tasks t ON t.node = k.node AND t.id = k.id ORDER BY t.node, t.id
 
 -- name: lock_tasks_by_keys
-SELECT * FROM tasks WHERE (node, id) IN
-(SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]') FROM json_each(?))
-ORDER BY node, id
+SELECT t.* FROM (SELECT json_extract(value, '$[0]') AS node, json_extract(value, '$[1]') AS id
+                 FROM json_each(?)) AS k
+JOIN tasks t ON t.node = k.node AND t.id = k.id ORDER BY t.node, t.id
 
 -- one task row after the steps of a batch (store/advance.py: WRITTEN's columns, node, id)
 -- name: write_task
