@@ -197,6 +197,47 @@ def test_lists_page_with_a_cursor_and_carry_no_output_tails(s: Stack) -> None:
     assert nodes["total"] >= 1 and len(nodes["nodes"]) == 1
 
 
+def test_node_pages_read_by_state_and_cursor_agree_with_the_filtered_list(s: Stack) -> None:
+    """The plain list (state, online, cursor) is read a page at a time from the store;
+    with a text filter it goes the other way: both give the same nodes, in order."""
+    fleet = FakeFleet(s.mosquitto.url)
+    names = [f"npg-{i}" for i in range(7)]
+    fleet.online(names)
+    for node in names[:2]:
+        fleet.client.publish(f"edgerun/nodes/{node}/status", json.dumps(
+            {"v": 1, "kind": "status", "node": node, "state": "offline",
+             "at": "2026-12-07T00:00:00.000Z"}), qos=1, retain=True).wait_for_publish(30)
+    fleet.close()
+    api = s.api(s.viewer)
+    wait_for(lambda: {n["node"]: n["state"] for n in api.get("/nodes", q="npg-")["nodes"]}
+             == {n: "offline" if n in names[:2] else "online" for n in names})
+
+    def walk(**query: object) -> tuple[list[str], int]:
+        seen: list[str] = []
+        cursor = None
+        while True:
+            page = api.get("/nodes", limit=2, cursor=cursor, **query)
+            assert len(page["nodes"]) <= 2
+            seen.extend(n["node"] for n in page["nodes"])
+            cursor = page["next"]
+            if cursor is None:
+                return seen, page["total"]
+
+    every = api.get("/nodes", q="")["nodes"]  # no filter: the paged path, one page
+    for query, keep in (({}, lambda n: True), ({"state": "online"}, lambda n: n["state"] ==
+                        "online"), ({"state": "offline"}, lambda n: n["state"] == "offline"),
+                        ({"online": "1"}, lambda n: n["state"] == "online")):
+        seen, total = walk(**query)
+        want = sorted(n["node"] for n in every if keep(n))
+        assert seen == want and total == len(want), query
+        filtered, _ = walk(q="npg-", **query)  # the other path
+        assert filtered == [n for n in want if n.startswith("npg-")], query
+    assert names[0] in walk(state="offline")[0] and names[3] not in walk(state="offline")[0]
+    assert api.get("/nodes", online="1", state="offline")["nodes"] == []
+    bad = s.http("GET", "/v1/nodes?state=gone", s.viewer)
+    assert bad.status == 422 and bad.body["field"] == "state"
+
+
 def test_every_dispatch_and_cancel_is_audited_with_the_token_name(s: Stack) -> None:
     api = s.api(s.operator)
     [task] = api.dispatch([s.node], shell("sleep 60", id="audited-1"))

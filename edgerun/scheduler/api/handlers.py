@@ -177,6 +177,21 @@ class Handlers:
     # --- reads -------------------------------------------------------------------------
     def nodes(self, q: dict[str, list[str]]) -> JSONObject:
         wheres = fact_filters(q.get("fact", []))  # checked before any work
+        state = edge.one(q, "state")
+        if state is not None and state not in ("online", "offline"):
+            raise edge.Invalid("state", "`state` must be online or offline")
+        if not (q.get("match") or q.get("where") or wheres or edge.one(q, "q")):
+            # a page by state and cursor alone: read as a page (100,000 nodes are not
+            # all read and parsed for each page of 500)
+            if edge.boolean(q, "online"):
+                if state == "offline":
+                    return {"nodes": [], "total": 0, "next": None}
+                state = "online"
+            size = edge.limit(q, 500)
+            page, total = self.store.node_page(state=state, after=edge.one(q, "cursor"),
+                                               limit=size + 1)
+            return {"nodes": page[:size], "total": total,
+                    "next": page[size - 1]["node"] if len(page) > size else None}
         nodes = self.store.nodes()
         if q.get("match") or q.get("where"):
             chosen = set(self.service.resolve(q.get("match", []), edge.boolean(q, "online"),
@@ -184,10 +199,7 @@ class Handlers:
             nodes = [n for n in nodes if n["node"] in chosen]
         elif edge.boolean(q, "online"):
             nodes = [n for n in nodes if n["state"] == "online"]
-        state = edge.one(q, "state")
         if state is not None:
-            if state not in ("online", "offline"):
-                raise edge.Invalid("state", "`state` must be online or offline")
             nodes = [n for n in nodes if n["state"] == state]
         text = (edge.one(q, "q") or "").lower()
         if text:
