@@ -11,7 +11,6 @@ import argparse
 import dataclasses
 import re
 import shlex
-import tomllib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, NoReturn
@@ -225,6 +224,8 @@ def _exact_int(value: float) -> int:
 
 
 def read_toml(path: str) -> dict[str, Any]:
+    import tomllib  # here, not at the top: the agent reads no TOML file unless given one
+
     try:
         with open(path, "rb") as fh:
             return tomllib.load(fh)
