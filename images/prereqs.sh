@@ -56,7 +56,8 @@ for group in "$@"; do
             need_cmd apt-cache apt
             need_cmd dpkg-deb dpkg
             need_cmd python3 python3
-            need_cmd zstd zstd  # the initramfs's compression (images/mkinitramfs.py)
+            need_cmd lz4 lz4  # the initramfs's compression (images/mkinitramfs.py)
+            need_cmd zstd zstd  # its --compression zstd
             need_cmd flock util-linux
             ;;
         vm)
