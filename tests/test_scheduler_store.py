@@ -505,3 +505,19 @@ def test_store_and_listener_come_back_after_their_sessions_are_killed(
         listener.stop()
         one.close()
         two.close()
+
+
+def test_node_page_by_state_and_cursor(store: Store) -> None:
+    """The node list's page read (GET /v1/nodes without a text or fact filter), on both
+    back ends: no state and no cursor are NULL parameters, which PostgreSQL must type."""
+    for i in range(5):
+        store.apply_status(Status(f"p{i}", "offline" if i in (1, 3) else "online"))
+    page, total = store.node_page(state=None, after=None, limit=2)
+    assert [n["node"] for n in page] == ["p0", "p1"] and total == 5
+    page, total = store.node_page(state=None, after="p1", limit=10)
+    assert [n["node"] for n in page] == ["p2", "p3", "p4"] and total == 5
+    page, total = store.node_page(state="offline", after=None, limit=10)
+    assert [n["node"] for n in page] == ["p1", "p3"] and total == 2
+    page, total = store.node_page(state="online", after="p2", limit=10)
+    assert [n["node"] for n in page] == ["p4"] and total == 3
+    assert store.node_page(state="online", after="p9", limit=10) == ([], 3)

@@ -549,11 +549,12 @@ class Store:
         """(up to `limit` nodes after `after` in id order, in `state` if given; how many
         there are in all): a page read by the primary key, not the whole registry."""
         with self.read() as db:
-            rows = db.execute("SELECT * FROM nodes WHERE (? IS NULL OR state = ?) AND "
-                              "(? IS NULL OR node > ?) ORDER BY node LIMIT ?",
+            rows = db.execute("SELECT * FROM nodes WHERE (CAST(? AS TEXT) IS NULL OR "
+                              "state = ?) AND (CAST(? AS TEXT) IS NULL OR node > ?) "
+                              "ORDER BY node LIMIT ?",
                               (state, state, after, after, limit)).fetchall()
-            total = db.execute("SELECT COUNT(*) FROM nodes WHERE (? IS NULL OR state = ?)",
-                               (state, state)).fetchone()[0]
+            total = db.execute("SELECT COUNT(*) FROM nodes WHERE (CAST(? AS TEXT) IS NULL "
+                               "OR state = ?)", (state, state)).fetchone()[0]
         return [node_dict(r) for r in rows], int(total)
 
     def node(self, node: str) -> JSONObject | None:
