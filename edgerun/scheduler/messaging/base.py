@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -57,6 +57,22 @@ class Messenger(ABC):
     @abstractmethod
     def ack(self, message: Incoming) -> None:
         """The message is recorded: the broker may forget it."""
+
+    def send_many(self, sends: Sequence[tuple[str, bytes, OnDone | None]]) -> None:
+        """`send` of each (node, payload, on_done), in order; a messenger may hand them
+        to its network thread at once."""
+        for node, payload, on_done in sends:
+            self.send(node, payload, on_done)
+
+    def publish_events(self, events: Sequence[tuple[str, str, str, bytes]]) -> None:
+        """`publish_event` of each (subject, node, state, payload), in order."""
+        for event in events:
+            self.publish_event(*event)
+
+    def ack_many(self, messages: Sequence[Incoming]) -> None:
+        """`ack` of each message, in order."""
+        for message in messages:
+            self.ack(message)
 
     @property
     def node(self) -> BrokerURL | None:

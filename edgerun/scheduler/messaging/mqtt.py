@@ -103,6 +103,24 @@ class MqttMessenger(Messenger):
         if self.events_topic:
             self.conn.publish(f"{self.events_topic}/{subject}/{node}", payload, 1)
 
+    def send_many(self, sends: Sequence[tuple[str, bytes, OnDone | None]]) -> None:
+        self.conn.publish_many([(self.topics.tasks(node), payload, 1, False, on_done)
+                                for node, payload, on_done in sends])
+
+    def publish_events(self, events: Sequence[tuple[str, str, str, bytes]]) -> None:
+        if self.events_topic:
+            self.conn.publish_many([(f"{self.events_topic}/{subject}/{node}", payload, 1,
+                                     False, None) for subject, node, _state, payload in events])
+
+    def ack_many(self, messages: Sequence[Incoming]) -> None:
+        plain = [m.token for m in messages if isinstance(m.token, Inbound)
+                 and m.token.qos > 0]
+        if plain:
+            self.conn.ack_many(plain)
+        for message in messages:
+            if not isinstance(message.token, Inbound):
+                self.ack(message)
+
     def ack(self, message: Incoming) -> None:
         token = message.token
         if isinstance(token, Inbound) and token.qos > 0:
