@@ -34,9 +34,11 @@ OUT = ROOT / "images" / "out"
 TIMEOUT_S = 300.0
 STEPS = {  # console line -> step name
     b"Linux version": "kernel", b"Freeing initrd memory": "initramfs unpacked",
-    b"Run /init": "/init", b"edgerun: DHCP on eth0": "DHCP started",
-    b"edgerun: eth0 bound": "first lease", b"INFO edgerun.agent.core: edgerun-agent": "agent",
-    b"connected to": "connected", b"edgerun-floor: up": "floor up",
+    b"Run /init": "/init", b"edgerun: DHCP on eth": "DHCP started",
+    # either NIC's (eth0 is not always the first to get one), and the agent's own line
+    # (the kernel says "connected to" too)
+    b" bound 10.0.": "first lease", b"INFO edgerun.agent.core: edgerun-agent": "agent",
+    b"agent-mqtt: connected to": "connected", b"edgerun-floor: up": "floor up",
 }
 
 
