@@ -113,9 +113,10 @@ def run(tmp: Path, *, nodes: int = 1000, jobs: int = 5, tasks: int = 100,
 
 
 def render(r: dict[str, Any]) -> list[str]:
+    nodes = next(iter(r.values()))["nodes"] if r else 0
     lines = ["### POST latency", "",
              "One request at a time on a keep-alive connection, each after the previous "
-             "one's tasks are final; 1,000 simulated nodes online. CPU: per request, "
+             f"one's tasks are final; {nodes:,} simulated nodes online. CPU: per request, "
              "including the fan-out it caused.", "",
              "| store | request | n | p50 ms | p99 ms | max ms | serve CPU ms | db CPU ms | "
              "target |", "|---|---|---|---|---|---|---|---|---|"]

@@ -150,11 +150,13 @@ def query(db: str, sql: str, args: tuple[Any, ...] = ()) -> list[tuple[Any, ...]
 
 
 def _one(db: str, sql: str) -> int:
-    """One number; 0 while a SQLite store is not created yet."""
+    """One number; 0 while serve has not created the store's tables yet."""
     import sqlite3
+
+    from psycopg.errors import UndefinedTable
     try:
         rows = query(db, sql)
-    except sqlite3.OperationalError:
+    except (sqlite3.OperationalError, UndefinedTable):
         return 0
     return int(rows[0][0] or 0) if rows else 0
 
