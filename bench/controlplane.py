@@ -47,18 +47,36 @@ def _drop(name: str) -> None:
 
 
 class Serve:
+    """`edgerun serve` as a process, listening once the constructor returns. A port that
+    `free_port()` picked can be taken before serve binds it (a swarm of 10,000 clients
+    holds as many ephemeral ports): then serve exits, and it is started again on
+    another port, up to 5 times."""
+
     def __init__(self, tmp: Path, broker: str, db: str, *args: str) -> None:
-        self.port = free_port()
         self.dir = tmp / f"serve-{uuid.uuid4().hex[:6]}"
         self.dir.mkdir(parents=True)
         env = {**os.environ, "PYTHONPATH": str(ROOT)}
         env.pop("EDGERUN_CONFIG", None)
         self.log = open(self.dir / "serve.log", "wb")  # noqa: SIM115 - the process keeps it
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "edgerun.scheduler", "serve", "--broker", broker, "--db", db,
-             "--listen", f"127.0.0.1:{self.port}", "--admin-token-file",
-             str(self.dir / "token"), "--log-level", "warning", *args],
-            stdout=self.log, stderr=self.log, env=env, cwd=self.dir)
+        for _attempt in range(5):
+            self.port = free_port()
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "edgerun.scheduler", "serve", "--broker", broker, "--db",
+                 db, "--listen", f"127.0.0.1:{self.port}", "--admin-token-file",
+                 str(self.dir / "token"), "--log-level", "warning", *args],
+                stdout=self.log, stderr=self.log, env=env, cwd=self.dir)
+            if wait_until(lambda: self.proc.poll() is not None or self._listening(), 120, 0.1) \
+                    and self.proc.poll() is None:
+                return
+        raise RuntimeError(f"serve did not start; see {self.dir / 'serve.log'}")
+
+    def _listening(self) -> bool:
+        import socket
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=1):
+                return True
+        except OSError:
+            return False
 
     def stop(self) -> None:
         self.proc.send_signal(signal.SIGTERM)
