@@ -42,7 +42,7 @@ from edgerun.protocol import (
     parse_command,
 )
 from edgerun.scheduler.echoes import Echoes
-from edgerun.scheduler.fleet.targets import parse_wheres, select_nodes
+from edgerun.scheduler.fleet.targets import is_glob, is_mac, parse_wheres, select_nodes
 from edgerun.scheduler.fleet.tracker import Verdict
 from edgerun.scheduler.errors import StoreError
 from edgerun.scheduler.messaging import Incoming, Messenger
@@ -54,6 +54,7 @@ from edgerun.signing import Signer
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 CALL_TIMEOUT_S = 600.0  # a rollout or job over tens of thousands of nodes is stored here
+EXPLICIT_LOOKUPS = 100  # targets named by id up to this many are read one row each
 BATCH_MAX = 256  # items a transaction: long enough to share a commit, short enough not to
 # keep the API's reads waiting on the store's lock
 
@@ -233,9 +234,17 @@ class Core:
 
     # --- requests' checks (API threads) -------------------------------------------------
     def resolve(self, targets: Sequence[str], online: bool, where: Any = None) -> list[str]:
-        """Node ids, globs, MAC addresses, --online and --where (fleet/targets.py)."""
-        return select_nodes(targets, self.store.nodes(), online_only=online,
-                            where=parse_wheres(where))
+        """Node ids, globs, MAC addresses, --online and --where (fleet/targets.py). A few
+        plain node ids are looked up one by one: a task to one node among 100,000 does
+        not read and parse every node's record."""
+        wheres = parse_wheres(where)
+        if not wheres and 0 < len(targets) <= EXPLICIT_LOOKUPS and all(
+                isinstance(t, str) and t and not is_glob(t) and not is_mac(t) for t in targets):
+            found = (self.store.node(t) for t in dict.fromkeys(targets))
+            nodes = [n for n in found if n is not None]
+        else:
+            nodes = self.store.nodes()
+        return select_nodes(targets, nodes, online_only=online, where=wheres)
 
     def build_task(self, spec: Any, task_id: str | None = None, *,
                    expiry: bool = True) -> Task:
