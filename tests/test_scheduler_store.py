@@ -449,7 +449,7 @@ def test_the_tracker_runs_the_duties_and_retention_when_it_leads(tmp_path: Path)
                       duties=calls.append, keep_days=1.0, sweep_every=10.0)
     store.add_task("n1", ShellTask(id="old", command="true"), source="api")
     apply(store, "old", "succeeded", exit_code=0)
-    with store.transaction() as db:  # finished three days ago
+    with store.db.write() as db:  # finished three days ago
         db.execute("UPDATE tasks SET updated_at='2000-01-01T00:00:00.000Z'")
     assert tracker.tick(now=100.0) is True
     assert calls == [True] and store.tasks() == []  # took the lead: resume, then pruned
@@ -458,17 +458,8 @@ def test_the_tracker_runs_the_duties_and_retention_when_it_leads(tmp_path: Path)
     store.close()
 
 
-def test_the_dialect_layer_translates_the_few_differences() -> None:
-    from edgerun.scheduler.store.db import postgres_ddl, to_postgres, to_sqlite
+def test_the_store_url_is_shown_without_its_password() -> None:
     from edgerun.settings import redact
-    assert to_postgres("SELECT * FROM t WHERE a=? AND b LIKE 'x%'") == \
-        "SELECT * FROM t WHERE a=%s AND b LIKE 'x%%'"
-    assert to_postgres("INSERT OR IGNORE INTO t (a) VALUES (?)") == \
-        "INSERT INTO t (a) VALUES (%s) ON CONFLICT DO NOTHING"
-    assert to_sqlite("SELECT * FROM t WHERE a=? FOR UPDATE") == "SELECT * FROM t WHERE a=?"
-    assert to_sqlite("SELECT 1 FOR UPDATE SKIP LOCKED") == "SELECT 1"
-    assert postgres_ddl("id INTEGER PRIMARY KEY AUTOINCREMENT, t REAL, realm TEXT") == \
-        "id BIGSERIAL PRIMARY KEY, t DOUBLE PRECISION, realm TEXT"
     assert redact("postgresql://u:secret@h/db") == "postgresql://u:***@h/db"
     assert redact("/var/lib/edgerun/s.db") == "/var/lib/edgerun/s.db"
 
@@ -505,19 +496,3 @@ def test_store_and_listener_come_back_after_their_sessions_are_killed(
         listener.stop()
         one.close()
         two.close()
-
-
-def test_node_page_by_state_and_cursor(store: Store) -> None:
-    """The node list's page read (GET /v1/nodes without a text or fact filter), on both
-    back ends: no state and no cursor are NULL parameters, which PostgreSQL must type."""
-    for i in range(5):
-        store.apply_status(Status(f"p{i}", "offline" if i in (1, 3) else "online"))
-    page, total = store.node_page(state=None, after=None, limit=2)
-    assert [n["node"] for n in page] == ["p0", "p1"] and total == 5
-    page, total = store.node_page(state=None, after="p1", limit=10)
-    assert [n["node"] for n in page] == ["p2", "p3", "p4"] and total == 5
-    page, total = store.node_page(state="offline", after=None, limit=10)
-    assert [n["node"] for n in page] == ["p1", "p3"] and total == 2
-    page, total = store.node_page(state="online", after="p2", limit=10)
-    assert [n["node"] for n in page] == ["p4"] and total == 3
-    assert store.node_page(state="online", after="p9", limit=10) == ([], 3)

@@ -330,13 +330,13 @@ def test_retention_deletes_in_bounded_batches_and_keeps_what_is_open(target: str
         store.add_task("n1", ShellTask(id="open", command="true"), source="api")
         _update(store, "n1", "open", "running")
         statements: list[str] = []
-        real = store.db.execute
+        real = store.db.run
 
-        def counting(sql: str, args: Any = ()) -> Any:
-            if sql.startswith("DELETE FROM tasks"):
-                statements.append(sql)
-            return real(sql, args)
-        store.db.execute = counting  # type: ignore[method-assign]
+        def counting(name: str, args: Any = ()) -> Any:
+            if name == "prune_tasks":
+                statements.append(name)
+            return real(name, args)
+        store.db.run = counting  # type: ignore[method-assign]
         pruned = store.prune(keep_days=1, now=time.time() + 2 * 86_400, batch=3)
         assert pruned == {"tasks": 10, "updates": 10, "jobs": 0}
         assert len(statements) == 4  # 3 + 3 + 3 + 1, each in a transaction of its own

@@ -7,8 +7,9 @@ each wrote the row three times and parsed three copies of it. Instead the store
 reads the batch's rows once (`FOR UPDATE`: no other instance can move them until
 COMMIT; SQLite's writers are serialised anyway), steps each row through the
 contract's state machine here, in arrival order, exactly as the guarded UPDATEs
-would have, and writes each changed row once (WRITE_SQL). Every step keeps its own
-history row and its own event, with the task as it was after that step.
+would have, and writes each changed row once (the store's named query `write_task`).
+Every step keeps its own history row and its own event, with the task as it was
+after that step.
 
 What cannot be stepped here (a task not in the store yet, an update the state
 machine refuses: a duplicate or a late one) is left to the one-by-one path
@@ -31,12 +32,9 @@ from edgerun.protocol import DEFAULT_TIMEOUT_S, JSONObject, State, Update, is_fi
 RESULT_FIELDS = ("exit_code", "stdout", "stderr", "truncated", "duration_s", "bytes", "sha256",
                  "dest", "output_dropped")
 NEW = "__new__"  # a row known only so far (an update came before the task)
-# every column a change of state may set, in WRITE_SQL's order
+# every column a change of state may set, in the order of `write_task`'s arguments
 WRITTEN = ("previous", "state", "updated_at", "dispatched_at", "deadline", "expires_ts",
            "exit_code", "error_code", "error_message", "result")
-WRITE_SQL = ("UPDATE tasks SET previous=?, state=?, updated_at=?, dispatched_at=?, deadline=?, "
-             "expires_ts=?, exit_code=?, error_code=?, error_message=?, result=? "
-             "WHERE node=? AND id=?")
 
 Key = tuple[str, str]
 Row = dict[str, Any]
@@ -58,7 +56,7 @@ class Step:
 class Plan:
     steps: list[Step] = field(default_factory=list)
     writes: list[tuple[Any, ...]] = field(default_factory=list)
-    """WRITE_SQL's arguments, one per changed row."""
+    """`write_task`'s arguments, one per changed row."""
     rest: list[int] = field(default_factory=list)
     """Batch positions to apply one by one, in this order."""
 
@@ -128,17 +126,6 @@ class Stepper:
         self.plan.writes = [(*(row[c] for c in WRITTEN), node, task_id)
                             for (node, task_id), row in self._changed.items()]
         return self.plan
-
-
-def keys_sql(count: int, *, lock: bool) -> str:
-    """The rows of `count` (node, id) keys, each found through the (node, id) index: a
-    join from the keys, as SQLite plans `(node, id) IN (VALUES ...)` as a scan of the
-    whole table. Locked (PostgreSQL) in key order, so that two instances never
-    deadlock on each other."""
-    pairs = ",".join(["(?,?)"] * count)
-    return (f"WITH k(node, id) AS (VALUES {pairs}) SELECT t.* FROM k "  # noqa: S608
-            f"JOIN tasks t ON t.node = k.node AND t.id = k.id"
-            + (" ORDER BY t.node, t.id FOR UPDATE OF t" if lock else ""))
 
 
 def by_key(rows: Sequence[Any]) -> dict[Key, Row]:

@@ -1,14 +1,14 @@
 """The audit log: every task, every state change and every node, in SQLite or PostgreSQL.
 
-One SQL text for both back ends (db.py translates the few differences), a
-versioned schema (schema.py), one connection guarded by a lock (the intake
-thread writes, API threads read). Every change of a task's state goes through
-`can_transition` on the row read `FOR UPDATE`, so redelivered or out-of-order
-updates never move a task backwards, even when several `serve` instances
-share one PostgreSQL database: the store is where at-least-once delivery is
-deduped. On PostgreSQL each logged event (`append_event`) is also announced
-with NOTIFY in the transaction that logs it (cluster.py hands those to the
-other instances' event streams).
+Named queries, one file of them per back end (sql/sqlite.sql, sql/postgresql.sql, read
+by queries.py; run by name through db.py), a versioned schema (schema.py), one
+connection guarded by a lock (the intake thread writes, API threads read). Every change
+of a task's state goes through `can_transition` on the row read `FOR UPDATE`, so
+redelivered or out-of-order updates never move a task backwards, even when several
+`serve` instances share one PostgreSQL database: the store is where at-least-once
+delivery is deduped. On PostgreSQL each logged event (`append_event`) is also announced
+with NOTIFY in the transaction that logs it (cluster.py hands those to the other
+instances' event streams).
 """
 
 from __future__ import annotations
@@ -38,14 +38,13 @@ from edgerun.protocol import (
 from edgerun.scheduler.errors import StoreError
 from edgerun.scheduler.store.advance import (
     NEW,
-    WRITE_SQL,
     Plan,
     Stepper,
     by_key,
-    keys_sql,
     update_columns,
 )
 from edgerun.scheduler.store.db import Database, Row, open_database
+from edgerun.scheduler.store.queries import Rows
 from edgerun.scheduler.store.schema import MIGRATIONS, SCHEMA_VERSION
 from edgerun.scheduler.store.tx import Tx, flush_events, run_after
 
@@ -54,7 +53,7 @@ log = logging.getLogger(__name__)
 TOUCH_EVERY_S = 1.0
 PRUNE_BATCH = 2_000  # finished tasks deleted a transaction (retention)
 UNKNOWN = object()
-FINAL = tuple(sorted(str(state) for state in FINAL_STATES))  # the protocol's, the one set
+FINAL = sorted(str(state) for state in FINAL_STATES)  # the protocol's, the one set
 
 
 @cache
@@ -63,11 +62,7 @@ def _sources(state: State) -> tuple[str, ...]:
     return tuple(("__new__" if s is None else str(s)) for s in (None, *State)
                  if can_transition(s, state))
 LOG_KEEP = 100_000
-# the agent's order of a task's states: a history lists them so whatever order they
-# arrived in (several instances, redelivery); the same rank keeps arrival order
-HISTORY_SQL = ("SELECT body, received_at FROM updates WHERE node=? AND task_id=? ORDER BY "
-               "CASE state WHEN 'queued' THEN 0 WHEN 'dispatched' THEN 1 WHEN 'accepted' THEN 2 "
-               "WHEN 'running' THEN 3 ELSE 4 END, seq")
+TOP_SEQ = 2**62  # above every seq: a page with no cursor
 
 
 @dataclass(frozen=True)
@@ -141,9 +136,7 @@ class Store:
         try:
             with self.db.write() as db:
                 for start in range(0, len(nodes), 500):
-                    part = nodes[start:start + 500]
-                    db.execute(f"UPDATE nodes SET last_seen=? WHERE node IN "  # noqa: S608
-                               f"({','.join('?' * len(part))})", (stamp, *part))
+                    db.run("touch_nodes", (stamp, nodes[start:start + 500]))
         except StoreError as exc:
             log.warning("refreshing last_seen: %s", exc)
 
@@ -200,7 +193,7 @@ class Store:
     def event(self, event_id: int) -> JSONObject | None:
         """One logged event's body (None once retention dropped it)."""
         with self.read() as db:
-            row = db.execute("SELECT body FROM events WHERE id=?", (event_id,)).fetchone()
+            row = db.one("event_body", (event_id,))
             return json.loads(row["body"]) if row is not None else None
 
     def log_event(self, channel: str | None, event: JSONObject) -> None:
@@ -238,11 +231,7 @@ class Store:
                   now if state == State.DISPATCHED else None, task.timeout, expires,
                   expires_ts, deadline, job_id, step, _json_or_none(retry), hold)
         with self.transaction() as tx:
-            rows = tx.execute_values(
-                "INSERT INTO tasks (node, id, type, spec, source, state, created_at, "
-                "updated_at, dispatched_at, timeout, expires_at, expires_ts, deadline, job_id, "
-                "step, retry, hold)", [(node, *common) for node in nodes],
-                "ON CONFLICT DO NOTHING RETURNING *", chunk=1000)
+            rows = tx.all("insert_tasks", (*common, list(nodes)))
         rows.sort(key=lambda r: int(r["seq"]))
         return [Change(None, task_dict(r)) for r in rows]
 
@@ -253,14 +242,12 @@ class Store:
         from its updates: its spec is filled in. Known: nothing to do.
         """
         with self.transaction() as tx:
-            row = tx.execute("SELECT spec FROM tasks WHERE node=? AND id=? FOR UPDATE",
-                             (node, task.id)).fetchone()
+            row = tx.one("lock_task_spec", (node, task.id))
             if row is not None:
                 if row["spec"] is None:
-                    tx.execute("UPDATE tasks SET spec=?, type=?, timeout=?, expires_at=? "
-                               "WHERE node=? AND id=?",
-                               (json.dumps(task.to_dict()), task.type, task.timeout,
-                                task.to_dict().get("expires_at"), node, task.id))
+                    tx.run("fill_task_spec", (json.dumps(task.to_dict()), task.type,
+                                              task.timeout, task.to_dict().get("expires_at"),
+                                              node, task.id))
                 return None
             return self.add_task(node, task, source="external", state=State.DISPATCHED,
                                  deadline=deadline)
@@ -271,11 +258,9 @@ class Store:
         expires_at as a timestamp, when the caller knows it (one statement less)."""
         with self.transaction() as tx:
             if expires_ts is UNKNOWN:
-                row = tx.execute("SELECT expires_at FROM tasks WHERE node=? AND id=?",
-                                 (node, task_id)).fetchone()
+                row = tx.one("task_expires_at", (node, task_id))
                 expires_ts = _expires_ts(row["expires_at"]) if row is not None else None
-            return self._transition(node, task_id, State.DISPATCHED,
-                                    "dispatched_at=?, deadline=?, expires_ts=?",
+            return self._transition(node, task_id, State.DISPATCHED, "transition_dispatched",
                                     (format_time(), deadline, expires_ts))
 
     def apply_updates(self, updates: list[tuple[Update, JSONObject]], *, grace: float,
@@ -313,9 +298,8 @@ class Store:
         rows: list[Any] = []
         lock = self.kind == "postgresql"
         for start in range(0, len(ordered), 250):
-            part = ordered[start:start + 250]
-            rows.extend(tx.execute(keys_sql(len(part), lock=lock),
-                                   [v for key in part for v in key]).fetchall())
+            rows.extend(tx.all("lock_tasks_by_keys" if lock else "tasks_by_keys",
+                               (Rows(ordered[start:start + 250], 2),)))
         return Stepper(by_key(rows), _sources, task_dict, format_time())
 
     @staticmethod
@@ -323,13 +307,12 @@ class Store:
         """Each changed row once, the applied steps' history rows together."""
         plan = stepper.finish()
         if len(plan.writes) == 1:
-            tx.execute(WRITE_SQL, plan.writes[0])
+            tx.run("write_task", plan.writes[0])
         elif plan.writes:  # one round trip for all on PostgreSQL
-            tx.db.pipeline([(WRITE_SQL, args) for args in plan.writes])
+            tx.db.pipeline([("write_task", args) for args in plan.writes])
         history = [step.history for step in plan.steps if step.history is not None]
         if history:
-            tx.execute_values("INSERT INTO updates (node, task_id, state, at, "
-                              "received_at, body)", history)
+            tx.db.run_many("insert_updates", history)
         return plan
 
     def mark_dispatched_many(self, confirms: list[tuple[str, str, float, float | None]]
@@ -369,9 +352,8 @@ class Store:
             made = 0
             if stepper.current(key) is None:
                 stamp = format_time()  # known only from its updates: recorded from this one
-                made = tx.execute("INSERT OR IGNORE INTO tasks (node, id, source, state, "
-                                  "created_at, updated_at) VALUES (?,?,?,?,?,?)",
-                                  (node, task_id, "update", NEW, stamp, stamp)).rowcount
+                made = tx.run("insert_placeholder_task",
+                              (node, task_id, "update", NEW, stamp, stamp)).rowcount
                 stepper = self._stepper(tx, {key})
             row = stepper.current(key)
             if row is not None and stepper.step(
@@ -380,26 +362,21 @@ class Store:
                 step = self._write_steps(tx, stepper).steps[0]
                 return Change(step.previous, step.task)
             if made == 1:
-                tx.execute("DELETE FROM tasks WHERE node=? AND id=? AND state=?",
-                           (node, task_id, NEW))
+                tx.run("delete_placeholder_task", (node, task_id))
                 return None
             # Not applied (a duplicate, or late: with several instances `accepted` may be
             # handled after `running`), yet the first copy of each state is part of the
             # record. The task row is locked (FOR UPDATE), so two instances never both
             # insert it.
-            tx.execute(
-                "INSERT INTO updates (node, task_id, state, at, received_at, body) "
-                "SELECT ?,?,?,?,?,? WHERE EXISTS (SELECT 1 FROM tasks WHERE node=? AND "
-                "id=?) AND NOT EXISTS (SELECT 1 FROM updates WHERE node=? AND task_id=? "
-                "AND state=?)", (*history, node, task_id, node, task_id, str(state)))
+            tx.run("insert_late_update",
+                   (*history, node, task_id, node, task_id, str(state)))
             return None
 
     def record_rejected_without_id(self, node: str, body: JSONObject) -> None:
         """A `rejected` update with `"id": null`: no task to attach it to, kept for the audit."""
         with self.transaction() as tx:
-            tx.execute("INSERT INTO updates (node, task_id, state, at, received_at, body) "
-                       "VALUES (?,NULL,?,?,?,?)", (node, str(State.REJECTED), body.get("at"),
-                                                   format_time(), json.dumps(body)))
+            tx.run("insert_rejected_update", (node, str(State.REJECTED), body.get("at"),
+                                              format_time(), json.dumps(body)))
 
     def mark_lost(self, node: str, task_id: str, expected: str, code: str,
                   message: str) -> Change | None:
@@ -413,41 +390,34 @@ class Store:
     def _verdict(self, node: str, task_id: str, expected: str, state: State, code: str,
                  message: str) -> Change | None:
         with self.transaction() as tx:
-            change = self._transition(
-                node, task_id, state, "deadline=NULL, expires_ts=NULL, error_code=?, "
-                "error_message=?", (code, message), expected=expected)
+            change = self._transition(node, task_id, state, "transition_verdict",
+                                      (code, message), expected=expected)
             if change is not None:
                 body = {"v": 1, "kind": "update", "id": task_id, "node": node,
                         "state": str(state), "at": format_time(),
                         "error": {"code": code, "message": message}, "by": "scheduler"}
-                tx.execute("INSERT INTO updates (node, task_id, state, at, received_at, body) "
-                           "VALUES (?,?,?,?,?,?)", (node, task_id, str(state), body["at"],
-                                                    body["at"], json.dumps(body)))
+                tx.run("insert_update", (node, task_id, str(state), body["at"], body["at"],
+                                         json.dumps(body)))
             return change
 
     def extend_deadlines(self, node: str, at_least: float) -> None:
         """A node came (back) online: its waiting tasks get a fresh chance to be taken."""
         with self.transaction() as tx:
-            tx.execute("UPDATE tasks SET deadline=? WHERE node=? AND state=? "
-                       "AND deadline IS NOT NULL AND deadline < ?",
-                       (at_least, node, str(State.DISPATCHED), at_least))
+            tx.run("extend_deadlines", (at_least, node, str(State.DISPATCHED), at_least))
 
-    def _transition(self, node: str, task_id: str, state: State, sets: str,
+    def _transition(self, node: str, task_id: str, state: State, query: str,
                     args: tuple[Any, ...], expected: str | None = None) -> Change | None:
-        """One guarded UPDATE: the new state and `sets` (fixed SQL texts of this module
-        with `args`) only if the state machine allows the move from the row's current
-        state (`expected`, if given, must be it); it returns the row with the state it
-        left (`previous`). Under PostgreSQL's row lock a concurrent change re-checks the
-        guard on the row's newest version, so two instances never both apply a move."""
+        """One guarded UPDATE (the named `query`, a `transition_*` one, with `args` for
+        what it sets): the new state only if the state machine allows the move from the
+        row's current state (`expected`, if given, must be it); it returns the row with
+        the state it left (`previous`). Under PostgreSQL's row lock a concurrent change
+        re-checks the guard on the row's newest version, so two instances never both
+        apply a move."""
         sources = [s for s in _sources(state) if expected is None or s == expected]
         if not sources:
             return None
         with self.transaction() as tx:
-            row = tx.execute(
-                f"UPDATE tasks SET previous=state, state=?, updated_at=?, {sets} "  # noqa: S608
-                f"WHERE node=? AND id=? AND state IN ({','.join('?' * len(sources))}) "
-                f"RETURNING *", (str(state), format_time(), *args, node, task_id, *sources)
-            ).fetchone()
+            row = tx.one(query, (str(state), format_time(), *args, node, task_id, sources))
             if row is None:
                 return None
             previous = row["previous"]
@@ -456,8 +426,7 @@ class Store:
     # --- tasks: reads ---------------------------------------------------------------
     def get(self, node: str, task_id: str) -> JSONObject | None:
         with self.read() as db:
-            row = db.execute("SELECT * FROM tasks WHERE node=? AND id=?",
-                             (node, task_id)).fetchone()
+            row = db.one("get_task", (node, task_id))
             return task_dict(row) if row is not None else None
 
     def find(self, task_id: str, node: str | None = None) -> list[JSONObject]:
@@ -467,40 +436,31 @@ class Store:
             task = self.get(node, task_id)
             return [task] if task is not None and task["state"] != "__new__" else []
         with self.read() as db:
-            rows = db.execute("SELECT * FROM tasks WHERE id=? ORDER BY seq", (task_id,))
+            rows = db.all("find_tasks", (task_id,))
             return [task_dict(r) for r in rows]
 
     def updates(self, node: str, task_id: str) -> list[JSONObject]:
         """A task's history in the agent's order: accepted < running < final, whatever
         order they arrived in; updates of the same rank in arrival order."""
         with self.read() as db:
-            rows = db.execute(HISTORY_SQL, (node, task_id))
+            rows = db.all("task_history", (node, task_id))
             return [{**json.loads(r["body"]), "received_at": r["received_at"]} for r in rows]
 
     def tasks(self, *, node: str | None = None, state: str | None = None,
               job_id: str | None = None, limit: int = 100) -> list[JSONObject]:
         """Newest first."""
-        where, args = [], []
-        for column, value in (("node", node), ("state", state), ("job_id", job_id)):
-            if value is not None:
-                where.append(f"{column}=?")
-                args.append(value)
-        sql = "SELECT * FROM tasks WHERE state != '__new__'"
-        sql += "".join(f" AND {w}" for w in where) + " ORDER BY seq DESC LIMIT ?"
         with self.read() as db:
-            return [task_dict(r) for r in db.execute(sql, (*args, limit))]
+            return [task_dict(r) for r in db.all(*_page(node, state, job_id, None, limit))]
 
     def due(self, now: float) -> list[JSONObject]:
         """Unfinished tasks past their deadline or expiry: for the tracker to judge."""
         with self.read() as db:
-            rows = db.execute("SELECT * FROM tasks WHERE (deadline IS NOT NULL AND deadline <= ?)"
-                              " OR (expires_ts IS NOT NULL AND expires_ts <= ?) ORDER BY seq",
-                              (now, now))
+            rows = db.all("due_tasks", (now, now))
             return [task_dict(r) for r in rows]
 
     def count_by_state(self) -> dict[str, int]:
         with self.read() as db:
-            rows = db.execute("SELECT state, COUNT(*) AS n FROM tasks GROUP BY state")
+            rows = db.all("count_tasks_by_state")
             return {r["state"]: int(r["n"]) for r in rows if r["state"] != "__new__"}
 
     # --- nodes ---------------------------------------------------------------------
@@ -511,20 +471,15 @@ class Store:
         so two instances recording the same status agree on one `previous`."""
         now = format_time()
         with self.transaction() as db:
-            db.execute("INSERT OR IGNORE INTO nodes (node, state, first_seen, last_seen, "
-                       "changed_at) VALUES (?,?,?,?,?)", (status.node, "__new__", now, now, now))
-            row = db.execute("SELECT state FROM nodes WHERE node=? FOR UPDATE",
-                             (status.node,)).fetchone()
+            db.run("insert_node_placeholder", (status.node, "__new__", now, now, now))
+            row = db.one("lock_node_state", (status.node,))
             previous = None if row["state"] == "__new__" else row["state"]
-            db.execute("UPDATE nodes SET state=?, last_seen=?, changed_at=CASE WHEN state=? "
-                       "THEN changed_at ELSE ? END, agent=COALESCE(?, agent), "
-                       "facts=COALESCE(?, facts), running=? WHERE node=?",
-                       (status.state, now, status.state, now, status.agent,
-                        _json_or_none(status.facts),
-                        _json_or_none(list(status.running)) if status.running is not None
-                        else None, status.node))
-            node = node_dict(db.execute("SELECT * FROM nodes WHERE node=?",
-                                        (status.node,)).fetchone())
+            db.run("update_node_status",
+                   (status.state, now, status.state, now, status.agent,
+                    _json_or_none(status.facts),
+                    _json_or_none(list(status.running)) if status.running is not None
+                    else None, status.node))
+            node = node_dict(db.one("get_node", (status.node,)))
             return previous, node
 
     def touch_node(self, node: str) -> None:
@@ -542,40 +497,36 @@ class Store:
 
     def nodes(self) -> list[JSONObject]:
         with self.read() as db:
-            return [node_dict(r) for r in db.execute("SELECT * FROM nodes ORDER BY node")]
+            return [node_dict(r) for r in db.all("list_nodes")]
 
     def node_page(self, *, state: str | None, after: str | None,
                   limit: int) -> tuple[list[JSONObject], int]:
         """(up to `limit` nodes after `after` in id order, in `state` if given; how many
         there are in all): a page read by the primary key, not the whole registry."""
         with self.read() as db:
-            rows = db.execute("SELECT * FROM nodes WHERE (CAST(? AS TEXT) IS NULL OR "
-                              "state = ?) AND (CAST(? AS TEXT) IS NULL OR node > ?) "
-                              "ORDER BY node LIMIT ?",
-                              (state, state, after, after, limit)).fetchall()
-            total = db.execute("SELECT COUNT(*) FROM nodes WHERE (CAST(? AS TEXT) IS NULL "
-                               "OR state = ?)", (state, state)).fetchone()[0]
+            rows = db.all("node_page", {"state": state, "after": after or "", "limit": limit})
+            total = db.one("count_nodes", {"state": state})[0]
         return [node_dict(r) for r in rows], int(total)
 
     def node(self, node: str) -> JSONObject | None:
         with self.read() as db:
-            row = db.execute("SELECT * FROM nodes WHERE node=?", (node,)).fetchone()
+            row = db.one("get_node", (node,))
             return node_dict(row) if row is not None else None
 
     def count_nodes_by_state(self) -> dict[str, int]:
         with self.read() as db:
-            rows = db.execute("SELECT state, COUNT(*) AS n FROM nodes GROUP BY state")
+            rows = db.all("count_nodes_by_state")
             return {r["state"]: int(r["n"]) for r in rows}
 
     def online_nodes(self) -> set[str]:
         with self.read() as db:
-            return {r["node"] for r in db.execute("SELECT node FROM nodes WHERE state='online'")}
+            return {r["node"] for r in db.all("online_nodes")}
 
     def forget_node(self, node: str) -> bool:
         """Remove a node from the registry (its task history stays until pruned).
         False when it was not known. A node still alive comes back with its next status."""
         with self.transaction() as db:
-            return bool(db.execute("DELETE FROM nodes WHERE node=?", (node,)).rowcount)
+            return bool(db.run("delete_node", (node,)).rowcount)
 
     # --- retention and re-sending ------------------------------------------------------
     def prune(self, keep_days: float, now: float | None = None,
@@ -591,32 +542,20 @@ class Store:
         out = {"tasks": 0, "updates": 0, "jobs": 0}
         while True:
             with self.transaction() as db:
-                seqs = [int(r[0]) for r in db.execute(
-                    f"SELECT seq FROM tasks WHERE updated_at < ? AND state IN "  # noqa: S608
-                    f"({','.join('?' * len(FINAL))}) ORDER BY seq LIMIT ?",
-                    (stamp, *FINAL, batch))]
+                seqs = [int(r[0]) for r in db.all("prune_pick_tasks", (stamp, FINAL, batch))]
                 if seqs:
-                    marks = ",".join("?" * len(seqs))
-                    out["updates"] += max(0, db.execute(
-                        f"DELETE FROM updates WHERE EXISTS (SELECT 1 FROM tasks t WHERE "  # noqa: S608
-                        f"t.seq IN ({marks}) AND t.node=updates.node AND "
-                        f"t.id=updates.task_id)", seqs).rowcount)
-                    out["tasks"] += max(0, db.execute(
-                        f"DELETE FROM tasks WHERE seq IN ({marks})", seqs).rowcount)  # noqa: S608
+                    out["updates"] += max(0, db.run("prune_task_updates", (seqs,)).rowcount)
+                    out["tasks"] += max(0, db.run("prune_tasks", (seqs,)).rowcount)
             if len(seqs) < batch:
                 break
         while True:
             with self.transaction() as db:
-                gone = db.execute("DELETE FROM updates WHERE seq IN (SELECT seq FROM updates "
-                                  "WHERE task_id IS NULL AND received_at < ? LIMIT ?)",
-                                  (stamp, batch)).rowcount
+                gone = db.run("prune_orphan_updates", (stamp, batch)).rowcount
                 out["updates"] += max(0, gone)
             if gone < batch:
                 break
         with self.transaction() as db:
-            out["jobs"] = max(0, db.execute(
-                "DELETE FROM jobs WHERE created_at < ? AND NOT EXISTS (SELECT 1 FROM tasks t "
-                "WHERE t.job_id=jobs.id)", (stamp,)).rowcount)
+            out["jobs"] = max(0, db.run("prune_jobs", (stamp,)).rowcount)
         return out
 
     def stale_queued(self, older_than_s: float) -> list[JSONObject]:
@@ -624,32 +563,27 @@ class Store:
         instance that died before the broker took them."""
         stamp = format_time(datetime.now(UTC) - timedelta(seconds=older_than_s))
         with self.read() as db:
-            rows = db.execute("SELECT * FROM tasks WHERE state=? AND job_id IS NULL AND "
-                              "spec IS NOT NULL AND created_at < ? ORDER BY seq",
-                              (str(State.QUEUED), stamp))
+            rows = db.all("stale_queued", (str(State.QUEUED), stamp))
             return [task_dict(r) for r in rows]
 
     def unaccepted(self, node: str) -> list[JSONObject]:
         """Tasks sent to `node` that it has not acknowledged yet (state `dispatched`), oldest
         first: what a broker that lost its queue should get again."""
         with self.read() as db:
-            rows = db.execute("SELECT * FROM tasks WHERE node=? AND state=? AND spec IS NOT NULL "
-                              "ORDER BY seq", (node, str(State.DISPATCHED)))
+            rows = db.all("unaccepted", (node, str(State.DISPATCHED)))
             return [task_dict(r) for r in rows]
 
     # --- jobs ------------------------------------------------------------------------
     def add_job(self, job_id: str, nodes: list[str], steps: list[JSONObject]) -> None:
         with self.transaction() as db:
-            db.execute("INSERT INTO jobs (id, created_at, nodes, steps) VALUES (?,?,?,?)",
-                       (job_id, format_time(), json.dumps(nodes), json.dumps(steps)))
+            db.run("insert_job", (job_id, format_time(), json.dumps(nodes), json.dumps(steps)))
 
     def job(self, job_id: str) -> JSONObject | None:
         with self.read() as db:
-            row = db.execute("SELECT * FROM jobs WHERE id=?", (job_id,)).fetchone()
+            row = db.one("get_job", (job_id,))
             if row is None:
                 return None
-            tasks = db.execute("SELECT * FROM tasks WHERE job_id=? ORDER BY node, step",
-                               (job_id,))
+            tasks = db.all("job_tasks", (job_id,))
             return {"id": row["id"], "created_at": row["created_at"],
                     "nodes": json.loads(row["nodes"]), "steps": json.loads(row["steps"]),
                     "tasks": [task_dict(t) for t in tasks]}
@@ -657,7 +591,7 @@ class Store:
     def job_head(self, job_id: str) -> JSONObject | None:
         """A job's own row (its nodes and steps), without its tasks."""
         with self.read() as db:
-            row = db.execute("SELECT * FROM jobs WHERE id=?", (job_id,)).fetchone()
+            row = db.one("get_job", (job_id,))
             if row is None:
                 return None
             return {"id": row["id"], "created_at": row["created_at"],
@@ -669,24 +603,19 @@ class Store:
         out: list[JSONObject] = []
         with self.read() as db:
             for start in range(0, len(ordered), 250):
-                part = ordered[start:start + 250]
-                out.extend(task_dict(r) for r in db.execute(
-                    keys_sql(len(part), lock=False), [v for key in part for v in key]))
+                out.extend(task_dict(r) for r in db.all(
+                    "tasks_by_keys", (Rows(ordered[start:start + 250], 2),)))
         return out
 
     def job_steps(self, job_id: str, node: str) -> list[JSONObject]:
         with self.read() as db:
-            rows = db.execute("SELECT * FROM tasks WHERE job_id=? AND node=? ORDER BY step",
-                              (job_id, node))
+            rows = db.all("job_steps", (job_id, node))
             return [task_dict(r) for r in rows]
 
     def queued_job_heads(self) -> list[JSONObject]:
         """Job steps that may go now: queued, and every earlier step of the node succeeded."""
         with self.read() as db:
-            rows = db.execute(
-                "SELECT * FROM tasks t WHERE t.job_id IS NOT NULL AND t.state='queued' AND NOT "
-                "EXISTS (SELECT 1 FROM tasks p WHERE p.job_id=t.job_id AND p.node=t.node AND "
-                "p.step < t.step AND p.state != 'succeeded') ORDER BY seq")
+            rows = db.all("queued_job_heads")
             return [task_dict(r) for r in rows]
 
     # --- reads for the API: keyset pages, id prefixes, job progress ---------------------
@@ -695,15 +624,8 @@ class Store:
                   limit: int = 100) -> tuple[list[JSONObject], int | None]:
         """Newest first, at most `limit`, older than the cursor `before`; returns the
         tasks and the cursor of the next page (None at the end)."""
-        where, args = ["state != '__new__'"], []
-        for column, value in (("node", node), ("state", state), ("job_id", job_id),
-                              ("seq", before)):
-            if value is not None:
-                where.append(f"{column} < ?" if column == "seq" else f"{column}=?")
-                args.append(value)
-        sql = f"SELECT * FROM tasks WHERE {' AND '.join(where)} ORDER BY seq DESC LIMIT ?"  # noqa: S608
         with self.read() as db:
-            rows = list(db.execute(sql, (*args, limit + 1)))
+            rows = db.all(*_page(node, state, job_id, before, limit + 1))
         more = len(rows) > limit
         rows = rows[:limit]
         return [task_dict(r) for r in rows], (int(rows[-1]["seq"]) if more else None)
@@ -711,18 +633,14 @@ class Store:
     def task_ids_with_prefix(self, prefix: str, limit: int = 10) -> list[str]:
         """Distinct task ids that start with `prefix`, in order (for git-like short ids)."""
         with self.read() as db:
-            rows = db.execute("SELECT DISTINCT id FROM tasks WHERE id >= ? AND id < ? "
-                              "AND state != '__new__' ORDER BY id LIMIT ?",
-                              (prefix, prefix + "\U0010ffff", limit))
+            rows = db.all("task_ids_with_prefix", (prefix, prefix + "\U0010ffff", limit))
             return [r["id"] for r in rows]
 
     def jobs(self, before: str | None = None, limit: int = 50) -> list[JSONObject]:
         """Newest first, created before the cursor `before` (a created_at): id, created_at,
         the number of nodes, the steps."""
         with self.read() as db:
-            rows = db.execute("SELECT id, created_at, nodes, steps FROM jobs WHERE "
-                              "created_at < ? ORDER BY created_at DESC, id DESC LIMIT ?",
-                              (before or "9999", limit))
+            rows = db.all("list_jobs", (before or "9999", limit))
             return [{"id": r["id"], "created_at": r["created_at"],
                      "nodes": len(json.loads(r["nodes"])), "steps": json.loads(r["steps"])}
                     for r in rows]
@@ -730,8 +648,7 @@ class Store:
     def job_progress(self, job_id: str) -> dict[int, dict[str, int]]:
         """{step: {state: count}} over every node of the job, counted by the database."""
         with self.read() as db:
-            rows = db.execute("SELECT step, state, COUNT(*) AS n FROM tasks WHERE job_id=? "
-                              "GROUP BY step, state", (job_id,))
+            rows = db.all("job_progress", (job_id,))
             out: dict[int, dict[str, int]] = {}
             for r in rows:
                 out.setdefault(int(r["step"]), {})[r["state"]] = int(r["n"])
@@ -741,15 +658,11 @@ class Store:
                     limit: int = 100) -> list[JSONObject]:
         """One row per node, by node id after `after`: its steps' id, state, exit code."""
         with self.read() as db:
-            nodes = [r["node"] for r in db.execute(
-                "SELECT DISTINCT node FROM tasks WHERE job_id=? AND node > ? ORDER BY node "
-                "LIMIT ?", (job_id, after or "", limit))]
+            nodes = [r["node"] for r in db.all("job_target_nodes",
+                                               (job_id, after or "", limit))]
             if not nodes:
                 return []
-            marks = ",".join("?" * len(nodes))
-            rows = db.execute(f"SELECT node, id, step, state, exit_code, error_code, updated_at "  # noqa: S608
-                              f"FROM tasks WHERE job_id=? AND node IN ({marks}) "
-                              f"ORDER BY node, step", (job_id, *nodes))
+            rows = db.all("job_target_rows", (job_id, nodes))
             by_node: dict[str, list[JSONObject]] = {n: [] for n in nodes}
             for r in rows:
                 by_node[r["node"]].append({"step": r["step"], "id": r["id"],
@@ -763,42 +676,38 @@ class Store:
                   created_by: str | None) -> JSONObject | None:
         """None when a token of that name exists already."""
         with self.transaction() as db:
-            cur = db.execute("INSERT OR IGNORE INTO tokens (name, role, hash, hint, created_at, "
-                             "created_by) VALUES (?,?,?,?,?,?)",
-                             (name, role, digest, hint, format_time(), created_by))
+            cur = db.run("insert_token", (name, role, digest, hint, format_time(), created_by))
             if cur.rowcount == 0:
                 return None
-            row = db.execute("SELECT * FROM tokens WHERE name=?", (name,)).fetchone()
+            row = db.one("token_by_name", (name,))
             return _token_dict(row)
 
     def token_by_hash(self, digest: str) -> JSONObject | None:
         """The live (not revoked) token with this hash."""
         with self.read() as db:
-            row = db.execute("SELECT * FROM tokens WHERE hash=? AND revoked_at IS NULL",
-                             (digest,)).fetchone()
+            row = db.one("token_by_hash", (digest,))
             return _token_dict(row) if row is not None else None
 
     def tokens(self) -> list[JSONObject]:
         with self.read() as db:
-            return [_token_dict(r) for r in db.execute("SELECT * FROM tokens ORDER BY id")]
+            return [_token_dict(r) for r in db.all("list_tokens")]
 
     def count_tokens(self) -> int:
         with self.read() as db:
-            return int(db.execute("SELECT COUNT(*) FROM tokens").fetchone()[0])
+            return int(db.one("count_tokens")[0])
 
     def revoke_token(self, name: str) -> JSONObject | None:
         """None when no live token has that name."""
         with self.transaction() as db:
-            cur = db.execute("UPDATE tokens SET revoked_at=? WHERE name=? AND revoked_at IS NULL",
-                             (format_time(), name))
+            cur = db.run("revoke_token", (format_time(), name))
             if cur.rowcount == 0:
                 return None
-            row = db.execute("SELECT * FROM tokens WHERE name=?", (name,)).fetchone()
+            row = db.one("token_by_name", (name,))
             return _token_dict(row)
 
     def touch_token(self, token_id: int) -> None:
         with self.transaction() as db:
-            db.execute("UPDATE tokens SET last_used_at=? WHERE id=?", (format_time(), token_id))
+            db.run("touch_token", (format_time(), token_id))
 
     # --- the event log (what /v1/events resumes from) -------------------------------
     def append_event(self, channel: str, node: str | None, task_id: str | None,
@@ -825,18 +734,31 @@ class Store:
                      through: int | None = None) -> list[tuple[int, JSONObject]]:
         """(id, body) of logged events with id > `after` (and <= `through`), oldest first."""
         with self.read() as db:
-            rows = db.execute("SELECT id, body FROM events WHERE id > ? AND id <= ? "
-                              "ORDER BY id LIMIT ?",
-                              (after, through if through is not None else 2**62, limit))
+            rows = db.all("events_after",
+                          (after, through if through is not None else TOP_SEQ, limit))
             return [(int(r["id"]), json.loads(r["body"])) for r in rows]
 
     def event_horizon(self) -> tuple[int, int]:
         """(highest id dropped by retention, highest id written); 0 when none."""
         with self.read() as db:
-            row = db.execute("SELECT value FROM meta WHERE key='events_dropped_through'"
-                             ).fetchone()
-            last = db.execute("SELECT value FROM meta WHERE key='event_seq'").fetchone()
+            row = db.one("meta_value", ("events_dropped_through",))
+            last = db.one("meta_value", ("event_seq",))
             return (int(row["value"]) if row else 0, int(last[0]) if last else 0)
+
+
+def _page(node: str | None, state: str | None, job_id: str | None, before: int | None,
+          limit: int) -> tuple[str, dict[str, Any]]:
+    """The named query of a filtered page of tasks and its arguments: the one led by
+    the most selective filter given (its index), the others optional in it."""
+    args = {"node": node, "state": state, "job": job_id, "limit": limit,
+            "before": before if before is not None else TOP_SEQ}
+    if node is not None:
+        return "task_page_by_node", args
+    if job_id is not None:
+        return "task_page_by_job", args
+    if state is not None:
+        return "task_page_by_state", args
+    return "task_page", args
 
 
 def _expires_ts(expires_at: str | None) -> float | None:

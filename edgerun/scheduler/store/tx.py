@@ -28,12 +28,13 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from edgerun.protocol import JSONObject, format_time
 from edgerun.scheduler.store.db import Cursor, Database
+from edgerun.scheduler.store.queries import Args
 
 log = logging.getLogger(__name__)
 
@@ -62,12 +63,15 @@ class Tx:
     scratch: dict[str, Any] = field(default_factory=dict)
     """What such work gathers, for this transaction only (a rollback forgets it)."""
 
-    def execute(self, sql: str, args: Sequence[Any] = ()) -> Cursor:
-        return self.db.execute(sql, args)
+    def run(self, name: str, args: Args = ()) -> Cursor:
+        """A named query (db.py), in this transaction."""
+        return self.db.run(name, args)
 
-    def execute_values(self, head: str, rows: Sequence[Sequence[Any]], tail: str = "",
-                       chunk: int = 500) -> list[Any]:
-        return self.db.execute_values(head, rows, tail, chunk)
+    def one(self, name: str, args: Args = ()) -> Any:
+        return self.db.one(name, args)
+
+    def all(self, name: str, args: Args = ()) -> list[Any]:
+        return self.db.all(name, args)
 
     def before_commit(self, callback: Callable[[], None]) -> None:
         self.before.append(callback)
@@ -86,22 +90,18 @@ def flush_events(tx: Tx, *, origin: str, shared: bool,
     if not events:
         tx.logged = [(0, event) for *_where, event in tx.events]
         return tx.logged
-    row = db.execute("UPDATE meta SET value=CAST(CAST(value AS BIGINT)+? AS TEXT) "
-                     "WHERE key='event_seq' RETURNING value", (len(events),)).fetchone()
-    last = int(row[0])
+    last = int(db.one("bump_event_seq", (len(events),))[0])
     first = last - len(events) + 1
     at = format_time()
-    rows = [(first + i, at, channel, node, task_id, json.dumps(event))
-            for i, (channel, node, task_id, event) in enumerate(events)]
-    db.execute_values("INSERT INTO events (id, at, channel, node, task_id, body)", rows)
+    db.run_many("insert_events", [(first + i, at, channel, node, task_id, json.dumps(event))
+                                  for i, (channel, node, task_id, event) in enumerate(events)])
     if shared:
         db.notify(json.dumps({"o": origin, "a": first, "b": last}, separators=(",", ":")))
     keep = tx.keep if tx.keep is not None else keep
     if keep > 0 and last > keep and (first - 1) // RETENTION_EVERY != last // RETENTION_EVERY:
         horizon = last - keep
-        db.execute("DELETE FROM events WHERE id <= ?", (horizon,))
-        db.execute("INSERT INTO meta (key, value) VALUES ('events_dropped_through', ?) "
-                   "ON CONFLICT(key) DO UPDATE SET value=excluded.value", (str(horizon),))
+        db.run("delete_events_through", (horizon,))
+        db.run("set_meta", ("events_dropped_through", str(horizon)))
     ids = iter(range(first, last + 1))
     tx.logged = [(next(ids) if channel is not None else 0, event)
                  for channel, *_where, event in tx.events]

@@ -380,6 +380,15 @@ SELECT state FROM nodes WHERE node=%s FOR UPDATE
 UPDATE nodes SET state=%s, last_seen=%s, changed_at=CASE WHEN state=%s THEN changed_at ELSE %s END,
 agent=COALESCE(%s, agent), facts=COALESCE(%s, facts), running=%s WHERE node=%s
 
+-- a page of nodes in id order after :after ('' for the first: node ids are never empty),
+-- by the primary key; :state NULL: any
+-- name: node_page
+SELECT * FROM nodes WHERE node > %(after)s AND (%(state)s::text IS NULL OR state = %(state)s)
+ORDER BY node LIMIT %(limit)s
+
+-- name: count_nodes
+SELECT COUNT(*) FROM nodes WHERE (%(state)s::text IS NULL OR state = %(state)s)
+
 -- name: get_node
 SELECT * FROM nodes WHERE node=%s
 

@@ -352,6 +352,15 @@ SELECT state FROM nodes WHERE node=?
 UPDATE nodes SET state=?, last_seen=?, changed_at=CASE WHEN state=? THEN changed_at ELSE ? END,
 agent=COALESCE(?, agent), facts=COALESCE(?, facts), running=? WHERE node=?
 
+-- a page of nodes in id order after :after ('' for the first: node ids are never empty),
+-- by the primary key; :state NULL: any
+-- name: node_page
+SELECT * FROM nodes WHERE node > :after AND (:state IS NULL OR state = :state)
+ORDER BY node LIMIT :limit
+
+-- name: count_nodes
+SELECT COUNT(*) FROM nodes WHERE (:state IS NULL OR state = :state)
+
 -- name: get_node
 SELECT * FROM nodes WHERE node=?
 
