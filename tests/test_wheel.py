@@ -92,6 +92,8 @@ def test_the_wheel_holds_edgerun_and_nothing_else(installed: Installed) -> None:
     assert top == {"edgerun", f"edgerun-{__version__}.dist-info"}, top
     for part in ("agent", "bridge", "scheduler", "protocol"):
         assert f"edgerun/{part}/__init__.py" in names
+    for kind in ("sqlite", "postgresql"):  # the store's named queries, package data
+        assert f"edgerun/scheduler/store/sql/{kind}.sql" in names
     assert "SetuptoolsDeprecationWarning" not in installed.build_log
 
 

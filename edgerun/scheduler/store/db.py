@@ -15,7 +15,6 @@ for it (about 23 MiB of RSS and 115 ms here).
 
 from __future__ import annotations
 
-import re
 import sqlite3
 import threading
 import time
@@ -31,10 +30,6 @@ from edgerun.scheduler.store.queries import Args, for_postgres, for_sqlite
 from edgerun.settings import redact
 
 PG_SCHEMES = ("postgresql://", "postgres://")
-_DDL = [(re.compile(r"\bINTEGER PRIMARY KEY AUTOINCREMENT\b", re.I), "BIGSERIAL PRIMARY KEY"),
-        (re.compile(r"\bREAL\b", re.I), "DOUBLE PRECISION")]
-_IGNORE = re.compile(r"^\s*INSERT\s+OR\s+IGNORE\s+INTO\b", re.I)
-_FOR_UPDATE = re.compile(r"\s+FOR\s+UPDATE(\s+(SKIP\s+LOCKED|NOWAIT))?\s*$", re.I)
 PROBE_AFTER_IDLE_S = 5.0
 MIGRATION_LOCK = 0x6564_6765_7275_6E00  # "edgerun\0": serialises migrations across instances
 
@@ -126,39 +121,16 @@ class Database(ABC):
     def _run_many(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
         ...
 
-    @abstractmethod
-    def execute(self, sql: str, args: Sequence[Any] = ()) -> Cursor:
-        ...
-
-    def execute_values(self, head: str, rows: Sequence[Sequence[Any]], tail: str = "",
-                       chunk: int = 500) -> list[Any]:
-        """`head VALUES (?,..),(?,..) tail` for many rows in a few statements (chunks of
-        `chunk` rows): one round trip per chunk instead of one per row. Returns the rows
-        a `tail` of `RETURNING ...` gives back."""
-        out: list[Any] = []
-        for start in range(0, len(rows), chunk):
-            part = rows[start:start + chunk]
-            one = "(" + ",".join("?" * len(part[0])) + ")"
-            sql = f"{head} VALUES {','.join([one] * len(part))} {tail}"
-            args = [value for row in part for value in row]
-            cur = self.execute(sql, args)
-            if "RETURNING" in tail.upper():
-                out.extend(cur.fetchall())
-        return out
+    def execute(self, sql: str, args: Args = ()) -> Cursor:
+        """One statement as is, in this back end's own dialect: for tests and one-off
+        tools (the store runs named queries)."""
+        return self._run(sql, args)
 
     def pipeline(self, statements: Sequence[tuple[str, Args]]) -> list[list[Any]]:
         """Each named query's rows (for `RETURNING`), in order. PostgreSQL sends them all
         before it reads any answer (psycopg's pipeline mode): one round trip for the lot
         instead of one each. They run in order, each seeing the ones before."""
-        return [self._run(self._statement(name), args).fetchall() for name, args in statements]
-
-    def _statement(self, statement: str) -> str:
-        """A named query's text (transition: or a statement of the old portable SQL)."""
-        sql = self.queries.get(statement)
-        return sql if sql is not None else self.translate(statement)
-
-    def translate(self, sql: str) -> str:
-        return sql
+        return [self.run(name, args).fetchall() for name, args in statements]
 
     @abstractmethod
     def _begin(self) -> None:
@@ -271,17 +243,12 @@ class SqliteDatabase(Database):
     def errors(self) -> tuple[type[BaseException], ...]:
         return (sqlite3.Error,)
 
-    def execute(self, sql: str, args: Sequence[Any] = ()) -> Cursor:
-        return self._db.execute(to_sqlite(sql), tuple(args))
-
     def _run(self, sql: str, args: Args) -> Cursor:
         return self._db.execute(sql, for_sqlite(args))
 
     def _run_many(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
         self._db.executemany(sql, rows)
 
-    def translate(self, sql: str) -> str:
-        return to_sqlite(sql)
 
     def _begin(self) -> None:
         self._db.execute("BEGIN IMMEDIATE")
@@ -339,7 +306,6 @@ class PostgresDatabase(Database):
         self._psycopg = _psycopg()
         self._conn = pg_connect(url)
         self._used = time.monotonic()
-        self._sql: dict[str, str] = {}
 
     @property
     def errors(self) -> tuple[type[BaseException], ...]:
@@ -374,16 +340,6 @@ class PostgresDatabase(Database):
             self._replace()  # the session is gone; nothing ran yet: safe to start again
             self._conn.execute("BEGIN")
 
-    def translate(self, sql: str) -> str:
-        out = self._sql.get(sql)
-        if out is None:
-            out = self._sql[sql] = to_postgres(sql)
-        return out
-
-    def execute(self, sql: str, args: Sequence[Any] = ()) -> Cursor:
-        cursor: Cursor = self._conn.execute(self.translate(sql), tuple(args))
-        return cursor
-
     def _run(self, sql: str, args: Args) -> Cursor:
         cursor: Cursor = self._conn.execute(sql, for_postgres(args))
         return cursor
@@ -397,7 +353,7 @@ class PostgresDatabase(Database):
         cursors = []
         with self._conn.pipeline():
             for name, args in statements:
-                cursors.append(self._conn.execute(self._statement(name), for_postgres(args)))
+                cursors.append(self._conn.execute(self.sql(name), for_postgres(args)))
         return [cursor.fetchall() if cursor.description is not None else []
                 for cursor in cursors]
 
@@ -436,26 +392,6 @@ class PostgresDatabase(Database):
                 self._conn.close()
             except self._psycopg.Error:
                 pass
-
-
-def to_postgres(sql: str) -> str:
-    """A statement of the store's SQL as psycopg wants it (placeholders, upsert)."""
-    out = sql.replace("%", "%%").replace("?", "%s")
-    if _IGNORE.match(out):
-        out = _IGNORE.sub("INSERT INTO", out) + " ON CONFLICT DO NOTHING"
-    return out
-
-
-def to_sqlite(sql: str) -> str:
-    """A statement of the store's SQL as sqlite3 wants it (no row locks)."""
-    return _FOR_UPDATE.sub("", sql)
-
-
-def postgres_ddl(statement: str) -> str:
-    """A migration statement for PostgreSQL: BIGSERIAL keys, 8-byte floats."""
-    for pattern, replacement in _DDL:
-        statement = pattern.sub(replacement, statement)
-    return statement
 
 
 def open_database(target: str) -> Database:
