@@ -156,6 +156,11 @@ SELECT pg_advisory_xact_lock(%s)
 -- name: pg_notify
 SELECT pg_notify(%s, %s)
 
+-- a transaction whose loss in a crash harms nothing (nodes' last_seen): its COMMIT does not
+-- wait for the disk
+-- name: pg_async_commit
+SET LOCAL synchronous_commit TO OFF
+
 -- name: pg_listen
 LISTEN edgerun_changes
 
