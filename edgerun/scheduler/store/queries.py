@@ -12,7 +12,8 @@ Values a query takes as one list (`IN` a variable number of values) are passed a
 Python list: PostgreSQL gets an array (`= ANY(%s::text[])`), SQLite its JSON text
 (`IN (SELECT value FROM json_each(?))`). Many rows at once are passed as `Rows` where
 the statement returns rows (`INSERT ... RETURNING`, keyed reads): PostgreSQL gets one
-array per column (`unnest(%s::text[], ...)`), SQLite the rows as one JSON text
+array per column (`unnest(%b::text[], ...)`: in binary, as the text format escapes
+every element), SQLite the rows as one JSON text
 (`json_each(?)`); a plain multi-row insert goes through `Database.run_many` (SQLite:
 executemany of its one-row statement). Either way the query's text is fixed, so each
 driver prepares it once.
