@@ -1,5 +1,7 @@
 """Item 9, the control plane: updates recorded per second (SQLite against PostgreSQL, one
-`serve` against three on one database) and the cost of a fleet re-sync at 10,000 nodes.
+`serve` against three on one database), the cost of a fleet re-sync at 10,000 nodes, and
+the fan-out of one `edgerun run` through serve to as many nodes beside PGQueuer's drain
+rate and the bridge alone (bench/fanout.py's item9_fanout renders that part).
 
 Updates: `updates` final updates, each preceded by `accepted` and `running` (so 3 x
 `updates` messages), published at QoS 1 as fast as Mosquitto takes them by one
@@ -196,8 +198,10 @@ def resync_cost(tmp: Path, nodes: int, broker: Any, amqp: str | None = None) -> 
         serve.stop()
 
 
-def item9(tmp: Path, *, updates: int, nodes: int) -> dict[str, Any]:
+def item9(tmp: Path, *, updates: int, nodes: int, rounds: int = 2,
+          jobs: int = 20_000) -> dict[str, Any]:
     out: dict[str, Any] = {"updates": [], "resync": []}
+    out["fanout"] = _fanout(tmp, nodes, rounds, jobs)
     broker = mosquitto(tmp / "mosquitto")
     name, pg = _pg_database()
     try:
@@ -217,6 +221,17 @@ def item9(tmp: Path, *, updates: int, nodes: int) -> dict[str, Any]:
     return out
 
 
+def _fanout(tmp: Path, nodes: int, rounds: int, jobs: int) -> dict[str, Any]:
+    """The fan-out through serve (bench/fanout.py) on a Mosquitto of its own: its swarm's
+    retained statuses stay off the re-sync's broker."""
+    from bench.fanout import item9_fanout  # it imports this module
+    broker = mosquitto(tmp / "mosquitto-fanout")
+    try:
+        return item9_fanout(tmp / "fanout", broker.url, nodes, rounds, jobs)
+    finally:
+        broker.stop()
+
+
 def _resync_amqp(tmp: Path, nodes: int, broker: Any) -> dict[str, Any]:
     from tests.bridgekit import BridgeProcess
     from tests.rabbit import Rabbit
@@ -232,7 +247,7 @@ def _resync_amqp(tmp: Path, nodes: int, broker: Any) -> dict[str, Any]:
 
 
 def render(r: dict[str, Any]) -> list[str]:
-    lines = ["## 9. Control plane: updates recorded, re-sync", "",
+    lines = ["## 9. Control plane: updates recorded, re-sync, fan-out through serve", "",
              "Updates recorded per second end to end (MQTT in, the store's final state "
              "committed), one publisher at QoS 1; three instances split them through a "
              "`$share/` group on one PostgreSQL database.", "",
@@ -246,4 +261,7 @@ def render(r: dict[str, Any]) -> list[str]:
               "fresh.", "", "| mode | nodes | seconds | complete |", "|---|---|---|---|"]
     lines += [f"| {x['mode']} | {x['nodes']:,} | {x['seconds_from_start']} | "
               f"{'yes' if x['complete'] else 'no'} |" for x in r["resync"]]
+    if "fanout" in r:
+        from bench.fanout import render_fanout
+        lines += render_fanout(r["fanout"])
     return [*lines, ""]

@@ -33,7 +33,9 @@ FULL: dict[str, dict[str, Any]] = {
     "6": {"count": 1_000_000},
     "7": {"rate": 50.0, "seconds": 10.0},
     "8": {"runs": 5},
-    "9": {"updates": 2000, "nodes": 10_000},
+    # 9: nodes for the re-sync and the fan-out through serve (bench/fanout.py), its rounds,
+    # PGQueuer's jobs drained (bench/pgqueuer_drain.py)
+    "9": {"updates": 2000, "nodes": 10_000, "rounds": 2, "jobs": 20_000},
     # 10: the work queue (bench/workqueue.py); at today's store rate 1M tasks take about an hour
     "10": {"tasks": 1_000_000, "rate": 1000.0, "nodes": 1000},
     # 11: history at scale (bench/history.py) and POST latency (bench/apilatency.py)
@@ -49,7 +51,7 @@ QUICK: dict[str, dict[str, Any]] = {
     "6": {"count": 50_000},
     "7": {"rate": 20.0, "seconds": 3.0},
     "8": {"runs": 1},
-    "9": {"updates": 300, "nodes": 1000},
+    "9": {"updates": 300, "nodes": 2000, "rounds": 2, "jobs": 10_000},
     "10": {"tasks": 20_000, "rate": 300.0, "nodes": 1000},
     "11": {"tasks": 100_000, "nodes": 10_000, "samples": 30, "retention": False,
            "jobs": 3, "posts": 30},
