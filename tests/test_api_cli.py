@@ -78,9 +78,13 @@ def test_job_show_and_cancel(s: Stack, tmp_path: Path) -> None:
 
 def test_ctrl_c_prints_the_tasks_it_leaves_running(s: Stack) -> None:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "EDGERUN_API": s.url}
+    # Ctrl-C reaches a foreground command with SIGINT's default action; a test run started
+    # in the background of a non-interactive shell (`./build.sh test &`) ignores SIGINT,
+    # and a child inherits that: Python then installs no KeyboardInterrupt at all
     proc = subprocess.Popen([sys.executable, "-m", "edgerun.scheduler", "run", "cli-a", "cli-b",
                              "--", "sleep 30"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env=env, cwd=ROOT)
+                            text=True, env=env, cwd=ROOT,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         api = s.api()
 
