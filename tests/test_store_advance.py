@@ -1,6 +1,7 @@
 """store/advance.py: updates stepped in memory give what one guarded UPDATE each gave.
 
-A pure unit test (no I/O): rows are dicts, the state machine is the contract's.
+A pure unit test (no I/O): rows are dicts, the state machine is the contract's, the
+task records are the store's own (task_dict).
 The same paths against SQLite and PostgreSQL are in test_scheduler_store.py and
 test_store_commit.py (Store.apply_updates uses this)."""
 
@@ -12,6 +13,7 @@ from typing import Any
 from edgerun.protocol import DEFAULT_TIMEOUT_S, State, Update, can_transition
 from edgerun.protocol.messages import Error
 from edgerun.scheduler.store.advance import NEW, WRITTEN, Stepper, update_columns
+from edgerun.scheduler.store.tasks import task_dict as to_task
 
 
 def sources(state: State) -> tuple[str, ...]:
@@ -22,13 +24,11 @@ def row(task_id: str, state: str, **cols: Any) -> dict[str, Any]:
     base = {"node": "n1", "id": task_id, "state": state, "previous": None, "timeout": None,
             "updated_at": "t0", "dispatched_at": None, "deadline": None, "expires_ts": 99.0,
             "expires_at": None, "exit_code": None, "error_code": None, "error_message": None,
-            "result": None, "hold": None}
+            "result": None, "hold": None, "type": "shell", "source": "api",
+            "created_at": "t0", "spec": json.dumps({"parsed": True}), "job_id": None,
+            "step": None, "attempt": 1, "parent_id": None, "root_id": None, "retry": None,
+            "rollout_id": None}
     return {**base, **cols}
-
-
-def to_task(r: dict[str, Any]) -> dict[str, Any]:
-    return {"id": r["id"], "node": r["node"], "state": r["state"], "spec": {"parsed": True},
-            "hold": r["hold"]}
 
 
 def upd(task_id: str, state: State, **kw: Any) -> tuple[Update, dict[str, Any]]:

@@ -78,7 +78,7 @@ def update_columns(update: Update, body: JSONObject, grace: float, now: float,
 
 
 class Stepper:
-    """Rows read for a batch, stepped in memory; `plan()` says what to write."""
+    """Rows read for a batch, stepped in memory; `finish()` says what to write."""
 
     def __init__(self, rows: dict[Key, Row], sources: Sources,
                  to_task: Callable[[Any], JSONObject], stamp: str) -> None:
@@ -110,16 +110,13 @@ class Stepper:
         return True
 
     def _task(self, key: Key, row: Row) -> JSONObject:
-        """The task after a step: the row as read, with what the steps changed (the spec
-        is parsed once a row, not once a step)."""
-        task = {**self._base[key], "state": row["state"], "updated_at": row["updated_at"],
-                "dispatched_at": row["dispatched_at"], "deadline": row["deadline"],
-                "expires_at": row["expires_at"], "exit_code": row["exit_code"],
-                "error": {"code": row["error_code"], "message": row["error_message"]}
-                if row["error_code"] else None,
-                "result": json.loads(row["result"]) if row["result"] else None}
-        if "hold" in task:
-            task["hold"] = row.get("hold") if row["state"] == State.QUEUED else None
+        """The task after a step, as `to_task` makes it from the row, with the spec and
+        retry policy (which no step changes) parsed once a row, not once a step."""
+        base = self._base[key]
+        task = self.to_task({**row, "spec": None, "retry": None})
+        task["spec"] = base["spec"]
+        if "retry" in base:
+            task["retry"] = base["retry"]
         return task
 
     def finish(self) -> Plan:
