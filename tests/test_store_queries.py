@@ -129,6 +129,9 @@ PLANS = {
     "fleet_outstanding_by_node": ((["a"], ["running"], "s%", 1.0), BY_NODE),
     "job_target_rows": (("j", ["a", "b"]), ("tasks_by_job",)),
     "touch_nodes": (("x", ["a", "b"]), ("sqlite_autoindex_nodes_1",)),
+    "node_states_in_range": (("rk", "rk\U0010ffff"), ("sqlite_autoindex_nodes_1",)),
+    "node_ids_in_range": (("rk", "rk\U0010ffff", 11), ("sqlite_autoindex_nodes_1",)),
+    "nodes_by_ids": ((["a", "b"],), ("sqlite_autoindex_nodes_1",)),
     "task_history": (("n", "t"), ("updates_by_task",)),
     "lock_tasks_by_keys": ((queries.Rows([("n", "t")] * 250, 2),),
                            ("sqlite_autoindex_tasks_1",)),
@@ -155,7 +158,8 @@ def populated(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Store]:
 def test_sqlite_plans_use_the_indexes(populated: Store, name: str) -> None:
     args, index = PLANS[name]
     plan = " | ".join(populated.db.explain(name, args))
-    assert any(f"USING {i}" in plan or f"USING INDEX {i}" in plan for i in index), plan
+    assert any(f"USING {i}" in plan or f"USING INDEX {i}" in plan
+               or f"USING COVERING INDEX {i}" in plan for i in index), plan
     assert not re.search(r"\bSCAN (tasks|updates|nodes|t)\b", plan), plan
 
 

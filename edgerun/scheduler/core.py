@@ -42,7 +42,13 @@ from edgerun.protocol import (
     parse_command,
 )
 from edgerun.scheduler.echoes import Echoes
-from edgerun.scheduler.fleet.targets import is_glob, is_mac, parse_wheres, select_nodes
+from edgerun.scheduler.fleet.targets import (
+    glob_prefix,
+    is_glob,
+    is_mac,
+    parse_wheres,
+    select_nodes,
+)
 from edgerun.scheduler.fleet.tracker import Verdict
 from edgerun.scheduler.errors import StoreError
 from edgerun.scheduler.messaging import Incoming, Messenger
@@ -54,7 +60,6 @@ from edgerun.signing import Signer
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 CALL_TIMEOUT_S = 600.0  # a rollout or job over tens of thousands of nodes is stored here
-EXPLICIT_LOOKUPS = 100  # targets named by id up to this many are read one row each
 BATCH_MAX = 256  # items a transaction: long enough to share a commit, short enough not to
 # keep the API's reads waiting on the store's lock
 
@@ -234,17 +239,37 @@ class Core:
 
     # --- requests' checks (API threads) -------------------------------------------------
     def resolve(self, targets: Sequence[str], online: bool, where: Any = None) -> list[str]:
-        """Node ids, globs, MAC addresses, --online and --where (fleet/targets.py). A few
-        plain node ids are looked up one by one: a task to one node among 100,000 does
-        not read and parse every node's record."""
+        """Node ids, globs, MAC addresses, --online and --where (fleet/targets.py)."""
+        return [str(n["node"]) for n in self.select(targets, online, where)]
+
+    def select(self, targets: Sequence[str], online: bool, where: Any = None
+               ) -> list[JSONObject]:
+        """The chosen nodes' records, in `resolve`'s order: `node` and `state` always,
+        `facts` where they were read. Only what the targets need is read: named ids a
+        row each (a few statements for many), a glob the ids and states in its literal
+        prefix's range of the primary key; every node's facts only for --where or a MAC
+        address that is not a node id. A task to one node among 100,000, or a page of
+        'rack7-*', does not read and parse every node's record."""
         wheres = parse_wheres(where)
-        if not wheres and 0 < len(targets) <= EXPLICIT_LOOKUPS and all(
-                isinstance(t, str) and t and not is_glob(t) and not is_mac(t) for t in targets):
-            found = (self.store.node(t) for t in dict.fromkeys(targets))
-            nodes = [n for n in found if n is not None]
-        else:
-            nodes = self.store.nodes()
-        return select_nodes(targets, nodes, online_only=online, where=wheres)
+        nodes = self._candidates(targets, bool(wheres))
+        chosen = select_nodes(targets, nodes, online_only=online, where=wheres)
+        by_id = {str(n["node"]): n for n in nodes}
+        return [by_id[n] for n in chosen]
+
+    def _candidates(self, targets: Sequence[str], wheres: bool) -> list[JSONObject]:
+        if wheres or not all(isinstance(t, str) and t for t in targets):
+            return self.store.nodes()  # (a bad target: select_nodes says why)
+        unique = list(dict.fromkeys(targets))
+        named = [t for t in unique if not is_glob(t)]
+        found = {str(n["node"]): n for n in self.store.nodes_by_ids(named)} if named else {}
+        if any(is_mac(t) and t not in found for t in named):
+            return self.store.nodes()  # a MAC address: found by every node's facts
+        prefixes = {glob_prefix(t) for t in unique if is_glob(t)} if targets else {""}
+        light: dict[str, JSONObject] = {}
+        for prefix in sorted(prefixes):
+            for node, state in self.store.node_states(prefix):
+                light.setdefault(node, {"node": node, "state": state, "facts": None})
+        return [*found.values(), *(n for k, n in light.items() if k not in found)]
 
     def build_task(self, spec: Any, task_id: str | None = None, *,
                    expiry: bool = True) -> Task:

@@ -105,6 +105,10 @@ class Service:
     def resolve(self, targets: Sequence[str], online: bool, where: Any = None) -> list[str]:
         return self.core.resolve(targets, online, where)
 
+    def select(self, targets: Sequence[str], online: bool, where: Any = None
+               ) -> list[JSONObject]:
+        return self.core.select(targets, online, where)
+
     def dispatch(self, targets: Sequence[str], online: bool, spec: Any, *,
                  where: Any = None, retry: Any = None) -> list[JSONObject]:
         """Store the task for each node; the worker sends it, paced (fleet.py)."""

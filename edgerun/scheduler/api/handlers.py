@@ -20,7 +20,7 @@ from edgerun.control.errors import (
     Unauthorized,
     UnknownNode,
 )
-from edgerun.protocol import JSONObject, State, encode, is_final
+from edgerun.protocol import JSONObject, State, encode, is_final, is_node_id
 from edgerun.scheduler.api import edge
 from edgerun.scheduler.api.auth import Principal, authenticate, create_token
 from edgerun.scheduler.api.tickets import Tickets
@@ -163,10 +163,13 @@ class Handlers:
         return found[0]
 
     def node_id(self, given: str) -> str:
-        names: list[str] = [n["node"] for n in self.store.nodes()]
-        if given in names:
+        """The full node id for `given` (exact, else a unique prefix): one row, else a
+        range of the primary key, never the whole registry."""
+        if not is_node_id(given):  # (nor the start of one: no row can match)
+            raise UnknownNode(f"unknown node {given!r}")
+        if self.store.node(given) is not None:
             return given
-        found = [n for n in names if n.startswith(given)]
+        found = self.store.node_ids_with_prefix(given, 11)
         if not found:
             raise UnknownNode(f"unknown node {given!r}")
         if len(found) > 1:
@@ -192,16 +195,22 @@ class Handlers:
                                                limit=size + 1)
             return {"nodes": page[:size], "total": total,
                     "next": page[size - 1]["node"] if len(page) > size else None}
-        nodes = self.store.nodes()
-        if q.get("match") or q.get("where"):
-            chosen = set(self.service.resolve(q.get("match", []), edge.boolean(q, "online"),
+        text = (edge.one(q, "q") or "").lower()
+        chosen = q.get("match") or q.get("where")
+        light = not (wheres or text)  # no filter over facts: only the chosen are read whole
+        if chosen and light:
+            nodes = sorted(self.service.select(q.get("match", []), edge.boolean(q, "online"),
+                                               q.get("where")), key=lambda n: str(n["node"]))
+        elif chosen:
+            picked = set(self.service.resolve(q.get("match", []), edge.boolean(q, "online"),
                                               q.get("where")))
-            nodes = [n for n in nodes if n["node"] in chosen]
-        elif edge.boolean(q, "online"):
-            nodes = [n for n in nodes if n["state"] == "online"]
+            nodes = [n for n in self.store.nodes() if n["node"] in picked]
+        else:
+            nodes = self.store.nodes()
+            if edge.boolean(q, "online"):
+                nodes = [n for n in nodes if n["state"] == "online"]
         if state is not None:
             nodes = [n for n in nodes if n["state"] == state]
-        text = (edge.one(q, "q") or "").lower()
         if text:
             nodes = [n for n in nodes if text in n["node"].lower()
                      or text in json.dumps(n.get("facts") or {}).lower()]
@@ -213,6 +222,8 @@ class Handlers:
             nodes = [n for n in nodes if n["node"] > after]
         size = edge.limit(q, 500)
         page = nodes[:size]
+        if light:  # the page's records whole (the choice read ids and states only)
+            page = self.store.nodes_by_ids([n["node"] for n in page])
         return {"nodes": page, "total": total,
                 "next": page[-1]["node"] if len(nodes) > size else None}
 

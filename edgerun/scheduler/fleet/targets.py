@@ -37,6 +37,12 @@ def is_glob(pattern: str) -> bool:
     return any(c in GLOB_CHARS for c in pattern)
 
 
+def glob_prefix(pattern: str) -> str:
+    """What every id a glob matches starts with: the text before its first wildcard."""
+    cut = next((i for i, c in enumerate(pattern) if c in GLOB_CHARS), len(pattern))
+    return pattern[:cut]
+
+
 def is_mac(text: str) -> bool:
     return _MAC.fullmatch(text) is not None
 

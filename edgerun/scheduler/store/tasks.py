@@ -33,6 +33,7 @@ from edgerun.protocol import (
     Update,
     can_transition,
     format_time,
+    is_node_id,
     parse_time,
 )
 from edgerun.scheduler.errors import StoreError
@@ -516,6 +517,33 @@ class Store:
         with self.read() as db:
             row = db.one("get_node", (node,))
             return node_dict(row) if row is not None else None
+
+    def node_states(self, prefix: str = "") -> list[tuple[str, str]]:
+        """(id, state) of the nodes whose id starts with `prefix`, in id order: a range of
+        the primary key, no facts read or parsed (globs and pages resolve on it)."""
+        if prefix and not is_node_id(prefix):
+            return []  # (a NUL byte would be an error on PostgreSQL, not a miss)
+        with self.read() as db:
+            rows = db.all("node_states_in_range", (prefix, prefix + "\U0010ffff"))
+            return [(str(r["node"]), str(r["state"])) for r in rows]
+
+    def nodes_by_ids(self, ids: list[str]) -> list[JSONObject]:
+        """The known nodes among `ids`, in id order, a few statements for many."""
+        out: list[JSONObject] = []
+        ids = sorted({i for i in ids if is_node_id(i)})  # batches in id order too
+        with self.read() as db:
+            for start in range(0, len(ids), 500):
+                out.extend(node_dict(r) for r in db.all("nodes_by_ids",
+                                                        (ids[start:start + 500],)))
+        return out
+
+    def node_ids_with_prefix(self, prefix: str, limit: int = 10) -> list[str]:
+        """Node ids that start with `prefix`, in order (for git-like short ids)."""
+        if not is_node_id(prefix):
+            return []
+        with self.read() as db:
+            rows = db.all("node_ids_in_range", (prefix, prefix + "\U0010ffff", limit))
+            return [str(r["node"]) for r in rows]
 
     def count_nodes_by_state(self) -> dict[str, int]:
         with self.read() as db:

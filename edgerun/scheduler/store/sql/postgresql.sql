@@ -398,6 +398,18 @@ SELECT COUNT(*) FROM nodes WHERE (%(state)s::text IS NULL OR state = %(state)s)
 -- name: get_node
 SELECT * FROM nodes WHERE node=%s
 
+-- args: low, high (a prefix's range on the primary key): ids and states, no facts
+-- name: node_states_in_range
+SELECT node, state FROM nodes WHERE node >= %s AND node < %s ORDER BY node
+
+-- args: node ids (a list)
+-- name: nodes_by_ids
+SELECT * FROM nodes WHERE node = ANY(%s::text[]) ORDER BY node
+
+-- args: low, high, limit
+-- name: node_ids_in_range
+SELECT node FROM nodes WHERE node >= %s AND node < %s ORDER BY node LIMIT %s
+
 -- name: list_nodes
 SELECT * FROM nodes ORDER BY node
 

@@ -364,6 +364,18 @@ SELECT COUNT(*) FROM nodes WHERE (:state IS NULL OR state = :state)
 -- name: get_node
 SELECT * FROM nodes WHERE node=?
 
+-- args: low, high (a prefix's range on the primary key): ids and states, no facts
+-- name: node_states_in_range
+SELECT node, state FROM nodes WHERE node >= ? AND node < ? ORDER BY node
+
+-- args: node ids (a list)
+-- name: nodes_by_ids
+SELECT * FROM nodes WHERE node IN (SELECT value FROM json_each(?)) ORDER BY node
+
+-- args: low, high, limit
+-- name: node_ids_in_range
+SELECT node FROM nodes WHERE node >= ? AND node < ? ORDER BY node LIMIT ?
+
 -- name: list_nodes
 SELECT * FROM nodes ORDER BY node
 
