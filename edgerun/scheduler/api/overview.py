@@ -55,18 +55,19 @@ class Overview:
         now = now or datetime.now(UTC)
         hour_ago = _at(now - LOST_WINDOW)
         with self.store.db.read() as db:
-            states = {r["state"]: int(r["n"]) for r in db.all("count_tasks_by_state")}
+            states = {r["state"]: int(r["n"]) for r in db.all(
+                "count_tasks_in_states", (["queued", *ACTIVE],))}
             failed = int(db.one("overview_failed_since", (hour_ago, list(FAILED)))["n"])
             failures = [_failure(r) for r in db.all(
-                "overview_latest_failures", (list(FAILED), FAILURES_SHOWN))]
-            nodes = db.all("overview_node_states")
-        online = sum(1 for n in nodes if n["state"] == "online")
-        lost = sorted((n for n in nodes if n["state"] != "online"
-                       and (n["changed_at"] or "") >= hour_ago),
-                      key=lambda n: n["changed_at"], reverse=True)
+                "overview_latest_failures", {"states": list(FAILED),
+                                             "limit": FAILURES_SHOWN})]
+            nodes = {r["state"]: int(r["n"]) for r in db.all("count_nodes_by_state")}
+            lost = db.all("overview_recently_lost", (hour_ago,))
+        online = nodes.get("online", 0)
+        total = sum(n for state, n in nodes.items() if state != "__new__")
         return {
             "at": _at(now),
-            "nodes": {"total": len(nodes), "online": online, "offline": len(nodes) - online,
+            "nodes": {"total": total, "online": online, "offline": total - online,
                       "recently_lost": len(lost),
                       "lost": [{"node": n["node"], "at": n["changed_at"]} for n in lost[:10]]},
             "tasks": {"running": sum(states.get(s, 0) for s in ACTIVE),
@@ -84,8 +85,8 @@ class Overview:
             for r in db.all("overview_outcomes", (_at(first), list(FINAL))):
                 if r["minute"] in by_minute:
                     by_minute[r["minute"]][r["state"]] = int(r["n"])
-            online_now = sum(1 for n in db.all("overview_node_states")
-                             if n["state"] == "online")
+            online_now = sum(int(r["n"]) for r in db.all("count_nodes_by_state")
+                             if r["state"] == "online")
             moves = [(r["at"], *move) for r in db.all("overview_node_events", (_at(start),))
                      if (move := _transition(r["body"])) is not None]
         outcomes = [{"minute": m + ":00.000Z", "succeeded": c.get("succeeded", 0),

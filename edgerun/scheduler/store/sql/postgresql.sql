@@ -145,6 +145,13 @@ CREATE INDEX idempotency_by_age ON idempotency (created_at)
 -- name: migrate_6
 ALTER TABLE jobs ADD COLUMN created_by TEXT
 
+-- 7: tasks by state and time of their last change: the overview's counts of the last hour
+-- and its latest failures read the rows of that hour or those failures, not every task
+-- (1,000,000 tasks: 0.5-1 s a request); a page by state alone reads it as before
+-- name: migrate_7
+DROP INDEX tasks_by_state;
+CREATE INDEX tasks_by_state_at ON tasks (state, updated_at)
+
 -- ===== plumbing =====
 
 -- name: pg_has_meta
@@ -335,6 +342,15 @@ OR (expires_ts IS NOT NULL AND expires_ts <= %s) ORDER BY seq
 
 -- name: count_tasks_by_state
 SELECT state, COUNT(*) AS n FROM tasks GROUP BY state
+
+-- args: states (a list): the count of each, from the index, for the states not final
+-- name: count_tasks_in_states
+SELECT state, COUNT(*) AS n FROM tasks WHERE state = ANY(%s::text[]) GROUP BY state
+
+-- args: changed since: nodes not online that went so since then, newest first
+-- name: overview_recently_lost
+SELECT node, changed_at FROM nodes WHERE state != 'online' AND state != '__new__'
+AND changed_at >= %s ORDER BY changed_at DESC
 
 -- name: stale_queued
 SELECT * FROM tasks WHERE state=%s AND job_id IS NULL AND spec IS NOT NULL AND created_at < %s
@@ -657,13 +673,14 @@ DELETE FROM idempotency WHERE created_at < %s
 -- name: overview_failed_since
 SELECT COUNT(*) AS n FROM tasks WHERE updated_at >= %s AND state = ANY(%s::text[])
 
+-- args: failed states (a list), how many; the newest of each state from the index, then
+-- the newest of those
 -- name: overview_latest_failures
-SELECT node, id, type, state, exit_code, error_code, error_message, updated_at, job_id
-FROM tasks WHERE state = ANY(%s::text[])
-ORDER BY updated_at DESC, seq DESC LIMIT %s
-
--- name: overview_node_states
-SELECT node, state, changed_at FROM nodes WHERE state != '__new__'
+SELECT t.* FROM unnest(%(states)s::text[]) AS s(state) CROSS JOIN LATERAL
+(SELECT node, id, type, state, exit_code, error_code, error_message, updated_at, job_id,
+        seq FROM tasks WHERE tasks.state = s.state
+ ORDER BY updated_at DESC, seq DESC LIMIT %(limit)s) AS t
+ORDER BY t.updated_at DESC, t.seq DESC LIMIT %(limit)s
 
 -- name: overview_outcomes
 SELECT substr(updated_at, 1, 16) AS minute, state, COUNT(*) AS n FROM tasks
