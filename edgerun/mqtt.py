@@ -33,7 +33,7 @@ from typing import Any, NamedTuple
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 
-from .backoff import Rotation
+from .backoff import Rotation, first_node
 from .errors import ConfigError
 from .settings import BrokerURL, TLSFiles
 
@@ -74,7 +74,7 @@ class MqttConnection:
                  will: Will | None = None, manual_ack: bool = False,
                  tls: TLSFiles | None = None, keepalive: int = 30, max_inflight: int = 100,
                  backoff_cap: float = 30.0, name: str = "mqtt",
-                 on_pass: Callable[[], None] | None = None) -> None:
+                 on_pass: Callable[[], None] | None = None, first: int | None = None) -> None:
         self.urls = (url,) if isinstance(url, BrokerURL) else tuple(url)
         if not self.urls:
             raise ConfigError(f"{name}: no broker address")
@@ -92,9 +92,12 @@ class MqttConnection:
         self._pipe_lock = threading.Lock()
         self._asleep = False  # the loop may block in poll: a new command must write the pipe
         self._stop = threading.Event()
-        # the address in use (network thread only): round robin from the first, the
-        # back-off growing once per round of the addresses
-        self._rotation = Rotation(len(self.urls), self._stop, cap=backoff_cap)
+        # the address in use (network thread only): round robin from a random one (`first`
+        # pins it), so that the agents, bridges and schedulers given one cluster's list
+        # spread over its nodes instead of all landing on the first; the back-off grows
+        # once per round of the addresses
+        start = first_node(len(self.urls)) if first is None else first
+        self._rotation = Rotation(len(self.urls), self._stop, first=start, cap=backoff_cap)
         self._thread: threading.Thread | None = None
         self._pending: dict[int, DoneCallback | None] = {}  # mid -> callback, network thread only
         self._unsent: dict[int, DoneCallback] = {}  # QoS 0 mid -> on_sent, network thread only
