@@ -25,7 +25,6 @@ from functools import cache
 from typing import Any
 
 from edgerun.protocol import (
-    FINAL_STATES,
     JSONObject,
     State,
     Status,
@@ -45,6 +44,7 @@ from edgerun.scheduler.store.advance import (
 )
 from edgerun.scheduler.store.db import Database, Row, open_database
 from edgerun.scheduler.store.queries import Rows
+from edgerun.scheduler.store.records import FINAL, JobRow, NodeRow, TaskRow
 from edgerun.scheduler.store.schema import MIGRATIONS, SCHEMA_VERSION
 from edgerun.scheduler.store.tx import Tx, flush_events, run_after
 
@@ -53,7 +53,6 @@ log = logging.getLogger(__name__)
 TOUCH_EVERY_S = 1.0
 PRUNE_BATCH = 2_000  # finished tasks deleted a transaction (retention)
 UNKNOWN = object()
-FINAL = sorted(str(state) for state in FINAL_STATES)  # the protocol's, the one set
 
 
 @cache
@@ -70,7 +69,7 @@ class Change:
     """A task moved from `previous` (None: first seen) to the state in `task`."""
 
     previous: str | None
-    task: JSONObject
+    task: TaskRow
 
 
 class Store:
@@ -237,7 +236,7 @@ class Store:
         with self.transaction() as tx:
             rows = tx.all("insert_tasks", (*common, list(nodes)))
         rows.sort(key=lambda r: int(r["seq"]))
-        return [Change(None, task_dict(r)) for r in rows]
+        return [Change(None, TaskRow.from_row(r)) for r in rows]
 
     def note_task_seen(self, node: str, task: Task, *, deadline: float) -> Change | None:
         """A task message seen on the wire (ours echoed, or another client's).
@@ -304,7 +303,7 @@ class Store:
         for start in range(0, len(ordered), 250):
             rows.extend(tx.all("lock_tasks_by_keys" if lock else "tasks_by_keys",
                                (Rows(ordered[start:start + 250], 2),)))
-        return Stepper(by_key(rows), _sources, task_dict, format_time())
+        return Stepper(by_key(rows), _sources, format_time())
 
     @staticmethod
     def _write_steps(tx: Tx, stepper: Stepper) -> Plan:
@@ -425,23 +424,23 @@ class Store:
             if row is None:
                 return None
             previous = row["previous"]
-            return Change(None if previous == "__new__" else previous, task_dict(row))
+            return Change(None if previous == "__new__" else previous, TaskRow.from_row(row))
 
     # --- tasks: reads ---------------------------------------------------------------
-    def get(self, node: str, task_id: str) -> JSONObject | None:
+    def get(self, node: str, task_id: str) -> TaskRow | None:
         with self.read() as db:
             row = db.one("get_task", (node, task_id))
-            return task_dict(row) if row is not None else None
+            return TaskRow.from_row(row) if row is not None else None
 
-    def find(self, task_id: str, node: str | None = None) -> list[JSONObject]:
+    def find(self, task_id: str, node: str | None = None) -> list[TaskRow]:
         """Every task with this id (ids are unique per node; other clients may reuse them);
         with `node`, that node's one (a single-row read)."""
         if node is not None:
             task = self.get(node, task_id)
-            return [task] if task is not None and task["state"] != "__new__" else []
+            return [task] if task is not None and task.state != NEW else []
         with self.read() as db:
             rows = db.all("find_tasks", (task_id,))
-            return [task_dict(r) for r in rows]
+            return [TaskRow.from_row(r) for r in rows]
 
     def updates(self, node: str, task_id: str) -> list[JSONObject]:
         """A task's history in the agent's order: accepted < running < final, whatever
@@ -451,16 +450,16 @@ class Store:
             return [{**json.loads(r["body"]), "received_at": r["received_at"]} for r in rows]
 
     def tasks(self, *, node: str | None = None, state: str | None = None,
-              job_id: str | None = None, limit: int = 100) -> list[JSONObject]:
+              job_id: str | None = None, limit: int = 100) -> list[TaskRow]:
         """Newest first."""
         with self.read() as db:
-            return [task_dict(r) for r in db.all(*_page(node, state, job_id, None, limit))]
+            return [TaskRow.from_row(r) for r in db.all(*_page(node, state, job_id, None, limit))]
 
-    def due(self, now: float) -> list[JSONObject]:
+    def due(self, now: float) -> list[TaskRow]:
         """Unfinished tasks past their deadline or expiry: for the tracker to judge."""
         with self.read() as db:
             rows = db.all("due_tasks", (now, now))
-            return [task_dict(r) for r in rows]
+            return [TaskRow.from_row(r) for r in rows]
 
     def count_by_state(self) -> dict[str, int]:
         with self.read() as db:
@@ -468,7 +467,7 @@ class Store:
             return {r["state"]: int(r["n"]) for r in rows if r["state"] != "__new__"}
 
     # --- nodes ---------------------------------------------------------------------
-    def apply_status(self, status: Status) -> tuple[str | None, JSONObject]:
+    def apply_status(self, status: Status) -> tuple[str | None, NodeRow]:
         """Record a status message; returns (previous state or None, the node).
 
         The row is created first (a no-op when it exists) and then read FOR UPDATE,
@@ -483,7 +482,7 @@ class Store:
                     _json_or_none(status.facts),
                     _json_or_none(list(status.running)) if status.running is not None
                     else None, status.node))
-            node = node_dict(db.one("get_node", (status.node,)))
+            node = NodeRow.from_row(db.one("get_node", (status.node,)))
             return previous, node
 
     def touch_node(self, node: str) -> None:
@@ -499,23 +498,23 @@ class Store:
         with self.transaction() as tx:
             tx.touched.add(node)
 
-    def nodes(self) -> list[JSONObject]:
+    def nodes(self) -> list[NodeRow]:
         with self.read() as db:
-            return [node_dict(r) for r in db.all("list_nodes")]
+            return [NodeRow.from_row(r) for r in db.all("list_nodes")]
 
     def node_page(self, *, state: str | None, after: str | None,
-                  limit: int) -> tuple[list[JSONObject], int]:
+                  limit: int) -> tuple[list[NodeRow], int]:
         """(up to `limit` nodes after `after` in id order, in `state` if given; how many
         there are in all): a page read by the primary key, not the whole registry."""
         with self.read() as db:
             rows = db.all("node_page", {"state": state, "after": after or "", "limit": limit})
             total = db.one("count_nodes", {"state": state})[0]
-        return [node_dict(r) for r in rows], int(total)
+        return [NodeRow.from_row(r) for r in rows], int(total)
 
-    def node(self, node: str) -> JSONObject | None:
+    def node(self, node: str) -> NodeRow | None:
         with self.read() as db:
             row = db.one("get_node", (node,))
-            return node_dict(row) if row is not None else None
+            return NodeRow.from_row(row) if row is not None else None
 
     def count_nodes_by_state(self) -> dict[str, int]:
         with self.read() as db:
@@ -546,7 +545,7 @@ class Store:
         out = {"tasks": 0, "updates": 0, "jobs": 0}
         while True:
             with self.transaction() as db:
-                seqs = [int(r[0]) for r in db.all("prune_pick_tasks", (stamp, FINAL, batch))]
+                seqs = [int(r[0]) for r in db.all("prune_pick_tasks", (stamp, list(FINAL), batch))]
                 if seqs:
                     out["updates"] += max(0, db.run("prune_task_updates", (seqs,)).rowcount)
                     out["tasks"] += max(0, db.run("prune_tasks", (seqs,)).rowcount)
@@ -562,77 +561,73 @@ class Store:
             out["jobs"] = max(0, db.run("prune_jobs", (stamp,)).rowcount)
         return out
 
-    def stale_queued(self, older_than_s: float) -> list[JSONObject]:
+    def stale_queued(self, older_than_s: float) -> list[TaskRow]:
         """Queued tasks (not job steps) created more than `older_than_s` ago: sent by an
         instance that died before the broker took them."""
         stamp = format_time(datetime.now(UTC) - timedelta(seconds=older_than_s))
         with self.read() as db:
             rows = db.all("stale_queued", (str(State.QUEUED), stamp))
-            return [task_dict(r) for r in rows]
+            return [TaskRow.from_row(r) for r in rows]
 
-    def unaccepted(self, node: str) -> list[JSONObject]:
+    def unaccepted(self, node: str) -> list[TaskRow]:
         """Tasks sent to `node` that it has not acknowledged yet (state `dispatched`), oldest
         first: what a broker that lost its queue should get again."""
         with self.read() as db:
             rows = db.all("unaccepted", (node, str(State.DISPATCHED)))
-            return [task_dict(r) for r in rows]
+            return [TaskRow.from_row(r) for r in rows]
 
     # --- jobs ------------------------------------------------------------------------
     def add_job(self, job_id: str, nodes: list[str], steps: list[JSONObject]) -> None:
         with self.transaction() as db:
             db.run("insert_job", (job_id, format_time(), json.dumps(nodes), json.dumps(steps)))
 
-    def job(self, job_id: str) -> JSONObject | None:
+    def job(self, job_id: str) -> JobRow | None:
+        """A job with every task of it."""
         with self.read() as db:
             row = db.one("get_job", (job_id,))
             if row is None:
                 return None
             tasks = db.all("job_tasks", (job_id,))
-            return {"id": row["id"], "created_at": row["created_at"],
-                    "nodes": json.loads(row["nodes"]), "steps": json.loads(row["steps"]),
-                    "tasks": [task_dict(t) for t in tasks]}
+            return JobRow.from_row(row, [TaskRow.from_row(t) for t in tasks])
 
-    def job_head(self, job_id: str) -> JSONObject | None:
-        """A job's own row (its nodes and steps), without its tasks."""
+    def job_head(self, job_id: str) -> JobRow | None:
+        """A job's own row (its nodes and steps), without its tasks (`tasks` empty)."""
         with self.read() as db:
             row = db.one("get_job", (job_id,))
-            if row is None:
-                return None
-            return {"id": row["id"], "created_at": row["created_at"],
-                    "nodes": json.loads(row["nodes"]), "steps": json.loads(row["steps"])}
+            return JobRow.from_row(row, []) if row is not None else None
 
-    def tasks_of(self, keys: list[tuple[str, str]]) -> list[JSONObject]:
+    def tasks_of(self, keys: list[tuple[str, str]]) -> list[TaskRow]:
         """The tasks of (node, id) keys that exist, a few statements for many."""
         ordered = sorted(set(keys))
-        out: list[JSONObject] = []
+        out: list[TaskRow] = []
         with self.read() as db:
             for start in range(0, len(ordered), 250):
-                out.extend(task_dict(r) for r in db.all(
+                out.extend(TaskRow.from_row(r) for r in db.all(
                     "tasks_by_keys", (Rows(ordered[start:start + 250], 2),)))
         return out
 
-    def job_steps(self, job_id: str, node: str) -> list[JSONObject]:
+    def job_steps(self, job_id: str, node: str) -> list[TaskRow]:
         with self.read() as db:
             rows = db.all("job_steps", (job_id, node))
-            return [task_dict(r) for r in rows]
+            return [TaskRow.from_row(r) for r in rows]
 
-    def queued_job_heads(self) -> list[JSONObject]:
+    def queued_job_heads(self) -> list[TaskRow]:
         """Job steps that may go now: queued, and every earlier step of the node succeeded."""
         with self.read() as db:
             rows = db.all("queued_job_heads")
-            return [task_dict(r) for r in rows]
+            return [TaskRow.from_row(r) for r in rows]
 
     # --- reads for the API: keyset pages, id prefixes, job progress ---------------------
     def task_page(self, *, node: str | None = None, state: str | None = None,
                   job_id: str | None = None, before: int | None = None,
-                  limit: int = 100) -> tuple[list[JSONObject], int | None]:
+                  limit: int = 100) -> tuple[list[TaskRow], int | None]:
         """Newest first, at most `limit`, older than the cursor `before`; returns the
         tasks and the cursor of the next page (None at the end)."""
         with self.read() as db:
             rows = db.all(*_page(node, state, job_id, before, limit + 1))
         more = len(rows) > limit
         rows = rows[:limit]
-        return [task_dict(r) for r in rows], (int(rows[-1]["seq"]) if more else None)
+        return [TaskRow.from_row(r) for r in rows], (int(rows[-1]["seq"]) if more else None)
 
     def task_ids_with_prefix(self, prefix: str, limit: int = 10) -> list[str]:
         """Distinct task ids that start with `prefix`, in order (for git-like short ids)."""
@@ -773,41 +768,6 @@ def _expires_ts(expires_at: str | None) -> float | None:
 
 def _json_or_none(value: Any) -> str | None:
     return json.dumps(value) if value is not None else None
-
-
-def task_dict(row: Row) -> JSONObject:
-    """A task as the API, the events and the CLI see it."""
-    error = {"code": row["error_code"], "message": row["error_message"]} \
-        if row["error_code"] else None
-    return {
-        "id": row["id"], "node": row["node"], "type": row["type"], "state": row["state"],
-        "source": row["source"], "created_at": row["created_at"],
-        "updated_at": row["updated_at"], "dispatched_at": row["dispatched_at"],
-        "timeout": row["timeout"], "expires_at": row["expires_at"],
-        "deadline": row["deadline"], "exit_code": row["exit_code"], "error": error,
-        "result": json.loads(row["result"]) if row["result"] else None,
-        "spec": json.loads(row["spec"]) if row["spec"] else None,
-        "job": row["job_id"], "step": row["step"], **_fleet_fields(row),
-    }
-
-
-def _fleet_fields(row: Row) -> JSONObject:
-    """Retry attempts and rollouts (schema 3; fleet.py): which attempt, whose retry."""
-    if "attempt" not in row.keys():  # noqa: SIM118 (`in` on a sqlite3.Row looks at values)
-        return {}
-    return {"attempt": row["attempt"] or 1, "parent": row["parent_id"], "root": row["root_id"],
-            "retry": json.loads(row["retry"]) if row["retry"] else None,
-            "rollout": row["rollout_id"],
-            "hold": row["hold"] if row["state"] == "queued" else None}
-
-
-def node_dict(row: Row) -> JSONObject:
-    return {
-        "node": row["node"], "state": row["state"], "first_seen": row["first_seen"],
-        "last_seen": row["last_seen"], "changed_at": row["changed_at"], "agent": row["agent"],
-        "facts": json.loads(row["facts"]) if row["facts"] else None,
-        "running": json.loads(row["running"]) if row["running"] else [],
-    }
 
 
 def _token_dict(row: Row) -> JSONObject:
