@@ -48,6 +48,7 @@ from edgerun.scheduler.errors import StoreError
 from edgerun.scheduler.messaging import Incoming, Messenger
 from edgerun.scheduler.metrics import Metrics
 from edgerun.scheduler.store.events import EventHub, task_event
+from edgerun.scheduler.store.records import TaskRow
 from edgerun.scheduler.store.tasks import Change, Store
 from edgerun.signing import Signer
 
@@ -309,9 +310,9 @@ class Core:
         return payload
 
     @staticmethod
-    def task_of(row: JSONObject) -> Task:
-        """The stored spec of a task row, as the contract's record."""
-        task = parse_command(json.loads(json.dumps(row["spec"])))
+    def task_of(spec: JSONObject | None) -> Task:
+        """The stored spec of a task row (TaskRow.spec), as the contract's record."""
+        task = parse_command(json.loads(json.dumps(spec)))
         assert not isinstance(task, Cancel)
         return task
 
@@ -325,10 +326,10 @@ class Core:
         inside that one), then, once committed, to followers, other instances and the
         listeners."""
         task = change.task
-        self.metrics.changes.labels(task["state"]).inc()
+        self.metrics.changes.labels(task.state).inc()
         with self.store.transaction():
-            self.publish(task_event(change.previous, task), "tasks", task["node"],
-                         task["state"])
+            self.publish(task_event(change.previous, task.to_json()), "tasks", task.node,
+                         task.state)
             for listener in self._listeners:
                 self.store.after_commit(partial(listener, change))
 
@@ -340,12 +341,12 @@ class Core:
             self._after_commit("events", (kind, node, state, canonical_json(event)),
                                self.messenger.publish_events)
 
-    def lose(self, task: JSONObject, verdict: Verdict) -> None:
+    def lose(self, task: TaskRow, verdict: Verdict) -> None:
         with self.store.transaction():
-            change = self.store.mark_lost(task["node"], task["id"], task["state"],
+            change = self.store.mark_lost(task.node, task.id, task.state,
                                           verdict.code, verdict.message)
             if change is not None:
-                log.warning("task %s on node %s is lost: %s", task["id"], task["node"],
+                log.warning("task %s on node %s is lost: %s", task.id, task.node,
                             verdict.message)
                 self.emit(change)
 
