@@ -175,7 +175,7 @@ def _fresh_since(db: str, stamp: str) -> int:
     from edgerun.scheduler.store.tasks import Store
     store = Store(db)
     try:
-        return sum(1 for n in store.nodes() if n["last_seen"] > stamp)
+        return sum(1 for n in store.nodes() if n.last_seen > stamp)
     finally:
         store.close()
 

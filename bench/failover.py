@@ -83,8 +83,8 @@ def _completions(service: Any, sent: dict[str, str]) -> list[float]:
     times = []
     for tid, node in sent.items():
         task = service.store.get(node, tid)
-        if task is not None and task["state"] in FINAL:
-            times.append(datetime.fromisoformat(task["updated_at"].replace("Z", "+00:00"))
+        if task is not None and task.state in FINAL:
+            times.append(datetime.fromisoformat(task.updated_at.replace("Z", "+00:00"))
                          .timestamp())
     return sorted(times)
 

@@ -119,12 +119,12 @@ def test_chaos(tmp_path: Path) -> None:
             counts = service.store.count_by_state()
             assert done, f"not every task ended: {counts}"
 
-            tasks = {(t["node"], t["id"]): t for t in service.store.tasks(limit=1_000_000)}
+            tasks = {(t.node, t.id): t for t in service.store.tasks(limit=1_000_000)}
             ran = Counter(ran_log.read_text().split())
             agent_view: dict[str, dict[str, str]] = {
                 node: latest_states(tmp_path / f"agent-{node}" / "state") for node in NODES}
             duplicates = sum(a.log().count("was seen before") for a in agents.values())
-            interrupted = [t for t in tasks.values() if t["state"] == "failed"]
+            interrupted = [t for t in tasks.values() if t.state == "failed"]
             print(f"\nchaos: {len(sent)} tasks; final states {dict(counts)}; "
                   f"ran once {sum(1 for n in ran.values() if n == 1)}, "
                   f"ran twice or more {sum(1 for n in ran.values() if n > 1)}, "
@@ -132,16 +132,17 @@ def test_chaos(tmp_path: Path) -> None:
                   f"absorbed {duplicates}; interrupted by the agent kill {len(interrupted)}")
 
             assert len(tasks) == len(sent) == WAVES * PER_WAVE
-            odd = [t for t in tasks.values() if t["state"] not in ("succeeded", "failed")]
+            odd = [t for t in tasks.values() if t.state not in ("succeeded", "failed")]
             assert not odd, odd[:3]
             assert all(n == 1 for n in ran.values()), "a task ran twice"
             for (node, task_id), task in tasks.items():
-                if task["state"] == "succeeded":
+                if task.state == "succeeded":
                     assert ran[task_id] == 1
                 else:  # only the tasks the killed agent had in hand
-                    assert node == "chaos-2" and task["error"]["code"] == "internal", task
+                    assert node == "chaos-2" and task.error is not None, task
+                    assert task.error.code == "internal", task
                 # no update lost: the store ends where the agent ended
-                assert agent_view[node].get(task_id) == task["state"], (node, task_id)
+                assert agent_view[node].get(task_id) == task.state, (node, task_id)
     finally:
         for agent in agents.values():
             if agent.alive():

@@ -129,7 +129,7 @@ def test_tasks_survive_the_loss_of_the_queue_leaders_node(
                   f"later; cluster RSS {rabbits.rss() / 2**20:.0f} MiB")
 
             # every task ended exactly once, succeeded; each command ran exactly once
-            states = collections.Counter(service.store.get(node, tid)["state"]  # type: ignore[index]
+            states = collections.Counter(service.store.get(node, tid).state  # type: ignore[union-attr]
                                          for tid, node in ids.items())
             assert states == {"succeeded": TASKS}, states
             runs = collections.Counter(ran.read_text().split())

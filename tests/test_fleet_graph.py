@@ -13,6 +13,7 @@ from edgerun.control.errors import BadRequest
 from edgerun.errors import ConfigError
 from edgerun.control.jobfile import dependents, graph_of, parse_job_file
 from edgerun.scheduler.service import Service
+from edgerun.scheduler.store.records import TaskRow
 
 from .brokers import Mosquitto, wait_until
 from .fleet_kit import AgentSpec, pool
@@ -60,15 +61,14 @@ def cluster(mosquitto: Mosquitto, tmp_path: Path) -> Iterator[tuple[Api, Service
             yield api, svc
 
 
-def wait_job(svc: Service, job_id: str) -> list[dict[str, Any]]:
+def wait_job(svc: Service, job_id: str) -> list[TaskRow]:
     def done() -> bool:
         job = svc.store.job(job_id)
-        return job is not None and all(t["state"] in FINAL for t in job["tasks"])
+        return job is not None and all(t.state in FINAL for t in job.tasks)
     assert wait_until(done, 60, 0.1), svc.store.job(job_id)
     job = svc.store.job(job_id)
     assert job is not None
-    tasks: list[dict[str, Any]] = job["tasks"]
-    return tasks
+    return job.tasks
 
 
 def test_every_node_then_the_controller_once_all_succeeded(
@@ -79,14 +79,15 @@ def test_every_node_then_the_controller_once_all_succeeded(
         shell("inventory", f"sleep 0.2; echo inventory >> {log}"),
         shell("report", f"echo report >> {log}", needs=["inventory"], targets=["gctl"]),
     ], "graph-ok")
-    assert sorted((t["node"], t["id"]) for t in job["tasks"]) == [
+    assert sorted((t.node, t.id) for t in job.tasks) == [
         ("gctl", "graph-ok.report"), ("gw-1", "graph-ok.inventory"),
         ("gw-2", "graph-ok.inventory"), ("gw-3", "graph-ok.inventory")]
     tasks = wait_job(svc, "graph-ok")
-    assert {t["state"] for t in tasks} == {"succeeded"}
+    assert {t.state for t in tasks} == {"succeeded"}
     assert log.read_text().split() == ["inventory"] * 3 + ["report"]  # the report last
-    report = next(t for t in tasks if t["node"] == "gctl")
-    assert all(t["updated_at"] <= report["dispatched_at"] for t in tasks if t is not report)
+    report = next(t for t in tasks if t.node == "gctl")
+    assert report.dispatched_at is not None
+    assert all(t.updated_at <= report.dispatched_at for t in tasks if t is not report)
 
 
 def test_a_failure_anywhere_cancels_what_needs_it(cluster: tuple[Api, Service]) -> None:
@@ -98,15 +99,16 @@ def test_a_failure_anywhere_cancels_what_needs_it(cluster: tuple[Api, Service]) 
         shell("report", "true", needs=["verify", "probe"], targets=["gctl"]),
         shell("inventory", "true", needs=["probe"], targets=["gctl"]),
     ], "graph-bad")
-    tasks = {(t["node"], t["id"].split(".", 1)[1]): t for t in wait_job(svc, "graph-bad")}
-    assert tasks[("gw-2", "flash")]["state"] == "failed"
+    tasks = {(t.node, t.id.split(".", 1)[1]): t for t in wait_job(svc, "graph-bad")}
+    assert tasks[("gw-2", "flash")].state == "failed"
     for key in [("gw-1", "verify"), ("gw-2", "verify"), ("gw-3", "verify"),
                 ("gctl", "report")]:
-        assert tasks[key]["state"] == "canceled", key
-        assert tasks[key]["dispatched_at"] is None
-        assert "step 'flash' of job graph-bad ended failed on node gw-2" in \
-            tasks[key]["error"]["message"]
-    assert tasks[("gctl", "inventory")]["state"] == "succeeded"  # it needed only probe
+        assert tasks[key].state == "canceled", key
+        assert tasks[key].dispatched_at is None
+        error = tasks[key].error
+        assert error is not None
+        assert "step 'flash' of job graph-bad ended failed on node gw-2" in error.message
+    assert tasks[("gctl", "inventory")].state == "succeeded"  # it needed only probe
 
 
 def test_an_ordered_list_still_runs_step_by_step(cluster: tuple[Api, Service],
@@ -119,6 +121,6 @@ def test_an_ordered_list_still_runs_step_by_step(cluster: tuple[Api, Service],
         {"type": "shell", "command": "exit 1"},
         {"type": "shell", "command": f"echo never >> {log}"},
     ], "list-1")
-    tasks = sorted(wait_job(svc, "list-1"), key=lambda t: t["step"])
-    assert [t["state"] for t in tasks] == ["succeeded", "succeeded", "failed", "canceled"]
+    tasks = sorted(wait_job(svc, "list-1"), key=lambda t: t.step or 0)
+    assert [t.state for t in tasks] == ["succeeded", "succeeded", "failed", "canceled"]
     assert log.read_text().split() == ["one", "two"]

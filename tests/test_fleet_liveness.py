@@ -40,9 +40,9 @@ def test_agent_killed_mid_task_alerts_then_lost_after_the_grace_then_late_truth_
         api.wait_node("live-a")
         [task] = svc.dispatch(["live-a"], False, {"type": "shell", "command": "sleep 60",
                                                   "timeout": 120})
-        sub = svc.hub.subscribe(ids=[task["id"]], kinds=["task_event"])
+        sub = svc.hub.subscribe(ids=[task.id], kinds=["task_event"])
         try:
-            api.wait_state(task["id"], "live-a", "running")
+            api.wait_state(task.id, "live-a", "running")
             agent.kill()  # SIGKILL: the broker publishes its Last Will
             seen = events_until(sub, lambda s: any(e["state"] == "lost" for e in s))
             alerts = [e for e in seen if e.get("alert")]
@@ -52,7 +52,7 @@ def test_agent_killed_mid_task_alerts_then_lost_after_the_grace_then_late_truth_
             # told first, lost after the grace
             assert seen.index(alerts[0]) < next(i for i, e in enumerate(seen)
                                                 if e["state"] == "lost")
-            lost = api.task(task["id"], "live-a")
+            lost = api.task(task.id, "live-a")
             assert lost["state"] == "lost"
             assert "offline" in lost["error"]["message"] and "1 s" in lost["error"]["message"]
             # the agent comes back: the task it was running when it died is reported
@@ -62,7 +62,7 @@ def test_agent_killed_mid_task_alerts_then_lost_after_the_grace_then_late_truth_
             assert late[-1]["previous"] == "lost"
         finally:
             svc.hub.unsubscribe(sub)
-        final = api.wait_state(task["id"], "live-a", "failed")
+        final = api.wait_state(task.id, "live-a", "failed")
         states = [u["state"] for u in final["updates"]]
         assert states[-2:] == ["lost", "failed"], states
         assert final["error"]["code"] == "internal"
@@ -76,9 +76,9 @@ def test_a_node_back_within_the_grace_keeps_its_task(mosquitto: Mosquitto,
         agent = start_agent(mosquitto.url, "live-b", tmp_path)
         api.wait_node("live-b")
         [task] = svc.dispatch(["live-b"], False, {"type": "shell", "command": "sleep 60"})
-        sub = svc.hub.subscribe(ids=[task["id"]], kinds=["task_event"])
+        sub = svc.hub.subscribe(ids=[task.id], kinds=["task_event"])
         try:
-            api.wait_state(task["id"], "live-b", "running")
+            api.wait_state(task.id, "live-b", "running")
             agent.kill()
             events_until(sub, lambda s: any(e.get("alert") for e in s))
             agent.start()
@@ -87,5 +87,5 @@ def test_a_node_back_within_the_grace_keeps_its_task(mosquitto: Mosquitto,
             assert all(e["state"] != "lost" for e in back)
         finally:
             svc.hub.unsubscribe(sub)
-        final = api.wait_state(task["id"], "live-b", "failed")
+        final = api.wait_state(task.id, "live-b", "failed")
         assert "lost" not in [u["state"] for u in final["updates"]]

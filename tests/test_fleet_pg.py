@@ -22,20 +22,20 @@ def test_pacing_retries_rollouts_and_graphs_on_postgresql(
                   for i, vendor in enumerate(["Dell Inc.", "Dell Inc.", "HPE"])]
         with pool(mosquitto.url, tmp_path / "agents", agents, api):
             # pacing: 60 tasks to one node whose agent holds 8: none busy
-            ids = [svc.dispatch(["pg-0"], False, {"type": "shell", "command": "true"})[0]["id"]
+            ids = [svc.dispatch(["pg-0"], False, {"type": "shell", "command": "true"})[0].id
                    for _ in range(60)]
             def paced_done() -> bool:
-                return all((svc.store.get("pg-0", i) or {}).get("state") == "succeeded"
-                           for i in ids)
+                return all((t := svc.store.get("pg-0", i)) is not None
+                           and t.state == "succeeded" for i in ids)
             assert wait_until(paced_done, 120, 0.2)
             # facts and retries
             [task] = svc.dispatch([], False, {"type": "shell", "command": "exit 2"},
                                   where=["dmi.vendor=HPE"],
                                   retry={"retries": 1, "on": ["failed"], "delay": 0})
-            assert task["node"] == "pg-2"
-            api.wait_state(f"{task['id']}.a2", "pg-2", "failed")
-            attempts = FleetDB(svc.store).attempts("pg-2", task["id"])
-            assert [a["attempt"] for a in attempts] == [1, 2]
+            assert task.node == "pg-2"
+            api.wait_state(f"{task.id}.a2", "pg-2", "failed")
+            attempts = FleetDB(svc.store).attempts("pg-2", task.id)
+            assert [a.attempt for a in attempts] == [1, 2]
             # a rollout that aborts
             rollout = svc.rollouts.create(["pg-*"], False,
                                                 {"type": "shell", "command": "exit 1"},
@@ -51,5 +51,5 @@ def test_pacing_retries_rollouts_and_graphs_on_postgresql(
 
             def graph_done() -> bool:
                 job = svc.store.job("pg-graph")
-                return job is not None and all(t["state"] == "succeeded" for t in job["tasks"])
+                return job is not None and all(t.state == "succeeded" for t in job.tasks)
             assert wait_until(graph_done, 60, 0.1)

@@ -38,10 +38,9 @@ def test_rollout_and_job_resume_after_a_restart(mosquitto: Mosquitto, tmp_path: 
             assert done, svc.rollouts.show(rollout["id"])
 
             def job_done() -> bool:
-                found = svc.store.job(job["id"])
-                return found is not None and all(t["state"] == "succeeded"
-                                                 for t in found["tasks"])
-            assert wait_until(job_done, 60, 0.1), svc.store.job(job["id"])
+                found = svc.store.job(job.id)
+                return found is not None and all(t.state == "succeeded" for t in found.tasks)
+            assert wait_until(job_done, 60, 0.1), svc.store.job(job.id)
             assert svc.rollouts.show(rollout["id"])["counts"]["succeeded"] == 6
         lines = log.read_text().split()
         assert lines.count("r") == 6  # each target ran once

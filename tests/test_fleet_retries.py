@@ -57,15 +57,15 @@ def test_failed_attempts_are_retried_in_turn_never_overlapping(
         api.wait_node("retry-a")
         [task] = svc.dispatch(["retry-a"], False, {"type": "shell", "command": command},
                               retry={"retries": 3, "on": ["failed"], "delay": 0.2})
-        root = task["id"]
+        root = task.id
         last = api.wait_state(f"{root}.a4", "retry-a", {"failed", "succeeded"}, timeout=60)
         assert last["state"] == "failed"
         db = FleetDB(svc.store)
         attempts = db.attempts("retry-a", root)
-        assert [a["id"] for a in attempts] == [root, f"{root}.a2", f"{root}.a3", f"{root}.a4"]
-        assert [a["attempt"] for a in attempts] == [1, 2, 3, 4]
-        assert [a["parent"] for a in attempts] == [None, root, f"{root}.a2", f"{root}.a3"]
-        assert {a["state"] for a in attempts} == {"failed"}
+        assert [a.id for a in attempts] == [root, f"{root}.a2", f"{root}.a3", f"{root}.a4"]
+        assert [a.attempt for a in attempts] == [1, 2, 3, 4]
+        assert [a.parent for a in attempts] == [None, root, f"{root}.a2", f"{root}.a3"]
+        assert {a.state for a in attempts} == {"failed"}
         assert wait_until(lambda: len(log.read_text().split()) == 16, 10)
         stamps = [(w, float(t)) for w, t in zip(*[iter(log.read_text().split())] * 2,
                                                 strict=True)]
@@ -88,18 +88,18 @@ def test_a_lost_attempt_is_canceled_before_the_next_one_runs(
         api.wait_node("retry-b")
         [task] = svc.dispatch(["retry-b"], False, {"type": "shell", "command": command},
                               retry={"retries": 2, "on": ["lost"], "delay": 0})
-        api.wait_state(task["id"], "retry-b", "running")
+        api.wait_state(task.id, "retry-b", "running")
         agent.kill()
-        api.wait_state(task["id"], "retry-b", "lost")
-        second = f"{task['id']}.a2"
+        api.wait_state(task.id, "retry-b", "lost")
+        second = f"{task.id}.a2"
         api.wait_state(second, "retry-b", {"queued", "dispatched"})
         agent.start()
         done = api.wait_state(second, "retry-b", "succeeded", timeout=60)
         assert done["result"]["stdout"] == "second\n"
-        first = api.wait_state(task["id"], "retry-b", {"failed", "canceled"})
+        first = api.wait_state(task.id, "retry-b", {"failed", "canceled"})
         assert "lost" in [u["state"] for u in first["updates"]]  # history keeps it all
         assert ran.read_text().split() == ["run", "run"]  # each attempt ran once
-        assert FleetDB(svc.store).task("retry-b", f"{task['id']}.a3") is None
+        assert FleetDB(svc.store).task("retry-b", f"{task.id}.a3") is None
 
 
 def test_busy_rejections_are_retried_until_the_agent_has_room(
@@ -111,14 +111,14 @@ def test_busy_rejections_are_retried_until_the_agent_has_room(
         start_agent(mosquitto.url, "retry-c", tmp_path, "--queue-size", "1")
         api.wait_node("retry-c")
         ids = [svc.dispatch(["retry-c"], False, {"type": "shell", "command": "sleep 0.2"},
-                            retry={"retries": 10, "on": ["busy"], "delay": 0.5})[0]["id"]
+                            retry={"retries": 10, "on": ["busy"], "delay": 0.5})[0].id
                for _ in range(4)]
         db = FleetDB(svc.store)
 
         def chains_done() -> bool:
-            return all(db.attempts("retry-c", i)[-1]["state"] == "succeeded" for i in ids)
+            return all(db.attempts("retry-c", i)[-1].state == "succeeded" for i in ids)
         assert wait_until(chains_done, 90, 0.2), [
-            [(a["id"], a["state"]) for a in db.attempts("retry-c", i)] for i in ids]
+            [(a.id, a.state) for a in db.attempts("retry-c", i)] for i in ids]
         tried = [a for i in ids for a in db.attempts("retry-c", i)]
-        busy = [a for a in tried if a["state"] == "rejected"]
-        assert busy and all(a["error"]["code"] == "busy" for a in busy)
+        busy = [a for a in tried if a.state == "rejected"]
+        assert busy and all(a.error is not None and a.error.code == "busy" for a in busy)

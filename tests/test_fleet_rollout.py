@@ -78,9 +78,9 @@ def test_batch_5_aborts_after_3_failures_and_leaves_the_rest_untouched(
     for target in untouched:
         task = svc.store.get(target["node"], target["task"])
         assert task is not None
-        assert task["state"] == "canceled" and task["dispatched_at"] is None
-        assert task["error"]["code"] == "rollout_aborted"
-        assert rollout["reason"] in task["error"]["message"]
+        assert task.state == "canceled" and task.dispatched_at is None
+        assert task.error is not None and task.error.code == "rollout_aborted"
+        assert rollout["reason"] in task.error.message
         updates = svc.store.updates(target["node"], target["task"])
         assert all(u.get("by") == "scheduler" for u in updates)  # nothing from the node
     assert {t["state"] for t in touched} <= {"failed", "canceled"}

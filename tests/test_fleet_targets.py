@@ -13,23 +13,32 @@ import pytest
 from edgerun.control.errors import BadRequest, UnknownNode
 from edgerun.scheduler.fleet.targets import parse_where, parse_wheres, select_nodes
 from edgerun.scheduler.service import Service
+from edgerun.scheduler.store.records import NodeRow
 
 from .brokers import Mosquitto
 from .fleet_kit import AgentSpec, make_sys_root, pool
 from .scheduler_kit import Api, running_app
 
-NODES: list[dict[str, Any]] = [
-    {"node": "dell-1", "state": "online", "facts": {
+SEEN = "2026-12-01T10:00:00.000Z"
+
+
+def known(node: str, state: str, facts: dict[str, Any] | None) -> NodeRow:
+    return NodeRow(node=node, state=state, first_seen=SEEN, last_seen=SEEN, changed_at=SEEN,
+                   agent=None, facts=facts, running=[])
+
+
+NODES: list[NodeRow] = [
+    known("dell-1", "online", {
         "arch": "x86_64", "cpus": 64, "macs": {"eth0": "52:54:00:aa:00:01"},
         "dmi": {"vendor": "Dell Inc.", "product": "PowerEdge R650"},
-        "ips": {"eth0": ["10.0.0.5/24"]}}},
-    {"node": "hp-1", "state": "offline", "facts": {
+        "ips": {"eth0": ["10.0.0.5/24"]}}),
+    known("hp-1", "offline", {
         "arch": "x86_64", "cpus": 16, "macs": {"eth0": "aa:bb:cc:dd:ee:01",
                                                "eth1": "52:54:00:aa:00:02"},
-        "dmi": {"vendor": "HPE"}}},
-    {"node": "arm-1", "state": "online", "facts": {
-        "arch": "aarch64", "cpus": 8, "macs": {}, "dmi": {"vendor": "Ampere"}}},
-    {"node": "bare", "state": "online", "facts": None},
+        "dmi": {"vendor": "HPE"}}),
+    known("arm-1", "online", {
+        "arch": "aarch64", "cpus": 8, "macs": {}, "dmi": {"vendor": "Ampere"}}),
+    known("bare", "online", None),
 ]
 
 
@@ -113,15 +122,15 @@ def test_dispatch_by_facts_runs_only_on_matching_agents(fleet: tuple[Api, Servic
     api, svc = fleet
     created = svc.dispatch([], False, {"type": "shell", "command": "echo hi"},
                            where=["dmi.sys_vendor=Dell*"])
-    assert [t["node"] for t in created] == ["tgt-dell"]
-    api.wait_state(created[0]["id"], "tgt-dell", "succeeded")
+    assert [t.node for t in created] == ["tgt-dell"]
+    api.wait_state(created[0].id, "tgt-dell", "succeeded")
     macs = svc.dispatch(["tgt-*"], False, {"type": "shell", "command": "true"},
                         where=["macs=52:54:00:*"])
-    assert sorted(t["node"] for t in macs) == ["tgt-dell", "tgt-hp"]
+    assert sorted(t.node for t in macs) == ["tgt-dell", "tgt-hp"]
     by_mac = svc.dispatch(["aa:bb:cc:00:00:03"], False, {"type": "shell", "command": "true"})
-    assert [t["node"] for t in by_mac] == ["tgt-other"]
+    assert [t.node for t in by_mac] == ["tgt-other"]
     for task in macs + by_mac:
-        api.wait_state(task["id"], task["node"], "succeeded")
+        api.wait_state(task.id, task.node, "succeeded")
     with pytest.raises(BadRequest, match="no operator"):
         svc.dispatch(["tgt-*"], False, {"type": "shell", "command": "true"}, where=["arch"])
 

@@ -146,17 +146,17 @@ def check(store: Store, wire: Observer, reader: EventReader,
           serves: list[ServeProcess]) -> None:
     rounds = [f"r{r}" for r in range(10)]
     tasks = [t for r in [*rounds, "rk"] for t in store.find(r)]
-    full = [t for t in tasks if t["id"] != "rk"]
+    full = [t for t in tasks if t.id != "rk"]
     assert len(full) == 1000
     assert 20 <= len(tasks) - len(full) <= 100  # the round the kill cut short
     # every task ends in exactly one final state: succeeded, with one final update
-    assert {t["state"] for t in tasks} == {"succeeded"}, collections.Counter(
-        t["state"] for t in tasks)
+    assert {t.state for t in tasks} == {"succeeded"}, collections.Counter(
+        t.state for t in tasks)
     # every update recorded once: the agent's three, nothing repeated (competing
     # consumers may record `accepted` after `running`: it never moves the task back)
     for task in tasks:
-        states = sorted(u["state"] for u in store.updates(task["node"], task["id"]))
-        assert states == ["accepted", "running", "succeeded"], (task["node"], task["id"],
+        states = sorted(u["state"] for u in store.updates(task.node, task.id))
+        assert states == ["accepted", "running", "succeeded"], (task.node, task.id,
                                                                states)
     # none dispatched twice: each task was published once, except the round cut short by
     # the kill -9 (a task the broker took just before the instance died stays `queued`
@@ -165,7 +165,7 @@ def check(store: Store, wire: Observer, reader: EventReader,
                                for topic, b in _tasks_on_wire(wire))
     again = collections.Counter(task_id for (_node, task_id), n in sent.items() if n > 1)
     assert set(again) <= {"rk"}, f"published more than once, by round: {dict(again)}"
-    assert {(t["node"], t["id"]) for t in tasks} == set(sent)
+    assert {(t.node, t.id) for t in tasks} == set(sent)
     # ... and ran once: one final update per task from its agent, a repeat only where the
     # task itself was repeated (the agent answers a known id with its latest update)
     assert wait_until(lambda: len(wire.of("update", state="succeeded")) >= len(tasks), 30)
@@ -242,11 +242,11 @@ def test_mqtt_instances_split_updates_through_a_share_group(tmp_path: Path,
                                            "timeout": 60}})
         tasks = [t for r in range(6) for t in store.find(f"s{r}")]
         assert len(tasks) == 6 * len(nodes)
-        assert wait_until(lambda: all(store.get(t["node"], t["id"])["state"] == "succeeded"
+        assert wait_until(lambda: all(store.get(t.node, t.id).state == "succeeded"
                                       for t in tasks), 120, 0.5)
         for task in tasks:
-            states = sorted(u["state"] for u in store.updates(task["node"], task["id"]))
-            assert states == ["accepted", "running", "succeeded"], (task["id"], states)
+            states = sorted(u["state"] for u in store.updates(task.node, task.id))
+            assert states == ["accepted", "running", "succeeded"], (task.id, states)
         received = [_updates_received(s) for s in serves]
         assert all(n > 0 for n in received), f"updates handled per instance: {received}"
         assert sum(received) < 2 * len(tasks) * 3, f"both received everything: {received}"
@@ -258,8 +258,9 @@ def test_mqtt_instances_split_updates_through_a_share_group(tmp_path: Path,
         assert not any("adopting" in s.log() for s in serves), [s.log()[-1500:] for s in serves]
         serves[1].client().post("/tasks", {"targets": nodes, "task": {
             "id": "after", "type": "shell", "command": "true", "timeout": 60}})
-        assert wait_until(lambda: all((store.get(n, "after") or {}).get("state") == "succeeded"
-                                      for n in nodes), 60, 0.5)
+        assert wait_until(lambda: all(
+            getattr(store.get(n, "after"), "state", None) == "succeeded" for n in nodes),
+            60, 0.5)
     finally:
         store.close()
         if pool is not None:
@@ -296,11 +297,11 @@ def test_mqtt_instance_killed_for_good_its_session_is_adopted(tmp_path: Path,
         assert len(tasks) == 5 * len(nodes)
         assert wait_until(lambda: store.count_by_state().get("succeeded", 0) >= 20, 60, 0.05)
         serves[1].kill()  # mid-way, for good
-        assert wait_until(lambda: all(store.get(t["node"], t["id"])["state"] == "succeeded"
+        assert wait_until(lambda: all(store.get(t.node, t.id).state == "succeeded"
                                       for t in tasks), 120, 0.5), store.count_by_state()
         for task in tasks:
-            states = sorted(u["state"] for u in store.updates(task["node"], task["id"]))
-            assert states == ["accepted", "running", "succeeded"], (task["id"], states)
+            states = sorted(u["state"] for u in store.updates(task.node, task.id))
+            assert states == ["accepted", "running", "succeeded"], (task.id, states)
         assert wait_until(lambda: "adopted and closed the MQTT session of sched-k2"
                           in serves[0].log(), 60, 0.2), serves[0].log()[-2000:]
     finally:

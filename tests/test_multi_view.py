@@ -103,20 +103,20 @@ def test_a_task_queued_for_an_offline_node_survives_an_embedded_broker_restart(
     with running_app(None, tmp_path, **over) as app:
         store = app.service.store  # type: ignore[union-attr]
         agent = start_agent(broker, "er-1", tmp_path)
-        assert wait_until(lambda: (store.node("er-1") or {}).get("state") == "online", 30)
+        assert wait_until(lambda: getattr(store.node("er-1"), "state", None) == "online", 30)
         agent.terminate()
-        assert wait_until(lambda: store.node("er-1")["state"] == "offline", 30)
+        assert wait_until(lambda: store.node("er-1").state == "offline", 30)
         task = app.service.dispatch(["er-1"], False, {  # type: ignore[union-attr]
             "type": "shell", "command": "echo kept", "timeout": 30})[0]
-        assert wait_until(lambda: store.get("er-1", task["id"])["state"] == "dispatched", 30)
+        assert wait_until(lambda: store.get("er-1", task.id).state == "dispatched", 30)
     # the scheduler and its embedded broker restart: amqtt forgot the queued task
     with running_app(None, tmp_path, **over) as app:
         store = app.service.store  # type: ignore[union-attr]
         agent = start_agent(broker, "er-1", tmp_path)
         try:
-            assert wait_until(lambda: store.get("er-1", task["id"])["state"] == "succeeded",
-                              60), store.get("er-1", task["id"])
-            assert store.get("er-1", task["id"])["result"]["stdout"] == "kept\n"
+            assert wait_until(lambda: store.get("er-1", task.id).state == "succeeded",
+                              60), store.get("er-1", task.id)
+            assert store.get("er-1", task.id).result["stdout"] == "kept\n"
         finally:
             agent.terminate()
 
@@ -148,7 +148,7 @@ class MqttRabbit(Rabbit):
 
 def _node_state(app: App, node: str) -> str | None:
     info = app.service.store.node(node)  # type: ignore[union-attr]
-    return info["state"] if info else None
+    return info.state if info else None
 
 
 @pytest.mark.parametrize("kind", ["mosquitto", "rabbitmq-mqtt"])

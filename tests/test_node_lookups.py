@@ -54,8 +54,8 @@ def test_a_prefix_reads_its_range_in_id_order(store: Store) -> None:
 def test_ids_are_read_in_batches_whole_and_once(store: Store) -> None:
     wanted = [f"rk-{i:04d}" for i in range(1199, -1, -1)] + ["rk-0005", "nope"]
     got = store.nodes_by_ids(wanted)
-    assert [n["node"] for n in got] == [f"rk-{i:04d}" for i in range(1200)]
-    assert got[7]["facts"] == {"i": 7} and got[7]["state"] == "online"
+    assert [n.node for n in got] == [f"rk-{i:04d}" for i in range(1200)]
+    assert got[7].facts == {"i": 7} and got[7].state == "online"
 
 
 @pytest.fixture(scope="module", params=["sqlite", "postgresql"])

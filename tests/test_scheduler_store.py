@@ -32,6 +32,7 @@ from edgerun.scheduler.errors import StoreError
 from edgerun.control.jobfile import load_job, parse_job
 from edgerun.scheduler.fleet.targets import resolve_targets
 from edgerun.scheduler.fleet.tracker import judge
+from edgerun.scheduler.store.records import TaskRow
 from edgerun.scheduler.store.schema import SCHEMA_VERSION
 from edgerun.scheduler.store.tasks import Store
 
@@ -81,16 +82,16 @@ def test_unopenable_store_is_a_store_error(tmp_path: Path) -> None:
 def test_task_walks_its_states_and_duplicates_are_ignored(store: Store) -> None:
     task = ShellTask(id="t1", command="true", timeout=10)
     first = store.add_task("n1", task, source="api")
-    assert first is not None and first.previous is None and first.task["state"] == "queued"
+    assert first is not None and first.previous is None and first.task.state == "queued"
     assert store.add_task("n1", task, source="api") is None  # same id, same node: deduped
-    assert store.mark_dispatched("n1", "t1", time.time() + 15).task["state"] == "dispatched"
-    assert apply(store, "t1", "accepted").task["state"] == "accepted"
+    assert store.mark_dispatched("n1", "t1", time.time() + 15).task.state == "dispatched"
+    assert apply(store, "t1", "accepted").task.state == "accepted"
     assert apply(store, "t1", "accepted") is None  # redelivered
     running = apply(store, "t1", "running")
-    assert running.previous == "accepted" and running.task["deadline"] is not None
+    assert running.previous == "accepted" and running.task.deadline is not None
     done = apply(store, "t1", "succeeded", exit_code=0, stdout="hi\n", duration_s=0.1)
-    assert done.task["state"] == "succeeded" and done.task["exit_code"] == 0
-    assert done.task["result"]["stdout"] == "hi\n" and done.task["deadline"] is None
+    assert done.task.state == "succeeded" and done.task.exit_code == 0
+    assert done.task.result["stdout"] == "hi\n" and done.task.deadline is None
     assert apply(store, "t1", "running") is None  # late and out of order: never backwards
     assert [u["state"] for u in store.updates("n1", "t1")] == ["accepted", "running",
                                                                "succeeded"]
@@ -100,24 +101,24 @@ def test_same_id_on_two_nodes_is_two_tasks(store: Store) -> None:
     task = ShellTask(id="shared", command="true")
     assert store.add_task("n1", task, source="api") is not None
     assert store.add_task("n2", task, source="api") is not None
-    assert {t["node"] for t in store.find("shared")} == {"n1", "n2"}
+    assert {t.node for t in store.find("shared")} == {"n1", "n2"}
 
 
 def test_update_for_unknown_task_is_recorded_then_spec_filled(store: Store) -> None:
     change = apply(store, "ext", "running")
-    assert change.previous is None and change.task["source"] == "update"
+    assert change.previous is None and change.task.source == "update"
     task = ShellTask(id="ext", command="echo hi", timeout=7)
     assert store.note_task_seen("n1", task, deadline=time.time() + 10) is None
     row = store.get("n1", "ext")
-    assert row is not None and row["spec"]["command"] == "echo hi"
-    assert row["state"] == "running"
+    assert row is not None and row.spec["command"] == "echo hi"
+    assert row.state == "running"
 
 
 def test_task_seen_on_the_wire_is_recorded_as_external(store: Store) -> None:
     task = ShellTask(id="other", command="true")
     change = store.note_task_seen("n1", task, deadline=time.time() + 10)
-    assert change is not None and change.task["state"] == "dispatched"
-    assert change.task["source"] == "external"
+    assert change is not None and change.task.state == "dispatched"
+    assert change.task.source == "external"
     assert store.note_task_seen("n1", task, deadline=time.time() + 10) is None
 
 
@@ -127,10 +128,11 @@ def test_lost_then_a_late_final_update_wins(store: Store) -> None:
     apply(store, "t", "running")
     assert store.mark_lost("n1", "t", "accepted", "timeout", "x") is None  # state moved on
     lost = store.mark_lost("n1", "t", "running", "timeout", "no final update")
-    assert lost.task["state"] == "lost" and lost.task["error"]["code"] == "timeout"
+    assert lost.task.state == "lost" and lost.task.error is not None
+    assert lost.task.error.code == "timeout"
     late = apply(store, "t", "succeeded", exit_code=0)
-    assert late.previous == "lost" and late.task["state"] == "succeeded"
-    assert late.task["error"] is None
+    assert late.previous == "lost" and late.task.state == "succeeded"
+    assert late.task.error is None
     assert store.mark_lost("n1", "t", "succeeded", "timeout", "x") is None
 
 
@@ -145,10 +147,10 @@ def test_rejected_without_id_is_kept_for_the_audit(store: Store) -> None:
 def test_registry_keeps_first_and_last_seen_and_facts(store: Store) -> None:
     prev, node = store.apply_status(Status("n1", "online", agent="0.1", facts={"cpus": 4},
                                            running=()))
-    assert prev is None and node["state"] == "online" and node["facts"] == {"cpus": 4}
+    assert prev is None and node.state == "online" and node.facts == {"cpus": 4}
     prev, node = store.apply_status(Status("n1", "offline"))  # the Last Will: no facts
-    assert prev == "online" and node["state"] == "offline"
-    assert node["facts"] == {"cpus": 4} and node["first_seen"] <= node["last_seen"]
+    assert prev == "online" and node.state == "offline"
+    assert node.facts == {"cpus": 4} and node.first_seen <= node.last_seen
     assert store.online_nodes() == set()
     store.apply_status(Status("n1", "online"))
     assert store.online_nodes() == {"n1"}
@@ -157,7 +159,7 @@ def test_registry_keeps_first_and_last_seen_and_facts(store: Store) -> None:
 def test_due_and_deadline_extension(store: Store) -> None:
     store.add_task("n1", ShellTask(id="d", command="true"), source="api")
     store.mark_dispatched("n1", "d", deadline=100.0)
-    assert [t["id"] for t in store.due(200.0)] == ["d"]
+    assert [t.id for t in store.due(200.0)] == ["d"]
     store.extend_deadlines("n1", 300.0)
     assert store.due(200.0) == []
 
@@ -166,11 +168,11 @@ def test_job_heads_wait_for_success(store: Store) -> None:
     for step in range(3):
         store.add_task("n1", ShellTask(id=f"j.{step}", command="true"), source="job",
                        job_id="j", step=step)
-    assert [t["id"] for t in store.queued_job_heads()] == ["j.0"]
+    assert [t.id for t in store.queued_job_heads()] == ["j.0"]
     store.mark_dispatched("n1", "j.0", time.time() + 10)
     assert store.queued_job_heads() == []
     apply(store, "j.0", "succeeded", exit_code=0)
-    assert [t["id"] for t in store.queued_job_heads()] == ["j.1"]
+    assert [t.id for t in store.queued_job_heads()] == ["j.1"]
 
 
 @settings(max_examples=60, deadline=None)
@@ -187,15 +189,19 @@ def test_any_delivery_order_ends_in_a_reachable_state(tmp_path_factory: Any,
         if allowed:
             current = State(state)
     row = store.get("n1", "t")
-    assert row is not None and row["state"] == str(current)
+    assert row is not None and row.state == str(current)
     if current in FINAL_STATES:
-        assert row["deadline"] is None
+        assert row.deadline is None
     store.close()
 
 
 # --- the tracker's rules ---------------------------------------------------------------
-def task(state: str, deadline: float | None = None, expires: str | None = None) -> dict:
-    return {"id": "t", "node": "n1", "state": state, "deadline": deadline, "expires_at": expires}
+def task(state: str, deadline: float | None = None, expires: str | None = None) -> TaskRow:
+    return TaskRow(id="t", node="n1", type="shell", state=state, source="api",
+                   created_at="2026-11-22T06:00:00.000Z", updated_at="2026-11-22T06:00:00.000Z",
+                   dispatched_at=None, timeout=None, expires_at=expires, deadline=deadline,
+                   exit_code=None, error=None, result=None, spec=None, job=None, step=None,
+                   attempt=1, parent=None, root=None, retry=None, rollout=None, hold=None)
 
 
 def test_running_past_deadline_is_lost_online_or_not() -> None:
@@ -304,7 +310,7 @@ def test_prune_drops_old_finished_tasks_and_keeps_the_rest(store: Store) -> None
     # two days on, only the finished tasks (with their updates) and the id-less update go
     pruned = store.prune(keep_days=1, now=time.time() + 2 * 86_400)
     assert pruned["tasks"] == 2 and pruned["updates"] == 2 * 2 + 1  # running, final; id-less
-    assert [t["id"] for t in store.tasks()] == ["old-open"]
+    assert [t.id for t in store.tasks()] == ["old-open"]
     assert store.updates("n1", "old-done") == []
     assert [u["state"] for u in store.updates("n1", "old-open")] == ["running"]
 
@@ -314,9 +320,9 @@ def test_forget_removes_a_node_and_its_next_status_brings_it_back(store: Store) 
     store.apply_status(Status("n2", "online"))
     assert store.forget_node("n1") is True
     assert store.forget_node("n1") is False
-    assert [n["node"] for n in store.nodes()] == ["n2"]
+    assert [n.node for n in store.nodes()] == ["n2"]
     prev, node = store.apply_status(Status("n1", "online"))
-    assert prev is None and node["facts"] is None
+    assert prev is None and node.facts is None
 
 
 def test_unaccepted_lists_what_a_node_has_not_taken(store: Store) -> None:
@@ -324,7 +330,7 @@ def test_unaccepted_lists_what_a_node_has_not_taken(store: Store) -> None:
         store.add_task("n1", ShellTask(id=task_id, command="true"), source="api")
         store.mark_dispatched("n1", task_id, time.time() + 10)
     apply(store, "b", "accepted")
-    assert [t["id"] for t in store.unaccepted("n1")] == ["a", "c"]
+    assert [t.id for t in store.unaccepted("n1")] == ["a", "c"]
     assert store.unaccepted("n2") == []
 
 
@@ -380,7 +386,7 @@ def test_a_late_update_is_recorded_once_but_never_moves_the_task_back(store: Sto
     assert apply(store, "t", "running") is not None
     assert apply(store, "t", "accepted") is None
     assert apply(store, "t", "accepted") is None  # and its redelivery adds nothing
-    assert store.get("n1", "t")["state"] == "running"
+    assert store.get("n1", "t").state == "running"
     assert sorted(u["state"] for u in store.updates("n1", "t")) == ["accepted", "running"]
 
 

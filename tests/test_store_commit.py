@@ -55,14 +55,14 @@ def test_a_rolled_back_change_leaves_no_event_and_gives_its_ids_back(target: str
         with pytest.raises(RuntimeError), store.transaction():
             change = store.add_task("n1", ShellTask(id="gone", command="true"), source="api")
             assert change is not None
-            hub.publish(task_event(None, change.task))
+            hub.publish(task_event(None, change.task.to_json()))
             raise RuntimeError("the request failed after the insert")
         assert store.get("n1", "gone") is None and store.events_after(0) == []
         assert sub.queue.empty()
         with store.transaction():
             change = store.add_task("n1", ShellTask(id="kept", command="true"), source="api")
             assert change is not None
-            hub.publish(task_event(None, change.task))
+            hub.publish(task_event(None, change.task.to_json()))
             assert sub.queue.empty()  # not before the commit
         [(event_id, event)] = store.events_after(0)
         assert event_id == 1 and event["id"] == "kept"  # no hole where the rollback was
@@ -83,15 +83,15 @@ def test_many_updates_in_one_transaction_are_one_commit_with_their_events(target
                                       ShellTask(id="fan", command="true"), source="api")
             assert len(changes) == 50
             for change in changes:
-                hub.publish(task_event(None, change.task))
-                store.after_commit(partial(acked.append, change.task["node"]))
+                hub.publish(task_event(None, change.task.to_json()))
+                store.after_commit(partial(acked.append, change.task.node))
             assert acked == []  # acks wait for the commit
         assert len(acked) == 50
         ids = [sub.queue.get_nowait()[0] for _ in range(50)]  # type: ignore[index]
         assert ids == list(range(1, 51))
         # a second add of the same (node, id) inserts nothing
         assert store.add_tasks(["n0", "new"], ShellTask(id="fan", command="true"),
-                               source="api")[0].task["node"] == "new"
+                               source="api")[0].task.node == "new"
     finally:
         store.close()
 
@@ -106,7 +106,7 @@ def test_history_is_in_the_agents_order_and_a_late_running_never_reopens(target:
         assert _update(store, "n1", "t", "accepted") is None
         assert _update(store, "n1", "t", "running") is None  # a duplicate: not kept twice
         task = store.get("n1", "t")
-        assert task is not None and task["state"] == State.SUCCEEDED and task["deadline"] is None
+        assert task is not None and task.state == State.SUCCEEDED and task.deadline is None
         assert [u["state"] for u in store.updates("n1", "t")] == \
             ["accepted", "running", "succeeded"]
         # a task known only from its updates, out of order too
@@ -239,7 +239,7 @@ while True:
         for j in range(5):
             change = store.add_task(f"n{j}", ShellTask(id=f"k{sys.argv[2]}-{i}", command="true"),
                                     source="api")
-            hub.publish(task_event(None, change.task))
+            hub.publish(task_event(None, change.task.to_json()))
     i += 1
 """
 
@@ -340,7 +340,7 @@ def test_retention_deletes_in_bounded_batches_and_keeps_what_is_open(target: str
         pruned = store.prune(keep_days=1, now=time.time() + 2 * 86_400, batch=3)
         assert pruned == {"tasks": 10, "updates": 10, "jobs": 0}
         assert len(statements) == 4  # 3 + 3 + 3 + 1, each in a transaction of its own
-        assert [t["id"] for t in store.tasks()] == ["open"]
+        assert [t.id for t in store.tasks()] == ["open"]
         assert [u["state"] for u in store.updates("n1", "open")] == ["running"]
     finally:
         store.close()
@@ -368,15 +368,15 @@ def test_updates_applied_together_end_as_one_by_one_would(target: str, tmp_path:
             got = together.apply_updates([(parse_update(b), b) for b in batch], grace=30.0,
                                          now=1000.0)
         want = [alone.apply_update(parse_update(b), b, grace=30.0, now=1000.0) for b in batch]
-        assert [(c.previous, c.task["state"]) if c else None for c in got] == \
-            [(c.previous, c.task["state"]) if c else None for c in want]
+        assert [(c.previous, c.task.state) if c else None for c in got] == \
+            [(c.previous, c.task.state) if c else None for c in want]
         assert [c is not None for c in got] == [True, True, True, True, False, True, False,
                                                 False]
         for node, task_id in (("n1", "a"), ("n1", "b"), ("n2", "new")):
             one, other = together.get(node, task_id), alone.get(node, task_id)
             assert one is not None and other is not None
-            assert (one["state"], one["result"], one["deadline"]) == \
-                (other["state"], other["result"], other["deadline"])
+            assert (one.state, one.result, one.deadline) == \
+                (other.state, other.result, other.deadline)
             assert [u["state"] for u in together.updates(node, task_id)] == \
                 [u["state"] for u in alone.updates(node, task_id)]
     finally:
@@ -397,7 +397,7 @@ def test_confirms_recorded_together_at_the_end_of_the_transaction(target: str) -
             def record() -> None:
                 for change in store.mark_dispatched_many(gathered):
                     if change is not None:
-                        hub.publish(task_event(change.previous, change.task))
+                        hub.publish(task_event(change.previous, change.task.to_json()))
             tx.before_commit(record)
             gathered += [("n1", "c1", 50.0, None), ("n1", "nope", 50.0, None),
                          ("n1", "c2", 60.0, 99.0)]
@@ -406,6 +406,6 @@ def test_confirms_recorded_together_at_the_end_of_the_transaction(target: str) -
         assert [(e["id"], e["previous"], e["state"]) for _, e in got] == [
             ("c1", "queued", "dispatched"), ("c2", "queued", "dispatched")]
         c2 = store.get("n1", "c2")
-        assert c2 is not None and c2["deadline"] == 60.0 and c2["dispatched_at"]
+        assert c2 is not None and c2.deadline == 60.0 and c2.dispatched_at
     finally:
         store.close()

@@ -27,7 +27,7 @@ def test_keyed_reads_are_planned_with_the_table_as_it_is(pg_url: str) -> None:  
             store.add_tasks(nodes, ShellTask(id=f"t{j + 1}", command="true"), source="api")
         for _ in range(4):
             found = store.tasks_of([("n00007", "t2"), ("n1", "t0"), ("n1", "nope")])
-            assert sorted((t["node"], t["id"]) for t in found) == [("n00007", "t2"),
+            assert sorted((t.node, t.id) for t in found) == [("n00007", "t2"),
                                                                    ("n1", "t0")]
         with store.read() as db:
             plans = db.execute("SELECT statement, generic_plans, custom_plans "

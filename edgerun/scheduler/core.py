@@ -43,6 +43,8 @@ from edgerun.protocol import (
 )
 from edgerun.scheduler.echoes import Echoes
 from edgerun.scheduler.fleet.targets import (
+    Bare,
+    Known,
     glob_prefix,
     is_glob,
     is_mac,
@@ -54,6 +56,7 @@ from edgerun.scheduler.errors import StoreError
 from edgerun.scheduler.messaging import Incoming, Messenger
 from edgerun.scheduler.metrics import Metrics
 from edgerun.scheduler.store.events import EventHub, task_event
+from edgerun.scheduler.store.records import TaskRow
 from edgerun.scheduler.store.tasks import Change, Store
 from edgerun.signing import Signer
 
@@ -240,36 +243,35 @@ class Core:
     # --- requests' checks (API threads) -------------------------------------------------
     def resolve(self, targets: Sequence[str], online: bool, where: Any = None) -> list[str]:
         """Node ids, globs, MAC addresses, --online and --where (fleet/targets.py)."""
-        return [str(n["node"]) for n in self.select(targets, online, where)]
+        return [n.node for n in self.select(targets, online, where)]
 
-    def select(self, targets: Sequence[str], online: bool, where: Any = None
-               ) -> list[JSONObject]:
-        """The chosen nodes' records, in `resolve`'s order: `node` and `state` always,
-        `facts` where they were read. Only what the targets need is read: named ids a
-        row each (a few statements for many), a glob the ids and states in its literal
-        prefix's range of the primary key; every node's facts only for --where or a MAC
-        address that is not a node id. A task to one node among 100,000, or a page of
-        'rack7-*', does not read and parse every node's record."""
+    def select(self, targets: Sequence[str], online: bool, where: Any = None) -> list[Known]:
+        """The chosen nodes, in `resolve`'s order: their id and state, and their facts
+        where they were read. Only what the targets need is read: named ids a row each
+        (a few statements for many), a glob the ids and states in its literal prefix's
+        range of the primary key; every node's facts only for --where or a MAC address
+        that is not a node id. A task to one node among 100,000, or a page of 'rack7-*',
+        does not read and parse every node's record."""
         wheres = parse_wheres(where)
         nodes = self._candidates(targets, bool(wheres))
         chosen = select_nodes(targets, nodes, online_only=online, where=wheres)
-        by_id = {str(n["node"]): n for n in nodes}
+        by_id = {n.node: n for n in nodes}
         return [by_id[n] for n in chosen]
 
-    def _candidates(self, targets: Sequence[str], wheres: bool) -> list[JSONObject]:
+    def _candidates(self, targets: Sequence[str], wheres: bool) -> Sequence[Known]:
         if wheres or not all(isinstance(t, str) and t for t in targets):
             return self.store.nodes()  # (a bad target: select_nodes says why)
         unique = list(dict.fromkeys(targets))
         named = [t for t in unique if not is_glob(t)]
-        found = {str(n["node"]): n for n in self.store.nodes_by_ids(named)} if named else {}
+        found: dict[str, Known] = {n.node: n for n in self.store.nodes_by_ids(named)} \
+            if named else {}
         if any(is_mac(t) and t not in found for t in named):
             return self.store.nodes()  # a MAC address: found by every node's facts
         prefixes = {glob_prefix(t) for t in unique if is_glob(t)} if targets else {""}
-        light: dict[str, JSONObject] = {}
         for prefix in sorted(prefixes):
             for node, state in self.store.node_states(prefix):
-                light.setdefault(node, {"node": node, "state": state, "facts": None})
-        return [*found.values(), *(n for k, n in light.items() if k not in found)]
+                found.setdefault(node, Bare(node, state))
+        return list(found.values())
 
     def build_task(self, spec: Any, task_id: str | None = None, *,
                    expiry: bool = True) -> Task:
@@ -334,9 +336,9 @@ class Core:
         return payload
 
     @staticmethod
-    def task_of(row: JSONObject) -> Task:
-        """The stored spec of a task row, as the contract's record."""
-        task = parse_command(json.loads(json.dumps(row["spec"])))
+    def task_of(spec: JSONObject | None) -> Task:
+        """The stored spec of a task row (TaskRow.spec), as the contract's record."""
+        task = parse_command(json.loads(json.dumps(spec)))
         assert not isinstance(task, Cancel)
         return task
 
@@ -350,10 +352,10 @@ class Core:
         inside that one), then, once committed, to followers, other instances and the
         listeners."""
         task = change.task
-        self.metrics.changes.labels(task["state"]).inc()
+        self.metrics.changes.labels(task.state).inc()
         with self.store.transaction():
-            self.publish(task_event(change.previous, task), "tasks", task["node"],
-                         task["state"])
+            self.publish(task_event(change.previous, task.to_json()), "tasks", task.node,
+                         task.state)
             for listener in self._listeners:
                 self.store.after_commit(partial(listener, change))
 
@@ -365,12 +367,12 @@ class Core:
             self._after_commit("events", (kind, node, state, canonical_json(event)),
                                self.messenger.publish_events)
 
-    def lose(self, task: JSONObject, verdict: Verdict) -> None:
+    def lose(self, task: TaskRow, verdict: Verdict) -> None:
         with self.store.transaction():
-            change = self.store.mark_lost(task["node"], task["id"], task["state"],
+            change = self.store.mark_lost(task.node, task.id, task.state,
                                           verdict.code, verdict.message)
             if change is not None:
-                log.warning("task %s on node %s is lost: %s", task["id"], task["node"],
+                log.warning("task %s on node %s is lost: %s", task.id, task.node,
                             verdict.message)
                 self.emit(change)
 

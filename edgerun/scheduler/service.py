@@ -27,7 +27,6 @@ from edgerun.protocol import (
     ProtocolError,
     State,
     decode_bounded,
-    is_final,
     is_task_id,
     parse_command,
     parse_output,
@@ -39,10 +38,12 @@ from edgerun.scheduler.core import Core, ServiceConfig
 from edgerun.scheduler.fleet.jobs import JobRunner
 from edgerun.scheduler.fleet.pacing import Fleet
 from edgerun.scheduler.fleet.rollout import RolloutEngine
+from edgerun.scheduler.fleet.targets import Known
 from edgerun.scheduler.fleet.tracker import Tracker
 from edgerun.scheduler.messaging import Incoming, Messenger
 from edgerun.scheduler.store.cluster import Listener, relay
 from edgerun.scheduler.store.events import node_event
+from edgerun.scheduler.store.records import JobRow, TaskRow
 from edgerun.scheduler.store.tasks import Store
 from edgerun.signing import Signer
 
@@ -74,7 +75,7 @@ class Service:
     # --- life cycle ------------------------------------------------------------------
     def start(self) -> None:
         self.core.start(self._handle, self._handle_many)
-        self.messenger.seed(n["node"] for n in self.store.nodes())  # for its re-sync
+        self.messenger.seed(n.node for n in self.store.nodes())  # for its re-sync
         self.messenger.start(self.core.submit)
         self.fleet.start()
         self.tracker.start()  # its first round sends again what never reached the broker
@@ -105,12 +106,11 @@ class Service:
     def resolve(self, targets: Sequence[str], online: bool, where: Any = None) -> list[str]:
         return self.core.resolve(targets, online, where)
 
-    def select(self, targets: Sequence[str], online: bool, where: Any = None
-               ) -> list[JSONObject]:
+    def select(self, targets: Sequence[str], online: bool, where: Any = None) -> list[Known]:
         return self.core.select(targets, online, where)
 
     def dispatch(self, targets: Sequence[str], online: bool, spec: Any, *,
-                 where: Any = None, retry: Any = None) -> list[JSONObject]:
+                 where: Any = None, retry: Any = None) -> list[TaskRow]:
         """Store the task for each node; the worker sends it, paced (fleet.py)."""
         nodes = list(dict.fromkeys(self.core.resolve(targets, online, where)))
         task = self.core.build_task(spec)
@@ -122,7 +122,7 @@ class Service:
             changes = self.store.add_tasks(nodes, task, source="api",
                                            retry=policy.to_json() if policy else None)
             if len(changes) != len(nodes):
-                made = {c.task["node"] for c in changes}
+                made = {c.task.node for c in changes}
                 node = next(n for n in nodes if n not in made)
                 raise Conflict(f"task id {task.id!r} already exists for node {node}; "
                                f"leave the id out to get a fresh one")
@@ -133,33 +133,34 @@ class Service:
         return [change.task for change in changes]
 
     def create_job(self, targets: Sequence[str], online: bool, steps: Sequence[JSONObject],
-                   job_id: str | None = None, *, where: Any = None) -> JSONObject:
+                   job_id: str | None = None, *, where: Any = None) -> JobRow:
         """An ordered list of tasks per node, or a graph of named steps (jobs.py)."""
         if job_id is not None and self.store.job(job_id) is not None:
             raise Conflict(f"job {job_id} already exists")
         return self.jobs.create(targets, online, steps, job_id, where=where)
 
-    def cancel(self, task_id: str, node: str | None = None) -> list[JSONObject]:
+    def cancel(self, task_id: str, node: str | None = None) -> list[TaskRow]:
         if not is_task_id(task_id):
             raise BadRequest(f"{task_id!r} is not a task id")
-        found = [t for t in self.store.find(task_id) if node is None or t["node"] == node]
+        found = [t for t in self.store.find(task_id) if node is None or t.node == node]
         if not found:
             raise NotFound(f"no task {task_id!r}" + (f" for node {node}" if node else ""))
-        open_tasks = [t for t in found if not is_final(State(t["state"]))]
+        open_tasks = [t for t in found if not t.final]
         if not open_tasks:
-            states = ", ".join(sorted({t["state"] for t in found}))
+            states = ", ".join(sorted({t.state for t in found}))
             raise Conflict(f"task {task_id} has already finished ({states}); "
                              f"nothing to cancel")
         self.core.require_broker()
         for task in open_tasks:
-            if task["state"] == State.QUEUED:
+            if task.state == State.QUEUED:
                 self.core.submit(self._canceler(task))
             else:
-                self.core.send_cancel(task["node"], task_id)
+                self.core.send_cancel(task.node, task_id)
         return open_tasks
 
-    def _canceler(self, task: JSONObject) -> Callable[[], None]:
-        return lambda: self.fleet.cancel_queued(task, "canceled by request before it was sent")
+    def _canceler(self, task: TaskRow) -> Callable[[], None]:
+        return lambda: self.fleet.cancel_queued(task.node, task.id,
+                                                "canceled by request before it was sent")
 
     # --- messages (the worker) --------------------------------------------------------
     def _handle_many(self, messages: list[Incoming]) -> None:
@@ -261,7 +262,8 @@ class Service:
         if previous != status.state:
             log.info("node %s is %s", node, status.state)
             self.fleet.on_status(node, previous, status.state)
-            self.core.publish(node_event(previous, info), "nodes", node, status.state)
+            self.core.publish(node_event(previous, info.to_json()), "nodes", node,
+                              status.state)
 
     def _on_task(self, node: str, obj: JSONObject) -> None:
         command = parse_command(obj)

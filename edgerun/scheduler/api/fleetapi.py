@@ -55,7 +55,7 @@ class RolloutHandlers:
         self.h.audit(who, "rollout", rollout=rollout["id"], tasks=[rollout["task_id"]],
                      nodes=nodes[:1000], count=len(nodes), type=spec["type"])
         tasks = self.rollouts.db.rollout_tasks(rollout["id"])
-        return {**rollout, "tasks": [without_tails(t) for t in tasks]}
+        return {**rollout, "tasks": [without_tails(t.to_json()) for t in tasks]}
 
     def list(self, q: dict[str, list[str]]) -> JSONObject:
         state = edge.one(q, "state")

@@ -7,7 +7,7 @@ import json
 import logging
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from edgerun.control.errors import (
@@ -20,14 +20,15 @@ from edgerun.control.errors import (
     Unauthorized,
     UnknownNode,
 )
-from edgerun.protocol import JSONObject, State, encode, is_final, is_node_id
+from edgerun.protocol import JSONObject, encode, is_node_id
 from edgerun.scheduler.api import edge
 from edgerun.scheduler.api.auth import Principal, authenticate, create_token
 from edgerun.scheduler.api.tickets import Tickets
 from edgerun.scheduler.fleet.jobs import progress_of
-from edgerun.scheduler.fleet.targets import MAX_EXPRESSIONS, Where, parse_where
+from edgerun.scheduler.fleet.targets import MAX_EXPRESSIONS, Known, Where, parse_where
 from edgerun.scheduler.service import Service
 from edgerun.scheduler.store.events import audit_event, without_tails
+from edgerun.scheduler.store.records import TaskRow
 
 log = logging.getLogger(__name__)
 TOUCH_EVERY_S = 60.0
@@ -69,14 +70,13 @@ def fact_filters(texts: list[str]) -> list[Where]:
     return wheres
 
 
-def attempts_of(service: Service, task: JSONObject) -> list[JSONObject] | None:
+def attempts_of(service: Service, task: TaskRow) -> list[JSONObject] | None:
     """Every attempt of a retried task (oldest first), for its detail; None if it has none."""
-    if not task.get("retry") and (task.get("attempt") or 1) == 1:
+    if not task.retry and task.attempt == 1:
         return None
-    root = task.get("root") or task["id"]
-    return [{"id": a["id"], "attempt": a["attempt"], "state": a["state"],
-             "parent": a.get("parent"), "error": a.get("error")}
-            for a in service.fleet.db.attempts(task["node"], root)]
+    return [{"id": a.id, "attempt": a.attempt, "state": a.state, "parent": a.parent,
+             "error": a.error.to_dict() if a.error is not None else None}
+            for a in service.fleet.db.attempts(task.node, task.root or task.id)]
 
 
 class ApiError(SchedulerError):
@@ -154,7 +154,7 @@ class Handlers:
         if not found:
             raise NotFound(f"no task {given!r}")
         if 1 < len(found) <= 10:  # the attempts of one retry chain: its first attempt
-            roots = {t.get("root") or t["id"] for i in found for t in self.store.find(i)}
+            roots = {t.root or t.id for i in found for t in self.store.find(i)}
             if len(roots) == 1 and roots <= set(found):
                 return str(roots.pop())
         if len(found) > 1:
@@ -193,51 +193,51 @@ class Handlers:
             size = edge.limit(q, 500)
             page, total = self.store.node_page(state=state, after=edge.one(q, "cursor"),
                                                limit=size + 1)
-            return {"nodes": page[:size], "total": total,
-                    "next": page[size - 1]["node"] if len(page) > size else None}
+            return {"nodes": [n.to_json() for n in page[:size]], "total": total,
+                    "next": page[size - 1].node if len(page) > size else None}
         text = (edge.one(q, "q") or "").lower()
         chosen = q.get("match") or q.get("where")
         light = not (wheres or text)  # no filter over facts: only the chosen are read whole
+        nodes: Sequence[Known]
         if chosen and light:
             nodes = sorted(self.service.select(q.get("match", []), edge.boolean(q, "online"),
-                                               q.get("where")), key=lambda n: str(n["node"]))
+                                               q.get("where")), key=lambda n: n.node)
         elif chosen:
             picked = set(self.service.resolve(q.get("match", []), edge.boolean(q, "online"),
                                               q.get("where")))
-            nodes = [n for n in self.store.nodes() if n["node"] in picked]
+            nodes = [n for n in self.store.nodes() if n.node in picked]
         else:
             nodes = self.store.nodes()
             if edge.boolean(q, "online"):
-                nodes = [n for n in nodes if n["state"] == "online"]
+                nodes = [n for n in nodes if n.state == "online"]
         if state is not None:
-            nodes = [n for n in nodes if n["state"] == state]
+            nodes = [n for n in nodes if n.state == state]
         if text:
-            nodes = [n for n in nodes if text in n["node"].lower()
-                     or text in json.dumps(n.get("facts") or {}).lower()]
+            nodes = [n for n in nodes if text in n.node.lower()
+                     or text in json.dumps(n.facts or {}).lower()]
         if wheres:
-            nodes = [n for n in nodes if all(w.matches(n.get("facts")) for w in wheres)]
+            nodes = [n for n in nodes if all(w.matches(n.facts) for w in wheres)]
         total = len(nodes)
         after = edge.one(q, "cursor")
         if after:
-            nodes = [n for n in nodes if n["node"] > after]
+            nodes = [n for n in nodes if n.node > after]
         size = edge.limit(q, 500)
-        page = nodes[:size]
-        if light:  # the page's records whole (the choice read ids and states only)
-            page = self.store.nodes_by_ids([n["node"] for n in page])
-        return {"nodes": page, "total": total,
-                "next": page[-1]["node"] if len(nodes) > size else None}
+        ids = [n.node for n in nodes[:size]]
+        # the page's records whole, by id (a choice by ids and globs read ids and states)
+        return {"nodes": [n.to_json() for n in self.store.nodes_by_ids(ids)], "total": total,
+                "next": ids[-1] if len(nodes) > size else None}
 
     def node(self, node: str) -> JSONObject:
         found = self.store.node(self.node_id(node))
         assert found is not None
-        tasks, _ = self.store.task_page(node=found["node"], limit=20)
-        return {**found, "tasks": [without_tails(t) for t in tasks]}
+        tasks, _ = self.store.task_page(node=found.node, limit=20)
+        return {**found.to_json(), "tasks": [without_tails(t.to_json()) for t in tasks]}
 
     def tasks(self, q: dict[str, list[str]]) -> JSONObject:
         tasks, more = self.store.task_page(
             node=edge.one(q, "node"), state=edge.state(q), job_id=edge.one(q, "job"),
             before=edge.cursor_int(q), limit=edge.limit(q, 100))
-        return {"tasks": [without_tails(t) for t in tasks],
+        return {"tasks": [without_tails(t.to_json()) for t in tasks],
                 "next": str(more) if more is not None else None}
 
     def task(self, given: str, q: dict[str, list[str]]) -> JSONObject:
@@ -246,14 +246,16 @@ class Handlers:
         found = self.store.find(task_id, node)  # with a node: one row
         if not found:
             raise NotFound(f"no task {task_id!r}" + (f" on node {node}" if node else ""))
+        out = []
         for task in found:
-            task["updates"] = self.store.updates(task["node"], task_id)
-            if not is_final(State(task["state"])):  # for `logs -f` attached late
-                task["live_output"] = self.service.hub.recent_output.of(task["node"], task_id)
+            detail = {**task.to_json(), "updates": self.store.updates(task.node, task_id)}
+            if not task.final:  # for `logs -f` attached late
+                detail["live_output"] = self.service.hub.recent_output.of(task.node, task_id)
             attempts = attempts_of(self.service, task)
             if attempts is not None:
-                task["attempts"] = attempts
-        return {"tasks": found}
+                detail["attempts"] = attempts
+            out.append(detail)
+        return {"tasks": out}
 
     def jobs(self, q: dict[str, list[str]]) -> JSONObject:
         size = edge.limit(q, 50)
@@ -271,9 +273,9 @@ class Handlers:
         job = self.store.job(job_id)
         if job is None:
             raise NotFound(f"no job {job_id!r}")
-        return {"id": job["id"], "created_at": job["created_at"], "steps": job["steps"],
-                "nodes": len(job["nodes"]),
-                "progress": self.progress(job_id, len(job["steps"]), len(job["nodes"]))}
+        return {"id": job.id, "created_at": job.created_at, "steps": job.steps,
+                "nodes": len(job.nodes),
+                "progress": self.progress(job_id, len(job.steps), len(job.nodes))}
 
     def job_targets(self, job_id: str, q: dict[str, list[str]]) -> JSONObject:
         if self.store.job(job_id) is None:
@@ -315,10 +317,10 @@ class Handlers:
         self.hold_for_broker()
         created = self.service.dispatch(targets, online, spec, where=body.get("where"),
                                         retry=body.get("retry"))
-        self.audit(who, "dispatch", tasks=sorted({t["id"] for t in created}),
-                   nodes=[t["node"] for t in created][:1000], count=len(created),
-                   type=spec["type"], node=created[0]["node"] if len(created) == 1 else None)
-        return {"tasks": [without_tails(t) for t in created]}
+        self.audit(who, "dispatch", tasks=sorted({t.id for t in created}),
+                   nodes=[t.node for t in created][:1000], count=len(created),
+                   type=spec["type"], node=created[0].node if len(created) == 1 else None)
+        return {"tasks": [without_tails(t.to_json()) for t in created]}
 
     def create_job(self, who: Principal, body: JSONObject) -> JSONObject:
         job_id, targets, online, steps = edge.job_body(body)
@@ -326,10 +328,10 @@ class Handlers:
             self.check_spec({k: v for k, v in step.items() if k != "id"}, f"steps.{i}")
         self.hold_for_broker()
         job = self.service.create_job(targets, online, steps, job_id, where=body.get("where"))
-        self.service.jobs.describe(job["id"], who.name)
-        self.audit(who, "job", job=job["id"], nodes=job["nodes"][:1000],
-                   count=len(job["nodes"]), steps=len(steps), tasks=[])
-        return {**self.job(job["id"]), "tasks": [without_tails(t) for t in job["tasks"]]}
+        self.service.jobs.describe(job.id, who.name)
+        self.audit(who, "job", job=job.id, nodes=job.nodes[:1000],
+                   count=len(job.nodes), steps=len(steps), tasks=[])
+        return {**self.job(job.id), "tasks": [without_tails(t.to_json()) for t in job.tasks]}
 
     def cancel(self, who: Principal, given: str, body: JSONObject) -> JSONObject:
         edge.check_keys(body, ("node",), "a cancel request")
@@ -339,30 +341,31 @@ class Handlers:
         task_id = self.task_id(given)
         self.hold_for_broker()
         canceled = self.service.cancel(task_id, node)
-        self.audit(who, "cancel", tasks=[task_id], nodes=[t["node"] for t in canceled],
-                   node=canceled[0]["node"] if len(canceled) == 1 else None)
-        return {"tasks": [without_tails(t) for t in canceled]}
+        self.audit(who, "cancel", tasks=[task_id], nodes=[t.node for t in canceled],
+                   node=canceled[0].node if len(canceled) == 1 else None)
+        return {"tasks": [without_tails(t.to_json()) for t in canceled]}
 
     def cancel_job(self, who: Principal, job_id: str, body: JSONObject) -> JSONObject:
         edge.check_keys(body, (), "a job cancel request")
         job = self.store.job(job_id)
         if job is None:
             raise NotFound(f"no job {job_id!r}")
-        open_tasks = [t for t in job["tasks"] if not is_final(State(t["state"]))]
+        open_tasks = [t for t in job.tasks if not t.final]
         if not open_tasks:
             raise Conflict(f"job {job_id} has already finished; nothing to cancel")
-        sent = []
-        for task_id in sorted({t["id"] for t in open_tasks}):  # one call per step, not per node
-            others = [t for t in self.store.find(task_id) if t["job"] != job_id]
-            nodes = [None] if not others else sorted(
-                {t["node"] for t in open_tasks if t["id"] == task_id})
+        sent: list[TaskRow] = []
+        for task_id in sorted({t.id for t in open_tasks}):  # one call per step, not per node
+            others = [t for t in self.store.find(task_id) if t.job != job_id]
+            nodes: list[str | None] = [None]
+            if others:
+                nodes = [*sorted({t.node for t in open_tasks if t.id == task_id})]
             for node in nodes:
                 try:
                     sent.extend(self.service.cancel(task_id, node))
                 except Conflict:
                     continue  # it finished meanwhile
-        self.audit(who, "cancel", job=job_id, tasks=sorted({t["id"] for t in sent}),
-                   nodes=sorted({t["node"] for t in sent})[:1000], count=len(sent))
+        self.audit(who, "cancel", job=job_id, tasks=sorted({t.id for t in sent}),
+                   nodes=sorted({t.node for t in sent})[:1000], count=len(sent))
         return {"job": job_id, "canceled": len(sent)}
 
     # --- tokens ----------------------------------------------------------------------

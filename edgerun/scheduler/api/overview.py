@@ -28,12 +28,12 @@ from edgerun.scheduler.api.handlers import Handlers
 from edgerun.scheduler.api.routes import Param
 from edgerun.scheduler.api.table import LIMIT
 from edgerun.scheduler.fleet.jobs import progress_of
+from edgerun.scheduler.store.records import FINAL
 from edgerun.scheduler.store.tasks import Store
 
 FAILED = ("failed", "timed_out", "lost", "rejected")
 BAD = (*FAILED, "canceled")
 ACTIVE = ("dispatched", "accepted", "running")
-FINAL = ("succeeded", *BAD)
 LOST_WINDOW = timedelta(hours=1)
 OUTCOME_MINUTES = 60
 ONLINE_STEP = timedelta(minutes=15)

@@ -12,9 +12,10 @@ from typing import Any
 
 from edgerun.control.errors import BadRequest, Conflict
 from edgerun.control.jobfile import GRAPH_KEYS, dependents, graph_of
-from edgerun.protocol import JSONObject, State, Task, is_final, is_task_id
+from edgerun.protocol import JSONObject, Task, is_task_id
 from edgerun.scheduler.core import Core
 from edgerun.scheduler.fleet.pacing import Fleet
+from edgerun.scheduler.store.records import FINAL, JobRow, TaskRow
 
 
 # --- progress: counted over the job's real tasks ----------------------------------------------
@@ -28,20 +29,13 @@ def progress_of(counts: dict[int, dict[str, int]], steps: int, nodes: int) -> JS
         by_state = counts.get(i, {})
         size = sum(by_state.values())
         per_step.append({"step": i, "states": by_state, "tasks": size,
-                         "done": sum(n for s, n in by_state.items() if _final(s))})
+                         "done": sum(n for s, n in by_state.items() if s in FINAL)})
         for state, n in by_state.items():
             total[state] = total.get(state, 0) + n
-    done = sum(n for s, n in total.items() if _final(s))
-    failed = sum(n for s, n in total.items() if _final(s) and s != "succeeded")
+    done = sum(n for s, n in total.items() if s in FINAL)
+    failed = sum(n for s, n in total.items() if s in FINAL and s != "succeeded")
     return {"nodes": nodes, "tasks": sum(total.values()), "done": done, "failed": failed,
             "succeeded": total.get("succeeded", 0), "states": total, "steps": per_step}
-
-
-def _final(state: str) -> bool:
-    try:
-        return is_final(State(state))
-    except ValueError:
-        return False
 
 
 # --- running jobs ---------------------------------------------------------------------------
@@ -54,7 +48,7 @@ class JobRunner:
         self._sizes: dict[str, int] = {}  # steps a job has (known with its graph)
 
     def create(self, targets: Sequence[str], online: bool, steps: Sequence[Any],
-               job_id: str | None = None, *, where: Any = None) -> JSONObject:
+               job_id: str | None = None, *, where: Any = None) -> JobRow:
         if not steps:
             raise BadRequest("a job needs at least one step")
         job_id = job_id or str(uuid.uuid4())
@@ -86,7 +80,7 @@ class JobRunner:
         self.core.require_broker()
         all_nodes = list(dict.fromkeys(n for _, _, ns in plan for n in ns))
 
-        def create() -> JSONObject:
+        def create() -> JobRow:
             if self.core.store.job_head(job_id) is not None:
                 raise Conflict(f"job {job_id} already exists")
             stored = []
@@ -119,13 +113,13 @@ class JobRunner:
     def graph(self, job_id: str) -> dict[str, list[str]] | None:
         if job_id not in self._graphs:
             job = self.core.store.job_head(job_id)  # not its 10,000 tasks
-            self._graphs[job_id] = graph_of(job["steps"]) if job else None
-            self._sizes[job_id] = len(job["steps"]) if job else 0
+            self._graphs[job_id] = graph_of(job.steps) if job else None
+            self._sizes[job_id] = len(job.steps) if job else 0
         return self._graphs[job_id]
 
     # --- the fleet's rounds (fleet/pacing.py's Extension) ------------------------------------
-    def on_final(self, task: JSONObject) -> None:
-        if task.get("job"):
+    def on_final(self, task: TaskRow) -> None:
+        if task.job:
             self.advance(task)
 
     def tick(self) -> None:
@@ -134,39 +128,43 @@ class JobRunner:
     def restart(self) -> None:
         """Held steps wait in the store; the fleet's pump sends what is free."""
 
-    def advance(self, task: JSONObject) -> None:
+    def advance(self, task: TaskRow) -> None:
         """A job step ended: free what may go now, cancel what never will."""
-        graph = self.graph(task["job"])
+        assert task.job is not None
+        graph = self.graph(task.job)
         if graph is None:
             self._advance_list(task)
         else:
             self._advance_graph(task, graph)
 
-    def _advance_list(self, task: JSONObject) -> None:
-        if task["step"] is not None and task["step"] + 1 >= self._sizes.get(task["job"], 1 << 30):
+    def _advance_list(self, task: TaskRow) -> None:
+        assert task.job is not None and task.step is not None
+        if task.step + 1 >= self._sizes.get(task.job, 1 << 30):
             return  # the last step (a one-step job: `edgerun run`): nothing comes after it
-        steps = self.core.store.job_steps(task["job"], task["node"])
-        later = [s for s in steps if s["step"] > task["step"] and s["state"] == "queued"]
+        steps = self.core.store.job_steps(task.job, task.node)
+        later = [s for s in steps
+                 if s.step is not None and s.step > task.step and s.state == "queued"]
         if not later:
             return
-        if task["state"] == "succeeded":
-            self.db.release(task["node"], later[0]["id"])
-            self.fleet.pump(task["node"])
+        if task.state == "succeeded":
+            self.db.release(task.node, later[0].id)
+            self.fleet.pump(task.node)
             return
-        why = (f"step {task['step'] + 1} of job {task['job']} ended {task['state']} on node "
-               f"{task['node']}, so its later steps are not run")
+        why = (f"step {task.step + 1} of job {task.job} ended {task.state} on node "
+               f"{task.node}, so its later steps are not run")
         for step in later:
-            self.fleet.cancel_queued(step, why)
+            self.fleet.cancel_queued(step.node, step.id, why)
 
-    def _advance_graph(self, task: JSONObject, graph: dict[str, list[str]]) -> None:
-        job = task["job"]
-        name = task["id"][len(job) + 1:]
-        if task["state"] != "succeeded":
-            why = (f"step {name!r} of job {job} ended {task['state']} on node "
-                   f"{task['node']}, so the steps that need it are not run")
+    def _advance_graph(self, task: TaskRow, graph: dict[str, list[str]]) -> None:
+        job = task.job
+        assert job is not None
+        name = task.id[len(job) + 1:]
+        if task.state != "succeeded":
+            why = (f"step {name!r} of job {job} ended {task.state} on node "
+                   f"{task.node}, so the steps that need it are not run")
             for step in sorted(dependents(graph, name)):
-                for row in self.db.job_queued(job, f"{job}.{step}"):
-                    self.fleet.cancel_queued(row, why)
+                for node, task_id in self.db.job_queued(job, f"{job}.{step}"):
+                    self.fleet.cancel_queued(node, task_id, why)
             return
         for step, wanted in graph.items():
             if name not in wanted:

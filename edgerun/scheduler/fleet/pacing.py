@@ -35,9 +35,10 @@ from typing import TYPE_CHECKING, Protocol
 
 from edgerun.control.errors import SchedulerError
 from edgerun.control.retries import RetryPolicy, attempt_id, policy_of, root_of, will_retry
-from edgerun.protocol import ErrorCode, JSONObject, State, Task, format_time, is_final
+from edgerun.protocol import ErrorCode, State, Task, format_time
 from edgerun.scheduler.fleet.tracker import Verdict
-from edgerun.scheduler.store.fleetdb import SENDING, FleetDB
+from edgerun.scheduler.store.fleetdb import SENDING, AttemptState, FleetDB
+from edgerun.scheduler.store.records import FleetTaskRow, TaskRow
 from edgerun.scheduler.store.tasks import Change
 
 if TYPE_CHECKING:
@@ -49,7 +50,7 @@ log = logging.getLogger(__name__)
 class Extension(Protocol):
     """What jobs and rollouts add to the fleet's rounds (registered with `Fleet.extend`)."""
 
-    def on_final(self, task: JSONObject) -> None:
+    def on_final(self, task: TaskRow) -> None:
         """A task ended (on the worker, after pacing and retries had their turn)."""
 
     def tick(self) -> None:
@@ -122,13 +123,13 @@ class Fleet:
         else:
             self._backlog.discard(node)
         for row in claimed:
-            self._send(node, self.core.task_of(row))
+            self._send(node, self.core.task_of(row.spec))
         return len(claimed)
 
-    def _claimed(self, rows: list[JSONObject]) -> None:
+    def _claimed(self, rows: list[FleetTaskRow]) -> None:
         with self._claims_lock:
             for row in rows:
-                self._claims[(row["node"], row["id"])] = int(row["seq"])
+                self._claims[row.key] = row.seq
 
     def _send(self, node: str, task: Task) -> None:
         expires = task.expires_at.timestamp() if task.expires_at else None
@@ -162,7 +163,7 @@ class Fleet:
     def resend_unaccepted(self, node: str) -> None:
         """The node came online: its `dispatched` tasks go again (--resend-unaccepted)."""
         for row in self.core.store.unaccepted(node):
-            self._send(node, self.core.task_of(row))
+            self._send(node, self.core.task_of(row.spec))
 
     def pump_nodes(self, nodes: list[str]) -> None:
         """`pump` for many nodes at once (a fan-out): a few statements per 500 nodes."""
@@ -172,24 +173,25 @@ class Fleet:
         self._backlog.difference_update(nodes)
         self._backlog.update(self.db.waiting)
         for row in claimed:
-            self._send(row["node"], self.core.task_of(row))
+            self._send(row.node, self.core.task_of(row.spec))
 
     def pump_all(self) -> None:
         self.pump_nodes(self.db.nodes_with_ready(time.time(), self.pace))
 
-    def is_sending(self, task: JSONObject) -> bool:
+    @staticmethod
+    def is_sending(task: FleetTaskRow | AttemptState) -> bool:
         """Claimed for sending and not yet confirmed by the broker (the claim not lapsed)."""
-        return (task["state"] == State.QUEUED and str(task.get("hold") or "").startswith(SENDING)
-                and float(task.get("not_before") or 0) > time.time())
+        return (task.state == State.QUEUED and (task.hold or "").startswith(SENDING)
+                and float(task.not_before or 0) > time.time())
 
-    def cancel_queued(self, task: JSONObject, why: str) -> None:
+    def cancel_queued(self, node: str, task_id: str, why: str) -> None:
         """A cancel request for a task still queued here: never sent, so canceled in the
         store; one being handed to the broker gets a `cancel` after it."""
-        current = self.db.task(task["node"], task["id"]) or task
-        if self.is_sending(current):
-            self.core.send_cancel(task["node"], task["id"])
+        current = self.db.task(node, task_id)
+        if current is not None and self.is_sending(current):
+            self.core.send_cancel(node, task_id)
             return
-        change = self.core.store.cancel_queued(task["node"], task["id"], "canceled", why)
+        change = self.core.store.cancel_queued(node, task_id, "canceled", why)
         if change is not None:
             self.core.emit(change)
 
@@ -198,9 +200,9 @@ class Fleet:
         """Called for every task change (any thread): work for final states is queued,
         the finals that end together in one piece of work (`_after_finals`)."""
         task = change.task
-        if is_final(State(task["state"])):
+        if task.final:
             with self._finals_lock:
-                self._finals.append((task["node"], task["id"]))
+                self._finals.append(task.key)
                 if len(self._finals) > 1:
                     return  # the work queued for the first takes this one too
             self.core.submit(self._after_finals)
@@ -212,10 +214,10 @@ class Fleet:
             finals, self._finals = self._finals, []
         if not finals:
             return
-        tasks = [t for t in self.core.store.tasks_of(finals) if is_final(State(t["state"]))]
-        self.pump_nodes(list(dict.fromkeys(t["node"] for t in tasks)))
+        tasks = [t for t in self.core.store.tasks_of(finals) if t.final]
+        self.pump_nodes(list(dict.fromkeys(t.node for t in tasks)))
         for task in tasks:
-            if will_retry(task):
+            if will_retry(task.to_json()):
                 self._retry(task)
             for extension in self._extensions:
                 extension.on_final(task)
@@ -224,32 +226,31 @@ class Fleet:
     def with_retry(self, change: Change, policy: RetryPolicy) -> Change:
         """Give a task just stored its retry policy; the change as followers should see it."""
         task = change.task
-        self.db.set_fleet(task["node"], task["id"], retry=policy.to_json())
-        stored = self.db.task(task["node"], task["id"])
+        self.db.set_fleet(task.node, task.id, retry=policy.to_json())
+        stored = self.db.task(task.node, task.id)
         return Change(change.previous, stored if stored is not None else task)
 
-    def _retry(self, task: JSONObject) -> None:
-        policy = policy_of(task)
-        assert policy is not None
-        node, attempt, root = task["node"], int(task.get("attempt") or 1) + 1, root_of(task)
+    def _retry(self, task: TaskRow) -> None:
+        policy = policy_of(task.to_json())
+        assert policy is not None and task.spec is not None
+        node, attempt, root = task.node, task.attempt + 1, root_of(task.to_json())
         new_id = attempt_id(root, attempt)
         if self.db.task(node, new_id) is not None:
             return  # made already (a late final update replaced `lost`)
-        spec = {**task["spec"], "id": new_id}
-        new = self.core.task_of({"spec": spec})
-        if task["state"] == State.LOST:
+        new = self.core.task_of({**task.spec, "id": new_id})
+        if task.state == State.LOST:
             # ahead of the new attempt on the same topic: an agent that was only cut off
             # kills the lost attempt before it takes the next one
-            self.core.send_cancel(node, task["id"])
-        change = self.core.store.add_task(node, new, source=task["source"] or "api")
+            self.core.send_cancel(node, task.id)
+        change = self.core.store.add_task(node, new, source=task.source or "api")
         if change is None:
             return
         wait = policy.wait(attempt)
-        self.db.set_fleet(node, new_id, attempt=attempt, parent_id=task["id"], root_id=root,
-                          retry=policy.to_json(), rollout_id=task.get("rollout"),
+        self.db.set_fleet(node, new_id, attempt=attempt, parent_id=task.id, root_id=root,
+                          retry=policy.to_json(), rollout_id=task.rollout,
                           not_before=time.time() + wait)
-        log.info("task %s on node %s ended %s: attempt %d (%s) in %.1f s", task["id"], node,
-                 task["state"], attempt, new_id, wait)
+        log.info("task %s on node %s ended %s: attempt %d (%s) in %.1f s", task.id, node,
+                 task.state, attempt, new_id, wait)
         created = self.db.task(node, new_id)
         assert created is not None
         self.core.emit(Change(None, created))
@@ -263,29 +264,29 @@ class Fleet:
             if state == "offline":
                 self._alert(task, "node_offline",
                             f"node {node} went offline (its Last Will) with this task "
-                            f"{task['state']}; unless the node returns within "
+                            f"{task.state}; unless the node returns within "
                             f"{self.offline_grace:g} s the task ends lost")
             elif state == "online":
                 self._alert(task, "node_online", f"node {node} is back online")
 
-    def _alert(self, task: JSONObject, code: str, message: str) -> None:
-        event = {"v": 1, "kind": "task_event", "at": format_time(), "node": task["node"],
-                 "id": task["id"], "previous": task["state"], "state": task["state"],
-                 "alert": {"code": code, "message": message}, "task": task}
-        self.core.publish(event, "tasks", task["node"], task["state"])
+    def _alert(self, task: FleetTaskRow, code: str, message: str) -> None:
+        event = {"v": 1, "kind": "task_event", "at": format_time(), "node": task.node,
+                 "id": task.id, "previous": task.state, "state": task.state,
+                 "alert": {"code": code, "message": message}, "task": task.to_json()}
+        self.core.publish(event, "tasks", task.node, task.state)
 
     def _stranded(self) -> None:
         now = time.time()
         cutoff = format_time(datetime.fromtimestamp(now - self.offline_grace, UTC))
         for task in self.db.stranded(cutoff):
-            if task["state"] == State.DISPATCHED:
-                verdict = Verdict(ErrorCode.TIMEOUT, f"node {task['node']} went offline "
+            if task.state == State.DISPATCHED:
+                verdict = Verdict(ErrorCode.TIMEOUT, f"node {task.node} went offline "
                                   f"before it took the task and stayed away for more than "
                                   f"{self.offline_grace:g} s; the rollout goes on without it")
-                self.core.send_cancel(task["node"], task["id"])
+                self.core.send_cancel(task.node, task.id)
             else:
-                verdict = Verdict(ErrorCode.TIMEOUT, f"node {task['node']} went offline "
-                                  f"(its Last Will) with the task {task['state']} and did "
+                verdict = Verdict(ErrorCode.TIMEOUT, f"node {task.node} went offline "
+                                  f"(its Last Will) with the task {task.state} and did "
                                   f"not return within {self.offline_grace:g} s "
                                   f"(--offline-grace)")
             self.core.lose(task, verdict)
@@ -293,9 +294,9 @@ class Fleet:
     def _expire_held(self) -> None:
         for task in self.db.expired_queued(format_time()):
             change = self.core.store.mark_lost(
-                task["node"], task["id"], "queued", ErrorCode.EXPIRED,
-                f"the task waited here (node {task['node']} had {self.pace} tasks "
-                f"outstanding, or it was held) until it expired at {task['expires_at']}")
+                task.node, task.id, "queued", ErrorCode.EXPIRED,
+                f"the task waited here (node {task.node} had {self.pace} tasks "
+                f"outstanding, or it was held) until it expired at {task.expires_at}")
             if change is not None:
                 self.core.emit(change)
 

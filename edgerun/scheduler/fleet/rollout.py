@@ -39,6 +39,8 @@ from edgerun.control.retries import check_room, parse_retry, will_retry
 from edgerun.protocol import JSONObject
 from edgerun.scheduler.core import Core
 from edgerun.scheduler.fleet.pacing import Fleet
+from edgerun.scheduler.store.fleetdb import AttemptState
+from edgerun.scheduler.store.records import FINAL, TaskRow
 from edgerun.scheduler.store.tasks import Change
 
 log = logging.getLogger(__name__)
@@ -135,31 +137,30 @@ class Target:
     """One node of a rollout: its latest attempt and what it means for the rollout."""
 
     node: str
-    task: JSONObject
+    task: AttemptState
     attempts: int
 
     @functools.cached_property
     def phase(self) -> str:
         """pending (not started), active (started, not ended), or the final state."""
-        state = self.task["state"]
-        if state == "queued" and self.task.get("hold") == "rollout":
+        state, error = self.task.state, self.task.error
+        if state == "queued" and self.task.hold == "rollout":
             return "pending"
-        if state == "canceled" and (self.task.get("error") or {}).get("code") == SKIPPED:
+        if state == "canceled" and error is not None and error.code == SKIPPED:
             return "skipped"
-        if state in ("succeeded", "failed", "timed_out", "canceled", "rejected", "lost"):
-            return "active" if will_retry(self.task) else str(state)
+        if state in FINAL:
+            return "active" if will_retry(self.task.to_json()) else str(state)
         return "active"
 
 
-def targets_of(rows: list[JSONObject], order: list[str]) -> list[Target]:
+def targets_of(rows: list[AttemptState], order: list[str]) -> list[Target]:
     """The latest attempt of each node's chain, in the rollout's node order."""
-    latest: dict[str, JSONObject] = {}
+    latest: dict[str, AttemptState] = {}
     count: dict[str, int] = {}
     for row in rows:
-        node = row["node"]
+        node = row.node
         count[node] = count.get(node, 0) + 1
-        if node not in latest or int(row.get("attempt") or 1) >= \
-                int(latest[node].get("attempt") or 1):
+        if node not in latest or row.attempt >= latest[node].attempt:
             latest[node] = row
     return [Target(n, latest[n], count[n]) for n in order if n in latest]
 
@@ -199,18 +200,19 @@ def abort_reason(opts: RolloutOptions, targets: list[Target]) -> str | None:
 
 
 def _why(target: Target) -> str:
-    error = target.task.get("error") or {}
-    code = f" ({error['code']})" if error.get("code") else ""
-    return f"{target.node} {target.task['state']}{code}"
+    error = target.task.error
+    code = f" ({error.code})" if error is not None and error.code else ""
+    return f"{target.node} {target.task.state}{code}"
 
 
-def view(rollout: JSONObject, rows: list[JSONObject]) -> JSONObject:
+def view(rollout: JSONObject, rows: list[AttemptState]) -> JSONObject:
     """The rollout as the API and `edgerun rollout show` present it."""
     targets = targets_of(rows, rollout["nodes"])
     return {**rollout, "counts": tally(targets),
-            "targets": [{"node": t.node, "phase": t.phase, "state": t.task["state"],
-                         "task": t.task["id"], "attempts": t.attempts,
-                         "error": t.task.get("error")} for t in targets]}
+            "targets": [{"node": t.node, "phase": t.phase, "state": t.task.state,
+                         "task": t.task.id, "attempts": t.attempts,
+                         "error": t.task.error.to_dict() if t.task.error is not None
+                         else None} for t in targets]}
 
 
 class RolloutEngine:
@@ -291,9 +293,9 @@ class RolloutEngine:
 
     # --- the worker ---------------------------------------------------------------------------
     # --- the fleet's rounds (fleet/pacing.py's Extension) ------------------------------------
-    def on_final(self, task: JSONObject) -> None:
-        if task.get("rollout"):
-            self.touch(task["rollout"])
+    def on_final(self, task: TaskRow) -> None:
+        if task.rollout:
+            self.touch(task.rollout)
 
     def restart(self) -> None:
         """After a start: pick running rollouts up where they were."""
@@ -343,13 +345,13 @@ class RolloutEngine:
             if target.phase != "pending":
                 continue
             task = target.task
-            if not self.db.release_in_window(rollout_id, target.node, task["id"], opts.batch,
+            if not self.db.release_in_window(rollout_id, target.node, task.id, opts.batch,
                                              interval, time.time()):
                 return  # the window or the rate is full (perhaps by another instance)
             room -= 1
             if target.node not in online:
                 change = self.core.store.mark_lost(
-                    target.node, task["id"], "queued", UNREACHABLE,
+                    target.node, task.id, "queued", UNREACHABLE,
                     f"node {target.node} was offline when its turn in rollout {rollout_id} "
                     f"came; it counts as a failure and the rollout goes on")
                 if change is not None:
@@ -370,10 +372,10 @@ class RolloutEngine:
         why = f"rollout {rollout_id} was aborted before this target started: {reason}"
         for target in targets:
             task, node = target.task, target.node
-            if task["state"] == "queued" and not self.fleet.is_sending(task):
-                change = self.core.store.cancel_queued(node, task["id"], SKIPPED, why[:1000])
+            if task.state == "queued" and not self.fleet.is_sending(task):
+                change = self.core.store.cancel_queued(node, task.id, SKIPPED, why[:1000])
                 if change is not None:
                     self.core.emit(change)
-            elif task["state"] in ("queued", "dispatched", "accepted"):
-                self.core.send_cancel(node, task["id"], if_queued=True)
+            elif task.state in ("queued", "dispatched", "accepted"):
+                self.core.send_cancel(node, task.id, if_queued=True)
         return True

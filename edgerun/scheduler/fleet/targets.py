@@ -18,10 +18,10 @@ import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
-from typing import Any
+from typing import Any, Protocol
 
 from edgerun.control.errors import BadRequest, UnknownNode
-from edgerun.protocol import is_node_id
+from edgerun.protocol import JSONObject, is_node_id
 
 GLOB_CHARS = frozenset("*?[")
 OPERATORS = ("!=", ">=", "<=", "=", ">", "<")
@@ -171,14 +171,32 @@ def _flatten(value: Any, depth: int = 0) -> Iterable[Any]:
         yield value
 
 
+class Known(Protocol):
+    """What choosing targets reads of a node (the store's NodeRow has it)."""
+
+    @property
+    def node(self) -> str: ...
+    @property
+    def state(self) -> str: ...
+    @property
+    def facts(self) -> JSONObject | None: ...
+
+
+@dataclass(frozen=True)
+class Bare:
+    node: str
+    state: str
+    facts: JSONObject | None = None
+
+
 def resolve_targets(patterns: Sequence[str], nodes: Mapping[str, str], *,
                     online_only: bool = False) -> list[str]:
     """The node ids meant, from a node -> state map (no facts, no --where)."""
-    infos = [{"node": n, "state": s, "facts": None} for n, s in nodes.items()]
-    return select_nodes(patterns, infos, online_only=online_only)
+    return select_nodes(patterns, [Bare(n, s) for n, s in nodes.items()],
+                        online_only=online_only)
 
 
-def select_nodes(patterns: Sequence[str], nodes: Sequence[Mapping[str, Any]], *,
+def select_nodes(patterns: Sequence[str], nodes: Sequence[Known], *,
                  online_only: bool = False, where: Sequence[Where] = ()) -> list[str]:
     """The node ids meant, in order, without repeats.
 
@@ -192,8 +210,8 @@ def select_nodes(patterns: Sequence[str], nodes: Sequence[Mapping[str, Any]], *,
     if not patterns and not online_only and not where:
         raise BadRequest("no target: name node ids, a glob such as 'rack1-*', --where "
                          "FACT=VALUE, or --online")
-    state = {str(n["node"]): str(n["state"]) for n in nodes}
-    facts = {str(n["node"]): n.get("facts") for n in nodes}
+    state = {n.node: n.state for n in nodes}
+    facts = {n.node: n.facts for n in nodes}
     chosen: list[str] = []
     if not patterns:
         chosen = sorted(state)

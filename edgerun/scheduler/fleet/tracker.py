@@ -30,7 +30,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from edgerun.control.errors import SchedulerError
-from edgerun.protocol import ErrorCode, JSONObject, State, parse_time
+from edgerun.protocol import ErrorCode, State, parse_time
+from edgerun.scheduler.store.records import TaskRow
 from edgerun.scheduler.store.tasks import Store
 
 log = logging.getLogger(__name__)
@@ -42,16 +43,16 @@ class Verdict:
     message: str
 
 
-def judge(task: JSONObject, online: bool, now: float) -> Verdict | None:
+def judge(task: TaskRow, online: bool, now: float) -> Verdict | None:
     """Whether an unfinished task is lost now, and why; None: not yet."""
-    state, node = task["state"], task["node"]
-    deadline, expires = task.get("deadline"), _expires(task)
+    state, node = task.state, task.node
+    deadline, expires = task.deadline, _expires(task.expires_at)
     late = deadline is not None and now >= deadline
     if state == State.DISPATCHED:
         if expires is not None and now >= expires:
             where = "was online but never took it" if online else "stayed offline"
             return Verdict(ErrorCode.EXPIRED, f"node {node} {where} until the task expired at "
-                                              f"{task['expires_at']}")
+                                              f"{task.expires_at}")
         if late and online:
             return Verdict(ErrorCode.TIMEOUT, f"node {node} is online but never acknowledged "
                                               f"the task within its timeout and grace")
@@ -67,8 +68,7 @@ def judge(task: JSONObject, online: bool, now: float) -> Verdict | None:
     return None
 
 
-def _expires(task: JSONObject) -> float | None:
-    text = task.get("expires_at")
+def _expires(text: str | None) -> float | None:
     if not text:
         return None
     try:
@@ -81,7 +81,7 @@ class Tracker:
     """Every `interval` seconds: judge the due tasks, report verdicts to `on_lost`."""
 
     def __init__(self, store: Store, online: Callable[[], set[str]],
-                 on_lost: Callable[[JSONObject, Verdict], None], stop: threading.Event,
+                 on_lost: Callable[[TaskRow, Verdict], None], stop: threading.Event,
                  interval: float = 1.0, *, duties: Callable[[bool], None] | None = None,
                  keep_days: float = 0.0, prune_every: float = 3600.0,
                  sweep_every: float = 10.0) -> None:
@@ -111,7 +111,7 @@ class Tracker:
         online = self.online()
         count = 0
         for task in due:
-            verdict = judge(task, task["node"] in online, now)
+            verdict = judge(task, task.node in online, now)
             if verdict is not None:
                 self.on_lost(task, verdict)
                 count += 1

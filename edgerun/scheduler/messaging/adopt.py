@@ -85,7 +85,7 @@ class Members:
                     said = True
             except Exception as exc:  # psycopg.Error or StoreError: try again
                 log.warning("share group registry: %s", exc)
-                self._drop()
+                self.drop()
             stop.wait(0.5)
         return False
 
@@ -136,7 +136,8 @@ class Members:
             self._db().execute(_sql("delete_meta"), (PREFIX + client_id,))
         self._db().execute(_sql("pg_unlock"), (member_key(client_id),))
 
-    def _drop(self) -> None:
+    def drop(self) -> None:
+        """Forget the session (its locks went with it); the next use opens a new one."""
         self._own = False  # the locks went with the session
         conn, self._conn = self._conn, None
         if conn is not None:
@@ -146,7 +147,7 @@ class Members:
                 log.debug("share group registry: closing: %s", exc)
 
     def close(self) -> None:
-        self._drop()  # our lock goes with the session
+        self.drop()  # our lock goes with the session
 
 
 class Adopter:
@@ -179,7 +180,7 @@ class Adopter:
                 dead = self.members.dead()
             except Exception as exc:  # the store is away: next round
                 log.warning("share group registry: %s", exc)
-                self.members._drop()
+                self.members.drop()
                 continue
             for client_id in dead:
                 adopted = False
@@ -192,7 +193,7 @@ class Adopter:
                         self.members.done(client_id, adopted)
                     except Exception as exc:  # our connection died: so did the lock
                         log.warning("share group registry: %s", exc)
-                        self.members._drop()
+                        self.members.drop()
 
     def _adopt(self, client_id: str) -> bool:
         log.warning("instance %s is gone: adopting its MQTT session", client_id)

@@ -17,17 +17,19 @@ machine refuses: a duplicate or a late one) is left to the one-by-one path
 outcome of sequential application: states only move forward, so an update refused
 here is refused there too, and there its first copy is still kept in the history.
 
-Pure: no I/O; the rows come in as dicts of their columns.
+Pure: no I/O; the rows come in as dicts of their columns, the tasks go out as the
+store's records (records.TaskRow).
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from edgerun.protocol import DEFAULT_TIMEOUT_S, JSONObject, State, Update, is_final
+from edgerun.scheduler.store.records import TaskRow
 
 RESULT_FIELDS = ("exit_code", "stdout", "stderr", "truncated", "duration_s", "bytes", "sha256",
                  "dest", "output_dropped")
@@ -48,7 +50,7 @@ class Step:
 
     index: int
     previous: str | None
-    task: JSONObject
+    task: TaskRow
     history: tuple[Any, ...] | None
 
 
@@ -80,11 +82,10 @@ def update_columns(update: Update, body: JSONObject, grace: float, now: float,
 class Stepper:
     """Rows read for a batch, stepped in memory; `finish()` says what to write."""
 
-    def __init__(self, rows: dict[Key, Row], sources: Sources,
-                 to_task: Callable[[Any], JSONObject], stamp: str) -> None:
-        self.rows, self.sources, self.to_task, self.stamp = rows, sources, to_task, stamp
+    def __init__(self, rows: dict[Key, Row], sources: Sources, stamp: str) -> None:
+        self.rows, self.sources, self.stamp = rows, sources, stamp
         self._changed: dict[Key, Row] = {}
-        self._base: dict[Key, JSONObject] = {}  # the task as read, parsed once
+        self._base: dict[Key, TaskRow] = {}  # the task as read, parsed once
         self.plan = Plan()
 
     def current(self, key: Key) -> Row | None:
@@ -100,7 +101,7 @@ class Stepper:
             self.plan.rest.append(index)
             return False
         if key not in self._base:
-            self._base[key] = self.to_task(row)
+            self._base[key] = TaskRow.from_row(row)
         row = {**row, **{k: v for k, v in cols.items() if v is not None or k != "exit_code"}}
         previous = row["state"]
         row.update(previous=previous, state=str(state), updated_at=self.stamp)
@@ -109,15 +110,12 @@ class Stepper:
                                     self._task(key, row), history))
         return True
 
-    def _task(self, key: Key, row: Row) -> JSONObject:
-        """The task after a step, as `to_task` makes it from the row, with the spec and
-        retry policy (which no step changes) parsed once a row, not once a step."""
+    def _task(self, key: Key, row: Row) -> TaskRow:
+        """The task after a step, as `TaskRow.from_row` makes it from the row, with the
+        spec and retry policy (which no step changes) parsed once a row, not once a step."""
         base = self._base[key]
-        task = self.to_task({**row, "spec": None, "retry": None})
-        task["spec"] = base["spec"]
-        if "retry" in base:
-            task["retry"] = base["retry"]
-        return task
+        return replace(TaskRow.from_row({**row, "spec": None, "retry": None}),
+                       spec=base.spec, retry=base.retry)
 
     def finish(self) -> Plan:
         self.plan.writes = [(*(row[c] for c in WRITTEN), node, task_id)

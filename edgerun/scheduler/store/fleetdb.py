@@ -12,36 +12,42 @@ columns a state change does not cover (`hold`, `not_before`, attempts, rollouts)
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from typing import Any
 
-from edgerun.protocol import FINAL_STATES, JSONObject, format_time
-from edgerun.scheduler.store.tasks import Store, task_dict
+from edgerun.protocol import JSONObject, format_time
+from edgerun.protocol.messages import Error
+from edgerun.scheduler.store.records import FINAL, FleetTaskRow
+from edgerun.scheduler.store.tasks import Store
 
 OUTSTANDING = ["dispatched", "accepted", "running"]
 # hold of a task claimed for sending: `sending:{instance}`; `not_before` is when the claim
 # lapses unless its instance, alive, keeps renewing it
 SENDING = "sending"
 SENDING_LIKE = "sending%"
-FINAL = sorted(str(state) for state in FINAL_STATES)
 FLEET_COLUMNS = ("hold", "not_before", "attempt", "parent_id", "root_id", "retry", "rollout_id")
 
 
-def fleet_task(row: Any) -> JSONObject:
-    """task_dict plus the fleet columns (attempt, parent, rollout, hold)."""
-    task = task_dict(row)
-    keys = set(row.keys())
-    for key, column in (("attempt", "attempt"), ("parent", "parent_id"), ("root", "root_id"),
-                        ("rollout", "rollout_id"), ("hold", "hold"),
-                        ("not_before", "not_before")):
-        if column in keys:
-            task.setdefault(key, row[column])
-    if "retry" in keys:
-        task.setdefault("retry", json.loads(row["retry"]) if row["retry"] else None)
-    if task.get("attempt") is None:
-        task["attempt"] = 1
-    if "seq" in keys:
-        task["seq"] = int(row["seq"])
-    return task
+@dataclass(frozen=True, slots=True)
+class AttemptState:
+    """What a rollout's progress needs of one attempt of a target (light enough to read
+    after each end in a rollout of thousands of nodes)."""
+
+    node: str
+    id: str
+    state: str
+    hold: str | None
+    """Only while queued."""
+    not_before: float | None
+    attempt: int
+    error: Error | None
+    retry: JSONObject | None
+
+    def to_json(self) -> JSONObject:
+        return {"node": self.node, "id": self.id, "state": self.state, "hold": self.hold,
+                "not_before": self.not_before, "attempt": self.attempt,
+                "error": self.error.to_dict() if self.error is not None else None,
+                "retry": self.retry}
 
 
 class FleetDB:
@@ -51,10 +57,10 @@ class FleetDB:
         """The nodes the last claim left ready tasks behind on (no room for them)."""
 
     # --- reads ---------------------------------------------------------------------------
-    def task(self, node: str, task_id: str) -> JSONObject | None:
+    def task(self, node: str, task_id: str) -> FleetTaskRow | None:
         with self.store.read() as db:
             row = db.one("get_task", (node, task_id))
-            return fleet_task(row) if row is not None else None
+            return FleetTaskRow.from_row(row) if row is not None else None
 
     def outstanding(self, node: str, now: float) -> int:
         """Tasks the node holds or is about to: dispatched, accepted, running, or claimed
@@ -68,7 +74,7 @@ class FleetDB:
         return int(row[0])
 
     def claim(self, node: str, pace: int, now: float, ttl: float,
-              owner: str = "") -> list[JSONObject]:
+              owner: str = "") -> list[FleetTaskRow]:
         """Up to `pace` minus what is outstanding of the node's free queued tasks, oldest
         first, marked as being sent (hold `sending` until now + ttl: a claim whose
         instance died before the broker took the task lapses, and the task is free
@@ -90,15 +96,15 @@ class FleetDB:
                 rows = rows[:room]
             for row in rows:
                 db.run("fleet_claim", (f"{SENDING}:{owner}", now + ttl, node, row["id"]))
-            return [fleet_task(r) for r in rows]
+            return [FleetTaskRow.from_row(r) for r in rows]
 
     def claim_many(self, nodes: list[str], pace: int, now: float, ttl: float,
-                   owner: str = "") -> list[JSONObject]:
+                   owner: str = "") -> list[FleetTaskRow]:
         """`claim` for many nodes in a few statements per 500 nodes instead of four round
         trips per node: the nodes' rows locked (in node order: two instances never
         deadlock on them), their outstanding counted in one grouped read, their free
         queued tasks read in one, the claimed ones marked in one UPDATE."""
-        out: list[JSONObject] = []
+        out: list[FleetTaskRow] = []
         self.waiting = set()
         hold = f"{SENDING}:{owner}"
         for start in range(0, len(nodes), 500):
@@ -127,7 +133,7 @@ class FleetDB:
                     continue
                 seqs = [int(r["seq"]) for r in claimed]
                 db.run("fleet_claim_seqs", (hold, now + ttl, seqs))
-                out.extend(fleet_task(r) for r in claimed)
+                out.extend(FleetTaskRow.from_row(r) for r in claimed)
         return out
 
     def nodes_with_ready(self, now: float, pace: int) -> list[str]:
@@ -143,30 +149,30 @@ class FleetDB:
             row = db.one("fleet_next_not_before")
             return float(row[0]) if row is not None and row[0] is not None else None
 
-    def in_flight(self, node: str) -> list[JSONObject]:
+    def in_flight(self, node: str) -> list[FleetTaskRow]:
         with self.store.read() as db:
             rows = db.all("fleet_in_flight", (node, OUTSTANDING))
-            return [fleet_task(r) for r in rows]
+            return [FleetTaskRow.from_row(r) for r in rows]
 
-    def stranded(self, offline_before: str) -> list[JSONObject]:
+    def stranded(self, offline_before: str) -> list[FleetTaskRow]:
         """Tasks on nodes offline since before `offline_before` (RFC 3339): accepted or
         running ones, and a rollout's dispatched ones (a rollout must not wait for them)."""
         with self.store.read() as db:
             rows = db.all("fleet_stranded", (offline_before,))
-            return [fleet_task(r) for r in rows]
+            return [FleetTaskRow.from_row(r) for r in rows]
 
-    def expired_queued(self, now_text: str) -> list[JSONObject]:
+    def expired_queued(self, now_text: str) -> list[FleetTaskRow]:
         """Queued tasks whose expires_at passed while the scheduler held them."""
         with self.store.read() as db:
             rows = db.all("fleet_expired_queued", (now_text,))
-            return [fleet_task(r) for r in rows]
+            return [FleetTaskRow.from_row(r) for r in rows]
 
-    def attempts(self, node: str, root: str) -> list[JSONObject]:
+    def attempts(self, node: str, root: str) -> list[FleetTaskRow]:
         with self.store.read() as db:
             rows = db.all("fleet_attempts", (node, root, root))
-            return [fleet_task(r) for r in rows]
+            return [FleetTaskRow.from_row(r) for r in rows]
 
-    def rollout_states(self, rollout_id: str) -> list[JSONObject]:
+    def rollout_states(self, rollout_id: str) -> list[AttemptState]:
         """Every attempt of a rollout's targets, only what its progress needs: light
         enough to read after each end in a rollout of thousands of nodes."""
         policies: dict[str, Any] = {}
@@ -177,18 +183,18 @@ class FleetDB:
             raw = r["retry"]
             if raw and raw not in policies:
                 policies[raw] = json.loads(raw)
-            out.append({"node": r["node"], "id": r["id"], "state": r["state"],
-                        "hold": r["hold"] if r["state"] == "queued" else None,
-                        "not_before": r["not_before"], "attempt": r["attempt"] or 1,
-                        "error": {"code": r["error_code"], "message": r["error_message"]}
-                        if r["error_code"] else None,
-                        "retry": policies.get(raw) if raw else None})
+            out.append(AttemptState(
+                node=r["node"], id=r["id"], state=r["state"],
+                hold=r["hold"] if r["state"] == "queued" else None,
+                not_before=r["not_before"], attempt=r["attempt"] or 1,
+                error=Error(r["error_code"], r["error_message"]) if r["error_code"] else None,
+                retry=policies.get(raw) if raw else None))
         return out
 
-    def rollout_tasks(self, rollout_id: str) -> list[JSONObject]:
+    def rollout_tasks(self, rollout_id: str) -> list[FleetTaskRow]:
         with self.store.read() as db:
             rows = db.all("fleet_rollout_tasks", (rollout_id,))
-            return [fleet_task(r) for r in rows]
+            return [FleetTaskRow.from_row(r) for r in rows]
 
     def job_unsucceeded(self, job_id: str, task_ids: list[str]) -> int:
         """How many tasks of these steps of a job have not (yet) succeeded."""
@@ -205,12 +211,11 @@ class FleetDB:
             tx.db.run("fleet_job_release", (job_id, task_id))
             return [r[0] for r in rows]
 
-    def job_queued(self, job_id: str, task_id: str) -> list[JSONObject]:
-        """One step's tasks still queued, with what a cancel needs."""
+    def job_queued(self, job_id: str, task_id: str) -> list[tuple[str, str]]:
+        """One step's tasks still queued: their (node, id)."""
         with self.store.read() as db:
             rows = db.all("fleet_job_queued", (job_id, task_id))
-            return [{"node": r["node"], "id": r["id"], "state": r["state"], "hold": r["hold"],
-                     "not_before": r["not_before"]} for r in rows]
+            return [(r["node"], r["id"]) for r in rows]
 
     # --- writes ----------------------------------------------------------------------------
     def set_fleet(self, node: str, task_id: str, **columns: Any) -> None:
@@ -263,7 +268,7 @@ class FleetDB:
                     now < float(row["released_at"]) + interval:
                 return False
             if batch is not None:
-                active = db.one("rollout_active", (rollout_id, FINAL))
+                active = db.one("rollout_active", (rollout_id, list(FINAL)))
                 if int(active[0]) >= batch:
                     return False
             if db.run("rollout_release_task", (node, task_id)).rowcount != 1:

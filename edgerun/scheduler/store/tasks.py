@@ -25,15 +25,12 @@ from functools import cache
 from typing import Any
 
 from edgerun.protocol import (
-    FINAL_STATES,
     JSONObject,
     State,
-    Status,
     Task,
     Update,
     can_transition,
     format_time,
-    is_node_id,
     parse_time,
 )
 from edgerun.scheduler.errors import StoreError
@@ -44,17 +41,21 @@ from edgerun.scheduler.store.advance import (
     by_key,
     update_columns,
 )
-from edgerun.scheduler.store.db import Database, Row, open_database
+from edgerun.scheduler.store.db import Database, open_database
+from edgerun.scheduler.store.eventlog import TOP_SEQ, EventLogStore
+from edgerun.scheduler.store.jobreads import JobReads
+from edgerun.scheduler.store.nodes import NodeRegistry
+from edgerun.scheduler.store.parts import json_or_none
 from edgerun.scheduler.store.queries import Rows
+from edgerun.scheduler.store.records import FINAL, TaskRow
 from edgerun.scheduler.store.schema import MIGRATIONS, SCHEMA_VERSION
+from edgerun.scheduler.store.tokens import TokenStore
 from edgerun.scheduler.store.tx import Tx, flush_events, run_after
 
 log = logging.getLogger(__name__)
 
-TOUCH_EVERY_S = 1.0
 PRUNE_BATCH = 2_000  # finished tasks deleted a transaction (retention)
 UNKNOWN = object()
-FINAL = sorted(str(state) for state in FINAL_STATES)  # the protocol's, the one set
 
 
 @cache
@@ -63,7 +64,6 @@ def _sources(state: State) -> tuple[str, ...]:
     return tuple(("__new__" if s is None else str(s)) for s in (None, *State)
                  if can_transition(s, state))
 LOG_KEEP = 100_000
-TOP_SEQ = 2**62  # above every seq: a page with no cursor
 
 
 @dataclass(frozen=True)
@@ -71,11 +71,13 @@ class Change:
     """A task moved from `previous` (None: first seen) to the state in `task`."""
 
     previous: str | None
-    task: JSONObject
+    task: TaskRow
 
 
-class Store:
-    """`target`: a SQLite file name, or a postgresql:// URL."""
+class Store(NodeRegistry, JobReads, TokenStore, EventLogStore):
+    """`target`: a SQLite file name, or a postgresql:// URL. The node registry, jobs,
+    API tokens and the event log are its parts (nodes.py, jobreads.py, tokens.py,
+    eventlog.py); the tasks and their state machine are here."""
 
     def __init__(self, target: str) -> None:
         self.db: Database = open_database(target)
@@ -195,21 +197,6 @@ class Store:
         listener = Listener(self.db.target, self.origin, deliver, on_connect)
         return listener.start() if start else listener
 
-    def event(self, event_id: int) -> JSONObject | None:
-        """One logged event's body (None once retention dropped it)."""
-        with self.read() as db:
-            row = db.one("event_body", (event_id,))
-            return json.loads(row["body"]) if row is not None else None
-
-    def log_event(self, channel: str | None, event: JSONObject) -> None:
-        """Log an event with the open transaction (one of its own when none is open):
-        it gets its id, and reaches the hub, when that commits. Channel None: a live-only
-        event (output), not logged, handed out after the commit in its place."""
-        node, task_id = event.get("node"), event.get("id")
-        with self.transaction() as tx:
-            tx.events.append((channel, node if isinstance(node, str) else None,
-                              task_id if isinstance(task_id, str) else None, event))
-
     # --- tasks: writes ------------------------------------------------------------
     def add_task(self, node: str, task: Task, *, source: str, state: State = State.QUEUED,
                  job_id: str | None = None, step: int | None = None,
@@ -234,11 +221,11 @@ class Store:
             else None
         common = (task.id, task.type, json.dumps(spec), source, str(state), now, now,
                   now if state == State.DISPATCHED else None, task.timeout, expires,
-                  expires_ts, deadline, job_id, step, _json_or_none(retry), hold)
+                  expires_ts, deadline, job_id, step, json_or_none(retry), hold)
         with self.transaction() as tx:
             rows = tx.all("insert_tasks", (*common, list(nodes)))
         rows.sort(key=lambda r: int(r["seq"]))
-        return [Change(None, task_dict(r)) for r in rows]
+        return [Change(None, TaskRow.from_row(r)) for r in rows]
 
     def note_task_seen(self, node: str, task: Task, *, deadline: float) -> Change | None:
         """A task message seen on the wire (ours echoed, or another client's).
@@ -305,7 +292,7 @@ class Store:
         for start in range(0, len(ordered), 250):
             rows.extend(tx.all("lock_tasks_by_keys" if lock else "tasks_by_keys",
                                (Rows(ordered[start:start + 250], 2),)))
-        return Stepper(by_key(rows), _sources, task_dict, format_time())
+        return Stepper(by_key(rows), _sources, format_time())
 
     @staticmethod
     def _write_steps(tx: Tx, stepper: Stepper) -> Plan:
@@ -426,23 +413,23 @@ class Store:
             if row is None:
                 return None
             previous = row["previous"]
-            return Change(None if previous == "__new__" else previous, task_dict(row))
+            return Change(None if previous == "__new__" else previous, TaskRow.from_row(row))
 
     # --- tasks: reads ---------------------------------------------------------------
-    def get(self, node: str, task_id: str) -> JSONObject | None:
+    def get(self, node: str, task_id: str) -> TaskRow | None:
         with self.read() as db:
             row = db.one("get_task", (node, task_id))
-            return task_dict(row) if row is not None else None
+            return TaskRow.from_row(row) if row is not None else None
 
-    def find(self, task_id: str, node: str | None = None) -> list[JSONObject]:
+    def find(self, task_id: str, node: str | None = None) -> list[TaskRow]:
         """Every task with this id (ids are unique per node; other clients may reuse them);
         with `node`, that node's one (a single-row read)."""
         if node is not None:
             task = self.get(node, task_id)
-            return [task] if task is not None and task["state"] != "__new__" else []
+            return [task] if task is not None and task.state != NEW else []
         with self.read() as db:
             rows = db.all("find_tasks", (task_id,))
-            return [task_dict(r) for r in rows]
+            return [TaskRow.from_row(r) for r in rows]
 
     def updates(self, node: str, task_id: str) -> list[JSONObject]:
         """A task's history in the agent's order: accepted < running < final, whatever
@@ -452,113 +439,21 @@ class Store:
             return [{**json.loads(r["body"]), "received_at": r["received_at"]} for r in rows]
 
     def tasks(self, *, node: str | None = None, state: str | None = None,
-              job_id: str | None = None, limit: int = 100) -> list[JSONObject]:
+              job_id: str | None = None, limit: int = 100) -> list[TaskRow]:
         """Newest first."""
         with self.read() as db:
-            return [task_dict(r) for r in db.all(*_page(node, state, job_id, None, limit))]
+            return [TaskRow.from_row(r) for r in db.all(*_page(node, state, job_id, None, limit))]
 
-    def due(self, now: float) -> list[JSONObject]:
+    def due(self, now: float) -> list[TaskRow]:
         """Unfinished tasks past their deadline or expiry: for the tracker to judge."""
         with self.read() as db:
             rows = db.all("due_tasks", (now, now))
-            return [task_dict(r) for r in rows]
+            return [TaskRow.from_row(r) for r in rows]
 
     def count_by_state(self) -> dict[str, int]:
         with self.read() as db:
             rows = db.all("count_tasks_by_state")
             return {r["state"]: int(r["n"]) for r in rows if r["state"] != "__new__"}
-
-    # --- nodes ---------------------------------------------------------------------
-    def apply_status(self, status: Status) -> tuple[str | None, JSONObject]:
-        """Record a status message; returns (previous state or None, the node).
-
-        The row is created first (a no-op when it exists) and then read FOR UPDATE,
-        so two instances recording the same status agree on one `previous`."""
-        now = format_time()
-        with self.transaction() as db:
-            db.run("insert_node_placeholder", (status.node, "__new__", now, now, now))
-            row = db.one("lock_node_state", (status.node,))
-            previous = None if row["state"] == "__new__" else row["state"]
-            db.run("update_node_status",
-                   (status.state, now, status.state, now, status.agent,
-                    _json_or_none(status.facts),
-                    _json_or_none(list(status.running)) if status.running is not None
-                    else None, status.node))
-            node = node_dict(db.one("get_node", (status.node,)))
-            return previous, node
-
-    def touch_node(self, node: str) -> None:
-        """Any message from a node shows it alive: refresh `last_seen` of a known node.
-        At most once a second per node: a burst of updates costs one write, not one each
-        (a commit is a disk flush on PostgreSQL)."""
-        now = time.monotonic()
-        if now - self._touched.get(node, -TOUCH_EVERY_S) < TOUCH_EVERY_S:
-            return
-        if len(self._touched) > 100_000:
-            self._touched.clear()
-        self._touched[node] = now
-        with self.transaction() as tx:
-            tx.touched.add(node)
-
-    def nodes(self) -> list[JSONObject]:
-        with self.read() as db:
-            return [node_dict(r) for r in db.all("list_nodes")]
-
-    def node_page(self, *, state: str | None, after: str | None,
-                  limit: int) -> tuple[list[JSONObject], int]:
-        """(up to `limit` nodes after `after` in id order, in `state` if given; how many
-        there are in all): a page read by the primary key, not the whole registry."""
-        with self.read() as db:
-            rows = db.all("node_page", {"state": state, "after": after or "", "limit": limit})
-            total = db.one("count_nodes", {"state": state})[0]
-        return [node_dict(r) for r in rows], int(total)
-
-    def node(self, node: str) -> JSONObject | None:
-        with self.read() as db:
-            row = db.one("get_node", (node,))
-            return node_dict(row) if row is not None else None
-
-    def node_states(self, prefix: str = "") -> list[tuple[str, str]]:
-        """(id, state) of the nodes whose id starts with `prefix`, in id order: a range of
-        the primary key, no facts read or parsed (globs and pages resolve on it)."""
-        if prefix and not is_node_id(prefix):
-            return []  # (a NUL byte would be an error on PostgreSQL, not a miss)
-        with self.read() as db:
-            rows = db.all("node_states_in_range", (prefix, prefix + "\U0010ffff"))
-            return [(str(r["node"]), str(r["state"])) for r in rows]
-
-    def nodes_by_ids(self, ids: list[str]) -> list[JSONObject]:
-        """The known nodes among `ids`, in id order, a few statements for many."""
-        out: list[JSONObject] = []
-        ids = sorted({i for i in ids if is_node_id(i)})  # batches in id order too
-        with self.read() as db:
-            for start in range(0, len(ids), 500):
-                out.extend(node_dict(r) for r in db.all("nodes_by_ids",
-                                                        (ids[start:start + 500],)))
-        return out
-
-    def node_ids_with_prefix(self, prefix: str, limit: int = 10) -> list[str]:
-        """Node ids that start with `prefix`, in order (for git-like short ids)."""
-        if not is_node_id(prefix):
-            return []
-        with self.read() as db:
-            rows = db.all("node_ids_in_range", (prefix, prefix + "\U0010ffff", limit))
-            return [str(r["node"]) for r in rows]
-
-    def count_nodes_by_state(self) -> dict[str, int]:
-        with self.read() as db:
-            rows = db.all("count_nodes_by_state")
-            return {r["state"]: int(r["n"]) for r in rows}
-
-    def online_nodes(self) -> set[str]:
-        with self.read() as db:
-            return {r["node"] for r in db.all("online_nodes")}
-
-    def forget_node(self, node: str) -> bool:
-        """Remove a node from the registry (its task history stays until pruned).
-        False when it was not known. A node still alive comes back with its next status."""
-        with self.transaction() as db:
-            return bool(db.run("delete_node", (node,)).rowcount)
 
     # --- retention and re-sending ------------------------------------------------------
     def prune(self, keep_days: float, now: float | None = None,
@@ -574,7 +469,7 @@ class Store:
         out = {"tasks": 0, "updates": 0, "jobs": 0}
         while True:
             with self.transaction() as db:
-                seqs = [int(r[0]) for r in db.all("prune_pick_tasks", (stamp, FINAL, batch))]
+                seqs = [int(r[0]) for r in db.all("prune_pick_tasks", (stamp, list(FINAL), batch))]
                 if seqs:
                     out["updates"] += max(0, db.run("prune_task_updates", (seqs,)).rowcount)
                     out["tasks"] += max(0, db.run("prune_tasks", (seqs,)).rowcount)
@@ -590,193 +485,49 @@ class Store:
             out["jobs"] = max(0, db.run("prune_jobs", (stamp,)).rowcount)
         return out
 
-    def stale_queued(self, older_than_s: float) -> list[JSONObject]:
+    def stale_queued(self, older_than_s: float) -> list[TaskRow]:
         """Queued tasks (not job steps) created more than `older_than_s` ago: sent by an
         instance that died before the broker took them."""
         stamp = format_time(datetime.now(UTC) - timedelta(seconds=older_than_s))
         with self.read() as db:
             rows = db.all("stale_queued", (str(State.QUEUED), stamp))
-            return [task_dict(r) for r in rows]
+            return [TaskRow.from_row(r) for r in rows]
 
-    def unaccepted(self, node: str) -> list[JSONObject]:
+    def unaccepted(self, node: str) -> list[TaskRow]:
         """Tasks sent to `node` that it has not acknowledged yet (state `dispatched`), oldest
         first: what a broker that lost its queue should get again."""
         with self.read() as db:
             rows = db.all("unaccepted", (node, str(State.DISPATCHED)))
-            return [task_dict(r) for r in rows]
+            return [TaskRow.from_row(r) for r in rows]
 
     # --- jobs ------------------------------------------------------------------------
-    def add_job(self, job_id: str, nodes: list[str], steps: list[JSONObject]) -> None:
-        with self.transaction() as db:
-            db.run("insert_job", (job_id, format_time(), json.dumps(nodes), json.dumps(steps)))
-
-    def job(self, job_id: str) -> JSONObject | None:
-        with self.read() as db:
-            row = db.one("get_job", (job_id,))
-            if row is None:
-                return None
-            tasks = db.all("job_tasks", (job_id,))
-            return {"id": row["id"], "created_at": row["created_at"],
-                    "nodes": json.loads(row["nodes"]), "steps": json.loads(row["steps"]),
-                    "tasks": [task_dict(t) for t in tasks]}
-
-    def job_head(self, job_id: str) -> JSONObject | None:
-        """A job's own row (its nodes and steps), without its tasks."""
-        with self.read() as db:
-            row = db.one("get_job", (job_id,))
-            if row is None:
-                return None
-            return {"id": row["id"], "created_at": row["created_at"],
-                    "nodes": json.loads(row["nodes"]), "steps": json.loads(row["steps"])}
-
-    def tasks_of(self, keys: list[tuple[str, str]]) -> list[JSONObject]:
+    def tasks_of(self, keys: list[tuple[str, str]]) -> list[TaskRow]:
         """The tasks of (node, id) keys that exist, a few statements for many."""
         ordered = sorted(set(keys))
-        out: list[JSONObject] = []
+        out: list[TaskRow] = []
         with self.read() as db:
             for start in range(0, len(ordered), 250):
-                out.extend(task_dict(r) for r in db.all(
+                out.extend(TaskRow.from_row(r) for r in db.all(
                     "tasks_by_keys", (Rows(ordered[start:start + 250], 2),)))
         return out
-
-    def job_steps(self, job_id: str, node: str) -> list[JSONObject]:
-        with self.read() as db:
-            rows = db.all("job_steps", (job_id, node))
-            return [task_dict(r) for r in rows]
-
-    def queued_job_heads(self) -> list[JSONObject]:
-        """Job steps that may go now: queued, and every earlier step of the node succeeded."""
-        with self.read() as db:
-            rows = db.all("queued_job_heads")
-            return [task_dict(r) for r in rows]
 
     # --- reads for the API: keyset pages, id prefixes, job progress ---------------------
     def task_page(self, *, node: str | None = None, state: str | None = None,
                   job_id: str | None = None, before: int | None = None,
-                  limit: int = 100) -> tuple[list[JSONObject], int | None]:
+                  limit: int = 100) -> tuple[list[TaskRow], int | None]:
         """Newest first, at most `limit`, older than the cursor `before`; returns the
         tasks and the cursor of the next page (None at the end)."""
         with self.read() as db:
             rows = db.all(*_page(node, state, job_id, before, limit + 1))
         more = len(rows) > limit
         rows = rows[:limit]
-        return [task_dict(r) for r in rows], (int(rows[-1]["seq"]) if more else None)
+        return [TaskRow.from_row(r) for r in rows], (int(rows[-1]["seq"]) if more else None)
 
     def task_ids_with_prefix(self, prefix: str, limit: int = 10) -> list[str]:
         """Distinct task ids that start with `prefix`, in order (for git-like short ids)."""
         with self.read() as db:
             rows = db.all("task_ids_with_prefix", (prefix, prefix + "\U0010ffff", limit))
             return [r["id"] for r in rows]
-
-    def jobs(self, before: str | None = None, limit: int = 50) -> list[JSONObject]:
-        """Newest first, created before the cursor `before` (a created_at): id, created_at,
-        the number of nodes, the steps."""
-        with self.read() as db:
-            rows = db.all("list_jobs", (before or "9999", limit))
-            return [{"id": r["id"], "created_at": r["created_at"],
-                     "nodes": len(json.loads(r["nodes"])), "steps": json.loads(r["steps"])}
-                    for r in rows]
-
-    def job_progress(self, job_id: str) -> dict[int, dict[str, int]]:
-        """{step: {state: count}} over every node of the job, counted by the database."""
-        with self.read() as db:
-            rows = db.all("job_progress", (job_id,))
-            out: dict[int, dict[str, int]] = {}
-            for r in rows:
-                out.setdefault(int(r["step"]), {})[r["state"]] = int(r["n"])
-            return out
-
-    def job_targets(self, job_id: str, after: str | None = None,
-                    limit: int = 100) -> list[JSONObject]:
-        """One row per node, by node id after `after`: its steps' id, state, exit code."""
-        with self.read() as db:
-            nodes = [r["node"] for r in db.all("job_target_nodes",
-                                               (job_id, after or "", limit))]
-            if not nodes:
-                return []
-            rows = db.all("job_target_rows", (job_id, nodes))
-            by_node: dict[str, list[JSONObject]] = {n: [] for n in nodes}
-            for r in rows:
-                by_node[r["node"]].append({"step": r["step"], "id": r["id"],
-                                           "state": r["state"], "exit_code": r["exit_code"],
-                                           "error": r["error_code"],
-                                           "updated_at": r["updated_at"]})
-            return [{"node": n, "steps": steps} for n, steps in by_node.items()]
-
-    # --- API tokens (only their SHA-256 is kept) --------------------------------------
-    def add_token(self, name: str, role: str, digest: str, hint: str,
-                  created_by: str | None) -> JSONObject | None:
-        """None when a token of that name exists already."""
-        with self.transaction() as db:
-            cur = db.run("insert_token", (name, role, digest, hint, format_time(), created_by))
-            if cur.rowcount == 0:
-                return None
-            row = db.one("token_by_name", (name,))
-            return _token_dict(row)
-
-    def token_by_hash(self, digest: str) -> JSONObject | None:
-        """The live (not revoked) token with this hash."""
-        with self.read() as db:
-            row = db.one("token_by_hash", (digest,))
-            return _token_dict(row) if row is not None else None
-
-    def tokens(self) -> list[JSONObject]:
-        with self.read() as db:
-            return [_token_dict(r) for r in db.all("list_tokens")]
-
-    def count_tokens(self) -> int:
-        with self.read() as db:
-            return int(db.one("count_tokens")[0])
-
-    def revoke_token(self, name: str) -> JSONObject | None:
-        """None when no live token has that name."""
-        with self.transaction() as db:
-            cur = db.run("revoke_token", (format_time(), name))
-            if cur.rowcount == 0:
-                return None
-            row = db.one("token_by_name", (name,))
-            return _token_dict(row)
-
-    def touch_token(self, token_id: int) -> None:
-        with self.transaction() as db:
-            db.run("touch_token", (format_time(), token_id))
-
-    # --- the event log (what /v1/events resumes from) -------------------------------
-    def append_event(self, channel: str, node: str | None, task_id: str | None,
-                     body: JSONObject, keep: int) -> int:
-        """Log one event in a transaction of its own; its id (0 when it joined an open
-        transaction: the id is given at its commit). Keeps the newest `keep` events;
-        the highest id dropped is remembered so a reader asking for older ones can be
-        told (`events_dropped_through`)."""
-        with self.transaction() as tx:
-            tx.events.append((channel, node, task_id, body))
-            tx.keep = keep
-        return tx.logged[-1][0] if tx.logged else 0
-
-    def hold_live(self, event: JSONObject) -> bool:
-        """Hold a live-only event until the open transaction commits, so that it reaches
-        readers after the events logged before it (False: no transaction is open)."""
-        tx: Tx | None = getattr(self._local, "tx", None)
-        if tx is None:
-            return False
-        tx.events.append((None, None, None, event))
-        return True
-
-    def events_after(self, after: int, limit: int = 1000,
-                     through: int | None = None) -> list[tuple[int, JSONObject]]:
-        """(id, body) of logged events with id > `after` (and <= `through`), oldest first."""
-        with self.read() as db:
-            rows = db.all("events_after",
-                          (after, through if through is not None else TOP_SEQ, limit))
-            return [(int(r["id"]), json.loads(r["body"])) for r in rows]
-
-    def event_horizon(self) -> tuple[int, int]:
-        """(highest id dropped by retention, highest id written); 0 when none."""
-        with self.read() as db:
-            row = db.one("meta_value", ("events_dropped_through",))
-            last = db.one("meta_value", ("event_seq",))
-            return (int(row["value"]) if row else 0, int(last[0]) if last else 0)
-
 
 def _page(node: str | None, state: str | None, job_id: str | None, before: int | None,
           limit: int) -> tuple[str, dict[str, Any]]:
@@ -798,48 +549,3 @@ def _expires_ts(expires_at: str | None) -> float | None:
         return None
     return parse_time(expires_at).timestamp()
 
-
-def _json_or_none(value: Any) -> str | None:
-    return json.dumps(value) if value is not None else None
-
-
-def task_dict(row: Row) -> JSONObject:
-    """A task as the API, the events and the CLI see it."""
-    error = {"code": row["error_code"], "message": row["error_message"]} \
-        if row["error_code"] else None
-    return {
-        "id": row["id"], "node": row["node"], "type": row["type"], "state": row["state"],
-        "source": row["source"], "created_at": row["created_at"],
-        "updated_at": row["updated_at"], "dispatched_at": row["dispatched_at"],
-        "timeout": row["timeout"], "expires_at": row["expires_at"],
-        "deadline": row["deadline"], "exit_code": row["exit_code"], "error": error,
-        "result": json.loads(row["result"]) if row["result"] else None,
-        "spec": json.loads(row["spec"]) if row["spec"] else None,
-        "job": row["job_id"], "step": row["step"], **_fleet_fields(row),
-    }
-
-
-def _fleet_fields(row: Row) -> JSONObject:
-    """Retry attempts and rollouts (schema 3; fleet.py): which attempt, whose retry."""
-    if "attempt" not in row.keys():  # noqa: SIM118 (`in` on a sqlite3.Row looks at values)
-        return {}
-    return {"attempt": row["attempt"] or 1, "parent": row["parent_id"], "root": row["root_id"],
-            "retry": json.loads(row["retry"]) if row["retry"] else None,
-            "rollout": row["rollout_id"],
-            "hold": row["hold"] if row["state"] == "queued" else None}
-
-
-def node_dict(row: Row) -> JSONObject:
-    return {
-        "node": row["node"], "state": row["state"], "first_seen": row["first_seen"],
-        "last_seen": row["last_seen"], "changed_at": row["changed_at"], "agent": row["agent"],
-        "facts": json.loads(row["facts"]) if row["facts"] else None,
-        "running": json.loads(row["running"]) if row["running"] else [],
-    }
-
-
-def _token_dict(row: Row) -> JSONObject:
-    """A token as `edgerun token list` shows it: never its hash."""
-    return {"id": row["id"], "name": row["name"], "role": row["role"], "hint": row["hint"],
-            "created_at": row["created_at"], "created_by": row["created_by"],
-            "last_used_at": row["last_used_at"], "revoked_at": row["revoked_at"]}
