@@ -125,7 +125,7 @@ class Handlers:
         self.service = service
         self.store = service.store
         self._touched: dict[int, float] = {}
-        self.tickets = Tickets()
+        self.tickets = Tickets(self.store)
         self.on_revoke: Callable[[int], None] | None = None  # closes the token's streams
 
     # --- auth ------------------------------------------------------------------------

@@ -10,7 +10,7 @@ agree). The version is `PRAGMA user_version` on SQLite, a `meta` row on PostgreS
 
 from __future__ import annotations
 
-SCHEMA_VERSION = 7
+SCHEMA_VERSION = 8
 
 MIGRATIONS: dict[int, str] = {n: f"migrate_{n}" for n in range(1, SCHEMA_VERSION + 1)}
 """{version: the named query that moves the schema to it}"""

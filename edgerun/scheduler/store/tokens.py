@@ -45,6 +45,28 @@ class TokenStore(StoreParts):
         with self.transaction() as db:
             db.run("touch_token", (format_time(), token_id))
 
+    def add_ticket(self, digest: str, name: str, role: str, token_id: int | None, *,
+                   now: float, ttl: float, keep: int) -> None:
+        """A stream ticket (its SHA-256), good for `ttl` seconds from `now` (seconds since
+        1970). The lapsed go first; past `keep` unused ones, those that expire first."""
+        with self.transaction() as db:
+            db.run("prune_tickets", (now,))
+            over = int(db.one("count_tickets")[0]) - keep + 1
+            if over > 0:
+                db.run("drop_oldest_tickets", (over,))
+            db.run("insert_ticket", (digest, name, role, token_id, now + ttl))
+
+    def take_ticket(self, digest: str) -> tuple[str, str, int | None, float] | None:
+        """(name, role, token id, expires at) of the ticket, which is gone once taken: of
+        two instances redeeming it at once, one gets it."""
+        with self.transaction() as db:
+            row = db.one("take_ticket", (digest,))
+        if row is None:
+            return None
+        token_id = row["token_id"]
+        return (str(row["name"]), str(row["role"]),
+                int(token_id) if token_id is not None else None, float(row["expires_at"]))
+
 
 def _token_dict(row: Row) -> JSONObject:
     """A token as `edgerun token list` shows it: never its hash."""

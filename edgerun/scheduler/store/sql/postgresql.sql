@@ -152,6 +152,18 @@ ALTER TABLE jobs ADD COLUMN created_by TEXT
 DROP INDEX tasks_by_state;
 CREATE INDEX tasks_by_state_at ON tasks (state, updated_at)
 
+-- 8: stream tickets in the store, so that a ticket given by one instance opens a stream on
+-- any (a load balancer need not be sticky); only their SHA-256 is kept
+-- name: migrate_8
+CREATE TABLE stream_tickets (
+    digest      TEXT PRIMARY KEY,
+    name        TEXT NOT NULL,
+    role        TEXT NOT NULL,
+    token_id    BIGINT,
+    expires_at  DOUBLE PRECISION NOT NULL
+);
+CREATE INDEX stream_tickets_by_expiry ON stream_tickets (expires_at)
+
 -- ===== plumbing =====
 
 -- name: pg_has_meta
@@ -499,6 +511,28 @@ UPDATE tokens SET revoked_at=%s WHERE name=%s AND revoked_at IS NULL
 
 -- name: touch_token
 UPDATE tokens SET last_used_at=%s WHERE id=%s
+
+-- ===== stream tickets =====
+
+-- args: digest, name, role, token id, expires at (seconds since 1970)
+-- name: insert_ticket
+INSERT INTO stream_tickets (digest, name, role, token_id, expires_at) VALUES (%s, %s, %s, %s, %s)
+
+-- args: digest: the ticket, taken once (whoever deletes it has it)
+-- name: take_ticket
+DELETE FROM stream_tickets WHERE digest=%s RETURNING name, role, token_id, expires_at
+
+-- args: now
+-- name: prune_tickets
+DELETE FROM stream_tickets WHERE expires_at < %s
+
+-- name: count_tickets
+SELECT COUNT(*) FROM stream_tickets
+
+-- args: how many: the tickets that expire first
+-- name: drop_oldest_tickets
+DELETE FROM stream_tickets WHERE digest IN
+(SELECT digest FROM stream_tickets ORDER BY expires_at LIMIT %s)
 
 -- ===== fleet operations (store/fleetdb.py) =====
 -- A queued task is free to go with no hold (or a lapsed claim `sending:...`: hold LIKE ?
