@@ -8,11 +8,17 @@ and from the first byte after each response began, the head must be complete (a
 blank line) within HEAD_TIMEOUT_S, or the connection is closed. Once a connection is
 upgraded to a WebSocket it steps aside. Body reads have their own deadline in the
 API (server.py, BODY_TIMEOUT_S: 408).
+
+It also counts a head's bytes: one over MAX_HEAD_BYTES gets a JSON 431 and the
+connection is closed. h11 would refuse it too (its limit on an incomplete event is the
+same 16 KiB), but uvicorn answers that with a plain-text 400, and the API answers every
+bad request with a JSON error.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from typing import Any
 
@@ -20,6 +26,14 @@ log = logging.getLogger(__name__)
 
 HEAD_TIMEOUT_S = 10.0
 END_OF_HEAD = b"\r\n\r\n"
+MAX_HEAD_BYTES = 16 * 1024  # h11's default for an incomplete event
+_TOO_LARGE = json.dumps({
+    "error": f"the request head (request line and headers) is over {MAX_HEAD_BYTES} bytes",
+    "code": "head_too_large"}).encode() + b"\n"
+REFUSAL = (b"HTTP/1.1 431 Request Header Fields Too Large\r\n"
+           b"Content-Type: application/json\r\nCache-Control: no-store\r\n"
+           b"Connection: close\r\nContent-Length: " + str(len(_TOO_LARGE)).encode()
+           + b"\r\n\r\n" + _TOO_LARGE)
 
 
 class _Transport:
@@ -55,7 +69,9 @@ class HeadDeadline(asyncio.Protocol):
         self.transport: Any = None
         self.in_head = True  # the next bytes are (part of) a request head
         self.tail = b""
+        self.head_bytes = 0  # of the head now arriving
         self.detached = False
+        self.refused = False
 
     # --- what the transport calls --------------------------------------------------------
     def connection_made(self, transport: Any) -> None:
@@ -64,11 +80,18 @@ class HeadDeadline(asyncio.Protocol):
         self._arm()
 
     def data_received(self, data: bytes) -> None:
+        if self.refused:
+            return
         if not self.detached and self.in_head:
             if self.timer is None:
                 self._arm()
             seen = self.tail + data
-            if END_OF_HEAD in seen:
+            end = seen.find(END_OF_HEAD)
+            self.head_bytes += len(data) if end < 0 else end + len(END_OF_HEAD) - len(self.tail)
+            if self.head_bytes > MAX_HEAD_BYTES:
+                self._refuse()
+                return
+            if end >= 0:
                 self.in_head, self.tail = False, b""
                 self._disarm()
             else:
@@ -92,11 +115,21 @@ class HeadDeadline(asyncio.Protocol):
     # --- what the wrapped protocol's transport tells ---------------------------------------
     def wrote(self) -> None:
         if not self.in_head:
-            self.in_head, self.tail = True, b""  # an answer began: the next bytes are a head
+            # an answer began: the next bytes are a head
+            self.in_head, self.tail, self.head_bytes = True, b"", 0
 
     def detach(self) -> None:
         self.detached = True
         self._disarm()
+
+    def _refuse(self) -> None:
+        """A head too large: a JSON 431, then the connection closes (its rest unread)."""
+        self.refused = True
+        self._disarm()
+        log.info("refused a request head of over %d bytes", MAX_HEAD_BYTES)
+        if self.transport is not None:
+            self.transport.write(REFUSAL)
+            self.transport.close()
 
     # --- the deadline ----------------------------------------------------------------------
     def _arm(self) -> None:
