@@ -138,3 +138,24 @@ def test_dispatch_by_glob_id_and_mac_still_chooses_the_same_nodes(
     missing = s.http("POST", "/v1/tasks", s.operator,
                      {"targets": ["lkq-*"], "task": {"type": "shell", "command": "true"}})
     assert missing.status == 404 and "no known node matches" in missing.body["error"]
+
+
+def test_a_task_by_id_is_one_row_and_a_hostile_node_finds_nothing(store: Store) -> None:
+    from edgerun.protocol import ShellTask
+    nodes = [f"rk-{i:04d}" for i in range(1200)]
+    store.add_tasks(nodes, ShellTask(id="fan", command="true"), source="api")
+    assert store.task_exists("fan") and not store.task_exists("fa")
+    assert not store.task_exists("fan\x00") and not store.task_exists("%")
+    assert [t.node for t in store.find("fan", "rk-0007")] == ["rk-0007"]
+    for bad in ("rk-0007\x00", "%", "' OR 1=1 --", ""):
+        assert store.find("fan", bad) == [], bad
+
+
+def test_cancel_with_a_hostile_node_is_a_clear_answer(s: Stack, fleet: FakeFleet) -> None:
+    api = s.api(s.operator)
+    api.post("/tasks", {"targets": ["lkz-1"], "task": {"type": "shell", "command": "true",
+                                                       "id": "hostile-cancel"}})
+    for node in ("lkz-1\x00", "%", "' OR 1=1 --", "x" * 500):
+        got = s.http("POST", "/v1/tasks/hostile-cancel/cancel", s.operator, {"node": node})
+        assert got.status in (404, 422), (node, got.status, got.body)
+        assert got.body.get("error"), got.body

@@ -142,7 +142,7 @@ class Service:
     def cancel(self, task_id: str, node: str | None = None) -> list[TaskRow]:
         if not is_task_id(task_id):
             raise BadRequest(f"{task_id!r} is not a task id")
-        found = [t for t in self.store.find(task_id) if node is None or t.node == node]
+        found = self.store.find(task_id, node)  # with a node: one row
         if not found:
             raise NotFound(f"no task {task_id!r}" + (f" for node {node}" if node else ""))
         open_tasks = [t for t in found if not t.final]

@@ -31,6 +31,8 @@ from edgerun.protocol import (
     Update,
     can_transition,
     format_time,
+    is_node_id,
+    is_task_id,
     parse_time,
 )
 from edgerun.scheduler.errors import StoreError
@@ -421,10 +423,19 @@ class Store(NodeRegistry, JobReads, TokenStore, EventLogStore):
             row = db.one("get_task", (node, task_id))
             return TaskRow.from_row(row) if row is not None else None
 
+    def task_exists(self, task_id: str) -> bool:
+        """Whether any node has a task with this id: one row, however many nodes do."""
+        if not is_task_id(task_id):
+            return False
+        with self.read() as db:
+            return db.one("task_exists", (task_id,)) is not None
+
     def find(self, task_id: str, node: str | None = None) -> list[TaskRow]:
         """Every task with this id (ids are unique per node; other clients may reuse them);
         with `node`, that node's one (a single-row read)."""
         if node is not None:
+            if not is_node_id(node):  # (a NUL byte is an error on PostgreSQL, not a miss)
+                return []
             task = self.get(node, task_id)
             return [task] if task is not None and task.state != NEW else []
         with self.read() as db:

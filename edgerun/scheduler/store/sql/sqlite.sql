@@ -288,6 +288,10 @@ SELECT * FROM tasks WHERE node=? AND id=?
 -- name: find_tasks
 SELECT * FROM tasks WHERE id=? ORDER BY seq
 
+-- args: task id: whether any node has it (one row of the index)
+-- name: task_exists
+SELECT 1 FROM tasks WHERE id=? AND state != '__new__' LIMIT 1
+
 -- the agent's order of a task's states, whatever order they arrived in (several
 -- instances, redelivery); the same rank keeps arrival order
 -- name: task_history
