@@ -56,6 +56,10 @@ def test_ids_are_read_in_batches_whole_and_once(store: Store) -> None:
     got = store.nodes_by_ids(wanted)
     assert [n.node for n in got] == [f"rk-{i:04d}" for i in range(1200)]
     assert got[7].facts == {"i": 7} and got[7].state == "online"
+    states = store.node_states_of(wanted)
+    assert [n for n, _ in states] == [f"rk-{i:04d}" for i in range(1200)]
+    assert dict(states)["rk-0003"] == "offline"
+    assert store.node_states_of(["\x00", "%", "nope"]) == []
 
 
 @pytest.fixture(scope="module", params=["sqlite", "postgresql"])

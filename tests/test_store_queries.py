@@ -132,6 +132,7 @@ PLANS = {
     "node_states_in_range": (("rk", "rk\U0010ffff"), ("sqlite_autoindex_nodes_1",)),
     "node_ids_in_range": (("rk", "rk\U0010ffff", 11), ("sqlite_autoindex_nodes_1",)),
     "nodes_by_ids": ((["a", "b"],), ("sqlite_autoindex_nodes_1",)),
+    "node_states_by_ids": ((["a", "b"],), ("sqlite_autoindex_nodes_1",)),
     "count_tasks_in_states": ((["queued", "running"],), ("tasks_by_state_at",)),
     "overview_failed_since": (("2026-01-01", ["failed", "lost"]), ("tasks_by_state_at",)),
     "overview_outcomes": (("2026-01-01", ["failed", "lost"]), ("tasks_by_state_at",)),

@@ -247,8 +247,8 @@ class Core:
 
     def select(self, targets: Sequence[str], online: bool, where: Any = None) -> list[Known]:
         """The chosen nodes, in `resolve`'s order: their id and state, and their facts
-        where they were read. Only what the targets need is read: named ids a row each
-        (a few statements for many), a glob the ids and states in its literal prefix's
+        where they were read. Only what the targets need is read: named ids' states (a
+        few statements for many), a glob the ids and states in its literal prefix's
         range of the primary key; every node's facts only for --where or a MAC address
         that is not a node id. A task to one node among 100,000, or a page of 'rack7-*',
         does not read and parse every node's record."""
@@ -263,8 +263,8 @@ class Core:
             return self.store.nodes()  # (a bad target: select_nodes says why)
         unique = list(dict.fromkeys(targets))
         named = [t for t in unique if not is_glob(t)]
-        found: dict[str, Known] = {n.node: n for n in self.store.nodes_by_ids(named)} \
-            if named else {}
+        found: dict[str, Known] = {node: Bare(node, state) for node, state in
+                                   self.store.node_states_of(named)} if named else {}
         if any(is_mac(t) and t not in found for t in named):
             return self.store.nodes()  # a MAC address: found by every node's facts
         prefixes = {glob_prefix(t) for t in unique if is_glob(t)} if targets else {""}

@@ -135,7 +135,7 @@ class Service:
     def create_job(self, targets: Sequence[str], online: bool, steps: Sequence[JSONObject],
                    job_id: str | None = None, *, where: Any = None) -> JobRow:
         """An ordered list of tasks per node, or a graph of named steps (jobs.py)."""
-        if job_id is not None and self.store.job(job_id) is not None:
+        if job_id is not None and self.store.job_head(job_id) is not None:
             raise Conflict(f"job {job_id} already exists")
         return self.jobs.create(targets, online, steps, job_id, where=where)
 

@@ -271,7 +271,7 @@ class Handlers:
         return progress_of(self.store.job_progress(job_id), steps, nodes)
 
     def job(self, job_id: str) -> JSONObject:
-        job = self.store.job(job_id)
+        job = self.store.job_head(job_id)  # its row, not its 10,000 tasks
         if job is None:
             raise NotFound(f"no job {job_id!r}")
         return {"id": job.id, "created_at": job.created_at, "steps": job.steps,
@@ -279,7 +279,7 @@ class Handlers:
                 "progress": self.progress(job_id, len(job.steps), len(job.nodes))}
 
     def job_targets(self, job_id: str, q: dict[str, list[str]]) -> JSONObject:
-        if self.store.job(job_id) is None:
+        if self.store.job_head(job_id) is None:
             raise NotFound(f"no job {job_id!r}")
         size = edge.limit(q, 100)
         rows = self.store.job_targets(job_id, edge.one(q, "cursor"), size + 1)

@@ -7,6 +7,7 @@ The steps live in the store, so a restarted service resumes where each node was.
 from __future__ import annotations
 
 import uuid
+from dataclasses import replace
 from collections.abc import Sequence
 from typing import Any
 
@@ -81,28 +82,36 @@ class JobRunner:
         all_nodes = list(dict.fromkeys(n for _, _, ns in plan for n in ns))
 
         def create() -> JobRow:
-            if self.core.store.job_head(job_id) is not None:
-                raise Conflict(f"job {job_id} already exists")
-            stored = []
-            for (step, task, step_nodes) in plan:
-                extra = {k: step[k] for k in GRAPH_KEYS if k in step}
-                if graph is not None:
-                    extra["nodes"] = step_nodes
-                stored.append({**task.to_dict(), **extra})
-            self.core.store.add_job(job_id, all_nodes, stored)
+            store = self.core.store
+            made: list[TaskRow] = []
+            # one transaction: the job, every step's tasks and their events, or nothing
+            with store.transaction():
+                if store.job_head(job_id) is not None:
+                    raise Conflict(f"job {job_id} already exists")
+                stored = []
+                for (step, task, step_nodes) in plan:
+                    extra = {k: step[k] for k in GRAPH_KEYS if k in step}
+                    if graph is not None:
+                        extra["nodes"] = step_nodes
+                    stored.append({**task.to_dict(), **extra})
+                store.add_job(job_id, all_nodes, stored)
+                for i, (step, task, step_nodes) in enumerate(plan):
+                    held = bool(step.get("needs")) if graph is not None else i > 0
+                    # a step's tasks on every node in a few multi-row statements (issue 22)
+                    for change in store.add_tasks(
+                            list(dict.fromkeys(step_nodes)), task, source="job",
+                            job_id=job_id, step=i, hold="job" if held else None):
+                        self.core.emit(change)
+                        made.append(change.task)
+                # sent by the worker once committed, as a dispatch's are: the answer does
+                # not wait for 1,000 sends
+                store.after_commit(lambda: self.core.submit(
+                    lambda: self.fleet.pump_nodes(all_nodes)))
             self._graphs[job_id] = graph
             self._sizes[job_id] = len(plan)
-            for i, (step, task, step_nodes) in enumerate(plan):
-                held = bool(step.get("needs")) if graph is not None else i > 0
-                # a step's tasks on every node in a few multi-row statements (issue 22)
-                for change in self.core.store.add_tasks(
-                        list(dict.fromkeys(step_nodes)), task, source="job", job_id=job_id,
-                        step=i, hold="job" if held else None):
-                    self.core.emit(change)
-            self.fleet.pump_nodes(all_nodes)
-            job = self.core.store.job(job_id)
-            assert job is not None
-            return job
+            head = store.job_head(job_id)
+            assert head is not None
+            return replace(head, tasks=made)
         return self.core.call(create)
 
     def describe(self, job_id: str, creator: str | None) -> None:

@@ -80,6 +80,16 @@ class NodeRegistry(StoreParts):
                                                                (ids[start:start + 500],)))
         return out
 
+    def node_states_of(self, ids: list[str]) -> list[tuple[str, str]]:
+        """(id, state) of the known nodes among `ids`: rows read, no facts parsed."""
+        out: list[tuple[str, str]] = []
+        ids = sorted({i for i in ids if is_node_id(i)})
+        with self.read() as db:
+            for start in range(0, len(ids), 500):
+                out.extend((str(r["node"]), str(r["state"])) for r in db.all(
+                    "node_states_by_ids", (ids[start:start + 500],)))
+        return out
+
     def node_ids_with_prefix(self, prefix: str, limit: int = 10) -> list[str]:
         """Node ids that start with `prefix`, in order (for git-like short ids)."""
         if not is_node_id(prefix):

@@ -438,6 +438,10 @@ SELECT node, state FROM nodes WHERE node >= %s AND node < %s ORDER BY node
 -- name: nodes_by_ids
 SELECT * FROM nodes WHERE node = ANY(%s::text[]) ORDER BY node
 
+-- args: node ids (a list): ids and states, no facts
+-- name: node_states_by_ids
+SELECT node, state FROM nodes WHERE node = ANY(%s::text[])
+
 -- args: low, high, limit
 -- name: node_ids_in_range
 SELECT node FROM nodes WHERE node >= %s AND node < %s ORDER BY node LIMIT %s

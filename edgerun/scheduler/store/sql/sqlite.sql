@@ -405,6 +405,10 @@ SELECT node, state FROM nodes WHERE node >= ? AND node < ? ORDER BY node
 -- name: nodes_by_ids
 SELECT * FROM nodes WHERE node IN (SELECT value FROM json_each(?)) ORDER BY node
 
+-- args: node ids (a list): ids and states, no facts
+-- name: node_states_by_ids
+SELECT node, state FROM nodes WHERE node IN (SELECT value FROM json_each(?))
+
 -- args: low, high, limit
 -- name: node_ids_in_range
 SELECT node FROM nodes WHERE node >= ? AND node < ? ORDER BY node LIMIT ?
