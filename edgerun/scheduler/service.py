@@ -133,11 +133,13 @@ class Service:
         return [change.task for change in changes]
 
     def create_job(self, targets: Sequence[str], online: bool, steps: Sequence[JSONObject],
-                   job_id: str | None = None, *, where: Any = None) -> JobRow:
+                   job_id: str | None = None, *, where: Any = None, creator: str | None = None,
+                   announce: Callable[[JobRow], None] | None = None) -> JobRow:
         """An ordered list of tasks per node, or a graph of named steps (jobs.py)."""
         if job_id is not None and self.store.job_head(job_id) is not None:
             raise Conflict(f"job {job_id} already exists")
-        return self.jobs.create(targets, online, steps, job_id, where=where)
+        return self.jobs.create(targets, online, steps, job_id, where=where, creator=creator,
+                                announce=announce)
 
     def cancel(self, task_id: str, node: str | None = None) -> list[TaskRow]:
         if not is_task_id(task_id):

@@ -328,11 +328,19 @@ class Handlers:
         for i, step in enumerate(steps):
             self.check_spec({k: v for k, v in step.items() if k != "id"}, f"steps.{i}")
         self.hold_for_broker()
-        job = self.service.create_job(targets, online, steps, job_id, where=body.get("where"))
-        self.service.jobs.describe(job.id, who.name)
-        self.audit(who, "job", job=job.id, nodes=job.nodes[:1000],
-                   count=len(job.nodes), steps=len(steps), tasks=[])
-        return {**self.job(job.id), "tasks": [without_tails(t.to_json()) for t in job.tasks]}
+        job = self.service.create_job(
+            targets, online, steps, job_id, where=body.get("where"), creator=who.name,
+            announce=lambda job: self.audit(who, "job", job=job.id, nodes=job.nodes[:1000],
+                                            count=len(job.nodes), steps=len(steps), tasks=[]))
+        # answered from the tasks just made (no read that would wait for their sending)
+        counts: dict[int, dict[str, int]] = {}
+        for task in job.tasks:
+            by_state = counts.setdefault(task.step or 0, {})
+            by_state[task.state] = by_state.get(task.state, 0) + 1
+        return {"id": job.id, "created_at": job.created_at, "steps": job.steps,
+                "nodes": len(job.nodes),
+                "progress": progress_of(counts, len(job.steps), len(job.nodes)),
+                "tasks": [without_tails(t.to_json()) for t in job.tasks]}
 
     def cancel(self, who: Principal, given: str, body: JSONObject) -> JSONObject:
         edge.check_keys(body, ("node",), "a cancel request")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import replace
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from edgerun.control.errors import BadRequest, Conflict
@@ -49,7 +49,11 @@ class JobRunner:
         self._sizes: dict[str, int] = {}  # steps a job has (known with its graph)
 
     def create(self, targets: Sequence[str], online: bool, steps: Sequence[Any],
-               job_id: str | None = None, *, where: Any = None) -> JobRow:
+               job_id: str | None = None, *, where: Any = None, creator: str | None = None,
+               announce: Callable[[JobRow], None] | None = None) -> JobRow:
+        """Store the job, its tasks and their events in one transaction, with who created
+        it; `announce(job)` runs inside it (the API's audit record commits with the job).
+        Its tasks are sent by the worker after the commit."""
         if not steps:
             raise BadRequest("a job needs at least one step")
         job_id = job_id or str(uuid.uuid4())
@@ -94,7 +98,7 @@ class JobRunner:
                     if graph is not None:
                         extra["nodes"] = step_nodes
                     stored.append({**task.to_dict(), **extra})
-                store.add_job(job_id, all_nodes, stored)
+                store.add_job(job_id, all_nodes, stored, creator)
                 for i, (step, task, step_nodes) in enumerate(plan):
                     held = bool(step.get("needs")) if graph is not None else i > 0
                     # a step's tasks on every node in a few multi-row statements (issue 22)
@@ -103,21 +107,19 @@ class JobRunner:
                             job_id=job_id, step=i, hold="job" if held else None):
                         self.core.emit(change)
                         made.append(change.task)
+                head = store.job_head(job_id)
+                assert head is not None
+                job = replace(head, tasks=made)
+                if announce is not None:
+                    announce(job)
                 # sent by the worker once committed, as a dispatch's are: the answer does
                 # not wait for 1,000 sends
                 store.after_commit(lambda: self.core.submit(
                     lambda: self.fleet.pump_nodes(all_nodes)))
             self._graphs[job_id] = graph
             self._sizes[job_id] = len(plan)
-            head = store.job_head(job_id)
-            assert head is not None
-            return replace(head, tasks=made)
+            return job
         return self.core.call(create)
-
-    def describe(self, job_id: str, creator: str | None) -> None:
-        """Record who created the job (the API token's name)."""
-        with self.core.store.db.write() as db:
-            db.run("set_job_creator", (creator, job_id))
 
     def graph(self, job_id: str) -> dict[str, list[str]] | None:
         if job_id not in self._graphs:

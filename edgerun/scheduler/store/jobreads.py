@@ -11,9 +11,11 @@ from edgerun.scheduler.store.records import JobRow, TaskRow
 
 class JobReads(StoreParts):
     # --- jobs ------------------------------------------------------------------------
-    def add_job(self, job_id: str, nodes: list[str], steps: list[JSONObject]) -> None:
+    def add_job(self, job_id: str, nodes: list[str], steps: list[JSONObject],
+                created_by: str | None = None) -> None:
         with self.transaction() as db:
-            db.run("insert_job", (job_id, format_time(), json.dumps(nodes), json.dumps(steps)))
+            db.run("insert_job", (job_id, format_time(), json.dumps(nodes), json.dumps(steps),
+                                  created_by))
 
     def job(self, job_id: str) -> JobRow | None:
         """A job with every task of it."""

@@ -461,13 +461,10 @@ DELETE FROM nodes WHERE node=%s
 -- ===== jobs =====
 
 -- name: insert_job
-INSERT INTO jobs (id, created_at, nodes, steps) VALUES (%s,%s,%s,%s)
+INSERT INTO jobs (id, created_at, nodes, steps, created_by) VALUES (%s,%s,%s,%s,%s)
 
 -- name: get_job
 SELECT * FROM jobs WHERE id=%s
-
--- name: set_job_creator
-UPDATE jobs SET created_by=%s WHERE id=%s
 
 -- name: job_tasks
 SELECT * FROM tasks WHERE job_id=%s ORDER BY node, step

@@ -428,13 +428,10 @@ DELETE FROM nodes WHERE node=?
 -- ===== jobs =====
 
 -- name: insert_job
-INSERT INTO jobs (id, created_at, nodes, steps) VALUES (?,?,?,?)
+INSERT INTO jobs (id, created_at, nodes, steps, created_by) VALUES (?,?,?,?,?)
 
 -- name: get_job
 SELECT * FROM jobs WHERE id=?
-
--- name: set_job_creator
-UPDATE jobs SET created_by=? WHERE id=?
 
 -- name: job_tasks
 SELECT * FROM tasks WHERE job_id=? ORDER BY node, step
