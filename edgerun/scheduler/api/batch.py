@@ -1,0 +1,145 @@
+"""POST /v1/task-batches: many distinct tasks in one request, all or nothing.
+
+A workflow engine or a work queue submits many tasks that differ (each its own command
+or input), as River's InsertMany or procrastinate's batch defer do; one POST per task
+costs the HTTP round trip each time. Each item of a batch is exactly a POST /v1/tasks
+body. Every item is read, checked by the contract's parser and resolved to its nodes
+first; only then are all of them stored, in one store transaction (one commit): a bad
+item refuses the whole batch with the item's field path (`tasks.3.task.command`), and
+nothing is created."""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from edgerun.control.errors import BadRequest, Conflict, UnknownNode
+from edgerun.control.retries import check_room, parse_retry
+from edgerun.protocol import JSONObject
+from edgerun.scheduler.api import edge
+from edgerun.scheduler.api.auth import Principal
+from edgerun.scheduler.api.handlers import Handlers
+from edgerun.scheduler.fleet.targets import parse_wheres
+from edgerun.scheduler.store.events import without_tails
+
+log = logging.getLogger(__name__)
+
+MAX_ITEMS = 1000  # items in one batch (the OpenAPI document's maxItems says the same)
+KEYS = ("tasks",)
+
+
+@dataclass(frozen=True)
+class Item:
+    """One checked item: a POST /v1/tasks body whose task, targets, where and retry the
+    service will take as they are."""
+
+    index: int
+    targets: list[str]
+    online: bool
+    spec: JSONObject
+    where: Any
+    retry: Any
+
+
+def within(prefix: str, exc: edge.Invalid) -> edge.Invalid:
+    """`exc` of an item's body, its field and message placed under the item's path."""
+    field = f"{prefix}.{exc.field}" if exc.field != "body" else prefix
+    message = str(exc).replace(f"`{exc.field}`", f"`{field}`", 1)
+    if f"`{field}`" not in message:
+        message = f"`{prefix}`: {message}"
+    return edge.Invalid(field, message)
+
+
+def items_of(body: JSONObject) -> list[Any]:
+    """The body's `tasks`: a list of 1 to MAX_ITEMS items (not yet checked)."""
+    edge.check_keys(body, KEYS, "a task batch")
+    raw = body.get("tasks")
+    if not isinstance(raw, list):
+        raise edge.Invalid("tasks", "`tasks` must be a list of POST /v1/tasks bodies "
+                                    "({\"targets\": [...], \"task\": {...}})")
+    if not raw:
+        raise edge.Invalid("tasks", "`tasks` must hold at least one item")
+    if len(raw) > MAX_ITEMS:
+        raise edge.Invalid("tasks", f"`tasks` holds {len(raw)} items; a batch takes at most "
+                                    f"{MAX_ITEMS} (send several batches)")
+    return raw
+
+
+class Batches:
+    """The work of POST /v1/task-batches, beside the other routes' (handlers.py)."""
+
+    def __init__(self, h: Handlers) -> None:
+        self.h = h
+        self.service = h.service
+
+    def check(self, index: int, raw: Any) -> Item:
+        """One item as POST /v1/tasks checks its body, and its targets resolved (an unknown
+        node is 404 now, before anything is stored); errors name the item's fields."""
+        prefix = f"tasks.{index}"
+        if not isinstance(raw, dict):
+            raise edge.Invalid(prefix, f"`{prefix}` must be an object: a POST /v1/tasks "
+                                       f"body ({{\"targets\": [...], \"task\": {{...}}}})")
+        try:
+            targets, online, spec = edge.dispatch_body(raw)
+        except edge.Invalid as exc:
+            raise within(prefix, exc) from None
+        self.h.check_spec(spec, f"{prefix}.task")
+        where, retry = raw.get("where"), raw.get("retry")
+        try:
+            parse_wheres(where)
+        except BadRequest as exc:
+            raise within(prefix, edge.Invalid(edge.field_of(str(exc), "where"),
+                                              str(exc))) from None
+        try:
+            # the attempts' ids must be ids too: the longest id the service would make
+            check_room(spec.get("id") or str(uuid.uuid4()), parse_retry(retry))
+        except BadRequest as exc:
+            raise within(prefix, edge.Invalid(edge.field_of(str(exc), "retry"),
+                                              str(exc))) from None
+        try:
+            self.service.resolve(targets, online, where)
+        except UnknownNode as exc:
+            raise UnknownNode(f"`{prefix}`: {exc}") from None
+        except BadRequest as exc:
+            raise within(prefix, edge.Invalid(edge.field_of(str(exc), "targets"),
+                                              str(exc))) from None
+        return Item(index, targets, online, spec, where, retry)
+
+    def dispatch(self, who: Principal, body: JSONObject) -> JSONObject:
+        items = [self.check(i, raw) for i, raw in enumerate(items_of(body))]
+        ids: dict[str, int] = {}
+        for it in items:
+            given = it.spec.get("id")
+            if given:
+                if given in ids:
+                    raise Conflict(f"`tasks.{it.index}`: task id {given!r} is also item "
+                                   f"{ids[given]}'s; two items may not share an id")
+                ids[given] = it.index
+        self.h.hold_for_broker()
+        created: list[tuple[int, JSONObject]] = []
+        # one commit for every item: a failure in any (an id that exists) rolls back all
+        with self.service.store.transaction():
+            for it in items:
+                try:
+                    made = self.service.dispatch(it.targets, it.online, it.spec,
+                                                 where=it.where, retry=it.retry)
+                except Conflict as exc:
+                    raise Conflict(f"`tasks.{it.index}`: {exc}") from None
+                created.extend((it.index, task) for task in made)
+        self.h.audit(who, "batch", tasks=sorted({t["id"] for _, t in created}),
+                     nodes=sorted({t["node"] for _, t in created})[:1000],
+                     count=len(created), items=len(items))
+        return {"tasks": [{**without_tails(t), "item": i} for i, t in created]}
+
+
+def batch_schema(dispatch: JSONObject) -> JSONObject:
+    """The body's schema: `tasks`, a list of POST /v1/tasks bodies (`dispatch`)."""
+    return {"type": "object", "required": ["tasks"], "additionalProperties": False,
+            "properties": {"tasks": {
+                "type": "array", "minItems": 1, "maxItems": MAX_ITEMS, "items": dispatch,
+                "description": "each item exactly a POST /v1/tasks body"}}}
+
+
+__all__ = ["MAX_ITEMS", "Batches", "Item", "batch_schema", "items_of"]
