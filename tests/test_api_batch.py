@@ -12,9 +12,9 @@ from typing import Any
 
 import pytest
 
-from edgerun.scheduler.api.batch import MAX_ITEMS
+from edgerun.scheduler.api.batch import MAX_ITEMS, MAX_TASKS
 
-from .apikit import Stack, stack
+from .apikit import FakeFleet, Stack, stack, wait_for
 
 PATH = "/v1/task-batches"
 
@@ -223,3 +223,20 @@ def test_a_refused_batch_does_not_use_up_its_key(s: Stack) -> None:
     assert bad.status == 422
     good = s.http("POST", PATH, s.operator, {"tasks": [item(s)]}, headers=headers)
     assert good.status == 201 and len(good.body["tasks"]) == 1
+
+
+def test_more_tasks_than_a_batch_makes_is_422_before_anything_is_stored(s: Stack) -> None:
+    """Items that fan out: their targets resolved, a batch makes at most MAX_TASKS tasks
+    (one bounded transaction); more is refused whole. Last: it adds simulated nodes."""
+    fleet = FakeFleet(s.mosquitto.url)
+    try:
+        fleet.online([f"batch-sim-{k}" for k in range(MAX_TASKS // MAX_ITEMS)])
+        wanted = MAX_TASKS // MAX_ITEMS + 1
+        wait_for(lambda: s.http("GET", "/v1/nodes?online=true", s.viewer).body["total"]
+                 >= wanted)
+        reply = refused(s, {"tasks": [{"online": True, "task": shell("true")}
+                                      for _ in range(MAX_ITEMS)]})
+        assert reply.status == 422 and reply.body["field"] == "tasks"
+        assert str(MAX_TASKS) in reply.body["error"]
+    finally:
+        fleet.close()

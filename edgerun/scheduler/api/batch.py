@@ -27,19 +27,19 @@ from edgerun.scheduler.store.events import without_tails
 log = logging.getLogger(__name__)
 
 MAX_ITEMS = 1000  # items in one batch (the OpenAPI document's maxItems says the same)
+# tasks one batch may make, its items' targets resolved: one transaction stays bounded
+# (a fan-out to more nodes goes as POST /v1/tasks)
+MAX_TASKS = 10_000
 KEYS = ("tasks",)
 
 
 @dataclass(frozen=True)
 class Item:
-    """One checked item: a POST /v1/tasks body whose task, targets, where and retry the
-    service will take as they are."""
+    """One checked item: a POST /v1/tasks body, its targets resolved to node ids."""
 
     index: int
-    targets: list[str]
-    online: bool
+    nodes: list[str]
     spec: JSONObject
-    where: Any
     retry: Any
 
 
@@ -99,16 +99,21 @@ class Batches:
             raise within(prefix, edge.Invalid(edge.field_of(str(exc), "retry"),
                                               str(exc))) from None
         try:
-            self.service.resolve(targets, online, where)
+            nodes = list(dict.fromkeys(self.service.resolve(targets, online, where)))
         except UnknownNode as exc:
             raise UnknownNode(f"`{prefix}`: {exc}") from None
         except BadRequest as exc:
             raise within(prefix, edge.Invalid(edge.field_of(str(exc), "targets"),
                                               str(exc))) from None
-        return Item(index, targets, online, spec, where, retry)
+        return Item(index, nodes, spec, retry)
 
     def dispatch(self, who: Principal, body: JSONObject) -> JSONObject:
         items = [self.check(i, raw) for i, raw in enumerate(items_of(body))]
+        total = sum(len(it.nodes) for it in items)
+        if total > MAX_TASKS:
+            raise edge.Invalid("tasks", f"the batch's items name {total} tasks (an item makes "
+                                        f"one per target node); a batch makes at most "
+                                        f"{MAX_TASKS}: send a large fan-out as POST /v1/tasks")
         ids: dict[str, int] = {}
         for it in items:
             given = it.spec.get("id")
@@ -119,15 +124,19 @@ class Batches:
                 ids[given] = it.index
         self.h.hold_for_broker()
         created: list[tuple[int, JSONObject]] = []
-        # one commit for every item: a failure in any (an id that exists) rolls back all
+        # one commit for every item: a failure in any (an id that exists) rolls back all;
+        # the worker then sends the batch's nodes' tasks in one go, not once per item
         with self.service.store.transaction():
             for it in items:
+                if not it.nodes:  # --online with none online: nothing, as POST /v1/tasks
+                    continue
                 try:
-                    made = self.service.dispatch(it.targets, it.online, it.spec,
-                                                 where=it.where, retry=it.retry)
+                    made = self.service.dispatch(it.nodes, False, it.spec, retry=it.retry,
+                                                 pump=False)
                 except Conflict as exc:
                     raise Conflict(f"`tasks.{it.index}`: {exc}") from None
                 created.extend((it.index, task) for task in made)
+            self.service.pump_after_commit(sorted({t["node"] for _, t in created}))
         self.h.audit(who, "batch", tasks=sorted({t["id"] for _, t in created}),
                      nodes=sorted({t["node"] for _, t in created})[:1000],
                      count=len(created), items=len(items))
@@ -142,4 +151,4 @@ def batch_schema(dispatch: JSONObject) -> JSONObject:
                 "description": "each item exactly a POST /v1/tasks body"}}}
 
 
-__all__ = ["MAX_ITEMS", "Batches", "Item", "batch_schema", "items_of"]
+__all__ = ["MAX_ITEMS", "MAX_TASKS", "Batches", "Item", "batch_schema", "items_of"]
