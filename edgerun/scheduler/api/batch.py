@@ -21,7 +21,7 @@ from edgerun.protocol import JSONObject
 from edgerun.scheduler.api import edge
 from edgerun.scheduler.api.auth import Principal
 from edgerun.scheduler.api.handlers import Handlers
-from edgerun.scheduler.fleet.targets import parse_wheres
+from edgerun.scheduler.fleet.targets import is_glob, is_mac, parse_wheres
 from edgerun.scheduler.store.events import without_tails
 
 log = logging.getLogger(__name__)
@@ -75,8 +75,9 @@ class Batches:
         self.service = h.service
 
     def check(self, index: int, raw: Any) -> Item:
-        """One item as POST /v1/tasks checks its body, and its targets resolved (an unknown
-        node is 404 now, before anything is stored); errors name the item's fields."""
+        """One item as POST /v1/tasks checks its body, and its targets resolved (a glob, a
+        MAC address, --online, --where) or, node ids, taken as they are; errors name
+        the item's fields."""
         prefix = f"tasks.{index}"
         if not isinstance(raw, dict):
             raise edge.Invalid(prefix, f"`{prefix}` must be an object: a POST /v1/tasks "
@@ -88,7 +89,7 @@ class Batches:
         self.h.check_spec(spec, f"{prefix}.task")
         where, retry = raw.get("where"), raw.get("retry")
         try:
-            parse_wheres(where)
+            wheres = parse_wheres(where)
         except BadRequest as exc:
             raise within(prefix, edge.Invalid(edge.field_of(str(exc), "where"),
                                               str(exc))) from None
@@ -98,6 +99,11 @@ class Batches:
         except BadRequest as exc:
             raise within(prefix, edge.Invalid(edge.field_of(str(exc), "retry"),
                                               str(exc))) from None
+        if not online and not wheres and targets and all(
+                t and not is_glob(t) and not is_mac(t) for t in targets):
+            # node ids only: the service looks each up as it stores the item (an unknown
+            # one is 404 there and rolls back the whole batch); not read twice
+            return Item(index, list(dict.fromkeys(targets)), spec, retry)
         try:
             nodes = list(dict.fromkeys(self.service.resolve(targets, online, where)))
         except UnknownNode as exc:
@@ -135,6 +141,8 @@ class Batches:
                                                  pump=False)
                 except Conflict as exc:
                     raise Conflict(f"`tasks.{it.index}`: {exc}") from None
+                except UnknownNode as exc:
+                    raise UnknownNode(f"`tasks.{it.index}`: {exc}") from None
                 created.extend((it.index, task) for task in made)
             self.service.pump_after_commit(sorted({t["node"] for _, t in created}))
         self.h.audit(who, "batch", tasks=sorted({t["id"] for _, t in created}),
