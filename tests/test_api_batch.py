@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -15,6 +16,7 @@ import pytest
 from edgerun.scheduler.api.batch import MAX_ITEMS, MAX_TASKS
 
 from .apikit import FakeFleet, Stack, stack, wait_for
+from .pg import pg_database, pg_url  # noqa: F401
 
 PATH = "/v1/task-batches"
 
@@ -240,3 +242,23 @@ def test_more_tasks_than_a_batch_makes_is_422_before_anything_is_stored(s: Stack
         assert str(MAX_TASKS) in reply.body["error"]
     finally:
         fleet.close()
+
+
+def test_on_postgresql_a_conflict_rolls_back_every_item_and_a_good_batch_runs(
+        tmp_path: Path, pg_url: str) -> None:  # noqa: F811
+    """The same all-or-nothing on the shared store: one transaction, rolled back whole."""
+    with stack(tmp_path, node="batch-pg", db=pg_url) as pg:
+        taken = f"pg-taken-{uuid.uuid4().hex[:6]}"
+        assert pg.http("POST", "/v1/tasks", pg.operator, item(pg, "true", id=taken)).status \
+            == 201
+        reply = refused(pg, {"tasks": [item(pg, "echo 1"), item(pg, "echo 2"),
+                                       item(pg, "echo 3", id=taken)]})
+        assert reply.status == 409 and "tasks.2" in reply.body["error"]
+        assert count(pg) == 1
+        made = pg.http("POST", PATH, pg.operator,
+                       {"tasks": [item(pg, ["echo", str(k)]) for k in range(3)]})
+        assert made.status == 201 and [t["item"] for t in made.body["tasks"]] == [0, 1, 2]
+        api = pg.api(pg.viewer)
+        for k, task in enumerate(made.body["tasks"]):
+            assert api.wait_state(task["id"], pg.node, "succeeded")["result"]["stdout"] \
+                == f"{k}\n"
