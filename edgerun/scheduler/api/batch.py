@@ -3,10 +3,11 @@
 A workflow engine or a work queue submits many tasks that differ (each its own command
 or input), as River's InsertMany or procrastinate's batch defer do; one POST per task
 costs the HTTP round trip each time. Each item of a batch is exactly a POST /v1/tasks
-body. Every item is read, checked by the contract's parser and resolved to its nodes
-first; only then are all of them stored, in one store transaction (one commit): a bad
-item refuses the whole batch with the item's field path (`tasks.3.task.command`), and
-nothing is created."""
+body. Every item is read, checked by the contract's parser and its globs, --online and
+--where resolved to nodes first; then all are stored in one store transaction (one
+commit), node ids looked up as they are stored. A bad item refuses the whole batch with
+the item's field path (`tasks.3.task.command`), an unknown node or a taken id rolls the
+transaction back: nothing is created."""
 
 from __future__ import annotations
 
