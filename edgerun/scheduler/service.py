@@ -110,8 +110,9 @@ class Service:
         return self.core.select(targets, online, where)
 
     def dispatch(self, targets: Sequence[str], online: bool, spec: Any, *,
-                 where: Any = None, retry: Any = None) -> list[TaskRow]:
-        """Store the task for each node; the worker sends it, paced (fleet.py)."""
+                 where: Any = None, retry: Any = None, pump: bool = True) -> list[TaskRow]:
+        """Store the task for each node; the worker sends it, paced (fleet.py). `pump`
+        False: the caller pumps the nodes once for many dispatches (api/batch.py)."""
         nodes = list(dict.fromkeys(self.core.resolve(targets, online, where)))
         task = self.core.build_task(spec)
         policy = parse_retry(retry)
@@ -128,9 +129,13 @@ class Service:
                                f"leave the id out to get a fresh one")
             for change in changes:
                 self.core.emit(change)
-            self.store.after_commit(
-                lambda: self.core.submit(lambda: self.fleet.pump_nodes(nodes)))
+            if pump:
+                self.pump_after_commit(nodes)
         return [change.task for change in changes]
+
+    def pump_after_commit(self, nodes: list[str]) -> None:
+        """Once the open transaction commits, the worker sends the nodes' queued tasks."""
+        self.store.after_commit(lambda: self.core.submit(lambda: self.fleet.pump_nodes(nodes)))
 
     def create_job(self, targets: Sequence[str], online: bool, steps: Sequence[JSONObject],
                    job_id: str | None = None, *, where: Any = None, creator: str | None = None,

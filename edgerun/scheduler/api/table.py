@@ -13,6 +13,7 @@ from edgerun import __version__
 from edgerun.protocol import JSONObject
 from edgerun.scheduler.api import edge
 from edgerun.scheduler.api.auth import Principal
+from edgerun.scheduler.api.batch import MAX_ITEMS, Batches, batch_schema
 from edgerun.scheduler.api.handlers import FACT_FILTER, Handlers
 from edgerun.scheduler.api.routes import JSONSchema, Param
 from edgerun.scheduler.fleet.targets import MAX_EXPRESSION_LEN, MAX_EXPRESSIONS
@@ -104,6 +105,7 @@ TARGETS: dict[str, JSONSchema] = {
 DISPATCH: JSONSchema = {"type": "object", "required": ["task"], "additionalProperties": False,
                         "anyOf": CHOOSE, "properties": {**TARGETS, "retry": nullable(RETRY),
                                                         "task": TASK}}
+BATCH: JSONSchema = batch_schema(DISPATCH)
 JOB: JSONSchema = {
     "type": "object", "required": ["steps"], "additionalProperties": False, "anyOf": CHOOSE,
     "properties": {**TARGETS, "id": nullable(TASK_ID),
@@ -162,6 +164,7 @@ def core_routes(h: Handlers, endpoint: Callable[..., Any], metrics: Callable[[],
         return {"name": who.name, "role": who.role, "version": __version__}
 
     read = ("viewer", "reading")
+    batches = Batches(h)
     return {
         "/v1/whoami": {"GET": endpoint(*read, whoami, with_who=True,
                                        summary="the token's name and role, the version")},
@@ -184,6 +187,12 @@ def core_routes(h: Handlers, endpoint: Callable[..., Any], metrics: Callable[[],
             "POST": endpoint("operator", "dispatching", h.dispatch, status=201, body=DISPATCH,
                              with_who=True, errors=(404, 503), carries="{tasks}",
                              summary="dispatch one task to nodes (operator)")},
+        "/v1/task-batches": {"POST": endpoint(
+            "operator", "dispatching", batches.dispatch, status=201, body=BATCH,
+            with_who=True, errors=(404, 503), carries="{tasks}: every task made, in item order, "
+                                                       "each with its `item`",
+            summary=f"dispatch 1 to {MAX_ITEMS} distinct tasks, each item a POST /v1/tasks "
+                    f"body, all or nothing in one transaction (operator)")},
         "/v1/tasks/{id}": {"GET": endpoint(
             *read, h.task, query=(Param("node", QUERY_TEXT, "node id"),),
             path_params=TASK_PARAM,
