@@ -191,3 +191,43 @@ def test_readers_coming_and_going_while_relays_are_skipped_miss_nothing(
         done.set()
         for inst in instances:
             inst.close()
+
+
+def test_notifications_that_came_together_are_relayed_with_one_read(
+        pg_database: str) -> None:  # noqa: F811
+    """While the listener is busy relaying, the other instances' commits go on: what
+    they notified meanwhile is delivered as one range (one read of the log), and the
+    reader still gets every event once, in order."""
+    url = fresh_database(pg_database)
+    writer = Instance(url)
+    store = Store(url)
+    hub = EventHub(store)
+    store.on_events = hub.committed
+    held, release = threading.Event(), threading.Event()
+    listener: Any = None
+
+    def deliver(message: dict[str, Any]) -> None:
+        if not held.is_set():  # the first delivery waits until the writer is done
+            held.set()
+            release.wait(30)
+        relay(hub, message, listener.read)
+    listener = store.listen(deliver, start=False).start()
+    try:
+        assert listener.ready.wait(10)
+        sub = hub.subscribe()
+        writer.write([1], "w")
+        assert held.wait(10)
+        writer.write([2] * 40, "w")  # 40 commits, 40 notifications, while it is held
+        release.set()
+        total = 81
+        assert wait_until(lambda: hub.last_id == total, 20, 0.02)
+        got = [sub.queue.get_nowait() for _ in range(sub.queue.qsize())]
+        assert [item[0] for item in got if item is not None] == list(range(1, total + 1))
+        assert listener.notes_heard == 41
+        assert listener.notes_delivered <= 5  # the first, then the 40 together (a few
+        # at most, as the server's packets split them)
+    finally:
+        release.set()
+        listener.stop()
+        store.close()
+        writer.close()
