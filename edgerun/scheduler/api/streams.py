@@ -9,8 +9,10 @@ docs/EVENTS.md describes one schema for both.
   which EventSource sends by itself on reconnect, or `?last_event_id=`; WS:
   `"since"`). It first gets every logged event after that id from the store,
   then the live ones, without a gap: it subscribes before it reads the log, and
-  skips live events the log already gave it. An id older than the log keeps
-  gets an explicit `reset` event: read the current state again.
+  skips live events the log already gave it (`Feed.start`: none is taken off the
+  hub's queue before the reader knows where it starts, a fresh one too). An id
+  older than the log keeps gets an explicit `reset` event: read the current state
+  again.
 - Bounded (issue 23): each reader holds at most MAX_PENDING_BYTES of rendered
   events it has not sent; past that it is cut off with `slow_reader` and may
   resume from the log with its last id. A write that the reader does not take
@@ -130,12 +132,27 @@ class Feed:
         self.code = "slow_reader"  # why `sub.closed` ended the stream
         self._lock = threading.Lock()
         self._waking = False
+        self.seen_up_to = 0  # the log gave us every logged event up to this id
+        self.started = False  # `start`: until then what comes waits in the hub's queue
         self.sub: Subscription = h.service.hub.subscribe(
             ids=tasks, nodes=nodes, kinds=[CHANNELS[c] for c in channels], wake=self._wake,
             settled=settled)
-        self.seen_up_to = 0  # the log gave us every logged event up to this id
+
+    def start(self, seen_up_to: int | None = None) -> None:
+        """Live events from here on: those above `seen_up_to` (a fresh reader: the hub's
+        latest id, read now that the subscription is in place; a resuming one: where its
+        backlog ended). Nothing is taken off the hub's queue before, so an event handed
+        out between the subscription and this point is not sent after a `hello` that
+        already counts it."""
+        with self._lock:
+            self.seen_up_to = (self.h.service.hub.last_id if seen_up_to is None
+                               else seen_up_to)
+            self.started = True
+            self._pull_locked()
 
     def _wake(self) -> None:  # the publishing thread
+        if not self.started:
+            return  # `start` takes what is queued meanwhile
         self._pull()
         if self._waking:
             return
@@ -154,7 +171,7 @@ class Feed:
             self._pull_locked()
 
     def _pull_locked(self) -> None:
-        while not self.sub.closed:
+        while self.started and not self.sub.closed:
             try:
                 item = self.sub.queue.get_nowait()
             except queue.Empty:
@@ -333,14 +350,15 @@ class SseStream:
     async def _chunks(self) -> Any:
         from starlette.concurrency import run_in_threadpool
 
-        h, feed, since = self.h, self.feed, self.since
+        feed, since = self.feed, self.since
         yield b"retry: 2000\n\n"
         if since is None:
-            feed.seen_up_to = h.service.hub.last_id
+            feed.start()
             yield sse(feed.seen_up_to, "hello", {"v": 1, "kind": "hello",
                                                   "last_id": feed.seen_up_to})
         else:
             backlog, reset = await run_in_threadpool(feed.backlog, since)
+            feed.start(feed.seen_up_to)
             if reset is not None:
                 yield sse(feed.seen_up_to, "reset", {
                     "v": 1, "kind": "reset", "reason": reset, "last_id": feed.seen_up_to,

@@ -224,9 +224,10 @@ class WsSession:
                 reset = None
                 backlog: list[tuple[int, JSONObject]] = []
                 if since is None:
-                    feed.seen_up_to = self.h.service.hub.last_id
+                    feed.start()
                 else:
                     backlog, reset = await run_in_threadpool(feed.backlog, since)
+                    feed.start(feed.seen_up_to)
                 await self._send({
                     "type": "subscribed", "channels": sorted(chans), "nodes": nodes,
                     "tasks": tasks, "last_id": feed.seen_up_to})

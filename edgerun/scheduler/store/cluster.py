@@ -17,7 +17,10 @@ duties, and how each instance hears of the others' changes.
   rather than the broker: it is delivered only if the events are committed, in
   commit order, in MQTT and AMQP mode alike, with no broker topology to add. A
   notification missed while the listener was away costs nothing: on reconnecting
-  it reads the log up to the latest id.
+  it reads the log up to the latest id. The notifications that arrived together are
+  delivered as one (one read of the log for all of them), and a hub with no reader
+  reads nothing back at all (events.py): with K instances each would otherwise read
+  and parse the K-1 others' every event for nobody.
 
 On SQLite (one instance) the lease is always held and there is nothing to listen to.
 """
@@ -28,7 +31,7 @@ import json
 import logging
 import threading
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeGuard
 
 from edgerun.backoff import Backoff
 from edgerun.protocol import JSONObject
@@ -102,6 +105,9 @@ class Listener:
         self._stop = threading.Event()
         self.ready = threading.Event()
         self.connections = 0  # LISTENs so far: more than one means it came back
+        self.notes_heard = 0  # notifications received (ours included)
+        self.notes_delivered = 0  # deliveries: several notifications make one
+        self.rows_read = 0  # events read back from the log
         self._thread = threading.Thread(target=self._run, name="store-listener", daemon=True)
 
     def start(self) -> Listener:
@@ -125,8 +131,7 @@ class Listener:
                 self.ready.set()
                 backoff.reset()
                 while not self._stop.is_set():
-                    for note in conn.notifies(timeout=0.5):
-                        self._handle(note.payload)
+                    self._listen(conn)
             except StoreError as exc:
                 log.warning("store listener: %s", exc)
             except Exception as exc:  # psycopg.Error: reconnect; events in between are missed
@@ -154,6 +159,7 @@ class Listener:
         except Exception:
             self._close_reader()
             raise
+        self.rows_read += len(rows)
         return [(int(r[0]), json.loads(r[1])) for r in rows]
 
     def latest(self) -> int:
@@ -172,23 +178,52 @@ class Listener:
             except Exception as exc:  # already broken
                 log.debug("closing the listener's reader: %s", exc)
 
-    def _handle(self, payload: str) -> None:
+    def _listen(self, conn: Any) -> None:
+        """Wait (half a second at most) for notifications; deliver every one that came
+        meanwhile as one: the ranges merged, the log read once for all of them. The
+        ones that arrive while that is delivered make the next one."""
+        first: JSONObject | None = None
+        for note in conn.notifies(timeout=0.5, stop_after=1):
+            first = self._merge(first, note.payload)
+        if first is None:
+            return
+        pending = first
+        for note in conn.notifies(timeout=0.0):  # whatever else is here already
+            pending = self._merge(pending, note.payload) or pending
+        self.notes_delivered += 1
+        try:
+            self.deliver(pending)
+        except Exception:  # one bad notification must not end the listener
+            log.exception("store listener: cannot deliver a notification")
+
+    def _merge(self, pending: JSONObject | None, payload: str) -> JSONObject | None:
+        """`pending` with the notification `payload` added: the lowest `a`, the highest
+        `b`. Ours are left out (our own hub had them first)."""
+        self.notes_heard += 1
         try:
             message = json.loads(payload)
         except ValueError:
             log.warning("store listener: ignored a notification that is not JSON")
-            return
+            return pending
         if not isinstance(message, dict) or message.get("o") == self.origin:
-            return  # ours: our own hub had it first
-        try:
-            self.deliver(message)
-        except Exception:  # one bad notification must not end the listener
-            log.exception("store listener: cannot deliver a notification")
+            return pending
+        if pending is None:
+            return message
+        merged = {**pending, **message}
+        for key, pick in (("a", min), ("b", max)):
+            ids = [m[key] for m in (pending, message) if _is_id(m.get(key))]
+            if ids:
+                merged[key] = pick(ids)
+        return merged
+
+
+def _is_id(value: object) -> TypeGuard[int]:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def relay(hub: EventHub, message: JSONObject, read: ReadLog) -> None:
     """Another instance committed the events `a`..`b`: hand them (and any before them
     this hub has not handed out) to its readers, read from the log, not logged again."""
     through = message.get("b")
-    if isinstance(through, int) and not isinstance(through, bool):
+    if _is_id(through):
         hub.catch_up(through, read)

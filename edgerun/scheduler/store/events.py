@@ -7,7 +7,9 @@ store/tx.py) and gives it back with its id after the commit (`committed`); the
 other instances' come through cluster.py. Ids are handed out in commit order with
 no holes, so the hub delivers them strictly in id order, each once: an id that
 arrives early (another thread's or instance's commit not handed over yet) makes
-it read the ones before from the log first. Live `output` is best effort (QoS 0 on the
+it read the ones before from the log first, unless the hub has no subscriber: then
+it only counts them (`_skip_to`), since a reader that comes later starts from the
+latest id or reads the log itself. Live `output` is best effort (QoS 0 on the
 wire) and is not logged: it carries the id of the latest logged event, so a
 reader resuming from it misses no logged event. A subscriber that falls
 `QUEUE_LIMIT` events behind is cut off with a reason rather than slowing the
@@ -177,6 +179,7 @@ class EventHub:
         self._publish_lock = threading.Lock()  # ids reach readers in id order, each once
         self._store, self._keep = store, keep
         self.last_id = 0
+        self.skipped = 0  # logged events counted but not read: no subscriber then
         self.recent_output = RecentOutput()
         if store is not None:
             self.last_id = store.event_horizon()[1]
@@ -246,6 +249,8 @@ class EventHub:
             self._catch_up(through, read)
 
     def _catch_up(self, through: int, read: ReadLog | None) -> None:
+        if self.last_id >= through or self._skip_to(through):
+            return
         if read is None:
             store = self._store
             if store is None:
@@ -269,6 +274,20 @@ class EventHub:
                 if event_id > self.last_id:
                     self.last_id = event_id
                     self._fan_out(event_id, event)
+
+    def _skip_to(self, through: int) -> bool:
+        """With no subscriber, the ids up to `through` are only counted, not read from
+        the log (the other instances' events are most of them): nobody is here to hand
+        them to. Checked and counted under the subscribers' lock, so that a reader
+        subscribing meanwhile either came first (and the events are read for it) or
+        reads `last_id` after it moved (a fresh reader starts there, a resuming one reads
+        the log itself: streams.py)."""
+        with self._lock:
+            if self._subs:
+                return False
+            self.skipped += through - self.last_id
+            self.last_id = through
+        return True
 
     def _fan_out(self, event_id: int, event: JSONObject) -> None:
         with self._lock:
