@@ -356,11 +356,13 @@ class PostgresDatabase(Database):
 
     def pipeline(self, statements: Sequence[tuple[str, Args]]) -> list[list[Any]]:
         if len(statements) < 2 or not self._psycopg.Pipeline.is_supported():
-            return super().pipeline(statements)
-        cursors = []
-        with self._conn.pipeline():
-            for name, args in statements:
-                cursors.append(self._conn.execute(self.sql(name), for_postgres(args)))
+            cursors = [self._conn.execute(self.sql(name), for_postgres(args))
+                       for name, args in statements]
+        else:
+            with self._conn.pipeline():
+                cursors = [self._conn.execute(self.sql(name), for_postgres(args))
+                           for name, args in statements]
+        # a statement with no rows to give (an INSERT without RETURNING): none
         return [cursor.fetchall() if cursor.description is not None else []
                 for cursor in cursors]
 

@@ -281,10 +281,48 @@ class Store(NodeRegistry, JobReads, TokenStore, EventLogStore):
             plan = self._write_steps(tx, stepper)
             for step in plan.steps:
                 out[step.index] = Change(step.previous, step.task)
-            for i in plan.rest:
-                update, body = updates[i]
-                out[i] = self.apply_update(update, body, grace=grace, now=now)
+            if plan.rest:
+                self._apply_rest(tx, stepper, updates, plan.rest, out, grace, now, received)
             return out
+
+    def _apply_rest(self, tx: Tx, first: Stepper, updates: list[tuple[Update, JSONObject]],
+                    rest: list[int], out: list[Change | None], grace: float, now: float,
+                    received: str) -> None:
+        """What the first pass refused, in order, as one at a time after it would be: a
+        second pass over the rows as the first left them (one batch may hold `running`
+        before `accepted`), then on a known row what is still refused is late or a
+        duplicate, of which only the first copy of each state joins the history (one
+        statement for all). A task not in the store goes the one-by-one way (its row is
+        made from the update). Several instances get one task's updates spread over
+        them, so late ones are common there; each cost two round trips before."""
+        unknown = {(updates[i][0].node, str(updates[i][0].id)) for i in rest
+                   if first.current((updates[i][0].node, str(updates[i][0].id))) is None}
+        known = [i for i in rest if (updates[i][0].node, str(updates[i][0].id)) not in unknown]
+        if known:
+            keys = {(updates[i][0].node, str(updates[i][0].id)) for i in known}
+            again = Stepper({k: row for k in keys if (row := first.current(k)) is not None},
+                            _sources, format_time())
+            late: list[tuple[Any, ...]] = []
+            for i in known:
+                update, body = updates[i]
+                key = (update.node, str(update.id))
+                row = again.current(key)
+                assert row is not None
+                history = (update.node, update.id, str(update.state), update.at, received,
+                           json.dumps(body))
+                if not again.step(i, key, update.state,
+                                  update_columns(update, body, grace, now, row["timeout"]),
+                                  history):
+                    late.append((*history, *key, *key, str(update.state)))
+            plan = self._write_steps(tx, again)
+            for step in plan.steps:
+                out[step.index] = Change(step.previous, step.task)
+            if late:  # one round trip for all on PostgreSQL (a one-row statement each)
+                tx.db.pipeline([("insert_late_update", args) for args in late])
+        for i in rest:
+            update, body = updates[i]
+            if (update.node, str(update.id)) in unknown:
+                out[i] = self.apply_update(update, body, grace=grace, now=now)
 
     def _stepper(self, tx: Tx, keys: set[tuple[str, str]]) -> Stepper:
         """The rows of `keys`, read (and locked on PostgreSQL) for stepping in memory."""
