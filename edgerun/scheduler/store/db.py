@@ -285,13 +285,6 @@ def pg_connect(url: str, *, autocommit: bool = True) -> Any:
     try:
         conn = psycopg.connect(url, autocommit=autocommit, connect_timeout=10,
                                row_factory=_pg_rows, application_name="edgerun-scheduler")
-        # psycopg prepares a statement run 5 times; PostgreSQL then keeps a generic plan
-        # made from the statistics of that moment. The tasks table grows from nothing to
-        # tens of thousands of rows in seconds, long before autovacuum analyzes it, and a
-        # plan made at a few rows (a hash join over a sequential scan) was kept: each
-        # keyed read of one task scanned the whole table, costing more the more tasks
-        # there were. Planning each run sees the table as it is (PostgreSQL's own setting).
-        conn.execute("SET plan_cache_mode = force_custom_plan")
     except psycopg.Error as exc:
         raise StoreError(f"cannot open the task store {redact(url)}: "
                          f"{_first_line(exc)}") from None

@@ -266,16 +266,22 @@ UPDATE tasks SET previous=state, state=%s, updated_at=%s, deadline=NULL, expires
 WHERE node=%s AND id=%s AND state = ANY(%s::text[])
 RETURNING *
 
--- The rows of many (node, id) keys, each found through the (node, id) index, in key order
--- (two instances lock them in the same order: they never deadlock on each other).
+-- The rows of many (node, id) keys, each found through the (node, id) index, locked in key
+-- order (the caller sorts them; two instances never deadlock on each other). One probe of
+-- the unique index per key, whatever the statistics say: LIMIT keeps the subquery a loop
+-- over the keys. A semi-join here was planned as a hash over a scan of the whole table when
+-- the table was small, and psycopg's prepared statement kept that plan as it grew (a
+-- one-task POST read every task).
 -- args: Rows(node, id)
 -- name: tasks_by_keys
-SELECT * FROM tasks WHERE (node, id) IN (SELECT * FROM unnest(%b::text[], %b::text[]))
-ORDER BY node, id
+SELECT t.* FROM unnest(%b::text[], %b::text[]) AS k(node, id) CROSS JOIN LATERAL
+(SELECT * FROM tasks WHERE tasks.node = k.node AND tasks.id = k.id LIMIT 1) AS t
+ORDER BY t.node, t.id
 
 -- name: lock_tasks_by_keys
-SELECT * FROM tasks WHERE (node, id) IN (SELECT * FROM unnest(%b::text[], %b::text[]))
-ORDER BY node, id FOR UPDATE
+SELECT t.* FROM unnest(%b::text[], %b::text[]) AS k(node, id) CROSS JOIN LATERAL
+(SELECT * FROM tasks WHERE tasks.node = k.node AND tasks.id = k.id LIMIT 1 FOR UPDATE) AS t
+ORDER BY t.node, t.id
 
 -- one task row after the steps of a batch (store/advance.py: WRITTEN's columns, node, id)
 -- name: write_task
