@@ -110,9 +110,12 @@ class Service:
         return self.core.select(targets, online, where)
 
     def dispatch(self, targets: Sequence[str], online: bool, spec: Any, *,
-                 where: Any = None, retry: Any = None, pump: bool = True) -> list[TaskRow]:
+                 where: Any = None, retry: Any = None, pump: bool = True,
+                 announce: Callable[[list[TaskRow]], None] | None = None) -> list[TaskRow]:
         """Store the task for each node; the worker sends it, paced (fleet.py). `pump`
-        False: the caller pumps the nodes once for many dispatches (api/batch.py)."""
+        False: the caller pumps the nodes once for many dispatches (api/batch.py).
+        `announce(tasks)` runs in the same transaction (the API's audit record commits
+        with the tasks: one commit a request, not two)."""
         nodes = list(dict.fromkeys(self.core.resolve(targets, online, where)))
         task = self.core.build_task(spec)
         policy = parse_retry(retry)
@@ -129,6 +132,8 @@ class Service:
                                f"leave the id out to get a fresh one")
             for change in changes:
                 self.core.emit(change)
+            if announce is not None:
+                announce([change.task for change in changes])
             if pump:
                 self.pump_after_commit(nodes)
         return [change.task for change in changes]

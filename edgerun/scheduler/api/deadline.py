@@ -9,10 +9,12 @@ blank line) within HEAD_TIMEOUT_S, or the connection is closed. Once a connectio
 upgraded to a WebSocket it steps aside. Body reads have their own deadline in the
 API (server.py, BODY_TIMEOUT_S: 408).
 
-It also counts a head's bytes: one over MAX_HEAD_BYTES gets a JSON 431 and the
-connection is closed. h11 would refuse it too (its limit on an incomplete event is the
-same 16 KiB), but uvicorn answers that with a plain-text 400, and the API answers every
-bad request with a JSON error.
+It also counts the bytes of a connection's first head: one over MAX_HEAD_BYTES gets a
+JSON 431 and the connection is closed. h11 would refuse it too (its limit on an
+incomplete event is the same 16 KiB), but uvicorn answers that with a plain-text 400, and
+the API answers every bad request with a JSON error. Only the first: after an answer
+given before a body was read (a 413), the body's rest is not a head, and the bytes alone
+do not tell where the next head starts; a later head over the limit gets h11's 400.
 """
 
 from __future__ import annotations
@@ -69,7 +71,7 @@ class HeadDeadline(asyncio.Protocol):
         self.transport: Any = None
         self.in_head = True  # the next bytes are (part of) a request head
         self.tail = b""
-        self.head_bytes = 0  # of the head now arriving
+        self.head_bytes = 0  # of the connection's first head (-1 once it is complete)
         self.detached = False
         self.refused = False
 
@@ -87,10 +89,14 @@ class HeadDeadline(asyncio.Protocol):
                 self._arm()
             seen = self.tail + data
             end = seen.find(END_OF_HEAD)
-            self.head_bytes += len(data) if end < 0 else end + len(END_OF_HEAD) - len(self.tail)
-            if self.head_bytes > MAX_HEAD_BYTES:
-                self._refuse()
-                return
+            if self.head_bytes >= 0:  # the connection's first head
+                self.head_bytes += len(data) if end < 0 else \
+                    end + len(END_OF_HEAD) - len(self.tail)
+                if self.head_bytes > MAX_HEAD_BYTES:
+                    self._refuse()
+                    return
+                if end >= 0:
+                    self.head_bytes = -1
             if end >= 0:
                 self.in_head, self.tail = False, b""
                 self._disarm()
@@ -115,8 +121,7 @@ class HeadDeadline(asyncio.Protocol):
     # --- what the wrapped protocol's transport tells ---------------------------------------
     def wrote(self) -> None:
         if not self.in_head:
-            # an answer began: the next bytes are a head
-            self.in_head, self.tail, self.head_bytes = True, b"", 0
+            self.in_head, self.tail = True, b""  # an answer began: the next bytes are a head
 
     def detach(self) -> None:
         self.detached = True

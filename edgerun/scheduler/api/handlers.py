@@ -316,11 +316,12 @@ class Handlers:
         targets, online, spec = edge.dispatch_body(body)
         self.check_spec(spec, "task")
         self.hold_for_broker()
+        def announce(created: list[TaskRow]) -> None:  # committed with the tasks
+            self.audit(who, "dispatch", tasks=sorted({t.id for t in created}),
+                       nodes=[t.node for t in created][:1000], count=len(created),
+                       type=spec["type"], node=created[0].node if len(created) == 1 else None)
         created = self.service.dispatch(targets, online, spec, where=body.get("where"),
-                                        retry=body.get("retry"))
-        self.audit(who, "dispatch", tasks=sorted({t.id for t in created}),
-                   nodes=[t.node for t in created][:1000], count=len(created),
-                   type=spec["type"], node=created[0].node if len(created) == 1 else None)
+                                        retry=body.get("retry"), announce=announce)
         return {"tasks": [without_tails(t.to_json()) for t in created]}
 
     def create_job(self, who: Principal, body: JSONObject) -> JSONObject:
