@@ -23,11 +23,11 @@ import pytest
 
 from edgerun.protocol import ShellTask, State, parse_update
 from edgerun.scheduler.api.auth import bootstrap, digest
-from edgerun.scheduler.store.cluster import relay
-from edgerun.scheduler.store.events import EventHub, Subscription, task_event
+from edgerun.scheduler.store.events import EventHub, task_event
 from edgerun.scheduler.store.tasks import Store
 
 from .brokers import wait_until
+from .instancekit import Instance, Reader
 from .mqttkit import ROOT
 from .pg import fresh_database, pg_database, pg_url  # noqa: F401  (fixtures)
 
@@ -118,55 +118,6 @@ def test_history_is_in_the_agents_order_and_a_late_running_never_reopens(target:
 
 
 # --- ids in commit order across instances ---------------------------------------------------
-class Instance:
-    """A Store with its hub and its LISTEN relay, as one `serve` has them."""
-
-    def __init__(self, url: str) -> None:
-        self.store = Store(url)
-        self.hub = EventHub(self.store)
-        self.store.on_events = self.hub.committed
-        listener: Any = None
-
-        def deliver(message: dict[str, Any]) -> None:
-            relay(self.hub, message, listener.read)
-
-        def caught_up() -> None:
-            self.hub.catch_up(listener.latest(), listener.read)
-        listener = self.store.listen(deliver, caught_up, start=False)
-        self.listener = listener.start()
-        assert self.listener.ready.wait(10)
-
-    def close(self) -> None:
-        self.listener.stop()
-        self.store.close()
-
-
-class Reader:
-    """Resumes after `since` as streams.py does: subscribe, read the log, then the live
-    events above what the log gave."""
-
-    def __init__(self, instance: Instance, since: int) -> None:
-        self.instance, self.since = instance, since
-        self.sub: Subscription = instance.hub.subscribe()
-        self.ids: list[int] = []
-        seen = since
-        while True:
-            page = instance.store.events_after(seen, 500)
-            self.ids.extend(i for i, _ in page)
-            if len(page) < 500:
-                break
-            seen = page[-1][0]
-        self.seen_up_to = self.ids[-1] if self.ids else since
-
-    def drain(self) -> None:
-        while not self.sub.queue.empty():
-            item = self.sub.queue.get_nowait()
-            assert item is not None, self.sub.closed
-            if item[0] > self.seen_up_to:
-                self.ids.append(item[0])
-                self.seen_up_to = item[0]
-
-
 def test_three_instances_ten_thousand_events_readers_resume_anywhere(
         pg_database: str) -> None:  # noqa: F811
     url = fresh_database(pg_database)
@@ -216,8 +167,8 @@ def test_three_instances_ten_thousand_events_readers_resume_anywhere(
         assert len(readers) > 10
         for reader in readers:
             reader.drain()
-            assert reader.ids == list(range(reader.since + 1, total + 1)), \
-                f"reader from {reader.since}: a gap or a repeat"
+            assert reader.ids == list(range(reader.start + 1, total + 1)), \
+                f"reader from {reader.start}: a gap or a repeat"
     finally:
         for inst in instances:
             inst.close()
