@@ -125,7 +125,7 @@ PLANS = {
     "find_tasks": (("t",), ("tasks_by_id",)),
     "task_page_by_node": ({"node": "n", "state": None, "job": None, "before": 9,
                            "limit": 5}, BY_NODE),
-    "fleet_ready_on_nodes": (("s%", 1.0, 1.0, ["a", "b"]), ("tasks_by_state_at", *BY_NODE)),
+    "fleet_ready_on_nodes": (("s%", 1.0, 1.0, ["a", "b"]), ("tasks_by_state", *BY_NODE)),
     "fleet_outstanding_by_node": ((["a"], ["running"], "s%", 1.0), BY_NODE),
     "job_target_rows": (("j", ["a", "b"]), ("tasks_by_job",)),
     "touch_nodes": (("x", ["a", "b"]), ("sqlite_autoindex_nodes_1",)),
@@ -133,11 +133,13 @@ PLANS = {
     "node_ids_in_range": (("rk", "rk\U0010ffff", 11), ("sqlite_autoindex_nodes_1",)),
     "nodes_by_ids": ((["a", "b"],), ("sqlite_autoindex_nodes_1",)),
     "node_states_by_ids": ((["a", "b"],), ("sqlite_autoindex_nodes_1",)),
-    "count_tasks_in_states": ((["queued", "running"],), ("tasks_by_state_at",)),
-    "overview_failed_since": (("2026-01-01", ["failed", "lost"]), ("tasks_by_state_at",)),
-    "overview_outcomes": (("2026-01-01", ["failed", "lost"]), ("tasks_by_state_at",)),
+    "count_tasks_in_states": ((["queued", "running"],), ("tasks_by_state",)),
+    "overview_failed_since": (("2026-01-01", ["failed", "lost"]),
+                              ("tasks_by_updated", "tasks_by_state")),
+    "overview_outcomes": (("2026-01-01", ["failed", "lost"]),
+                          ("tasks_by_updated", "tasks_by_state")),
     "overview_latest_failures": ({"states": ["failed", "lost"], "limit": 10},
-                                 ("tasks_by_state_at",)),
+                                 ("tasks_by_updated",)),
     "task_history": (("n", "t"), ("updates_by_task",)),
     "lock_tasks_by_keys": ((queries.Rows([("n", "t")] * 250, 2),),
                            ("sqlite_autoindex_tasks_1",)),
@@ -160,12 +162,17 @@ def populated(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Store]:
     store.close()
 
 
+WALKS = {"overview_latest_failures"}
+
+
 @pytest.mark.parametrize("name", sorted(PLANS))
 def test_sqlite_plans_use_the_indexes(populated: Store, name: str) -> None:
     args, index = PLANS[name]
     plan = " | ".join(populated.db.explain(name, args))
     assert any(f"USING {i}" in plan or f"USING INDEX {i}" in plan
                or f"USING COVERING INDEX {i}" in plan for i in index), plan
+    if name in WALKS:  # newest first along the index, stopped by LIMIT: a walk by design
+        plan = plan.replace(f"SCAN tasks USING INDEX {index[0]}", "WALK")
     assert not re.search(r"\bSCAN (tasks|updates|nodes|t)\b", plan), plan
 
 
